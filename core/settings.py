@@ -1,0 +1,162 @@
+"""Every setting Flashgate reads, read here and nowhere else.
+
+Environment variables only (12-factor). Each is typed and validated at start-up; a bad value
+fails fast with a message that names the variable. Secrets are wrapped in `Secret` so that a
+stray `repr()` in a log or a traceback prints `*****`, never the value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Secret:
+    """A string that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('*****')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    """A 256-bit key-encryption key and its id (stored beside every wrapped data key)."""
+
+    key_id: str
+    material: bytes = field(repr=False)
+
+
+def parse_master_keys(raw: str, var: str = "FLASHGATE_MASTER_KEY") -> tuple[MasterKey, ...]:
+    """Parse `[id:]base64key[,[id:]base64key...]`; the first key is the active one.
+
+    Older keys stay listed during a rotation so that data keys they wrapped can still be read.
+    Without an explicit id, the id is derived from the key itself.
+    """
+    keys: list[MasterKey] = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        key_id, _, encoded = part.rpartition(":")
+        try:
+            material = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigError(f"{var}: not valid base64") from exc
+        if len(material) != 32:
+            raise ConfigError(f"{var}: each key must be 32 bytes (base64 of 32 random bytes)")
+        keys.append(MasterKey(key_id or "mk-" + hashlib.sha256(material).hexdigest()[:12], material))
+    if not keys:
+        raise ConfigError(f"{var} is empty")
+    if len({k.key_id for k in keys}) != len(keys):
+        raise ConfigError(f"{var}: duplicate key ids")
+    return tuple(keys)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from exc
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from exc
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "")
+    if not value:
+        raise ConfigError(f"{name} is required")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    database_url: Secret
+    admin_token: Secret
+    master_keys: tuple[MasterKey, ...] = field(repr=False)
+    key_prefix: str = "fg"
+    # HTTP limits
+    max_body_bytes: int = 64 * 1024
+    max_import_bytes: int = 16 * 1024 * 1024
+    # Redis client
+    redis_timeout_s: float = 2.0
+    redis_max_connections: int = 200
+    # Channel cache on the hot path (an API key revoked in Redis stops working within this time)
+    channel_cache_ttl_s: float = 30.0
+    # Workers
+    worker_batch_size: int = 500
+    worker_block_ms: int = 1000
+    worker_claim_idle_ms: int = 30_000
+    worker_max_deliveries: int = 5
+    sweep_interval_s: float = 0.5
+    webhook_timeout_s: float = 5.0
+    webhook_max_attempts: int = 8
+    db_pool_max: int = 10
+
+    @property
+    def active_master_key(self) -> MasterKey:
+        return self.master_keys[0]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        prefix = env.get("FLASHGATE_KEY_PREFIX", "fg")
+        if not prefix.replace("-", "").replace("_", "").isalnum() or len(prefix) > 32:
+            raise ConfigError("FLASHGATE_KEY_PREFIX: letters, digits, '-' and '_' only")
+        return cls(
+            redis_url=_required(env, "FLASHGATE_REDIS_URL"),
+            database_url=Secret(_required(env, "FLASHGATE_DATABASE_URL")),
+            admin_token=Secret(_required(env, "FLASHGATE_ADMIN_TOKEN")),
+            master_keys=parse_master_keys(_required(env, "FLASHGATE_MASTER_KEY")),
+            key_prefix=prefix,
+            max_body_bytes=_int(env, "FLASHGATE_MAX_BODY_BYTES", 64 * 1024, 1024, 1 << 24),
+            max_import_bytes=_int(env, "FLASHGATE_MAX_IMPORT_BYTES", 16 << 20, 1024, 1 << 30),
+            redis_timeout_s=_float(env, "FLASHGATE_REDIS_TIMEOUT_S", 2.0, 0.05, 60.0),
+            redis_max_connections=_int(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 200, 4, 10_000),
+            channel_cache_ttl_s=_float(env, "FLASHGATE_CHANNEL_CACHE_TTL_S", 30.0, 0.0, 3600.0),
+            worker_batch_size=_int(env, "FLASHGATE_WORKER_BATCH_SIZE", 500, 1, 10_000),
+            worker_block_ms=_int(env, "FLASHGATE_WORKER_BLOCK_MS", 1000, 1, 60_000),
+            worker_claim_idle_ms=_int(env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000),
+            worker_max_deliveries=_int(env, "FLASHGATE_WORKER_MAX_DELIVERIES", 5, 1, 1000),
+            sweep_interval_s=_float(env, "FLASHGATE_SWEEP_INTERVAL_S", 0.5, 0.01, 60.0),
+            webhook_timeout_s=_float(env, "FLASHGATE_WEBHOOK_TIMEOUT_S", 5.0, 0.1, 60.0),
+            webhook_max_attempts=_int(env, "FLASHGATE_WEBHOOK_MAX_ATTEMPTS", 8, 1, 50),
+            db_pool_max=_int(env, "FLASHGATE_DB_POOL_MAX", 10, 1, 200),
+        )

@@ -1,0 +1,18 @@
+-- Shared by cancel.lua, expire.lua and confirm.lua (a reservation found past its deadline).
+-- Moves a *reserved* order to a final status and gives its units back, exactly once:
+-- callers check `status == "reserved"` first, and this flips the status in the same script.
+local function release_reservation(sale_key, order_key, deadlines_key, events_key, buyers_key,
+                                   order_id, new_status, now)
+  local qty = tonumber(rcall("HGET", order_key, "qty"))
+  local user = rcall("HGET", order_key, "user")
+  rcall("HSET", order_key, "status", new_status, "ended", now)
+  rcall("HINCRBY", sale_key, "available", qty)
+  rcall("HINCRBY", sale_key, "reserved", -qty)
+  rcall("HINCRBY", sale_key, new_status, qty)
+  if tonumber(rcall("HINCRBY", buyers_key, user, -qty)) <= 0 then
+    rcall("HDEL", buyers_key, user)
+  end
+  rcall("ZREM", deadlines_key, order_id)
+  rcall("XADD", events_key, "*", "t", new_status, "o", order_id,
+        "ch", rcall("HGET", order_key, "ch"), "u", user, "q", qty, "at", now)
+end
