@@ -1,0 +1,59 @@
+"""The clients a process holds (Redis, PostgreSQL pool, ledger, keyring), opened and closed once.
+
+The gateway opens one in its lifespan, each worker process one at start; never at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+
+from core.crypto import Keyring
+from core.db import create_pool, migrate
+from core.keys import Keys
+from core.ledger import Ledger
+from core.settings import Settings
+
+
+def redis_client(settings: Settings) -> Redis:
+    return Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        max_connections=settings.redis_max_connections,
+        health_check_interval=30,
+    )
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: Redis
+    pool: asyncpg.Pool
+    keys: Keys
+    ledger: Ledger
+    keyring: Keyring
+
+    @classmethod
+    async def open(cls, settings: Settings, *, run_migrations: bool = True) -> Runtime:
+        redis = redis_client(settings)
+        pool = await create_pool(settings.database_url.reveal(), settings.db_pool_max)
+        try:
+            if run_migrations:
+                async with pool.acquire() as conn:
+                    await migrate(conn)
+            keys = Keys(settings.key_prefix)
+            ledger = Ledger(redis, keys)
+            await ledger.scripts.load(redis)
+        except BaseException:
+            await pool.close()
+            await redis.aclose()
+            raise
+        return cls(settings, redis, pool, keys, ledger, Keyring(settings.master_keys))
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.redis.aclose()
