@@ -98,3 +98,11 @@ class OrderNotCancellable(Conflict):
 # -- 5xx: ours --------------------------------------------------------------------------
 class ServiceUnavailable(FlashgateError):
     status, code, title = 503, "service_unavailable", "A backing service is unavailable"
+
+
+class RiskDenied(FlashgateError):
+    status, code, title = 403, "risk_denied", "The purchase was refused by risk checks"
+
+
+class ChallengeRequired(FlashgateError):
+    status, code, title = 428, "challenge_required", "Solve the challenge and retry"

@@ -1,0 +1,128 @@
+"""Request and response bodies: one msgspec Struct each, one shared policy, codecs built once."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from core.ids import SALE_ID_PATTERN
+
+# Ids that users pick: printable, no spaces or control characters, bounded.
+Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+Text = Annotated[str, Meta(min_length=1, max_length=200)]
+SaleId = Annotated[str, Meta(pattern=SALE_ID_PATTERN)]
+Url = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s]+$")]
+
+
+class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Policy shared by every request body: unknown fields are an error, not silently dropped."""
+
+
+class Out(msgspec.Struct, omit_defaults=True):
+    """Policy shared by every response body."""
+
+
+# -- storefront ---------------------------------------------------------------------------
+class PurchaseBody(Body):
+    user_id: Ident
+    client_ip: Annotated[str, Meta(min_length=2, max_length=45)]
+    device_id: Ident
+    quantity: Annotated[int, Meta(ge=1, le=100)] = 1
+    user_agent: Annotated[str, Meta(max_length=512)] | None = None
+    payment_ref: Ident | None = None
+
+
+class ConfirmBody(Body):
+    payment_ref: Ident
+
+
+class PurchaseOut(Out):
+    order_id: str
+    status: str
+    expires_at: str
+
+
+class OrderStatusOut(Out):
+    order_id: str
+    status: str
+
+
+class OrderOut(Out):
+    order_id: str
+    sale_id: str
+    user_id: str
+    quantity: int
+    status: str
+    expires_at: str | None = None
+    card_keys: list[str] | None = None
+
+
+# -- admin --------------------------------------------------------------------------------
+class ChannelBody(Body):
+    name: Text
+    webhook_url: Url | None = None
+
+
+class ChannelOut(Out):
+    channel_id: str
+    name: str
+    api_key: str
+    webhook_secret: str
+    webhook_url: str | None = None
+
+
+class SaleBody(Body):
+    sku: Text
+    name: Text
+    starts_at: datetime
+    ends_at: datetime
+    sale_id: SaleId | None = None
+    per_user_limit: Annotated[int, Meta(ge=1, le=1000)] = 1
+    reservation_ttl_s: Annotated[int, Meta(ge=1, le=86_400)] = 300
+
+
+class KeysBody(Body):
+    keys: Annotated[list[str], Meta(max_length=200_000)]
+
+
+class StockOut(Out):
+    total: int
+    available: int
+    reserved: int
+    confirmed: int
+    delivered: int
+    cancelled: int = 0
+    expired: int = 0
+
+
+class SaleOut(Out):
+    sale_id: str
+    sku: str
+    name: str
+    starts_at: datetime
+    ends_at: datetime
+    per_user_limit: int
+    reservation_ttl_s: int
+    stock: StockOut | None = None
+
+
+class ImportOut(Out):
+    import_id: int
+    imported: int
+    duplicates: int
+    rejected: int
+    stock_total: int
+    rejected_lines: list[int] = []
+
+
+class Problem(Out):
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[str] | None = None

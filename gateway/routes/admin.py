@@ -1,0 +1,154 @@
+"""Admin API (bearer FLASHGATE_ADMIN_TOKEN): channels, sales, key imports, sale state."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from datetime import datetime
+
+import asyncpg
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from core import errors
+from core.card_keys import ParseError, import_keys, parse_csv, parse_text
+from core.crypto import hash_api_key, new_api_key, seal
+from core.ids import is_sale_id, new_channel_id, ulid
+from gateway.auth import require_admin
+from gateway.models import ChannelBody, ChannelOut, ImportOut, KeysBody, SaleBody, SaleOut, StockOut
+from gateway.responses import JSONResponse
+from gateway.state import decode, state
+
+_SALE_COLUMNS = "sale_id, sku, name, starts_at, ends_at, per_user_limit, reservation_ttl_s"
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def _sale_id(request: Request) -> str:
+    sale_id: str = request.path_params["sale_id"]
+    if not is_sale_id(sale_id):
+        raise errors.NotFound("no such sale")
+    return sale_id
+
+
+async def create_channel(request: Request) -> Response:
+    gw = state(request)
+    require_admin(request, gw.runtime.settings.admin_token)
+    body = await decode(request, ChannelBody)
+    rt = gw.runtime
+    channel_id, api_key = new_channel_id(), new_api_key()
+    webhook_secret = secrets.token_bytes(32)
+    async with rt.pool.acquire() as conn, conn.transaction():
+        dek_id, dek = await rt.keyring.new_dek(conn, "webhook")
+        nonce, sealed = seal(dek, webhook_secret, channel_id.encode())
+        await conn.execute(
+            "INSERT INTO channels (channel_id, name, api_key_hash, webhook_url,"
+            " webhook_secret, webhook_dek_id) VALUES ($1, $2, $3, $4, $5, $6)",
+            channel_id, body.name, hash_api_key(api_key), body.webhook_url, nonce + sealed, dek_id,
+        )
+    # Only now can the key authenticate: the hot path reads this Redis hash, never PostgreSQL.
+    await rt.redis.hset(rt.keys.channels(), hash_api_key(api_key).hex(), channel_id)
+    out = ChannelOut(
+        channel_id=channel_id, name=body.name, api_key=api_key, webhook_url=body.webhook_url,
+        webhook_secret=base64.urlsafe_b64encode(webhook_secret).decode().rstrip("="),
+    )
+    return JSONResponse(out, status_code=201, headers={"Cache-Control": "no-store"})
+
+
+def _sale_out(row: asyncpg.Record, stock: dict[str, int] | None) -> SaleOut:
+    return SaleOut(
+        sale_id=row["sale_id"], sku=row["sku"], name=row["name"], starts_at=row["starts_at"],
+        ends_at=row["ends_at"], per_user_limit=row["per_user_limit"],
+        reservation_ttl_s=row["reservation_ttl_s"],
+        stock=StockOut(**stock) if stock is not None else None,
+    )
+
+
+async def create_sale(request: Request) -> Response:
+    gw = state(request)
+    require_admin(request, gw.runtime.settings.admin_token)
+    body = await decode(request, SaleBody)
+    if body.starts_at.tzinfo is None or body.ends_at.tzinfo is None:
+        raise errors.InvalidRequest("starts_at and ends_at need a time zone (RFC 3339)")
+    if body.ends_at <= body.starts_at:
+        raise errors.InvalidRequest("ends_at must be after starts_at")
+    rt = gw.runtime
+    sale_id = body.sale_id or "s-" + ulid().lower()
+    values = (sale_id, body.sku, body.name, body.starts_at, body.ends_at,
+              body.per_user_limit, body.reservation_ttl_s)
+    async with rt.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            f"INSERT INTO sales ({_SALE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            f" ON CONFLICT (sale_id) DO NOTHING RETURNING {_SALE_COLUMNS}", *values,
+        )
+        if row is None:
+            # Creating the same sale twice is a retry, not an error; a different one is.
+            row = await conn.fetchrow(f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id = $1",
+                                      sale_id)
+            if row is None or tuple(row.values()) != values:
+                raise errors.SaleExists()
+    await rt.ledger.init_sale(sale_id, _ms(body.starts_at), _ms(body.ends_at),
+                              body.per_user_limit, body.reservation_ttl_s * 1000)
+    return JSONResponse(_sale_out(row, await rt.ledger.stock(sale_id)), status_code=201)
+
+
+async def get_sale(request: Request) -> Response:
+    gw = state(request)
+    require_admin(request, gw.runtime.settings.admin_token)
+    sale_id = _sale_id(request)
+    row = await gw.runtime.pool.fetchrow(
+        f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id = $1", sale_id
+    )
+    if row is None:
+        raise errors.NotFound("no such sale")
+    return JSONResponse(_sale_out(row, await gw.runtime.ledger.stock(sale_id)))
+
+
+_keys_decoder = msgspec.json.Decoder(KeysBody)
+
+
+async def _import_lines(request: Request) -> list[str]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        return (await decode(request, KeysBody)).keys
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise errors.InvalidRequest("the body must be UTF-8") from None
+    try:
+        if content_type == "text/csv":
+            return parse_csv(text)
+        if content_type == "text/plain":
+            return parse_text(text)
+    except ParseError as exc:
+        raise errors.InvalidRequest(str(exc)) from None
+    raise errors.UnsupportedMediaType("send text/plain, text/csv or application/json")
+
+
+async def import_sale_keys(request: Request) -> Response:
+    gw = state(request)
+    require_admin(request, gw.runtime.settings.admin_token)
+    sale_id = _sale_id(request)
+    rt = gw.runtime
+    if await rt.pool.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id) is None:
+        raise errors.NotFound("no such sale")
+    lines = await _import_lines(request)
+    result = await import_keys(rt.pool, rt.keyring, rt.ledger, sale_id, lines)
+    return JSONResponse(ImportOut(
+        import_id=result.import_id, imported=result.imported, duplicates=result.duplicates,
+        rejected=result.rejected, stock_total=result.stock_total,
+        rejected_lines=result.rejected_lines,
+    ))
+
+
+routes = [
+    Route("/v1/admin/channels", create_channel, methods=["POST"]),
+    Route("/v1/admin/sales", create_sale, methods=["POST"]),
+    Route("/v1/admin/sales/{sale_id}", get_sale, methods=["GET"]),
+    Route("/v1/admin/sales/{sale_id}/keys", import_sale_keys, methods=["POST"]),
+]

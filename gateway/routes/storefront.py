@@ -1,0 +1,147 @@
+"""Storefront API (channel API key): purchase, confirm, cancel, read an order.
+
+The purchase path touches Redis only: one round trip for the channel (usually cached in
+process), risk (the seam in risk/engine.py), and one for the reservation script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from core import errors
+from core.card_keys import reveal
+from core.ids import is_order_id, is_sale_id, sale_of_order
+from core.ledger import PurchaseRequest
+from gateway.models import ConfirmBody, OrderOut, OrderStatusOut, PurchaseBody, PurchaseOut
+from gateway.responses import JSONResponse
+from gateway.state import decode, state
+from risk.engine import RiskContext, Verdict
+
+_IDEMPOTENCY_KEY_MAX = 128
+_fingerprint_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def rfc3339_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def idempotency_key(request: Request) -> str:
+    key = request.headers.get("idempotency-key", "")
+    if not key:
+        raise errors.InvalidRequest("the Idempotency-Key header is required")
+    if len(key) > _IDEMPOTENCY_KEY_MAX or not key.isascii() or not key.isprintable():
+        raise errors.InvalidRequest("Idempotency-Key: 1-128 printable ASCII characters")
+    return key
+
+
+def request_fingerprint(sale_id: str, body: PurchaseBody) -> str:
+    """Identifies 'the same request' for idempotency: the sale and the whole decoded body."""
+    digest = hashlib.blake2b(sale_id.encode() + b"\0" + _fingerprint_encoder.encode(body),
+                             digest_size=16)
+    return digest.hexdigest()
+
+
+def _order_id(request: Request) -> str:
+    order_id: str = request.path_params["order_id"]
+    if not is_order_id(order_id):
+        raise errors.NotFound("no such order")
+    return order_id
+
+
+async def purchase(request: Request) -> Response:
+    gw = state(request)
+    channel_id = await gw.channels.channel_of(request)
+    sale_id: str = request.path_params["sale_id"]
+    if not is_sale_id(sale_id):
+        raise errors.NotFound("no such sale")
+    idem = idempotency_key(request)
+    body = await decode(request, PurchaseBody)
+
+    decision = await gw.risk.assess(RiskContext(
+        sale_id=sale_id, channel_id=channel_id, user_id=body.user_id, device_id=body.device_id,
+        client_ip=body.client_ip, user_agent=body.user_agent, quantity=body.quantity,
+    ))
+    if decision.verdict is Verdict.DENY:
+        raise errors.RiskDenied(reasons=list(decision.reasons))
+    if decision.verdict is Verdict.CHALLENGE:
+        raise errors.ChallengeRequired(reasons=list(decision.reasons))
+
+    reservation = await gw.runtime.ledger.reserve(PurchaseRequest(
+        sale_id=sale_id, channel_id=channel_id, idempotency_key=idem,
+        fingerprint=request_fingerprint(sale_id, body), user_id=body.user_id,
+        quantity=body.quantity, payment_ref=body.payment_ref or "",
+    ))
+    out = PurchaseOut(reservation.order_id, reservation.status,
+                      rfc3339_ms(reservation.expires_at_ms))
+    headers = {"Idempotent-Replayed": "true"} if reservation.replayed else None
+    return JSONResponse(out, status_code=201, headers=headers)
+
+
+async def confirm(request: Request) -> Response:
+    gw = state(request)
+    channel_id = await gw.channels.channel_of(request)
+    order_id = _order_id(request)
+    body = await decode(request, ConfirmBody)
+    status, _ = await gw.runtime.ledger.confirm(
+        sale_of_order(order_id), order_id, channel_id, body.payment_ref
+    )
+    return JSONResponse(OrderStatusOut(order_id, status), status_code=202)
+
+
+async def cancel(request: Request) -> Response:
+    gw = state(request)
+    channel_id = await gw.channels.channel_of(request)
+    order_id = _order_id(request)
+    status = await gw.runtime.ledger.cancel(sale_of_order(order_id), order_id, channel_id)
+    return JSONResponse(OrderStatusOut(order_id, status))
+
+
+async def get_order(request: Request) -> Response:
+    gw = state(request)
+    channel_id = await gw.channels.channel_of(request)
+    order_id = _order_id(request)
+    rt = gw.runtime
+    live = await rt.ledger.order(order_id)
+    if live is not None:
+        if live.get("ch") != channel_id:
+            raise errors.NotFound("no such order")
+        out = OrderOut(
+            order_id=order_id, sale_id=sale_of_order(order_id), user_id=live["user"],
+            quantity=int(live["qty"]), status=live["status"],
+            expires_at=rfc3339_ms(int(live["exp"])) if live["status"] == "reserved" else None,
+        )
+        if out.status not in ("confirmed", "delivered"):
+            return JSONResponse(out)
+    async with rt.pool.acquire() as conn:
+        # PostgreSQL is the record of delivery: a worker commits keys before it tells Redis.
+        row = await conn.fetchrow(
+            "SELECT sale_id, channel_id, user_id, quantity, status FROM orders WHERE order_id = $1",
+            order_id,
+        )
+        if live is None:
+            if row is None or row["channel_id"] != channel_id:
+                raise errors.NotFound("no such order")
+            out = OrderOut(order_id=order_id, sale_id=row["sale_id"], user_id=row["user_id"],
+                           quantity=row["quantity"], status=row["status"])
+        if row is not None and row["status"] == "delivered":
+            out.status = "delivered"
+            out.card_keys = await reveal(conn, rt.keyring, order_id)
+        elif out.status == "delivered":
+            out.status = "confirmed"  # Redis ahead of a rolled-back commit: not delivered yet
+    return JSONResponse(out)
+
+
+routes = [
+    Route("/v1/sales/{sale_id}/purchase", purchase, methods=["POST"]),
+    Route("/v1/orders/{order_id}/confirm", confirm, methods=["POST"]),
+    Route("/v1/orders/{order_id}/cancel", cancel, methods=["POST"]),
+    Route("/v1/orders/{order_id}", get_order, methods=["GET"]),
+]

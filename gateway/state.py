@@ -1,0 +1,49 @@
+"""What the routes share: the runtime's clients, channel auth and the risk engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import msgspec
+from starlette.requests import Request
+
+from core.errors import InvalidRequest, MalformedRequest, UnsupportedMediaType
+from core.runtime import Runtime
+from gateway.auth import ChannelAuth
+from risk.engine import RiskEngine
+
+T = TypeVar("T")
+
+
+@dataclass
+class GatewayState:
+    runtime: Runtime
+    channels: ChannelAuth
+    risk: RiskEngine
+
+
+def state(request: Request) -> GatewayState:
+    gw: GatewayState = request.app.state.gateway
+    return gw
+
+
+_decoders: dict[type, msgspec.json.Decoder] = {}  # type: ignore[type-arg]
+
+
+async def decode(request: Request, body_type: type[T]) -> T:
+    """The JSON body as `body_type`: 400 if it isn't JSON, 422 with the failing path if invalid."""
+    content_type = request.headers.get("content-type", "application/json")
+    if content_type.split(";")[0].strip().lower() not in ("application/json", ""):
+        raise UnsupportedMediaType("expected application/json")
+    decoder = _decoders.get(body_type)
+    if decoder is None:
+        decoder = _decoders[body_type] = msgspec.json.Decoder(body_type)
+    raw = await request.body()
+    try:
+        value: T = decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc)) from None
+    except msgspec.DecodeError:
+        raise MalformedRequest("the body is not valid JSON") from None
+    return value
