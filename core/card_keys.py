@@ -144,5 +144,6 @@ async def reveal(conn: asyncpg.Connection, keyring: Keyring, order_id: str) -> l
     out = []
     for row in rows:
         dek = await keyring.dek(conn, row["dek_id"])
-        out.append(open_sealed(dek, row["nonce"], row["ciphertext"], row["sale_id"].encode()).decode())
+        plain = open_sealed(dek, row["nonce"], row["ciphertext"], row["sale_id"].encode())
+        out.append(plain.decode())
     return out

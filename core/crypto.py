@@ -52,7 +52,8 @@ class Keyring:
         if master is None:
             raise DecryptionError(f"master key {master_key_id!r} is not configured")
         try:
-            return AESGCM(master.material).decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], b"dek")
+            nonce, sealed = wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:]
+            return AESGCM(master.material).decrypt(nonce, sealed, b"dek")
         except InvalidTag as exc:
             raise DecryptionError("data key does not open with its master key") from exc
 

@@ -64,7 +64,8 @@ def parse_master_keys(raw: str, var: str = "FLASHGATE_MASTER_KEY") -> tuple[Mast
             raise ConfigError(f"{var}: not valid base64") from exc
         if len(material) != 32:
             raise ConfigError(f"{var}: each key must be 32 bytes (base64 of 32 random bytes)")
-        keys.append(MasterKey(key_id or "mk-" + hashlib.sha256(material).hexdigest()[:12], material))
+        key_id = key_id or "mk-" + hashlib.sha256(material).hexdigest()[:12]
+        keys.append(MasterKey(key_id, material))
     if not keys:
         raise ConfigError(f"{var} is empty")
     if len({k.key_id for k in keys}) != len(keys):
@@ -153,7 +154,8 @@ class Settings:
             channel_cache_ttl_s=_float(env, "FLASHGATE_CHANNEL_CACHE_TTL_S", 30.0, 0.0, 3600.0),
             worker_batch_size=_int(env, "FLASHGATE_WORKER_BATCH_SIZE", 500, 1, 10_000),
             worker_block_ms=_int(env, "FLASHGATE_WORKER_BLOCK_MS", 1000, 1, 60_000),
-            worker_claim_idle_ms=_int(env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000),
+            worker_claim_idle_ms=_int(
+                env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000),
             worker_max_deliveries=_int(env, "FLASHGATE_WORKER_MAX_DELIVERIES", 5, 1, 1000),
             sweep_interval_s=_float(env, "FLASHGATE_SWEEP_INTERVAL_S", 0.5, 0.01, 60.0),
             webhook_timeout_s=_float(env, "FLASHGATE_WEBHOOK_TIMEOUT_S", 5.0, 0.1, 60.0),

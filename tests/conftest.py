@@ -9,7 +9,6 @@ and under a Redis key prefix of its own that it deletes at the end; it never flu
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
