@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from core.crypto import Keyring
 from core.db import create_pool, migrate
@@ -18,14 +18,18 @@ from core.settings import Settings
 
 
 def redis_client(settings: Settings) -> Redis:
-    return Redis.from_url(
+    # A blocking pool: in a stampede, requests wait (bounded by the timeout) for a connection
+    # instead of failing at once with "too many connections".
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         decode_responses=True,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
         health_check_interval=30,
     )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 @dataclass
