@@ -94,8 +94,8 @@ class StockOut(Out):
     reserved: int
     confirmed: int
     delivered: int
-    cancelled: int = 0
-    expired: int = 0
+    cancelled: int
+    expired: int
 
 
 class SaleOut(Out):

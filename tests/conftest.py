@@ -128,7 +128,7 @@ async def create_sale(client: httpx.AsyncClient, *, keys: int = 0, per_user_limi
     r = await client.post("/v1/admin/sales", headers=ADMIN, json={
         "sale_id": sale_id, "sku": "SKU-1", "name": "Test sale",
         "starts_at": rfc3339(now + timedelta(seconds=starts_in_s)),
-        "ends_at": rfc3339(now + timedelta(seconds=lasts_s)),
+        "ends_at": rfc3339(now + timedelta(seconds=starts_in_s + lasts_s)),
         "per_user_limit": per_user_limit, "reservation_ttl_s": ttl_s,
     })
     assert r.status_code == 201, r.text
