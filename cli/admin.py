@@ -1,0 +1,157 @@
+"""Admin commands: thin calls to the admin HTTP API of a running gateway.
+
+Each prints the JSON answer on stdout. An error answer (application/problem+json) is printed
+as it came, on stderr, and the command exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class AdminError(Exception):
+    """The API answered with an error, or could not be reached; `body` is what to print."""
+
+    def __init__(self, body: str) -> None:
+        super().__init__(body)
+        self.body = body
+
+
+def rfc3339(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str, now: datetime | None = None) -> str:
+    """RFC 3339 passes through; `now` and `+30s` / `+10m` / `+2h` / `+1d` are relative to now."""
+    now = now or datetime.now(UTC)
+    if value == "now":
+        return rfc3339(now)
+    m = _RELATIVE.match(value)
+    if m:
+        return rfc3339(now + timedelta(seconds=float(m[1]) * _UNITS[m[2]]))
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected RFC 3339 (2030-01-01T12:00:00Z), 'now' or '+10m'") from exc
+    return value
+
+
+def admin_client(url: str, token: str | None = None, timeout: float = 30.0) -> httpx.Client:
+    token = token if token is not None else os.environ.get("FLASHGATE_ADMIN_TOKEN", "")
+    if not token:
+        raise AdminError("FLASHGATE_ADMIN_TOKEN is not set (the gateway's admin bearer token)")
+    return httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+def call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        r = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise AdminError(f"cannot reach {client.base_url}: {exc}") from exc
+    if r.status_code >= 400:
+        raise AdminError(r.text or f"HTTP {r.status_code}")
+    return r.json()
+
+
+def key_import_request(path: Path) -> dict[str, Any]:
+    """The request for a key file: .txt one code per line, .csv with a `code` column, .json
+    either {"keys": [...]} or a bare list. Text and CSV go as they are; the gateway parses."""
+    data = path.read_bytes()
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        doc = json.loads(data)
+        return {"json": {"keys": doc} if isinstance(doc, list) else doc}
+    if suffix == ".csv":
+        header = next(csv.reader([data.decode("utf-8-sig").split("\n", 1)[0]]), [])
+        if "code" not in [h.strip() for h in header]:
+            raise AdminError(f"{path}: the CSV needs a 'code' column (header: {header})")
+        return {"content": data, "headers": {"Content-Type": "text/csv"}}
+    return {"content": data, "headers": {"Content-Type": "text/plain; charset=utf-8"}}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with admin_client(args.url) as client:
+            out = _dispatch(client, args)
+    except AdminError as exc:
+        print(exc.body, file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _dispatch(client: httpx.Client, args: argparse.Namespace) -> Any:
+    match (args.command, args.action):
+        case ("channel", "create"):
+            body: dict[str, Any] = {"name": args.name}
+            if args.webhook_url:
+                body["webhook_url"] = args.webhook_url
+            return call(client, "POST", "/v1/admin/channels", json=body)
+        case ("sale", "create"):
+            body = {"sku": args.sku, "name": args.name, "starts_at": args.starts_at,
+                    "ends_at": args.ends_at}
+            for field in ("sale_id", "per_user_limit", "reservation_ttl_s"):
+                if getattr(args, field) is not None:
+                    body[field] = getattr(args, field)
+            return call(client, "POST", "/v1/admin/sales", json=body)
+        case ("sale", "show"):
+            return call(client, "GET", f"/v1/admin/sales/{args.sale_id}")
+        case ("keys", "import"):
+            try:
+                request = key_import_request(Path(args.file))
+            except (OSError, ValueError) as exc:
+                raise AdminError(f"{args.file}: {exc}") from exc
+            return call(client, "POST", f"/v1/admin/sales/{args.sale_id}/keys", **request)
+    raise AdminError(f"unknown command {args.command} {args.action}")
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("FLASHGATE_URL", DEFAULT_URL),
+                        help="the gateway (default: $FLASHGATE_URL or %(default)s); "
+                             "the token is read from $FLASHGATE_ADMIN_TOKEN")
+
+    channel = sub.add_parser("channel", help="storefront channels").add_subparsers(
+        dest="action", required=True)
+    p = channel.add_parser("create", parents=[common], help="create a channel (prints its API "
+                           "key once)")
+    p.add_argument("name")
+    p.add_argument("--webhook-url")
+
+    sale = sub.add_parser("sale", help="flash sales").add_subparsers(dest="action", required=True)
+    p = sale.add_parser("create", parents=[common], help="create a sale")
+    p.add_argument("--sku", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--starts-at", required=True, type=parse_time,
+                   help="RFC 3339, 'now' or relative ('+30s', '+10m')")
+    p.add_argument("--ends-at", required=True, type=parse_time)
+    p.add_argument("--sale-id")
+    p.add_argument("--per-user-limit", type=int)
+    p.add_argument("--reservation-ttl-s", type=int)
+    p = sale.add_parser("show", parents=[common], help="a sale and its stock")
+    p.add_argument("sale_id")
+
+    keys = sub.add_parser("keys", help="card keys").add_subparsers(dest="action", required=True)
+    p = keys.add_parser("import", parents=[common], help="import card keys from a file "
+                        "(.txt one per line, .csv with a 'code' column, .json)")
+    p.add_argument("sale_id")
+    p.add_argument("file")
+
+    for name in ("channel", "sale", "keys"):
+        sub.choices[name].set_defaults(handler=run)

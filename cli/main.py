@@ -1,0 +1,142 @@
+"""`flashgate`: run the stack, its parts, the admin API's operations, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+
+from cli import admin
+from core.settings import ConfigError, Settings
+
+
+class Stop(Exception):
+    """SIGTERM (or Ctrl-C) asked us to stop; raised once, then the stack's clean-up runs."""
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    raise Stop(signal.Signals(signum).name)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cli.stack import StackError, running_stack
+
+    run_dir = Path(args.run_dir) if args.run_dir else (
+        Path(".run") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        with running_stack(run_dir=run_dir, workers=args.workers, port=args.port,
+                           capture_logs=not args.foreground_logs) as stack:
+            print(f"flashgate is up (run dir {run_dir})")
+            print(f"  gateway      {stack.gateway_url}")
+            print(f"  metrics      {stack.gateway_url}/metrics")
+            print(f"  redis        {stack.urls.redis_url}")
+            print(f"  postgres     {stack.urls.database_url}")
+            print(f"  logs         {run_dir / 'logs'}")
+            print(f"  admin token  {stack.admin_token}")
+            print(f"  try:  curl -H 'Authorization: Bearer {stack.admin_token}' "
+                  f"{stack.gateway_url}/v1/admin/sales/<sale_id>")
+            print(f"  or:   FLASHGATE_URL={stack.gateway_url} "
+                  f"FLASHGATE_ADMIN_TOKEN={stack.admin_token} flashgate channel create shop")
+            print("pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()), flush=True)
+            print("Ctrl-C stops everything.", flush=True)
+            while True:
+                dead = stack.dead()
+                if dead:
+                    for child in dead:
+                        print(f"{child.name} (pid {child.pid}) exited with "
+                              f"{child.proc.returncode}:\n{child.tail()}", file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+    except Stop as why:
+        print(f"stopping ({why}) ... stopped.", flush=True)
+        return 0
+    except StackError as exc:
+        print(f"flashgate up failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.runner import main as worker_main
+
+    worker_main(Settings.from_env())
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    Settings.from_env()  # fail fast, with the variable's name, before uvicorn starts
+    uvicorn.run("gateway.app:create_app", factory=True, host=args.host, port=args.port,
+                loop="uvloop", http="httptools", access_log=False)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from cli.stack import run_migrations
+
+    settings = Settings.from_env()
+    applied = run_migrations(settings.database_url.reveal())
+    print("applied: " + ", ".join(applied) if applied else "up to date")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cli.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="run Redis, PostgreSQL, the gateway and workers in the "
+                       "foreground (embedded servers unless FLASHGATE_*_URL are set)")
+    p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--run-dir", help="where server data and logs go (default ./.run/<time>)")
+    p.add_argument("--foreground-logs", action="store_true",
+                   help="children log to this terminal instead of <run-dir>/logs")
+    p.set_defaults(handler=cmd_up)
+
+    p = sub.add_parser("worker", help="run one worker process (until SIGTERM)")
+    p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("gateway", help="run the HTTP gateway (uvicorn, uvloop, httptools)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(handler=cmd_gateway)
+
+    p = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
+    p.set_defaults(handler=cmd_migrate)
+
+    admin.add_parsers(sub)
+
+    from cli.demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="a flash sale under load on a private stack, audited")
+    add_demo_arguments(p)
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.handler(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
