@@ -111,10 +111,11 @@ async def get_sale(request: Request) -> Response:
 _keys_decoder = msgspec.json.Decoder(KeysBody)
 
 
-async def _import_lines(request: Request) -> list[str]:
+async def _import_lines(request: Request) -> tuple[list[str], bool]:
+    """The codes to import, and whether blank entries are padding (text) or errors."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        return (await decode(request, KeysBody)).keys
+        return (await decode(request, KeysBody)).keys, False
     raw = await request.body()
     try:
         text = raw.decode("utf-8-sig")
@@ -122,9 +123,9 @@ async def _import_lines(request: Request) -> list[str]:
         raise errors.InvalidRequest("the body must be UTF-8") from None
     try:
         if content_type == "text/csv":
-            return parse_csv(text)
+            return parse_csv(text), False
         if content_type == "text/plain":
-            return parse_text(text)
+            return parse_text(text), True
     except ParseError as exc:
         raise errors.InvalidRequest(str(exc)) from None
     raise errors.UnsupportedMediaType("send text/plain, text/csv or application/json")
@@ -137,8 +138,9 @@ async def import_sale_keys(request: Request) -> Response:
     rt = gw.runtime
     if await rt.pool.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id) is None:
         raise errors.NotFound("no such sale")
-    lines = await _import_lines(request)
-    result = await import_keys(rt.pool, rt.keyring, rt.ledger, sale_id, lines)
+    lines, skip_blank = await _import_lines(request)
+    result = await import_keys(rt.pool, rt.keyring, rt.ledger, sale_id, lines,
+                               skip_blank=skip_blank)
     return JSONResponse(ImportOut(
         import_id=result.import_id, imported=result.imported, duplicates=result.duplicates,
         rejected=result.rejected, stock_total=result.stock_total,
