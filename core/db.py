@@ -56,5 +56,6 @@ async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
         # Server-side statement timeout: a stalled query becomes an error, not a hang.
         server_settings={"statement_timeout": "30000", "application_name": "flashgate"},
     )
-    assert pool is not None  # asyncpg types the result as Optional
+    if pool is None:  # asyncpg types the result as Optional
+        raise RuntimeError("asyncpg returned no pool")
     return pool

@@ -132,10 +132,10 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _as_user(self) -> dict[str, object]:
-        """Run as an unprivileged user when we are root (PostgreSQL refuses root)."""
+    def _as_user(self) -> tuple[int, int] | None:
+        """(uid, gid) to run as when we are root (PostgreSQL refuses root); None otherwise."""
         if os.geteuid() != 0:
-            return {}
+            return None
         try:
             pwd.getpwnam(PG_SYSTEM_USER)
         except KeyError:
@@ -153,12 +153,13 @@ class EmbeddedPostgres:
                 mode = path.stat().st_mode
                 if not mode & 0o001:
                     os.chmod(path, mode | 0o001)
-        return {"user": entry.pw_uid, "group": entry.pw_gid}
+        return entry.pw_uid, entry.pw_gid
 
     def start(self) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        as_user = self._as_user()
+        ids = self._as_user()
+        uid, gid = ids if ids else (None, None)
         data = self.dir / "data"
         log = self.dir / "server.log"
         bindir = self.bindir()
@@ -166,12 +167,12 @@ class EmbeddedPostgres:
             subprocess.run(
                 [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
                  "--encoding=UTF8", "--no-sync"],
-                check=True, capture_output=True, **as_user,  # type: ignore[arg-type]
+                check=True, capture_output=True, user=uid, group=gid,
             )
         self.port = free_port()
         with open(log, "ab") as out:
-            if as_user:
-                shutil.chown(log, as_user["user"], as_user["group"])  # type: ignore[arg-type]
+            if ids:
+                os.chown(log, *ids)
             self.proc = subprocess.Popen(
                 [
                     str(bindir / "postgres"), "-D", str(data), "-p", str(self.port),
@@ -182,7 +183,7 @@ class EmbeddedPostgres:
                     "-c", "full_page_writes=off", "-c", "max_connections=200",
                     "-c", "shared_buffers=128MB",
                 ],
-                stdout=out, stderr=out, **as_user,  # type: ignore[arg-type]
+                stdout=out, stderr=out, user=uid, group=gid,
             )
         _wait_for_port(self.port, self.proc, "PostgreSQL", log)
         return self.url

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -145,7 +146,8 @@ class Ledger:
         Several sweepers may run this at once: the script settles each order exactly once.
         """
         now = now_ms() if now is None else now
-        due = await self.redis.zrangebyscore(self.keys.deadlines(sale_id), "-inf", now, 0, limit)
+        key = self.keys.deadlines(sale_id)
+        due = cast(list[str], await self.redis.zrangebyscore(key, "-inf", now, 0, limit))
         if not due:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -171,5 +173,5 @@ class Ledger:
             return [int(r) for r in await pipe.execute()]
 
     async def order(self, order_id: str) -> dict[str, str] | None:
-        data = await self.redis.hgetall(self.keys.order(order_id))
+        data = cast(dict[str, str], await self.redis.hgetall(self.keys.order(order_id)))
         return data or None

@@ -40,7 +40,7 @@ class ChannelAuth:
         self.redis = redis
         self.keys = keys
         self.ttl_s = ttl_s
-        self._cache: dict[bytes, tuple[str | None, float]] = {}
+        self._cache: dict[bytes, tuple[str, float]] = {}
 
     async def channel_of(self, request: Request) -> str:
         digest = hash_api_key(bearer(request))
@@ -49,7 +49,7 @@ class ChannelAuth:
         if hit is not None and hit[1] > now:
             channel_id = hit[0]
         else:
-            channel_id = await self.redis.hget(self.keys.channels(), digest.hex())
+            channel_id = str(await self.redis.hget(self.keys.channels(), digest.hex()) or "")
             if len(self._cache) >= _MAX_ENTRIES:
                 self._cache.clear()
             ttl = self.ttl_s if channel_id else _NEGATIVE_TTL_S
