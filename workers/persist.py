@@ -1,0 +1,175 @@
+"""One PostgreSQL transaction per batch: order rows, card-key allocation, webhook outbox.
+
+Every statement is idempotent, so a batch replayed after a crash (committed, not acked)
+changes nothing:
+- orders are upserted and only ever move forward (reserved -> confirmed -> delivered;
+  reserved -> expired | cancelled), so a reclaimed or out-of-order event is harmless;
+- keys go only to confirmed orders that hold none, taken with FOR UPDATE SKIP LOCKED, so two
+  workers never hand out the same key and a replay allocates nothing;
+- an order is served whole or not at all: short of keys, it stays confirmed and is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from workers.events import OrderRow
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_SALE = "unknown sale"
+UNKNOWN_CHANNEL = "unknown channel"
+DELIVERED_EVENT = "order.delivered"
+
+
+class OrderDelivered(msgspec.Struct, frozen=True):
+    """The webhook body. Never carries card keys: the buyer reveals those through the API."""
+
+    order_id: str
+    sale_id: str
+    user_id: str
+    quantity: int
+    delivered_at: datetime
+    event: str = DELIVERED_EVENT
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass
+class BatchOutcome:
+    delivered: list[str] = field(default_factory=list)  # delivered in PG, now or earlier
+    short: list[str] = field(default_factory=list)  # confirmed, not enough free keys yet
+    rejected: dict[str, str] = field(default_factory=dict)  # order id -> dead-letter reason
+    keys_allocated: int = 0
+
+
+# -- SQL ------------------------------------------------------------------------------------
+UPSERT_ORDERS = """
+INSERT INTO orders AS o (order_id, sale_id, channel_id, user_id, quantity, status, payment_ref,
+                         reserved_at, confirmed_at, ended_at)
+SELECT r.order_id, $1, r.channel_id, r.user_id, r.quantity, r.status, r.payment_ref,
+       r.reserved_at, r.confirmed_at, r.ended_at
+FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[],
+            $8::timestamptz[], $9::timestamptz[], $10::timestamptz[])
+     AS r(order_id, channel_id, user_id, quantity, status, payment_ref,
+          reserved_at, confirmed_at, ended_at)
+ON CONFLICT (order_id) DO UPDATE SET
+    status       = CASE WHEN o.status = 'reserved' THEN EXCLUDED.status ELSE o.status END,
+    payment_ref  = CASE WHEN o.status = 'reserved'
+                        THEN coalesce(EXCLUDED.payment_ref, o.payment_ref) ELSE o.payment_ref END,
+    confirmed_at = CASE WHEN o.status = 'reserved'
+                        THEN EXCLUDED.confirmed_at ELSE o.confirmed_at END,
+    ended_at     = CASE WHEN o.status = 'reserved' THEN EXCLUDED.ended_at ELSE o.ended_at END,
+    reserved_at  = least(o.reserved_at, EXCLUDED.reserved_at),
+    updated_at   = now()
+WHERE (o.status = 'reserved' AND EXCLUDED.status <> 'reserved')
+   OR o.reserved_at > EXCLUDED.reserved_at
+"""
+
+# Number the slots the confirmed, key-less orders need and the free keys we could lock, then
+# pair them; an order whose slots run past the keys we got is left out entirely.
+ALLOCATE_KEYS = """
+WITH need AS (
+    SELECT o.order_id, o.quantity,
+           sum(o.quantity) OVER (ORDER BY o.order_id) - o.quantity AS first_slot
+    FROM orders o
+    WHERE o.order_id = ANY($2::text[]) AND o.status = 'confirmed'
+      AND NOT EXISTS (SELECT 1 FROM card_keys k WHERE k.order_id = o.order_id)
+),
+free AS (
+    SELECT f.key_id, row_number() OVER (ORDER BY f.key_id) - 1 AS slot
+    FROM (SELECT key_id FROM card_keys
+          WHERE sale_id = $1 AND order_id IS NULL
+          ORDER BY key_id
+          LIMIT (SELECT coalesce(sum(quantity), 0) FROM need)
+          FOR UPDATE SKIP LOCKED) f
+),
+fits AS (
+    SELECT * FROM need WHERE first_slot + quantity <= (SELECT count(*) FROM free)
+),
+taken AS (
+    UPDATE card_keys k SET order_id = fits.order_id, allocated_at = $3
+    FROM fits JOIN free ON free.slot >= fits.first_slot
+                       AND free.slot < fits.first_slot + fits.quantity
+    WHERE k.key_id = free.key_id AND k.order_id IS NULL
+    RETURNING k.order_id
+)
+SELECT (SELECT array_agg(order_id) FROM need) AS needed,
+       (SELECT array_agg(DISTINCT order_id) FROM taken) AS served,
+       (SELECT count(*) FROM taken) AS keys
+"""
+
+MARK_DELIVERED = """
+UPDATE orders SET status = 'delivered', delivered_at = $2, updated_at = now()
+WHERE order_id = ANY($1::text[]) AND status = 'confirmed'
+RETURNING order_id, channel_id, user_id, quantity
+"""
+
+ENQUEUE_WEBHOOKS = """
+INSERT INTO webhook_outbox (channel_id, order_id, event, payload)
+SELECT w.channel_id, w.order_id, $1, w.payload
+FROM unnest($2::text[], $3::text[], $4::bytea[]) AS w(order_id, channel_id, payload)
+JOIN channels c ON c.channel_id = w.channel_id AND c.webhook_url IS NOT NULL
+ON CONFLICT (order_id, event) DO NOTHING
+"""
+
+DELIVERED_AMONG = """
+SELECT order_id FROM orders WHERE order_id = ANY($1::text[]) AND status = 'delivered'
+"""
+
+
+# -- the transaction ------------------------------------------------------------------------
+async def persist_batch(
+    conn: asyncpg.Connection, sale_id: str, rows: list[OrderRow], now: datetime
+) -> BatchOutcome:
+    """Write one batch of one sale in one transaction; the caller acks only after this returns."""
+    out = BatchOutcome()
+    if not rows:
+        return out
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM sales WHERE sale_id = $1)",
+                                   sale_id):
+            out.rejected = dict.fromkeys((r.order_id for r in rows), UNKNOWN_SALE)
+            return out
+        known = {rec[0] for rec in await conn.fetch(
+            "SELECT channel_id FROM channels WHERE channel_id = ANY($1::text[])",
+            list({r.channel_id for r in rows}),
+        )}
+        out.rejected = {r.order_id: UNKNOWN_CHANNEL for r in rows if r.channel_id not in known}
+        # Sorted, so that two workers upserting overlapping batches lock rows in one order.
+        rows = sorted((r for r in rows if r.channel_id in known), key=lambda r: r.order_id)
+        if not rows:
+            return out
+        order_ids = [r.order_id for r in rows]
+        await conn.execute(
+            UPSERT_ORDERS, sale_id, order_ids,
+            [r.channel_id for r in rows], [r.user_id for r in rows], [r.quantity for r in rows],
+            [r.status for r in rows], [r.payment_ref for r in rows],
+            [r.reserved_at for r in rows], [r.confirmed_at for r in rows],
+            [r.ended_at for r in rows],
+        )
+        alloc = await conn.fetchrow(ALLOCATE_KEYS, sale_id, order_ids, now)
+        served: list[str] = alloc["served"] or []
+        out.keys_allocated = alloc["keys"]
+        out.short = sorted(set(alloc["needed"] or []) - set(served))
+        if served:
+            done = await conn.fetch(MARK_DELIVERED, served, now)
+            await conn.execute(
+                ENQUEUE_WEBHOOKS, DELIVERED_EVENT,
+                [d["order_id"] for d in done], [d["channel_id"] for d in done],
+                [_encode(OrderDelivered(d["order_id"], sale_id, d["user_id"], d["quantity"], now))
+                 for d in done],
+            )
+        out.delivered = [rec[0] for rec in await conn.fetch(DELIVERED_AMONG, order_ids)]
+    if out.short:
+        # Ids and counts only: never a key, never a secret.
+        log.warning("sale %s: not enough free card keys for %d confirmed order(s), retrying later",
+                    sale_id, len(out.short))
+    return out
+

@@ -1,0 +1,204 @@
+"""The worker process: stream consumers, the expiry sweeper and webhook delivery, with drain.
+
+`Worker.run()` runs until `request_stop()` (SIGTERM/SIGINT in `main`): each sale's consumer
+finishes its current batch (commit, mark delivered, ack) and exits; nothing is cut mid-batch.
+`Worker.run_burst()` handles everything that is there and returns: the tests' mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterable
+
+import httpx
+
+from core.runtime import Runtime
+from core.settings import Settings
+from workers.consumer import AfterCommit, SaleConsumer
+from workers.sweeper import Sweeper
+from workers.webhooks import Dispatcher
+
+log = logging.getLogger(__name__)
+
+SALES_REFRESH_S = 1.0  # how soon a newly activated sale gets a consumer
+WEBHOOK_POLL_S = 0.5
+DRAIN_TIMEOUT_S = 30.0  # past this, stop anyway: unacked entries are reclaimed by others
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, rt: Runtime, *, name: str | None = None,
+                 sale_ids: Iterable[str] | None = None, after_commit: AfterCommit | None = None,
+                 http: httpx.AsyncClient | None = None) -> None:
+        """`sale_ids` limits the worker to those sales (tests, sharding); default: all active."""
+        self.rt = rt
+        self.name = name or default_consumer_name()
+        self.only = frozenset(sale_ids) if sale_ids is not None else None
+        self.after_commit = after_commit
+        self.consumers: dict[str, SaleConsumer] = {}
+        self.sweeper = Sweeper(rt.ledger)
+        self._http = http
+        self._stop = asyncio.Event()
+
+    # -- sales ------------------------------------------------------------------------------
+    async def sale_ids(self) -> list[str]:
+        active = await self.rt.redis.smembers(self.rt.keys.active_sales())
+        return sorted(str(s) for s in active if self.only is None or s in self.only)
+
+    async def consumer(self, sale_id: str) -> SaleConsumer:
+        c = self.consumers.get(sale_id)
+        if c is None:
+            c = SaleConsumer(self.rt, sale_id, self.name, self.after_commit)
+            await c.ensure_group()
+            self.consumers[sale_id] = c
+        return c
+
+    def dispatcher(self, http: httpx.AsyncClient) -> Dispatcher:
+        return Dispatcher(self.rt.pool, self.rt.keyring, self.rt.settings, http)
+
+    # -- burst mode -------------------------------------------------------------------------
+    async def run_burst(self, timeout_s: float = 60.0) -> int:
+        """Handle every entry of every sale until nothing is new or pending; returns entries read.
+
+        Errors propagate (a test wants them); entries of other consumers are reclaimed once
+        idle for worker_claim_idle_ms, so a burst after a simulated crash finishes their work.
+        """
+        deadline = time.monotonic() + timeout_s
+        total = 0
+        for sale_id in await self.sale_ids():
+            c = await self.consumer(sale_id)
+            while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"sale {sale_id}: still pending after {timeout_s}s")
+                n = await c.step(block_ms=None)
+                total += n
+                if n or c.cursor != ">":
+                    continue
+                total += await c.reclaim()
+                if await c.pending_count() == 0:
+                    break
+                await asyncio.sleep(self.rt.settings.worker_claim_idle_ms / 4000)
+        return total
+
+    # -- long-running mode ------------------------------------------------------------------
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("worker %s: stop requested, draining", self.name)
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        log.info("worker %s: started", self.name)
+        async with contextlib.AsyncExitStack() as stack:
+            http = self._http
+            if http is None:
+                http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
+            tasks = {asyncio.create_task(self._sweep_loop(), name="sweeper"),
+                     asyncio.create_task(self._webhook_loop(http), name="webhooks")}
+            consuming: dict[str, asyncio.Task[None]] = {}
+            try:
+                while not self.stopping:
+                    for sale_id in await self._safe_sale_ids():
+                        if sale_id not in consuming or consuming[sale_id].done():
+                            consuming[sale_id] = asyncio.create_task(
+                                self._consume_loop(sale_id), name=f"consume:{sale_id}"
+                            )
+                    await self._sleep(SALES_REFRESH_S)
+            finally:
+                self.request_stop()
+                everything = tasks | set(consuming.values())
+                _, late = await asyncio.wait(everything, timeout=DRAIN_TIMEOUT_S)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*everything, return_exceptions=True)
+        log.info("worker %s: stopped", self.name)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _safe_sale_ids(self) -> list[str]:
+        try:
+            return await self.sale_ids()
+        except Exception:  # Redis away: keep the consumers we have, try again next tick
+            log.exception("worker %s: listing active sales failed", self.name)
+            return []
+
+    async def _consume_loop(self, sale_id: str) -> None:
+        settings = self.rt.settings
+        reclaim_every = settings.worker_claim_idle_ms / 2000
+        last_reclaim, failures = 0.0, 0
+        c: SaleConsumer | None = None
+        while not self.stopping:
+            try:
+                c = c or await self.consumer(sale_id)
+                if time.monotonic() - last_reclaim >= reclaim_every:
+                    last_reclaim = time.monotonic()
+                    await c.reclaim()
+                await c.step(block_ms=settings.worker_block_ms)
+                failures = 0
+            except Exception:
+                # Nothing is lost: the failed batch is unacked and still ours; read it again.
+                failures += 1
+                log.exception("sale %s: batch failed (%d in a row)", sale_id, failures)
+                if c is not None:
+                    c.restart_from_pending()
+                await self._sleep(min(0.1 * 2 ** failures, 5.0))
+
+    async def _sweep_loop(self) -> None:
+        while not self.stopping:
+            try:
+                await self.sweeper.sweep(await self.sale_ids())
+            except Exception:
+                log.exception("worker %s: sweep failed", self.name)
+            await self._sleep(self.rt.settings.sweep_interval_s)
+
+    async def _webhook_loop(self, http: httpx.AsyncClient) -> None:
+        dispatcher = self.dispatcher(http)
+        while not self.stopping:
+            try:
+                busy = await dispatcher.dispatch_once()
+            except Exception:
+                log.exception("worker %s: webhook delivery failed", self.name)
+                busy = 0
+            if not busy:
+                await self._sleep(WEBHOOK_POLL_S)
+
+
+# -- entry point ------------------------------------------------------------------------------
+async def serve(settings: Settings) -> None:
+    rt = await Runtime.open(settings)
+    worker = Worker(rt)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    try:
+        await worker.run()
+    finally:
+        await rt.close()
+
+
+def main(settings: Settings | None = None) -> None:
+    """`flashgate worker`: run one worker process until SIGTERM/SIGINT, then drain and exit."""
+    import uvloop
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvloop.run(serve(settings or Settings.from_env()))
+
+
+if __name__ == "__main__":
+    main()
