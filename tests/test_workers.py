@@ -20,6 +20,7 @@ from tests.workers_fixtures import (
     make_channel,
     make_sale,
     order_rows,
+    redis_statuses,
     revealed_codes,
 )
 from workers.consumer import SaleConsumer
@@ -89,10 +90,6 @@ async def test_replayed_batches_allocate_nothing(runtime: Runtime) -> None:
     assert await keys_by_order(runtime, sale) == before
     assert await order_rows(runtime, sale) == rows_before
     assert await pending(runtime, sale) == 0
-
-
-async def redis_statuses(rt: Runtime, orders: list[str]) -> set[str]:
-    return {(await rt.ledger.order(o) or {}).get("status", "") for o in orders}
 
 
 class Crash(RuntimeError):

@@ -116,3 +116,7 @@ async def order_rows(rt: Runtime, sale_id: str) -> dict[str, dict[str, object]]:
     rows = await rt.pool.fetch("SELECT * FROM orders WHERE sale_id = $1", sale_id)
     return {r["order_id"]: dict(r) for r in rows}
 
+
+
+async def redis_statuses(rt: Runtime, orders: list[str]) -> set[str]:
+    return {(await rt.ledger.order(o) or {}).get("status", "") for o in orders}
