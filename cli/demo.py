@@ -20,10 +20,12 @@ import secrets
 import sys
 import time
 import uuid
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
 from cli.admin import rfc3339
@@ -114,7 +116,8 @@ async def _session(stack: Stack, args: argparse.Namespace, plan: Plan) -> Audit:
         attempts = await _fire(base, sale_id, channel["api_key"], plan, opens.timestamp(), args)
         print(f"demo: {len(attempts)} purchase answers; confirming and awaiting delivery ...",
               flush=True)
-        deliveries = await _confirm_and_deliver(base, channel["api_key"], attempts, args)
+        deliveries = await _confirm_and_deliver(base, channel["api_key"], admin, sale_id,
+                                                stack.urls.database_url, attempts, args)
         stock = await _ok(admin.get(f"/v1/admin/sales/{sale_id}"), 200)
     return audit(stock_total=args.keys, imported=set(codes), buyers=len(plan.buyers),
                  per_user_limit=1, attempts=attempts, deliveries=deliveries,
@@ -145,53 +148,87 @@ async def _fire(base: str, sale_id: str, api_key: str, plan: Plan, opens_at: flo
     return [Attempt(*row) for rows in results for row in rows]  # type: ignore[arg-type]
 
 
-async def _confirm_and_deliver(base: str, api_key: str, attempts: list[Attempt],
+async def _confirm_and_deliver(base: str, api_key: str, admin: httpx.AsyncClient, sale_id: str,
+                               database_url: str, attempts: list[Attempt],
                                args: argparse.Namespace) -> dict[str, Delivery]:
-    """Confirm every reserved order while a poller reads confirmed ones until delivered."""
+    """Confirm every reservation; wait until the sale's ledger counts them all delivered; then
+    read each order as its buyer would (status and card keys)."""
     orders = sorted({a.order_id for a in attempts if a.status == 201 and a.order_id})
     out = {oid: Delivery(oid) for oid in orders}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     headers = {"Authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(30.0, pool=None)) as client:
-        sem = asyncio.Semaphore(64)
 
         async def confirm(d: Delivery) -> None:
-            async with sem:
-                try:
-                    r = await client.post(f"/v1/orders/{d.order_id}/confirm",
-                                          json={"payment_ref": "pay-" + d.order_id})
-                except httpx.HTTPError as exc:
-                    d.confirm_error = repr(exc)
-                    return
-                if r.status_code == 202 and r.json().get("status") == "confirmed":
-                    d.confirmed_at = time.time()
-                else:
-                    d.confirm_error = f"{r.status_code} {r.text[:200]}"
+            d.confirm_sent_at = time.time()
+            try:
+                r = await client.post(f"/v1/orders/{d.order_id}/confirm",
+                                      json={"payment_ref": "pay-" + d.order_id})
+            except httpx.HTTPError as exc:
+                d.confirm_error = repr(exc)
+                return
+            if r.status_code == 202 and r.json().get("status") == "confirmed":
+                d.confirmed_at = time.time()
+            else:
+                d.confirm_error = f"{r.status_code} {r.text[:200]}"
 
         async def read(d: Delivery) -> None:
-            async with sem:
-                try:
-                    r = await client.get(f"/v1/orders/{d.order_id}")
-                except httpx.HTTPError:
-                    return
-                if r.status_code != 200:
-                    return
-                doc = r.json()
-                d.polls += 1
-                if doc.get("status") == "delivered":
-                    d.delivered_seen_at = time.time()
-                    d.card_keys = list(doc.get("card_keys") or [])
-                    d.quantity = int(doc.get("quantity", 1))
+            try:
+                r = await client.get(f"/v1/orders/{d.order_id}")
+            except httpx.HTTPError:
+                return
+            d.polls += 1
+            if r.status_code == 200 and (doc := r.json()).get("status") == "delivered":
+                d.delivered_seen_at = time.time()
+                d.card_keys = list(doc.get("card_keys") or [])
+                d.quantity = int(doc.get("quantity", 1))
 
-        confirming = asyncio.ensure_future(asyncio.gather(*(confirm(d) for d in out.values())))
+        await _bounded(64, [confirm(d) for d in out.values()])
+        confirmed = sum(1 for d in out.values() if d.confirmed_at is not None)
         deadline = time.monotonic() + args.delivery_timeout_s
+        # The ledger's counter is one Redis read: cheap to poll, unlike 1,000 order reads.
         while time.monotonic() < deadline:
+            sale = (await admin.get(f"/v1/admin/sales/{sale_id}")).json()
+            if int((sale.get("stock") or {}).get("delivered", 0)) >= confirmed:
+                break
+            await asyncio.sleep(0.1)
+        while True:
             pending = [d for d in out.values()
                        if d.confirmed_at is not None and d.delivered_seen_at is None]
-            if confirming.done() and not pending:
+            await _bounded(64, [read(d) for d in pending])
+            if not pending or time.monotonic() >= deadline:
                 break
-            await asyncio.gather(*(read(d) for d in pending))
-            await asyncio.sleep(0.05)
-        await confirming
+            await asyncio.sleep(0.25)
+    await _delivered_at(database_url, sale_id, out)
     return out
+
+
+async def _bounded(limit: int, coros: list[Coroutine[Any, Any, None]]) -> None:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Coroutine[Any, Any, None]) -> None:
+        async with sem:
+            await c
+
+    await asyncio.gather(*(one(c) for c in coros))
+
+
+async def _delivered_at(database_url: str, sale_id: str, out: dict[str, Delivery]) -> None:
+    """When each order was delivered, from PostgreSQL's record (orders.delivered_at): exact,
+    unlike the moment a poll happened to see it. Best effort: without it, polls are used."""
+    try:
+        conn = await asyncpg.connect(database_url)
+    except (OSError, asyncpg.PostgresError):
+        return
+    try:
+        rows = await conn.fetch(
+            "SELECT order_id, extract(epoch FROM delivered_at)::float8 AS at FROM orders"
+            " WHERE sale_id = $1 AND delivered_at IS NOT NULL", sale_id)
+    except asyncpg.PostgresError:
+        return
+    finally:
+        await conn.close()
+    for row in rows:
+        if (d := out.get(row["order_id"])) is not None:
+            d.delivered_at = row["at"]

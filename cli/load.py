@@ -5,8 +5,9 @@ steps either retry an earlier key with the same body (must get the same answer) 
 with a new key (must be refused: the per-user limit, or sold out). Some buyers "double-click":
 their first request goes out twice at once with the same key.
 
-`play()` runs one partition of the plan over one bounded httpx connection pool; the demo runs
-one partition per load process. Results are plain tuples so they cross process boundaries.
+`play()` runs one partition of the plan over a fixed set of keep-alive connections (one
+per lane, cli/http1.py); the demo runs one partition per load process. Results are plain
+tuples so they cross process boundaries.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
-import httpx
 import msgspec
+
+from cli.http1 import Connection, ConnectionLost, build_request
 
 FIRST, RETRY, DOUBLE, SECOND, NET_RETRY = "first", "retry", "double", "second", "net_retry"
 MAX_NET_RETRIES = 3  # a transport error or a 5xx is retried with the same Idempotency-Key
@@ -88,52 +91,78 @@ def make_plan(buyers: int, attempts: int, *, double_click: float = 0.02, seed: i
     return Plan(out)
 
 
-async def _purchase(client: httpx.AsyncClient, path: str, user: str, body: bytes, key: str,
-                    kind: str, out: list[Attempt]) -> None:
-    for attempt in range(MAX_NET_RETRIES + 1):
-        t0 = time.perf_counter()
-        try:
-            r = await client.post(path, content=body, headers={"Idempotency-Key": key})
-            status, payload = r.status_code, r.content
-        except httpx.HTTPError:
-            status, payload = 0, b""
-        latency = (time.perf_counter() - t0) * 1000
-        order_id = code = ""
-        if payload:
+class _Lane:
+    """One connection, one buyer at a time: the buyer's steps in order."""
+
+    def __init__(self, host: str, port: int, sale_id: str, api_key: str,
+                 out: list[Attempt]) -> None:
+        self.host, self.port, self.out = host, port, out
+        self.path = f"/v1/sales/{sale_id}/purchase"
+        self.auth = f"Bearer {api_key}"
+        self.conns = [Connection(host, port)]  # more only for a double click
+
+    async def warm_up(self) -> None:
+        raw = build_request("GET", f"{self.host}:{self.port}", "/healthz", {})
+        await self.conns[0].request(raw)
+
+    async def buyer(self, user: str, body: bytes, steps: list[Step]) -> None:
+        for step in steps:
+            while len(self.conns) < len(step):
+                self.conns.append(Connection(self.host, self.port))
+            await asyncio.gather(*(self._purchase(conn, user, body, key, kind)
+                                   for conn, (key, kind) in zip(self.conns, step, strict=False)))
+
+    async def _purchase(self, conn: Connection, user: str, body: bytes, key: str,
+                        kind: str) -> None:
+        raw = build_request("POST", f"{self.host}:{self.port}", self.path, {
+            "Authorization": self.auth, "Content-Type": "application/json",
+            "Idempotency-Key": key}, body)
+        for attempt in range(MAX_NET_RETRIES + 1):
+            t0 = time.perf_counter()
             try:
-                doc = msgspec.json.decode(payload)
-                order_id = doc.get("order_id", "") if status < 300 else ""
-                code = doc.get("code", "") if status >= 400 else ""
-            except (msgspec.DecodeError, AttributeError):
-                code = "undecodable"
-        out.append(Attempt(user, key, kind if attempt == 0 else NET_RETRY, status, code,
-                           order_id, latency, time.time()))
-        if status != 0 and status < 500:
-            return
+                status, payload = await conn.request(raw)
+            except (OSError, ConnectionLost, TimeoutError):
+                status, payload = 0, b""
+            latency = (time.perf_counter() - t0) * 1000
+            order_id = code = ""
+            if payload:
+                try:
+                    doc = msgspec.json.decode(payload)
+                    order_id = doc.get("order_id", "") if status < 300 else ""
+                    code = doc.get("code", "") if status >= 400 else ""
+                except (msgspec.DecodeError, AttributeError):
+                    code = "undecodable"
+            self.out.append(Attempt(user, key, kind if attempt == 0 else NET_RETRY, status, code,
+                                    order_id, latency, time.time()))
+            if status != 0 and status < 500:
+                return
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
 
 
 async def play(base_url: str, sale_id: str, api_key: str, buyers: list[Buyer],
                opens_at: float, concurrency: int) -> list[Attempt]:
-    """Warm the connection pool, wait for the opening second, then play every buyer's steps,
-    `concurrency` buyers at a time."""
+    """Open `concurrency` connections, wait for the opening second, then play every buyer's
+    steps, `concurrency` buyers at a time."""
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
     out: list[Attempt] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-    path = f"/v1/sales/{sale_id}/purchase"
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, headers=headers,
-                                 timeout=httpx.Timeout(30.0, pool=None)) as client:
-        await asyncio.gather(*(client.get("/healthz") for _ in range(concurrency)))
+    lanes = [_Lane(host, port, sale_id, api_key, out) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*(lane.warm_up() for lane in lanes))
         await asyncio.sleep(max(0.0, opens_at - time.time()))
         queue: Iterator[Buyer] = iter(buyers)
 
-        async def lane() -> None:
+        async def run(lane: _Lane) -> None:
             for user, body, steps in queue:
-                for step in steps:
-                    await asyncio.gather(*(
-                        _purchase(client, path, user, body, key, kind, out)
-                        for key, kind in step))
+                await lane.buyer(user, body, steps)
 
-        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        await asyncio.gather(*(run(lane) for lane in lanes))
+    finally:
+        for lane in lanes:
+            lane.close()
     return out
 
 
