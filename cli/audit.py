@@ -13,6 +13,7 @@ Invariants (any breach makes the demo exit 1):
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,8 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[rank]
+    rank = math.ceil(q / 100 * len(ordered))
+    return ordered[max(0, min(len(ordered), rank) - 1)]
 
 
 @dataclass
@@ -130,7 +131,7 @@ def audit(*, stock_total: int, imported: set[str], buyers: int, per_user_limit: 
     reserved = len({a.order_id for a in attempts if a.status == 201})
     expected = min(stock_total, buyers * per_user_limit)
     ledger_breach, ledger_notes = _stock_breaches(sale, stock_total)
-    oversold = max(0, reserved - stock_total) + ledger_breach
+    oversold = max(reserved - stock_total, ledger_breach, 0)  # two views of the same excess
 
     confirmed = [d for d in deliveries.values() if d.confirmed_at is not None]
     delivered = [d for d in confirmed if d.delivered_seen_at is not None]

@@ -40,7 +40,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attempts", type=int, default=20000, help="purchase attempts in all")
     p.add_argument("--concurrency", type=int, default=128,
                    help="requests in flight (connections), split over the load processes")
-    p.add_argument("--load-procs", type=int, default=2, help="load-generating processes")
+    p.add_argument("--load-procs", type=int, default=1,
+                   help="load-generating processes (one keeps up with the gateway on 2 cores)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--opens-in-s", type=float, default=3.0, help="sale opens this far ahead")
     p.add_argument("--reservation-ttl-s", type=int, default=120)
