@@ -223,3 +223,25 @@ async def test_consumer_rereads_its_own_pending_entries(runtime: Runtime) -> Non
     assert await Worker(runtime, name="reader", sale_ids=[sale]).run_burst() == 2
     assert (await runtime.ledger.order(order) or {})["status"] == "delivered"
     assert await pending(runtime, sale) == 0
+
+
+async def test_concurrent_workers_never_hand_out_a_key_twice(runtime: Runtime) -> None:
+    rt = dataclasses.replace(runtime, settings=dataclasses.replace(
+        runtime.settings, worker_batch_size=7))  # many small batches, interleaved
+    channel, _ = await make_channel(rt)
+    quantities = [1 + i % 3 for i in range(120)]
+    sale, _ = await make_sale(rt, keys=sum(quantities))
+    orders = [await buy_and_confirm(rt, sale, channel, qty=q) for q in quantities]
+
+    await asyncio.gather(*(Worker(rt, name=f"w{i}", sale_ids=[sale]).run_burst()
+                           for i in range(4)))
+
+    allocated = await keys_by_order(rt, sale)
+    rows = await order_rows(rt, sale)
+    assert set(allocated) == set(orders)
+    assert all(len(allocated[o]) == rows[o]["quantity"] for o in orders)
+    all_keys = [k for ks in allocated.values() for k in ks]
+    assert len(all_keys) == len(set(all_keys)) == sum(quantities)
+    assert await redis_statuses(rt, orders) == {"delivered"}
+    assert await rt.redis.xlen(rt.keys.dead_letters(sale)) == 0
+    assert await pending(rt, sale) == 0

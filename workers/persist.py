@@ -72,37 +72,28 @@ WHERE (o.status = 'reserved' AND EXCLUDED.status <> 'reserved')
    OR o.reserved_at > EXCLUDED.reserved_at
 """
 
-# Number the slots the confirmed, key-less orders need and the free keys we could lock, then
-# pair them; an order whose slots run past the keys we got is left out entirely.
-ALLOCATE_KEYS = """
-WITH need AS (
-    SELECT o.order_id, o.quantity,
-           sum(o.quantity) OVER (ORDER BY o.order_id) - o.quantity AS first_slot
-    FROM orders o
-    WHERE o.order_id = ANY($2::text[]) AND o.status = 'confirmed'
-      AND NOT EXISTS (SELECT 1 FROM card_keys k WHERE k.order_id = o.order_id)
-),
-free AS (
-    SELECT f.key_id, row_number() OVER (ORDER BY f.key_id) - 1 AS slot
-    FROM (SELECT key_id FROM card_keys
-          WHERE sale_id = $1 AND order_id IS NULL
-          ORDER BY key_id
-          LIMIT (SELECT coalesce(sum(quantity), 0) FROM need)
-          FOR UPDATE SKIP LOCKED) f
-),
-fits AS (
-    SELECT * FROM need WHERE first_slot + quantity <= (SELECT count(*) FROM free)
-),
-taken AS (
-    UPDATE card_keys k SET order_id = fits.order_id, allocated_at = $3
-    FROM fits JOIN free ON free.slot >= fits.first_slot
-                       AND free.slot < fits.first_slot + fits.quantity
-    WHERE k.key_id = free.key_id AND k.order_id IS NULL
-    RETURNING k.order_id
-)
-SELECT (SELECT array_agg(order_id) FROM need) AS needed,
-       (SELECT array_agg(DISTINCT order_id) FROM taken) AS served,
-       (SELECT count(*) FROM taken) AS keys
+# Allocation runs in three plain statements rather than one clever CTE: the pairing of keys
+# to orders is done in Python, so the plan can't degrade into a slot-by-slot nested loop when
+# the planner's statistics are stale (a fresh sale is exactly that case).
+NEEDING_KEYS = """
+SELECT o.order_id, o.quantity FROM orders o
+WHERE o.order_id = ANY($1::text[]) AND o.status = 'confirmed'
+  AND NOT EXISTS (SELECT 1 FROM card_keys k WHERE k.order_id = o.order_id)
+ORDER BY o.order_id
+"""
+
+LOCK_FREE_KEYS = """
+SELECT key_id FROM card_keys
+WHERE sale_id = $1 AND order_id IS NULL
+ORDER BY key_id
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+
+ASSIGN_KEYS = """
+UPDATE card_keys k SET order_id = a.order_id, allocated_at = $3
+FROM unnest($1::bigint[], $2::text[]) AS a(key_id, order_id)
+WHERE k.key_id = a.key_id AND k.order_id IS NULL
 """
 
 MARK_DELIVERED = """
@@ -154,10 +145,7 @@ async def persist_batch(
             [r.reserved_at for r in rows], [r.confirmed_at for r in rows],
             [r.ended_at for r in rows],
         )
-        alloc = await conn.fetchrow(ALLOCATE_KEYS, sale_id, order_ids, now)
-        served: list[str] = alloc["served"] or []
-        out.keys_allocated = alloc["keys"]
-        out.short = sorted(set(alloc["needed"] or []) - set(served))
+        served, out.short, out.keys_allocated = await _allocate(conn, sale_id, order_ids, now)
         if served:
             done = await conn.fetch(MARK_DELIVERED, served, now)
             await conn.execute(
@@ -173,3 +161,35 @@ async def persist_batch(
                     sale_id, len(out.short))
     return out
 
+
+async def _allocate(
+    conn: asyncpg.Connection, sale_id: str, order_ids: list[str], now: datetime
+) -> tuple[list[str], list[str], int]:
+    """Give every confirmed, key-less order its keys, whole or not at all.
+
+    Returns (orders served, orders left short, keys allocated). The keys are locked with
+    SKIP LOCKED, so a concurrent worker takes other keys, never these; the order rows are
+    already locked by this transaction's upsert, so no one else serves these orders.
+    """
+    need = await conn.fetch(NEEDING_KEYS, order_ids)
+    if not need:
+        return [], [], 0
+    free: list[int] = [r[0] for r in await conn.fetch(
+        LOCK_FREE_KEYS, sale_id, sum(r["quantity"] for r in need))]
+    key_ids: list[int] = []
+    owners: list[str] = []
+    served: list[str] = []
+    short: list[str] = []
+    for order_id, quantity in need:
+        if len(free) - len(key_ids) < quantity:
+            short.append(order_id)
+            continue
+        key_ids.extend(free[len(key_ids):len(key_ids) + quantity])
+        owners.extend([order_id] * quantity)
+        served.append(order_id)
+    if key_ids:
+        status = await conn.execute(ASSIGN_KEYS, key_ids, owners, now)
+        if status != f"UPDATE {len(key_ids)}":  # can't happen while we hold the row locks
+            raise RuntimeError(f"sale {sale_id}: key allocation touched {status}, "
+                               f"expected {len(key_ids)}")
+    return served, short, len(key_ids)
