@@ -110,12 +110,14 @@ def audit(*, stock_total: int, imported: set[str], buyers: int, per_user_limit: 
     by_key: dict[tuple[str, str], list[Attempt]] = defaultdict(list)
     for a in attempts:
         by_key[(a.user_id, a.idem_key)].append(a)
-    idem_violations = 0
+    idem_violations = replays = 0
     for answers in by_key.values():
         orders = {a.order_id for a in answers if a.status == 201}
         refused = [a for a in answers if 400 <= a.status < 500]
         if len(orders) > 1 or (orders and refused):
             idem_violations += 1
+        elif orders:
+            replays += sum(1 for a in answers if a.status == 201) - 1
 
     # Per-user limit, and what second tries (a new key) were told.
     orders_by_user: dict[str, set[str]] = defaultdict(set)
@@ -182,6 +184,7 @@ def audit(*, stock_total: int, imported: set[str], buyers: int, per_user_limit: 
         delivery_p99_ms=round(percentile(delivery_ms, 99), 1),
         burst_s=round(burst_s, 2), purchase_rps=round(len(attempts) / burst_s),
         details={"answers": dict(codes.most_common()), "second_tries": dict(second),
+                 "replays": replays,
                  "network_retries": len(attempts) - len(planned), "ledger": sale.get("stock"),
                  "distinct_keys_delivered": len(key_use), "unknown_keys": len(unknown),
                  "load": f"{load_procs} process(es), {concurrency} in flight",
@@ -202,6 +205,8 @@ def render(a: Audit) -> str:
         f"load             {a.attempts} purchase attempts ({d['network_retries']} network "
         f"retries on top), {d['load']}",
         f"answers          {d['answers']}",
+        f"retries          {d['replays']} retries/double clicks of a successful purchase got "
+        "its same order_id back",
         f"second tries     {d['second_tries']}  (new key, same buyer: must be refused)",
         f"burst            {a.burst_s} s from first request to last answer, {a.purchase_rps} "
         f"req/s (first request {d['start_lag_ms']} ms after the opening)",

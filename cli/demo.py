@@ -68,6 +68,8 @@ def run_demo(args: argparse.Namespace) -> int:
                            workers=args.workers) as stack:
             print(f"demo: gateway at {stack.gateway_url}; redis {stack.urls.redis_url}; "
                   f"postgres {stack.urls.database_url}", flush=True)
+            print("demo: pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
+                  flush=True)
             try:
                 result = asyncio.run(_session(stack, args, plan))
             except DemoError as exc:

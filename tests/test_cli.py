@@ -174,3 +174,7 @@ def test_small_demo_passes_its_audit(service_urls: ServiceURLs, demo_database: s
     for key in ("purchase_p50_ms", "purchase_p99_ms", "delivery_p99_ms", "elapsed_s"):
         assert summary[key] >= 0
     assert "RESULT: PASS" in r.stdout
+    pids_line = next(line for line in r.stdout.splitlines() if line.startswith("demo: pids "))
+    pids = [int(p.split("=")[1]) for p in pids_line.split()[2:]]
+    assert len(pids) == 3  # the gateway and two workers, all stopped again
+    assert not [p for p in pids if _alive(p)]
