@@ -164,11 +164,14 @@ class EmbeddedPostgres:
         log = self.dir / "server.log"
         bindir = self.bindir()
         if not (data / "PG_VERSION").exists():
-            subprocess.run(
+            init = subprocess.run(
                 [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
                  "--encoding=UTF8", "--no-sync"],
-                check=True, capture_output=True, user=uid, group=gid,
+                capture_output=True, user=uid, group=gid,
             )
+            if init.returncode != 0:
+                raise RuntimeError(f"initdb failed ({init.returncode}):\n"
+                                   f"{init.stderr.decode(errors='replace')[-2000:]}")
         self.port = free_port()
         with open(log, "ab") as out:
             if ids:

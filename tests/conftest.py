@@ -28,8 +28,9 @@ ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
 
 
 @pytest.fixture(scope="session")
-def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceURLs]:
-    with backing_services(run_dir=tmp_path_factory.mktemp("services")) as urls:
+def service_urls() -> Iterator[ServiceURLs]:
+    # A private temp dir (not pytest's rotating basetemp, which a concurrent session may prune).
+    with backing_services() as urls:
         yield urls
 
 
