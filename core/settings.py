@@ -13,6 +13,9 @@ import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 
 class ConfigError(Exception):
@@ -73,27 +76,17 @@ def parse_master_keys(raw: str, var: str = "FLASHGATE_MASTER_KEY") -> tuple[Mast
     return tuple(keys)
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+def _number(env: Mapping[str, str], name: str, default: N, lo: N, hi: N) -> N:
+    """An int or float setting (typed like its default) within [lo, hi]."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
+    cast = type(default)
     try:
-        value = int(raw)
+        value = cast(raw)
     except ValueError as exc:
-        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from exc
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: expected a number, got {raw!r}") from exc
+        kind = "an integer" if cast is int else "a number"
+        raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from exc
     if not lo <= value <= hi:
         raise ConfigError(f"{name}: must be between {lo} and {hi}, got {value}")
     return value
@@ -147,18 +140,18 @@ class Settings:
             admin_token=Secret(_required(env, "FLASHGATE_ADMIN_TOKEN")),
             master_keys=parse_master_keys(_required(env, "FLASHGATE_MASTER_KEY")),
             key_prefix=prefix,
-            max_body_bytes=_int(env, "FLASHGATE_MAX_BODY_BYTES", 64 * 1024, 1024, 1 << 24),
-            max_import_bytes=_int(env, "FLASHGATE_MAX_IMPORT_BYTES", 16 << 20, 1024, 1 << 30),
-            redis_timeout_s=_float(env, "FLASHGATE_REDIS_TIMEOUT_S", 2.0, 0.05, 60.0),
-            redis_max_connections=_int(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 200, 4, 10_000),
-            channel_cache_ttl_s=_float(env, "FLASHGATE_CHANNEL_CACHE_TTL_S", 30.0, 0.0, 3600.0),
-            worker_batch_size=_int(env, "FLASHGATE_WORKER_BATCH_SIZE", 500, 1, 10_000),
-            worker_block_ms=_int(env, "FLASHGATE_WORKER_BLOCK_MS", 1000, 1, 60_000),
-            worker_claim_idle_ms=_int(
+            max_body_bytes=_number(env, "FLASHGATE_MAX_BODY_BYTES", 64 * 1024, 1024, 1 << 24),
+            max_import_bytes=_number(env, "FLASHGATE_MAX_IMPORT_BYTES", 16 << 20, 1024, 1 << 30),
+            redis_timeout_s=_number(env, "FLASHGATE_REDIS_TIMEOUT_S", 2.0, 0.05, 60.0),
+            redis_max_connections=_number(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 200, 4, 10_000),
+            channel_cache_ttl_s=_number(env, "FLASHGATE_CHANNEL_CACHE_TTL_S", 30.0, 0.0, 3600.0),
+            worker_batch_size=_number(env, "FLASHGATE_WORKER_BATCH_SIZE", 500, 1, 10_000),
+            worker_block_ms=_number(env, "FLASHGATE_WORKER_BLOCK_MS", 1000, 1, 60_000),
+            worker_claim_idle_ms=_number(
                 env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000),
-            worker_max_deliveries=_int(env, "FLASHGATE_WORKER_MAX_DELIVERIES", 5, 1, 1000),
-            sweep_interval_s=_float(env, "FLASHGATE_SWEEP_INTERVAL_S", 0.5, 0.01, 60.0),
-            webhook_timeout_s=_float(env, "FLASHGATE_WEBHOOK_TIMEOUT_S", 5.0, 0.1, 60.0),
-            webhook_max_attempts=_int(env, "FLASHGATE_WEBHOOK_MAX_ATTEMPTS", 8, 1, 50),
-            db_pool_max=_int(env, "FLASHGATE_DB_POOL_MAX", 10, 1, 200),
+            worker_max_deliveries=_number(env, "FLASHGATE_WORKER_MAX_DELIVERIES", 5, 1, 1000),
+            sweep_interval_s=_number(env, "FLASHGATE_SWEEP_INTERVAL_S", 0.5, 0.01, 60.0),
+            webhook_timeout_s=_number(env, "FLASHGATE_WEBHOOK_TIMEOUT_S", 5.0, 0.1, 60.0),
+            webhook_max_attempts=_number(env, "FLASHGATE_WEBHOOK_MAX_ATTEMPTS", 8, 1, 50),
+            db_pool_max=_number(env, "FLASHGATE_DB_POOL_MAX", 10, 1, 200),
         )
