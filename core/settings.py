@@ -124,6 +124,12 @@ class Settings:
     webhook_max_attempts: int = 8
     db_pool_max: int = 10
 
+    def __post_init__(self) -> None:
+        # A blocking stream read must return before the client's socket timeout fires.
+        if self.worker_block_ms >= self.redis_timeout_s * 1000:
+            raise ConfigError("FLASHGATE_WORKER_BLOCK_MS must be shorter than "
+                              "FLASHGATE_REDIS_TIMEOUT_S")
+
     @property
     def active_master_key(self) -> MasterKey:
         return self.master_keys[0]
