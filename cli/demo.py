@@ -31,7 +31,7 @@ import httpx
 from cli.admin import rfc3339
 from cli.audit import Audit, Delivery, audit, render
 from cli.load import Attempt, Plan, make_plan, play, play_in_process
-from cli.stack import Stack, StackError, running_stack
+from cli.stack import Stack, redact, running_stack
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,8 +66,8 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         with running_stack(run_dir=Path(args.run_dir) if args.run_dir else None,
                            workers=args.workers) as stack:
-            print(f"demo: gateway at {stack.gateway_url}; redis {stack.urls.redis_url}; "
-                  f"postgres {stack.urls.database_url}", flush=True)
+            print(f"demo: gateway at {stack.gateway_url}; redis {redact(stack.urls.redis_url)}; "
+                  f"postgres {redact(stack.urls.database_url)}", flush=True)
             print("demo: pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
                   flush=True)
             try:
@@ -81,8 +81,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 result.failures.append(f"{child.name} died (exit {child.proc.returncode})")
             if not result.ok:
                 _show_logs(stack)
-    except StackError as exc:
-        print(f"demo: the stack did not start: {exc}", file=sys.stderr)
+    except RuntimeError as exc:  # StackError, or an embedded server that would not start
+        print(f"demo: the stack failed: {exc}", file=sys.stderr)
         return 2
     result.elapsed_s = round(time.monotonic() - started, 2)
     print(render(result))
@@ -129,7 +129,10 @@ async def _session(stack: Stack, args: argparse.Namespace, plan: Plan) -> Audit:
 
 
 async def _ok(request: Any, status: int) -> Any:
-    r: httpx.Response = await request
+    try:
+        r: httpx.Response = await request
+    except httpx.HTTPError as exc:
+        raise DemoError(f"admin API unreachable: {exc!r}") from exc
     if r.status_code != status:
         raise DemoError(f"{r.request.method} {r.request.url.path} -> {r.status_code}: {r.text}")
     return r.json()
@@ -192,7 +195,7 @@ async def _confirm_and_deliver(base: str, api_key: str, admin: httpx.AsyncClient
         deadline = time.monotonic() + args.delivery_timeout_s
         # The ledger's counter is one Redis read: cheap to poll, unlike 1,000 order reads.
         while time.monotonic() < deadline:
-            sale = (await admin.get(f"/v1/admin/sales/{sale_id}")).json()
+            sale = await _ok(admin.get(f"/v1/admin/sales/{sale_id}"), 200)
             if int((sale.get("stock") or {}).get("delivered", 0)) >= confirmed:
                 break
             await asyncio.sleep(0.1)

@@ -23,7 +23,7 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cli.stack import StackError, running_stack
+    from cli.stack import redact, running_stack
 
     run_dir = Path(args.run_dir) if args.run_dir else (
         Path(".run") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
@@ -35,8 +35,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"flashgate is up (run dir {run_dir})")
             print(f"  gateway      {stack.gateway_url}")
             print(f"  metrics      {stack.gateway_url}/metrics")
-            print(f"  redis        {stack.urls.redis_url}")
-            print(f"  postgres     {stack.urls.database_url}")
+            print(f"  redis        {redact(stack.urls.redis_url)}")
+            print(f"  postgres     {redact(stack.urls.database_url)}")
             print(f"  logs         {run_dir / 'logs'}")
             print(f"  admin token  {stack.admin_token}")
             print(f"  try:  curl -H 'Authorization: Bearer {stack.admin_token}' "
@@ -56,7 +56,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except Stop as why:
         print(f"stopping ({why}) ... stopped.", flush=True)
         return 0
-    except StackError as exc:
+    except RuntimeError as exc:  # StackError, or an embedded server that would not start
         print(f"flashgate up failed: {exc}", file=sys.stderr)
         return 1
 

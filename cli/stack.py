@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -75,6 +76,15 @@ class Stack:
     def dead(self) -> list[Child]:
         """Children that exited on their own (none should, while the stack is up)."""
         return [c for c in self.children if c.proc.poll() is not None]
+
+
+def redact(url: str) -> str:
+    """A URL fit to print: any password replaced by *****."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":*****@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def stack_env(urls: ServiceURLs, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -13,6 +13,7 @@ from cli.admin import key_import_request, parse_time
 from cli.audit import Delivery, audit, percentile
 from cli.load import DOUBLE, FIRST, RETRY, SECOND, Attempt, make_plan
 from cli.main import build_parser
+from cli.stack import redact
 
 
 def test_parse_time_relative_and_rfc3339() -> None:
@@ -117,3 +118,8 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([], 99) == 0.0
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50.0 and percentile(values, 99) == 99.0
+
+
+def test_printed_urls_hide_passwords() -> None:
+    assert redact("postgresql://app:s3cret@db:5432/fg") == "postgresql://app:*****@db:5432/fg"
+    assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
