@@ -38,7 +38,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", type=int, default=1000, help="card keys in the sale (stock)")
     p.add_argument("--buyers", type=int, default=5000, help="distinct buyers")
     p.add_argument("--attempts", type=int, default=20000, help="purchase attempts in all")
-    p.add_argument("--concurrency", type=int, default=128,
+    p.add_argument("--concurrency", type=int, default=64,
                    help="requests in flight (connections), split over the load processes")
     p.add_argument("--load-procs", type=int, default=1,
                    help="load-generating processes (one keeps up with the gateway on 2 cores)")
