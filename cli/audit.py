@@ -27,6 +27,7 @@ class Delivery:
     confirm_sent_at: float | None = None
     confirmed_at: float | None = None
     delivered_at: float | None = None  # PostgreSQL's orders.delivered_at
+    confirmed_in_ledger_at: float | None = None  # orders.confirmed_at: the gateway's confirm
     confirm_error: str | None = None
     delivered_seen_at: float | None = None
     card_keys: list[str] = field(default_factory=list)
@@ -167,7 +168,10 @@ def audit(*, stock_total: int, imported: set[str], buyers: int, per_user_limit: 
         failures.append(f"imported {imported_count} keys of {stock_total}")
 
     latencies = [a.latency_ms for a in attempts]
-    delivery_ms = [((d.delivered_at or d.delivered_seen_at or 0) - (d.confirm_sent_at or 0)) * 1000
+    # The pipeline's latency: the moment the ledger confirmed the order (server clock, in the
+    # stream event) to the worker's commit of its keys. Falls back to client-side times.
+    delivery_ms = [((d.delivered_at or d.delivered_seen_at or 0)
+                    - (d.confirmed_in_ledger_at or d.confirm_sent_at or 0)) * 1000
                    for d in delivered]
     last = max((a.done_at for a in attempts), default=opens_at)
     first = min((a.done_at - a.latency_ms / 1000 for a in attempts), default=opens_at)
@@ -215,7 +219,7 @@ def render(a: Audit) -> str:
         f"confirmed        {a.confirmed}",
         f"delivered        {a.delivered} ({d['distinct_keys_delivered']} distinct keys)",
         f"delivery latency p50 {a.delivery_p50_ms} ms, p99 {a.delivery_p99_ms} ms "
-        "(confirm sent -> orders.delivered_at in PostgreSQL)",
+        "(orders.confirmed_at -> orders.delivered_at in PostgreSQL)",
         f"ledger           {d['ledger']}",
         f"oversold {a.oversold} | duplicate keys {a.duplicate_keys} | lost orders "
         f"{a.lost_orders} | idempotency violations {a.idempotency_violations} | limit "

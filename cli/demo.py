@@ -229,7 +229,8 @@ async def _delivered_at(database_url: str, sale_id: str, out: dict[str, Delivery
         return
     try:
         rows = await conn.fetch(
-            "SELECT order_id, extract(epoch FROM delivered_at)::float8 AS at FROM orders"
+            "SELECT order_id, extract(epoch FROM delivered_at)::float8 AS at,"
+            " extract(epoch FROM confirmed_at)::float8 AS confirmed FROM orders"
             " WHERE sale_id = $1 AND delivered_at IS NOT NULL", sale_id)
     except asyncpg.PostgresError:
         return
@@ -238,3 +239,4 @@ async def _delivered_at(database_url: str, sale_id: str, out: dict[str, Delivery
     for row in rows:
         if (d := out.get(row["order_id"])) is not None:
             d.delivered_at = row["at"]
+            d.confirmed_in_ledger_at = row["confirmed"]
