@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
@@ -30,7 +29,7 @@ import asyncpg
 import httpx
 
 from core.db import migrate
-from core.embedded import ServiceURLs, backing_services, free_port
+from core.embedded import CHILD_SETUP, ServiceURLs, backing_services, free_port
 
 GATEWAY_STOP_GRACE_S = 10.0
 WORKER_STOP_GRACE_S = 20.0  # workers drain: finish the batch in hand, ack, then exit
@@ -101,12 +100,6 @@ def stack_env(urls: ServiceURLs, base: Mapping[str, str] | None = None) -> dict[
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM if we die without cleaning up (e.g. SIGKILL)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def spawn(name: str, argv: list[str], env: Mapping[str, str], log_dir: Path | None) -> Child:
     """Start a child in its own session, so a terminal's Ctrl-C reaches only us and we stop the
     children in order. Output goes to `<log_dir>/<name>.log`, or to our own stdout/stderr."""
@@ -120,7 +113,7 @@ def spawn(name: str, argv: list[str], env: Mapping[str, str], log_dir: Path | No
             argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=CHILD_SETUP,
         )
     finally:
         if out is not None:

@@ -15,6 +15,7 @@ Servers that happen to run on the standard ports are never used or touched.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import pwd
@@ -22,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,6 +37,15 @@ PG_SYSTEM_USER = "flashgate-pg"  # PostgreSQL refuses to run as root
 class ServiceURLs:
     redis_url: str
     database_url: str
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM if its parent dies without cleaning up (e.g. SIGKILL)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+CHILD_SETUP = die_with_parent if sys.platform == "linux" else None
 
 
 def free_port() -> int:
@@ -103,7 +114,7 @@ class EmbeddedRedis:
                 "--appendonly", "yes" if self.appendonly else "no",
                 "--logfile", str(log), "--protected-mode", "yes",
             ],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=CHILD_SETUP,
         )
         _wait_for_port(self.port, self.proc, "Redis (valkey)", log)
         return self.url
@@ -186,7 +197,7 @@ class EmbeddedPostgres:
                     "-c", "full_page_writes=off", "-c", "max_connections=200",
                     "-c", "shared_buffers=128MB",
                 ],
-                stdout=out, stderr=out, user=uid, group=gid,
+                stdout=out, stderr=out, user=uid, group=gid, preexec_fn=CHILD_SETUP,
             )
         _wait_for_port(self.port, self.proc, "PostgreSQL", log)
         return self.url
