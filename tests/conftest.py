@@ -12,6 +12,7 @@ import base64
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,16 +40,23 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-@pytest.fixture(scope="session")
-async def database_url(service_urls: ServiceURLs) -> AsyncIterator[str]:
-    name = "flashgate_test_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(service_urls.database_url)
+@asynccontextmanager
+async def scratch_database(server_url: str, prefix: str) -> AsyncIterator[str]:
+    """A database of its own on the given server, dropped afterwards; yields its URL."""
+    name = prefix + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        yield _with_database(service_urls.database_url, name)
+        yield _with_database(server_url, name)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(service_urls: ServiceURLs) -> AsyncIterator[str]:
+    async with scratch_database(service_urls.database_url, "flashgate_test_") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

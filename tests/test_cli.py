@@ -16,12 +16,11 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
 from core.embedded import ServiceURLs
-from tests.conftest import _with_database
+from tests.conftest import scratch_database
 
 CLI = [sys.executable, "-m", "cli.main"]
 SERVICE_VARS = ("FLASHGATE_REDIS_URL", "FLASHGATE_DATABASE_URL")
@@ -151,14 +150,8 @@ def _admin_commands_work(url: str, token: str, env: dict[str, str], tmp_path: Pa
 @pytest.fixture
 async def demo_database(service_urls: ServiceURLs) -> AsyncIterator[str]:
     """A database of its own on the session's PostgreSQL (given or embedded)."""
-    name = "flashgate_demo_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(service_urls.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield _with_database(service_urls.database_url, name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(service_urls.database_url, "flashgate_demo_") as url:
+        yield url
 
 
 @pytest.mark.timeout(240)
