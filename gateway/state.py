@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import msgspec
 from starlette.requests import Request
 
-from core.errors import InvalidRequest, MalformedRequest, UnsupportedMediaType
+from core.errors import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType
 from core.runtime import Runtime
 from gateway.auth import ChannelAuth
 from risk.engine import RiskEngine
@@ -29,6 +30,14 @@ def state(request: Request) -> GatewayState:
 
 
 _decoders: dict[type, msgspec.json.Decoder] = {}  # type: ignore[type-arg]
+
+
+def path_id(request: Request, name: str, is_valid: Callable[[str], bool], what: str) -> str:
+    """A path parameter that must be a well-formed id; a malformed one is simply not found."""
+    value: str = request.path_params[name]
+    if not is_valid(value):
+        raise NotFound(f"no such {what}")
+    return value
 
 
 async def decode(request: Request, body_type: type[T]) -> T:

@@ -19,7 +19,7 @@ from core.ids import is_sale_id, new_channel_id, ulid
 from gateway.auth import require_admin
 from gateway.models import ChannelBody, ChannelOut, ImportOut, KeysBody, SaleBody, SaleOut, StockOut
 from gateway.responses import JSONResponse
-from gateway.state import decode, state
+from gateway.state import decode, path_id, state
 
 _SALE_COLUMNS = "sale_id, sku, name, starts_at, ends_at, per_user_limit, reservation_ttl_s"
 
@@ -29,10 +29,7 @@ def _ms(dt: datetime) -> int:
 
 
 def _sale_id(request: Request) -> str:
-    sale_id: str = request.path_params["sale_id"]
-    if not is_sale_id(sale_id):
-        raise errors.NotFound("no such sale")
-    return sale_id
+    return path_id(request, "sale_id", is_sale_id, "sale")
 
 
 async def create_channel(request: Request) -> Response:

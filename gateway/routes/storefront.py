@@ -20,7 +20,7 @@ from core.ids import is_order_id, is_sale_id, sale_of_order
 from core.ledger import PurchaseRequest
 from gateway.models import ConfirmBody, OrderOut, OrderStatusOut, PurchaseBody, PurchaseOut
 from gateway.responses import JSONResponse
-from gateway.state import decode, state
+from gateway.state import decode, path_id, state
 from risk.engine import RiskContext, Verdict
 
 _IDEMPOTENCY_KEY_MAX = 128
@@ -50,18 +50,13 @@ def request_fingerprint(sale_id: str, body: PurchaseBody) -> str:
 
 
 def _order_id(request: Request) -> str:
-    order_id: str = request.path_params["order_id"]
-    if not is_order_id(order_id):
-        raise errors.NotFound("no such order")
-    return order_id
+    return path_id(request, "order_id", is_order_id, "order")
 
 
 async def purchase(request: Request) -> Response:
     gw = state(request)
     channel_id = await gw.channels.channel_of(request)
-    sale_id: str = request.path_params["sale_id"]
-    if not is_sale_id(sale_id):
-        raise errors.NotFound("no such sale")
+    sale_id = path_id(request, "sale_id", is_sale_id, "sale")
     idem = idempotency_key(request)
     body = await decode(request, PurchaseBody)
 
