@@ -95,6 +95,14 @@ class OrderNotCancellable(Conflict):
     code, title = "order_not_cancellable", "A confirmed order can't be cancelled"
 
 
+class RateLimited(FlashgateError):
+    status, code, title = 429, "rate_limited", "Too many requests; retry later"
+
+    def __init__(self, retry_after_s: int, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.headers = {"Retry-After": str(max(1, retry_after_s))}
+
+
 # -- 5xx: ours --------------------------------------------------------------------------
 class ServiceUnavailable(FlashgateError):
     status, code, title = 503, "service_unavailable", "A backing service is unavailable"

@@ -27,6 +27,14 @@ class Keys:
         """HASH api-key hash (hex) -> channel id, the hot path's view of channel credentials."""
         return f"{self.prefix}:channels"
 
+    def risk_list(self, action: str, kind: str) -> str:
+        """SET of entries of one risk list (`action` allow|block, `kind` user|device|ip|cidr)."""
+        return f"{self.prefix}:risk:{action}:{kind}"
+
+    def risk_lists_version(self) -> str:
+        """STRING counter bumped on every list change; gateways reload their copy when it moves."""
+        return f"{self.prefix}:risk:lists:v"
+
     # -- per sale --------------------------------------------------------------------------
     def _tag(self, sale_id: str) -> str:
         return f"{self.prefix}:{{s:{sale_id}}}"
@@ -58,6 +66,32 @@ class Keys:
     def imports(self, sale_id: str) -> str:
         """SET of key-import ids already added to the stock (makes add_stock idempotent)."""
         return f"{self._tag(sale_id)}:imports"
+
+    # -- per sale, risk (lua/risk_features.lua) --------------------------------------------
+    def risk_config(self, sale_id: str) -> str:
+        """STRING: the sale's risk-config override (JSON), set through the admin API."""
+        return f"{self._tag(sale_id)}:risk:cfg"
+
+    def risk_admission(self, sale_id: str, channel_id: str = "") -> str:
+        """STRING: GCRA theoretical arrival time (us) of the sale, or of one channel in it."""
+        return f"{self._tag(sale_id)}:risk:adm:{channel_id or '*'}"
+
+    def risk_counter(self, sale_id: str, kind: str, value: str) -> str:
+        """HASH of sliding-window request counters (1 s, 60 s) of one user/device/ip/subnet."""
+        return f"{self._tag(sale_id)}:risk:n:{kind}:{value}"
+
+    def risk_distinct_users(self, sale_id: str, kind: str, value: str) -> str:
+        """HyperLogLog of the user ids seen from one device or ip during the sale."""
+        return f"{self._tag(sale_id)}:risk:hu:{kind}:{value}"
+
+    def risk_memo(self, sale_id: str) -> str:
+        """HASH `<channel>:<Idempotency-Key>` -> the features risk recorded on the key's first
+        sight, so that every repeat of a key is scored the same."""
+        return f"{self._tag(sale_id)}:risk:memo"
+
+    def risk_solution(self, sale_id: str, challenge_id: str) -> str:
+        """STRING set once (NX) when a challenge's solution is used: solutions are single-use."""
+        return f"{self._tag(sale_id)}:risk:pow:{challenge_id}"
 
     def order(self, order_id: str) -> str:
         """HASH of one order's live state."""

@@ -34,9 +34,11 @@ class ReturnCode(enum.IntEnum):
     CANCELLED = -9
     NOT_CANCELLABLE = -10
     NOT_DELIVERABLE = -11
+    RATE_LIMITED = -12  # risk_features: an admission limit refused the request
 
 
-SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "confirm", "cancel", "expire", "deliver")
+SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "confirm", "cancel", "expire", "deliver",
+                "risk_features")
 
 
 @cache
@@ -60,6 +62,7 @@ class Scripts:
         self.cancel = redis.register_script(source("cancel"))
         self.expire = redis.register_script(source("expire"))
         self.deliver = redis.register_script(source("deliver"))
+        self.risk_features = redis.register_script(source("risk_features"))
 
     def all(self) -> list[AsyncScript]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

@@ -92,6 +92,17 @@ def _number(env: Mapping[str, str], name: str, default: N, lo: N, hi: N) -> N:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
 def _required(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "")
     if not value:
@@ -123,6 +134,13 @@ class Settings:
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 8
     db_pool_max: int = 10
+    # Risk engine (risk/, docs/RISK.md)
+    risk_enabled: bool = True
+    risk_config_file: str = ""          # "" = risk/rules.json shipped with the package
+    risk_datacenter_file: str = ""      # "" = the small sample in risk/data
+    risk_timeout_ms: int = 50           # the features call; past it each rule's on_error acts
+    risk_cache_ttl_s: float = 2.0       # per-sale config and lists, cached in process
+    risk_challenge_secret: Secret | None = None  # None: derived from the active master key
 
     def __post_init__(self) -> None:
         # A blocking stream read must return before the client's socket timeout fires.
@@ -160,4 +178,11 @@ class Settings:
             webhook_timeout_s=_number(env, "FLASHGATE_WEBHOOK_TIMEOUT_S", 5.0, 0.1, 60.0),
             webhook_max_attempts=_number(env, "FLASHGATE_WEBHOOK_MAX_ATTEMPTS", 8, 1, 50),
             db_pool_max=_number(env, "FLASHGATE_DB_POOL_MAX", 10, 1, 200),
+            risk_enabled=_flag(env, "FLASHGATE_RISK_ENABLED", True),
+            risk_config_file=env.get("FLASHGATE_RISK_CONFIG_FILE", ""),
+            risk_datacenter_file=env.get("FLASHGATE_RISK_DATACENTER_FILE", ""),
+            risk_timeout_ms=_number(env, "FLASHGATE_RISK_TIMEOUT_MS", 50, 1, 10_000),
+            risk_cache_ttl_s=_number(env, "FLASHGATE_RISK_CACHE_TTL_S", 2.0, 0.0, 300.0),
+            risk_challenge_secret=Secret(env["FLASHGATE_RISK_CHALLENGE_SECRET"])
+            if env.get("FLASHGATE_RISK_CHALLENGE_SECRET") else None,
         )

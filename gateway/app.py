@@ -18,23 +18,30 @@ from core.settings import Settings
 from gateway.auth import ChannelAuth
 from gateway.middleware import BodyLimit
 from gateway.problems import exception_handlers
-from gateway.routes import admin, health, storefront
+from gateway.routes import admin, health, risk_admin, storefront
 from gateway.state import GatewayState
 from risk.engine import AllowAll, RiskEngine
+from risk.scoring import ScoringEngine
 
 log = logging.getLogger("flashgate.gateway")
 
 
 def create_app(settings: Settings | None = None, risk: RiskEngine | None = None) -> Starlette:
+    """`risk`: the engine to use; by default the scoring engine (AllowAll when
+    FLASHGATE_RISK_ENABLED is false)."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         runtime = await Runtime.open(settings)
+        engine = risk
+        if engine is None:
+            engine = (ScoringEngine.from_settings(runtime.redis, runtime.keys, settings)
+                      if settings.risk_enabled else AllowAll())
         app.state.gateway = GatewayState(
             runtime=runtime,
             channels=ChannelAuth(runtime.redis, runtime.keys, settings.channel_cache_ttl_s),
-            risk=risk or AllowAll(),
+            risk=engine,
         )
         log.info("gateway ready")
         try:
@@ -43,7 +50,7 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
             await runtime.close()
 
     return Starlette(
-        routes=[*health.routes, *storefront.routes, *admin.routes],
+        routes=[*health.routes, *storefront.routes, *admin.routes, *risk_admin.routes],
         middleware=[Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                                max_import_bytes=settings.max_import_bytes)],
         exception_handlers=exception_handlers(),  # type: ignore[arg-type]

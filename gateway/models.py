@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -126,3 +126,23 @@ class Problem(Out):
     detail: str | None = None
     instance: str | None = None
     errors: list[str] | None = None
+    reasons: list[str] | None = None          # risk_denied / challenge_required: rule names
+    challenge: dict[str, Any] | None = None   # challenge_required: ALTCHA v2 challenge
+
+
+# -- admin: risk ----------------------------------------------------------------------------
+class ListEntriesBody(Body):
+    entries: Annotated[list[Annotated[str, Meta(min_length=1, max_length=128)]],
+                       Meta(min_length=1, max_length=10_000)]
+
+
+class ListEntriesOut(Out):
+    action: str
+    kind: str
+    entries: list[str]
+
+
+class ListChangeOut(Out):
+    action: str
+    kind: str
+    changed: int

@@ -33,6 +33,7 @@ def problem(exc: errors.FlashgateError, request: Request) -> Response:
         type=f"https://flashgate.dev/problems/{exc.code}", title=exc.title, status=exc.status,
         code=exc.code, detail=exc.detail if exc.detail != exc.title else None,
         instance=request.url.path, errors=exc.extra.get("errors"),
+        reasons=exc.extra.get("reasons"), challenge=exc.extra.get("challenge"),
     )
     return ProblemResponse(body, status_code=exc.status, headers=exc.headers or None)
 

@@ -1,15 +1,16 @@
 """The seam where risk decides, before any stock is touched.
 
 The gateway calls `RiskEngine.assess()` for every purchase; a DENY or CHALLENGE stops it before
-the reservation script runs. The scoring engine (rules over device/IP/frequency signals) plugs
-in here; until then `AllowAll` lets every request through.
+the reservation script runs, and an admission limit raises `core.errors.RateLimited`. The
+scoring engine (risk/scoring.py: lists, rules over device/ip/frequency features, proof of work)
+is the real one; `AllowAll` lets every request through (risk switched off).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Verdict(enum.Enum):
@@ -27,6 +28,8 @@ class RiskContext:
     client_ip: str
     user_agent: str | None
     quantity: int
+    challenge_solution: str | None = None  # header Flashgate-Challenge-Solution, if sent
+    idempotency_key: str = ""  # a retry of an answered key is never refused by risk
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class Decision:
     verdict: Verdict
     score: int = 0
     reasons: tuple[str, ...] = field(default=())
+    challenge: dict[str, Any] | None = None  # with CHALLENGE: what the client must solve
+    shadow: tuple[str, ...] = field(default=())  # shadow rules that fired (reported, not acted)
 
 
 ALLOW = Decision(Verdict.ALLOW)

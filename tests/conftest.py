@@ -92,8 +92,10 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 @pytest.fixture(scope="session")
 async def app(settings: Settings, runtime: Runtime):  # type: ignore[no-untyped-def]
     from gateway.app import create_app
+    from risk.engine import AllowAll
 
-    application = create_app(settings)
+    # The core tests drive the ledger hard from one ip; the risk tests build their own app.
+    application = create_app(settings, risk=AllowAll())
     async with application.router.lifespan_context(application):
         yield application
 

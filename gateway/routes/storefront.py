@@ -22,6 +22,7 @@ from gateway.models import ConfirmBody, OrderOut, OrderStatusOut, PurchaseBody, 
 from gateway.responses import JSONResponse
 from gateway.state import decode, path_id, state
 from risk.engine import RiskContext, Verdict
+from risk.solver import SOLUTION_HEADER
 
 _IDEMPOTENCY_KEY_MAX = 128
 _fingerprint_encoder = msgspec.json.Encoder(order="sorted")
@@ -63,11 +64,14 @@ async def purchase(request: Request) -> Response:
     decision = await gw.risk.assess(RiskContext(
         sale_id=sale_id, channel_id=channel_id, user_id=body.user_id, device_id=body.device_id,
         client_ip=body.client_ip, user_agent=body.user_agent, quantity=body.quantity,
+        challenge_solution=request.headers.get(SOLUTION_HEADER) or None,
+        idempotency_key=idem,
     ))
     if decision.verdict is Verdict.DENY:
         raise errors.RiskDenied(reasons=list(decision.reasons))
     if decision.verdict is Verdict.CHALLENGE:
-        raise errors.ChallengeRequired(reasons=list(decision.reasons))
+        raise errors.ChallengeRequired(reasons=list(decision.reasons),
+                                       challenge=decision.challenge)
 
     reservation = await gw.runtime.ledger.reserve(PurchaseRequest(
         sale_id=sale_id, channel_id=channel_id, idempotency_key=idem,

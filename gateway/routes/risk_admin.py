@@ -1,0 +1,101 @@
+"""Admin API of the risk engine: block/allow lists, per-sale config overrides, decision counts.
+
+    GET    /v1/admin/risk/lists/{action}/{kind}      action: allow|block
+    POST   /v1/admin/risk/lists/{action}/{kind}      kind: user|device|ip|cidr
+    DELETE /v1/admin/risk/lists/{action}/{kind}      body {"entries": [...]}
+    GET    /v1/admin/sales/{sale_id}/risk            {"effective": {...}, "override": {...}}
+    PUT    /v1/admin/sales/{sale_id}/risk            body: the override (partial config)
+    GET    /v1/admin/risk/stats                      decisions by verdict and rule (this process)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from core import errors
+from core.ids import is_sale_id
+from gateway.auth import require_admin
+from gateway.models import ListChangeOut, ListEntriesBody, ListEntriesOut
+from gateway.responses import JSONResponse
+from gateway.state import decode, path_id, state
+from risk.config import ConfigInvalid
+from risk.lists import ACTIONS, KINDS, ListEntryInvalid
+from risk.scoring import ScoringEngine
+
+
+def _engine(request: Request) -> ScoringEngine:
+    gw = state(request)
+    require_admin(request, gw.runtime.settings.admin_token)
+    if not isinstance(gw.risk, ScoringEngine):
+        raise errors.NotFound("the risk engine is switched off (FLASHGATE_RISK_ENABLED)")
+    return gw.risk
+
+
+def _list_path(request: Request) -> tuple[str, str]:
+    action, kind = request.path_params["action"], request.path_params["kind"]
+    if action not in ACTIONS or kind not in KINDS:
+        raise errors.NotFound(f"no such list (action: {'|'.join(ACTIONS)}, "
+                              f"kind: {'|'.join(KINDS)})")
+    return action, kind
+
+
+async def get_list(request: Request) -> Response:
+    engine = _engine(request)
+    action, kind = _list_path(request)
+    return JSONResponse(ListEntriesOut(action, kind, await engine.lists.entries(action, kind)))
+
+
+async def change_list(request: Request) -> Response:
+    engine = _engine(request)
+    action, kind = _list_path(request)
+    body = await decode(request, ListEntriesBody)
+    try:
+        changed = await engine.lists.change(action, kind, body.entries,
+                                            add=request.method == "POST")
+    except ListEntryInvalid as exc:
+        raise errors.InvalidRequest(str(exc)) from None
+    return JSONResponse(ListChangeOut(action, kind, changed))
+
+
+def _sale(request: Request) -> str:
+    return path_id(request, "sale_id", is_sale_id, "sale")
+
+
+async def _config_out(engine: ScoringEngine, sale_id: str) -> dict[str, Any]:
+    return {"effective": msgspec.to_builtins(await engine.configs.get(sale_id)),
+            "override": await engine.configs.override(sale_id)}
+
+
+async def get_sale_risk(request: Request) -> Response:
+    engine = _engine(request)
+    return JSONResponse(await _config_out(engine, _sale(request)))
+
+
+async def put_sale_risk(request: Request) -> Response:
+    engine = _engine(request)
+    sale_id = _sale(request)
+    override = await decode(request, dict[str, Any])
+    try:
+        await engine.configs.set_override(sale_id, override)
+    except ConfigInvalid as exc:
+        raise errors.InvalidRequest(str(exc)) from None
+    return JSONResponse(await _config_out(engine, sale_id))
+
+
+async def stats(request: Request) -> Response:
+    engine = _engine(request)
+    return JSONResponse(dict(sorted(engine.counts.items())))
+
+
+routes = [
+    Route("/v1/admin/risk/lists/{action}/{kind}", get_list, methods=["GET"]),
+    Route("/v1/admin/risk/lists/{action}/{kind}", change_list, methods=["POST", "DELETE"]),
+    Route("/v1/admin/sales/{sale_id}/risk", get_sale_risk, methods=["GET"]),
+    Route("/v1/admin/sales/{sale_id}/risk", put_sale_risk, methods=["PUT"]),
+    Route("/v1/admin/risk/stats", stats, methods=["GET"]),
+]

@@ -1,0 +1,154 @@
+"""The risk configuration: a versioned file (risk/rules.json by default) and per-sale overrides.
+
+Both are validated when loaded: unknown fields or rules, out-of-range numbers and thresholds
+in the wrong order are errors that name the path (`$.rules.user_burst.weight`). An override is
+a partial document merged over the file (objects merge key by key, values replace).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+from redis.asyncio import Redis
+
+from core.keys import Keys
+from risk.rules import RULES
+
+Percent = Annotated[int, Meta(ge=0, le=100)]
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class RuleConfig(_Base, frozen=True):
+    weight: Percent
+    limit: Annotated[int, Meta(ge=0)] = 0
+    mode: Literal["on", "shadow", "off"] = "on"       # shadow: counted, never acts
+    on_error: Literal["open", "closed"] = "open"     # features unreadable: skip / fire
+
+
+class Thresholds(_Base, frozen=True):
+    challenge: Annotated[int, Meta(ge=1, le=101)] = 40   # score >= challenge -> challenge
+    deny: Annotated[int, Meta(ge=1, le=101)] = 80        # score >= deny -> deny (101: never)
+
+
+class Admission(_Base, frozen=True):
+    """GCRA limits, requests per second with a burst; a rate of 0 means unlimited."""
+
+    sale_rate: Annotated[float, Meta(ge=0)] = 0
+    sale_burst: Annotated[int, Meta(ge=1)] = 1
+    channel_rate: Annotated[float, Meta(ge=0)] = 0
+    channel_burst: Annotated[int, Meta(ge=1)] = 1
+
+
+class ChallengeConfig(_Base, frozen=True):
+    """Proof of work: the solver tries on average work/2 hashes, from min_work at the challenge
+    threshold up to max_work just below the deny threshold."""
+
+    min_work: Annotated[int, Meta(ge=1, le=100_000_000)] = 20_000
+    max_work: Annotated[int, Meta(ge=1, le=100_000_000)] = 500_000
+    ttl_s: Annotated[int, Meta(ge=5, le=3600)] = 120
+
+
+class RiskConfig(_Base, frozen=True):
+    version: Annotated[int, Meta(ge=1)]
+    rules: dict[str, RuleConfig]
+    thresholds: Thresholds = Thresholds()
+    admission: Admission = Admission()
+    challenge: ChallengeConfig = ChallengeConfig()
+
+
+class ConfigInvalid(ValueError):
+    """The config or an override does not validate; the message names the path."""
+
+
+def parse(doc: Any) -> RiskConfig:
+    try:
+        cfg = msgspec.convert(doc, RiskConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigInvalid(str(exc)) from None
+    unknown = sorted(set(cfg.rules) - set(RULES))
+    if unknown:
+        raise ConfigInvalid(f"unknown rules: {', '.join(unknown)} - at `$.rules`")
+    if cfg.thresholds.challenge > cfg.thresholds.deny:
+        raise ConfigInvalid("thresholds.challenge must not exceed thresholds.deny")
+    if cfg.challenge.min_work > cfg.challenge.max_work:
+        raise ConfigInvalid("challenge.min_work must not exceed challenge.max_work")
+    return cfg
+
+
+def load(path: str | Path | None = None) -> RiskConfig:
+    """The config file (default: the rules.json shipped in this package)."""
+    if path:
+        raw = Path(path).read_bytes()
+    else:
+        raw = resources.files("risk").joinpath("rules.json").read_bytes()
+    try:
+        doc = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ConfigInvalid(f"{path or 'risk/rules.json'}: not valid JSON: {exc}") from None
+    return parse(doc)
+
+
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(override)
+
+
+def with_override(base: RiskConfig, override: dict[str, Any]) -> RiskConfig:
+    if "version" in override:
+        raise ConfigInvalid("an override can't change `version` - at `$.version`")
+    return parse(_merge(msgspec.to_builtins(base), override))
+
+
+class SaleConfigs:
+    """Each sale's effective config: the file merged with the sale's override (kept in Redis),
+    cached in process for `ttl_s` so that the hot path rarely pays a round trip for it."""
+
+    def __init__(self, redis: Redis, keys: Keys, base: RiskConfig, ttl_s: float) -> None:
+        self.redis, self.keys, self.base, self.ttl_s = redis, keys, base, ttl_s
+        self._cache: dict[str, tuple[RiskConfig, float]] = {}
+
+    async def get(self, sale_id: str) -> RiskConfig:
+        now = time.monotonic()
+        hit = self._cache.get(sale_id)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        raw = await self.redis.get(self.keys.risk_config(sale_id))
+        cfg = self.base
+        if raw:
+            try:
+                cfg = with_override(self.base, msgspec.json.decode(raw))
+            except (ConfigInvalid, msgspec.DecodeError):
+                cfg = self.base  # validated when stored; the file changed under it since
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[sale_id] = (cfg, now + self.ttl_s)
+        return cfg
+
+    async def override(self, sale_id: str) -> dict[str, Any]:
+        raw = await self.redis.get(self.keys.risk_config(sale_id))
+        doc: dict[str, Any] = msgspec.json.decode(raw) if raw else {}
+        return doc
+
+    async def set_override(self, sale_id: str, override: dict[str, Any]) -> RiskConfig:
+        """Validate and store a sale's override (an empty one removes it)."""
+        cfg = with_override(self.base, override)
+        key = self.keys.risk_config(sale_id)
+        if override:
+            await self.redis.set(key, msgspec.json.encode(override))
+        else:
+            await self.redis.delete(key)
+        self._cache.pop(sale_id, None)
+        return cfg

@@ -1,0 +1,182 @@
+"""The scoring engine: lists, then admission and features (one Redis round trip), then rules,
+score, verdict, and a proof-of-work challenge for the grey zone.
+
+    lists (in memory)      allow -> ALLOW, block -> DENY      (allow wins over block)
+    risk_features.lua      admission limits -> 429; counters, distinct users, holdings
+    rules (config)         weights of fired rules -> score 0-100 (shadow rules only counted)
+    thresholds (per sale)  score >= deny -> DENY; >= challenge -> CHALLENGE unless a fresh,
+                           valid solution came with the request -> ALLOW
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import redis.exceptions
+from redis.asyncio import Redis
+
+from core import errors
+from core.keys import Keys
+from core.scripts import ReturnCode, Scripts
+from core.settings import Settings
+from risk import config as risk_config
+from risk.challenge import Challenges, Verified
+from risk.config import RiskConfig, SaleConfigs
+from risk.engine import ALLOW, Decision, RiskContext, Verdict
+from risk.lists import CidrSet, RiskLists, load_datacenter_ranges
+from risk.rules import RULES, Features, Inputs
+from risk.signals import Signals
+
+_FEATURE_ERRORS = (TimeoutError, redis.exceptions.ConnectionError,
+                   redis.exceptions.TimeoutError, OSError)
+
+
+class ScoringEngine:
+    def __init__(self, redis: Redis, keys: Keys, *, config: RiskConfig, datacenter: CidrSet,
+                 challenge_secret: bytes, timeout_s: float = 0.05, cache_ttl_s: float = 2.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.keys = keys
+        self.configs = SaleConfigs(redis, keys, config, cache_ttl_s)
+        self.lists = RiskLists(redis, keys, cache_ttl_s)
+        self.datacenter = datacenter
+        self.challenges = Challenges(challenge_secret)
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.counts: Counter[str] = Counter()
+        self._script = Scripts(redis).risk_features
+
+    @classmethod
+    def from_settings(cls, redis: Redis, keys: Keys, settings: Settings) -> ScoringEngine:
+        if settings.risk_challenge_secret is not None:
+            secret = settings.risk_challenge_secret.reveal().encode()
+        else:
+            secret = hmac.new(settings.active_master_key.material, b"flashgate/risk/challenge",
+                              hashlib.sha256).digest()
+        return cls(
+            redis, keys, config=risk_config.load(settings.risk_config_file or None),
+            datacenter=load_datacenter_ranges(settings.risk_datacenter_file or None),
+            challenge_secret=secret, timeout_s=settings.risk_timeout_ms / 1000,
+            cache_ttl_s=settings.risk_cache_ttl_s,
+        )
+
+    def _decide(self, decision: Decision) -> Decision:
+        self.counts[f"verdict:{decision.verdict.value}"] += 1
+        return decision
+
+    async def assess(self, ctx: RiskContext) -> Decision:
+        sig = Signals.of(ctx)
+        listed = (await self.lists.current()).match(sig)
+        if listed is not None:
+            action, kind = listed
+            self.counts[f"list:{action}:{kind}"] += 1
+            if action == "allow":
+                return self._decide(Decision(Verdict.ALLOW, 0, (f"allow_list_{kind}",)))
+            return self._decide(Decision(Verdict.DENY, 100, (f"block_list_{kind}",)))
+
+        cfg = await self.configs.get(ctx.sale_id)
+        now_s = self.clock()
+        verified = (self.challenges.verify(ctx.challenge_solution, sig, now_s)
+                    if ctx.challenge_solution else None)
+        features, score_it = await self._features(sig, cfg, now_s, verified,
+                                                  ctx.idempotency_key)
+        if not score_it:
+            self.counts["passed:replay_or_unknown_sale"] += 1
+            return ALLOW  # the reservation replays its answer, or answers 404
+        inputs = Inputs(sig, features, sig.address is not None and sig.address in self.datacenter)
+        score, reasons, shadow = self._score(cfg, inputs)
+
+        t = cfg.thresholds
+        if score >= t.deny:
+            return self._decide(Decision(Verdict.DENY, score, reasons, shadow=shadow))
+        if score < t.challenge:
+            return self._decide(Decision(Verdict.ALLOW, score, reasons, shadow=shadow))
+        if verified is not None and verified.challenge_id and features is not None \
+                and features.solution_fresh:
+            self.counts["challenge:solved"] += 1
+            return self._decide(Decision(Verdict.ALLOW, score, (*reasons, "challenge_solved"),
+                                         shadow=shadow))
+        if verified is not None:
+            problem = verified.problem or "solution_replayed"
+            self.counts[f"challenge:{problem}"] += 1
+            reasons = (*reasons, problem)
+        span = max(1, t.deny - t.challenge)
+        c = cfg.challenge
+        work = c.min_work + int(min(1.0, (score - t.challenge) / span) * (c.max_work - c.min_work))
+        challenge = self.challenges.issue(sig, work, c.ttl_s, now_s)
+        return self._decide(Decision(Verdict.CHALLENGE, score, reasons, challenge, shadow))
+
+    def _score(self, cfg: RiskConfig, inputs: Inputs
+               ) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+        fired: list[tuple[int, str]] = []
+        shadow: list[str] = []
+        for name, rule in cfg.rules.items():
+            if rule.mode == "off":
+                continue
+            hit = RULES[name](inputs, rule.limit)
+            if hit is None:  # its feature is unavailable: the rule's failure policy decides
+                self.counts[f"rule:{name}:unavailable"] += 1
+                hit = rule.on_error == "closed"
+            if not hit:
+                continue
+            if rule.mode == "shadow":
+                self.counts[f"rule:{name}:shadow"] += 1
+                shadow.append(name)
+            else:
+                self.counts[f"rule:{name}:fired"] += 1
+                fired.append((rule.weight, name))
+        fired.sort(key=lambda wn: (-wn[0], wn[1]))
+        score = min(100, sum(w for w, _ in fired))
+        return score, tuple(n for _, n in fired), tuple(shadow)
+
+    async def _features(self, sig: Signals, cfg: RiskConfig, now_s: float,
+                        verified: Verified | None, idempotency_key: str
+                        ) -> tuple[Features | None, bool]:
+        """(features, whether to score): not for an unknown sale or an idempotent replay, which
+        the reservation script answers. Raises RateLimited; features None when unreadable."""
+        k, sale = self.keys, sig.sale_id
+        solution_ttl_ms = 0
+        challenge_id = "-"
+        if verified is not None and verified.challenge_id and verified.expires_at:
+            challenge_id = verified.challenge_id
+            solution_ttl_ms = max(1000, int((verified.expires_at - now_s + 5) * 1000))
+        adm = cfg.admission
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await self._script(
+                    keys=[
+                        k.sale(sale), k.risk_admission(sale),
+                        k.risk_admission(sale, sig.channel_id),
+                        k.risk_counter(sale, "u", sig.user_id),
+                        k.risk_counter(sale, "d", sig.device_id),
+                        k.risk_counter(sale, "i", sig.ip),
+                        k.risk_counter(sale, "s", sig.subnet),
+                        k.risk_distinct_users(sale, "d", sig.device_id),
+                        k.risk_distinct_users(sale, "i", sig.ip),
+                        k.buyers(sale), k.risk_solution(sale, challenge_id),
+                        k.idempotency(sale), k.risk_memo(sale),
+                    ],
+                    args=[int(now_s * 1000), sig.user_id, adm.sale_rate, adm.sale_burst,
+                          adm.channel_rate, adm.channel_burst, solution_ttl_ms,
+                          f"{sig.channel_id}:{idempotency_key}" if idempotency_key else ""],
+                )
+        except _FEATURE_ERRORS:
+            self.counts["features:unavailable"] += 1
+            return None, True
+        code = ReturnCode(int(result[0]))
+        if code in (ReturnCode.NO_SALE, ReturnCode.REPLAYED):
+            return None, False
+        if code is ReturnCode.RATE_LIMITED:
+            self.counts["rate_limited"] += 1
+            raise errors.RateLimited(math.ceil(int(result[1]) / 1000))
+        v = [int(x) for x in result[2:]]
+        return Features(
+            user_1s=v[0], user_60s=v[1], device_1s=v[2], device_60s=v[3], ip_1s=v[4],
+            ip_60s=v[5], subnet_1s=v[6], subnet_60s=v[7], device_users=v[8], ip_users=v[9],
+            user_held=v[10], solution_fresh=bool(v[11]),
+        ), True

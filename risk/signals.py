@@ -1,0 +1,52 @@
+"""Signals: what one purchase request says about who is buying, normalised for the rules.
+
+Everything comes from the request itself (no lookups): the ip in canonical form and its
+subnet, an IPv4 /24 or an IPv6 /64, the unit a scalper rents or a household shares.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from risk.engine import RiskContext
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_SUBNET_BITS = {4: 24, 6: 64}
+
+
+def subnet_of(ip: IPAddress) -> str:
+    """The /24 (IPv4) or /64 (IPv6) around an address, as CIDR text."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    net = ipaddress.ip_network(f"{ip}/{_SUBNET_BITS[ip.version]}", strict=False)
+    return str(net)
+
+
+@dataclass(frozen=True)
+class Signals:
+    sale_id: str
+    channel_id: str
+    user_id: str
+    device_id: str
+    ip: str              # canonical text, or the raw value if it is not an address
+    subnet: str          # CIDR text; "invalid" when the ip is not an address
+    address: IPAddress | None
+    user_agent: str | None
+
+    @classmethod
+    def of(cls, ctx: RiskContext) -> Signals:
+        try:
+            address: IPAddress | None = ipaddress.ip_address(ctx.client_ip.strip())
+        except ValueError:
+            address = None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return cls(
+            sale_id=ctx.sale_id, channel_id=ctx.channel_id, user_id=ctx.user_id,
+            device_id=ctx.device_id,
+            ip=str(address) if address is not None else ctx.client_ip,
+            subnet=subnet_of(address) if address is not None else "invalid",
+            address=address, user_agent=ctx.user_agent or None,
+        )
