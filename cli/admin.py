@@ -118,6 +118,23 @@ def _dispatch(client: httpx.Client, args: argparse.Namespace) -> Any:
             except (OSError, ValueError) as exc:
                 raise AdminError(f"{args.file}: {exc}") from exc
             return call(client, "POST", f"/v1/admin/sales/{args.sale_id}/keys", **request)
+        case ("risk", "list"):
+            return call(client, "GET", f"/v1/admin/risk/lists/{args.list}/{args.kind}")
+        case ("risk", "add" | "remove"):
+            method = "POST" if args.action == "add" else "DELETE"
+            return call(client, method, f"/v1/admin/risk/lists/{args.list}/{args.kind}",
+                        json={"entries": args.entries})
+        case ("risk", "config"):
+            path = f"/v1/admin/sales/{args.sale_id}/risk"
+            if args.set is None:
+                return call(client, "GET", path)
+            try:
+                override = json.loads(Path(args.set).read_text())
+            except (OSError, ValueError) as exc:
+                raise AdminError(f"{args.set}: {exc}") from exc
+            return call(client, "PUT", path, json=override)
+        case ("risk", "stats"):
+            return call(client, "GET", "/v1/admin/risk/stats")
     raise AdminError(f"unknown command {args.command} {args.action}")
 
 
@@ -153,5 +170,20 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("sale_id")
     p.add_argument("file")
 
-    for name in ("channel", "sale", "keys"):
+    risk = sub.add_parser("risk", help="risk engine: lists, per-sale config, counts"
+                          ).add_subparsers(dest="action", required=True)
+    for action, text in (("list", "show a list"), ("add", "add entries"),
+                         ("remove", "remove entries")):
+        p = risk.add_parser(action, parents=[common], help=f"{text} (block/allow lists)")
+        p.add_argument("list", choices=["allow", "block"])
+        p.add_argument("kind", choices=["user", "device", "ip", "cidr"])
+        if action != "list":
+            p.add_argument("entries", nargs="+")
+    p = risk.add_parser("config", parents=[common], help="a sale's effective risk config, or "
+                        "set its override from a JSON file (--set override.json; {} clears)")
+    p.add_argument("sale_id")
+    p.add_argument("--set", metavar="FILE")
+    risk.add_parser("stats", parents=[common], help="decision counts of the gateway process")
+
+    for name in ("channel", "sale", "keys", "risk"):
         sub.choices[name].set_defaults(handler=run)
