@@ -69,7 +69,9 @@ def make_plan(buyers: int, attempts: int, *, double_click: float = 0.02, seed: i
     out: list[Buyer] = []
     for i, n in enumerate(counts):
         user = f"buyer-{run}-{i:06d}"
-        ip = f"198.{18 + (i >> 16) % 2}.{(i >> 8) & 255}.{i & 255}"  # RFC 2544 benchmark range
+        # Honest buyers: a subnet each (CGNAT space 100.64.0.0/10 holds 16,384 /24s), so the
+        # risk engine's subnet and IP rules see people, not a farm.
+        ip = f"100.{64 + (i >> 8) % 64}.{i & 255}.{1 + i % 254}"
         body = msgspec.json.encode({"user_id": user, "client_ip": ip, "device_id": f"dev-{i}",
                                     "user_agent": "flashgate-demo/1"})
         keys = [f"{user}-k1"]
