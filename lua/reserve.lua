@@ -1,6 +1,7 @@
 --[[
   Decide one purchase atomically: sale window, idempotency, per-user limit, stock,
   reservation with its deadline, and the order event on the sale's stream.
+  (The risk engine's variant, scoring the request in the same call, is purchase.lua.)
 
   KEYS[1] sale hash        KEYS[2] buyers hash      KEYS[3] idempotency hash
   KEYS[4] deadlines zset   KEYS[5] events stream    KEYS[6] the new order's hash
@@ -16,54 +17,18 @@
   (mirrored by core.scripts.ReturnCode)
 ]]
 local rcall = redis.call
-local sale_key, buyers_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
-local deadlines_key, events_key, order_key = KEYS[4], KEYS[5], KEYS[6]
-local now, order_id, idem_field, fingerprint = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-local channel, user, qty, payment_ref = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+
+--!include reserve_order
 
 -- An earlier answer to the same idempotency key wins over everything, even a closed window.
-local previous = rcall("HGET", idem_key, idem_field)
-if previous then
-  local fp, prev_order, prev_status, prev_exp = string.match(previous, "^([^|]*)|([^|]*)|([^|]*)|([^|]*)$")
-  if fp ~= fingerprint then
-    return {-5, prev_order, "", 0}
-  end
-  return {1, prev_order, prev_status, tonumber(prev_exp)}
+local replay = idempotent_replay(KEYS[3], ARGV[3], ARGV[4])
+if replay then
+  return replay
 end
-
-local sale = rcall("HMGET", sale_key, "start", "end", "limit", "ttl", "available", "state")
+local sale = rcall("HMGET", KEYS[1], "start", "end", "limit", "ttl", "available", "state")
 if not sale[1] then
   return {-4, "", "", 0}
 end
-if now < tonumber(sale[1]) or now >= tonumber(sale[2]) or sale[6] ~= "open" then
-  return {-3, "", "", 0}
-end
-local held = tonumber(rcall("HGET", buyers_key, user) or "0")
-if held + qty > tonumber(sale[3]) then
-  return {-2, "", "", 0}
-end
-local available = tonumber(sale[5])
-if available <= 0 then
-  return {-1, "", "", 0}
-end
-if available < qty then
-  return {-6, "", "", 0}
-end
-
-local status, expires_at = "reserved", now + tonumber(sale[4])
-rcall("HINCRBY", sale_key, "available", -qty)
-rcall("HINCRBY", buyers_key, user, qty)
-if payment_ref == "" then
-  rcall("HINCRBY", sale_key, "reserved", qty)
-  rcall("ZADD", deadlines_key, expires_at, order_id)
-else
-  status = "confirmed"
-  rcall("HINCRBY", sale_key, "confirmed", qty)
-end
-rcall("HSET", order_key, "ch", channel, "user", user, "qty", qty, "status", status,
-      "created", now, "exp", expires_at, "pay", payment_ref, "fp", fingerprint)
-rcall("HSET", idem_key, idem_field,
-      fingerprint .. "|" .. order_id .. "|" .. status .. "|" .. expires_at)
-rcall("XADD", events_key, "*", "t", status, "o", order_id, "ch", channel, "u", user,
-      "q", qty, "at", now, "exp", expires_at, "pay", payment_ref)
-return {0, order_id, status, expires_at}
+return reserve_order(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], sale,
+                     tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
+                     tonumber(ARGV[7]), ARGV[8])

@@ -38,18 +38,22 @@
   (mirrored by core.scripts.ReturnCode)
 ]]
 local rcall = redis.call
+
+--!include risk_measure
+
 local sale_key, sale_adm_key, channel_adm_key = KEYS[1], KEYS[2], KEYS[3]
 local buyers_key, solution_key = KEYS[10], KEYS[11]
 local now, user = tonumber(ARGV[1]), ARGV[2]
 local solution_ttl = tonumber(ARGV[7])
+local NOTHING = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 
 local sale_end = rcall("HGET", sale_key, "end")
 if not sale_end then
-  return {-4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+  return {-4, 0, unpack(NOTHING)}
 end
 local idem_field, memo_key = ARGV[8], KEYS[13]
 if idem_field ~= "" and rcall("HEXISTS", KEYS[12], idem_field) == 1 then
-  return {1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+  return {1, 0, unpack(NOTHING)}
 end
 local keep_until = math.max(tonumber(sale_end), now) + 3600000  -- risk state outlives the sale
 
@@ -70,79 +74,14 @@ if memo then
   return out
 end
 
--- GCRA in microseconds (integers, exact in a double): a request is admitted when the
--- theoretical arrival time, pushed one emission interval on, is within burst intervals of now.
-local now_us = now * 1000
-local function gcra(key, rate, burst)
-  if rate <= 0 then
-    return 0, nil
-  end
-  local interval = math.floor(1000000 / rate)
-  local tat = tonumber(rcall("GET", key) or now_us)
-  if tat < now_us then
-    tat = now_us
-  end
-  local new_tat = tat + interval
-  local allow_at = new_tat - burst * interval
-  if now_us < allow_at then
-    return math.ceil((allow_at - now_us) / 1000), nil
-  end
-  return 0, new_tat
-end
-local wait_sale, tat_sale = gcra(sale_adm_key, tonumber(ARGV[3]), tonumber(ARGV[4]))
-local wait_channel, tat_channel = gcra(channel_adm_key, tonumber(ARGV[5]), tonumber(ARGV[6]))
-if wait_sale > 0 or wait_channel > 0 then
-  return {-12, math.max(wait_sale, wait_channel), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
-end
-if tat_sale then
-  rcall("SET", sale_adm_key, string.format("%.0f", tat_sale), "PX",
-        math.ceil((tat_sale - now_us) / 1000) + 1)
-end
-if tat_channel then
-  rcall("SET", channel_adm_key, string.format("%.0f", tat_channel), "PX",
-        math.ceil((tat_channel - now_us) / 1000) + 1)
+local wait = admit(sale_adm_key, channel_adm_key, now, tonumber(ARGV[3]), tonumber(ARGV[4]),
+                   tonumber(ARGV[5]), tonumber(ARGV[6]))
+if wait > 0 then
+  return {-12, wait, unpack(NOTHING)}
 end
 
--- Sliding windows: fields <w>i (bucket index), <w>c (its count), <w>p (previous bucket's).
-local WINDOWS = {{"s", 1000}, {"m", 60000}}
-local function hit(key)
-  local v = rcall("HMGET", key, "si", "sc", "sp", "mi", "mc", "mp")
-  local out, update = {}, {}
-  for w, spec in ipairs(WINDOWS) do
-    local name, size = spec[1], spec[2]
-    local bucket = math.floor(now / size)
-    local idx, cur, prev = tonumber(v[w * 3 - 2]), tonumber(v[w * 3 - 1] or 0), tonumber(v[w * 3] or 0)
-    if idx ~= bucket then
-      prev = (idx == bucket - 1) and cur or 0
-      cur = 0
-    end
-    cur = cur + 1
-    local weight = 1 - (now - bucket * size) / size
-    out[w] = math.floor(cur + prev * weight)
-    for _, x in ipairs({name .. "i", bucket, name .. "c", cur, name .. "p", prev}) do
-      update[#update + 1] = x
-    end
-  end
-  rcall("HSET", key, unpack(update))
-  rcall("PEXPIRE", key, 2 * 60000)
-  return out[1], out[2]
-end
-local u1, u60 = hit(KEYS[4])
-local d1, d60 = hit(KEYS[5])
-local i1, i60 = hit(KEYS[6])
-local s1, s60 = hit(KEYS[7])
-
--- Distinct users during the sale.
-local function distinct(key)
-  rcall("PFADD", key, user)
-  rcall("PEXPIREAT", key, keep_until)
-  return rcall("PFCOUNT", key)
-end
-local device_users = distinct(KEYS[8])
-local ip_users = distinct(KEYS[9])
-
-local held = tonumber(rcall("HGET", buyers_key, user) or "0")
-local features = {u1, u60, d1, d60, i1, i60, s1, s60, device_users, ip_users, held}
+local features = measure(now, user, KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
+                         buyers_key, keep_until)
 if idem_field ~= "" then
   rcall("HSET", memo_key, idem_field, table.concat(features, ","))
   rcall("PEXPIREAT", memo_key, keep_until)

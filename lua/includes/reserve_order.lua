@@ -1,0 +1,55 @@
+-- Shared by reserve.lua and purchase.lua: the idempotent replay and the reservation itself.
+
+-- The earlier answer to an Idempotency-Key, or nil: {1, order, status, exp} for the same
+-- request, {-5, order, "", 0} for another request under the same key.
+local function idempotent_replay(idem_key, idem_field, fingerprint)
+  local previous = rcall("HGET", idem_key, idem_field)
+  if not previous then
+    return nil
+  end
+  local fp, order, status, exp = string.match(previous, "^([^|]*)|([^|]*)|([^|]*)|([^|]*)$")
+  if fp ~= fingerprint then
+    return {-5, order, "", 0}
+  end
+  return {1, order, status, tonumber(exp)}
+end
+
+-- Window, per-user limit, stock, then the reservation (or confirmation, with a payment ref),
+-- its deadline, the idempotency answer and the stream event.
+-- `sale` is HMGET sale_key start end limit ttl available state.
+local function reserve_order(sale_key, buyers_key, idem_key, deadlines_key, events_key,
+                             order_key, sale, now, order_id, idem_field, fingerprint, channel,
+                             user, qty, payment_ref)
+  if now < tonumber(sale[1]) or now >= tonumber(sale[2]) or sale[6] ~= "open" then
+    return {-3, "", "", 0}
+  end
+  local held = tonumber(rcall("HGET", buyers_key, user) or "0")
+  if held + qty > tonumber(sale[3]) then
+    return {-2, "", "", 0}
+  end
+  local available = tonumber(sale[5])
+  if available <= 0 then
+    return {-1, "", "", 0}
+  end
+  if available < qty then
+    return {-6, "", "", 0}
+  end
+
+  local status, expires_at = "reserved", now + tonumber(sale[4])
+  rcall("HINCRBY", sale_key, "available", -qty)
+  rcall("HINCRBY", buyers_key, user, qty)
+  if payment_ref == "" then
+    rcall("HINCRBY", sale_key, "reserved", qty)
+    rcall("ZADD", deadlines_key, expires_at, order_id)
+  else
+    status = "confirmed"
+    rcall("HINCRBY", sale_key, "confirmed", qty)
+  end
+  rcall("HSET", order_key, "ch", channel, "user", user, "qty", qty, "status", status,
+        "created", now, "exp", expires_at, "pay", payment_ref, "fp", fingerprint)
+  rcall("HSET", idem_key, idem_field,
+        fingerprint .. "|" .. order_id .. "|" .. status .. "|" .. expires_at)
+  rcall("XADD", events_key, "*", "t", status, "o", order_id, "ch", channel, "u", user,
+        "q", qty, "at", now, "exp", expires_at, "pay", payment_ref)
+  return {0, order_id, status, expires_at}
+end

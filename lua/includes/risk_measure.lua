@@ -1,0 +1,92 @@
+-- Shared by risk_features.lua and purchase.lua: admission limits and the risk features.
+
+-- GCRA in microseconds (integers, exact in a double): a request is admitted when the
+-- theoretical arrival time, pushed one emission interval on, is within burst intervals of now.
+-- Returns the wait in ms (0 = admitted) and the new TAT to store.
+local function gcra(key, now, rate, burst)
+  if rate <= 0 then
+    return 0, nil
+  end
+  local now_us = now * 1000
+  local interval = math.floor(1000000 / rate)
+  local tat = tonumber(rcall("GET", key) or now_us)
+  if tat < now_us then
+    tat = now_us
+  end
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if now_us < allow_at then
+    return math.ceil((allow_at - now_us) / 1000), nil
+  end
+  return 0, new_tat
+end
+
+-- Both admission limits (sale, channel in the sale); nothing is recorded unless both admit.
+-- Returns the wait in ms, 0 when admitted.
+local function admit(sale_adm_key, channel_adm_key, now, sale_rate, sale_burst,
+                     channel_rate, channel_burst)
+  local wait_sale, tat_sale = gcra(sale_adm_key, now, sale_rate, sale_burst)
+  local wait_channel, tat_channel = gcra(channel_adm_key, now, channel_rate, channel_burst)
+  if wait_sale > 0 or wait_channel > 0 then
+    return math.max(wait_sale, wait_channel)
+  end
+  for key, tat in pairs({[sale_adm_key] = tat_sale, [channel_adm_key] = tat_channel}) do
+    if tat then
+      rcall("SET", key, string.format("%.0f", tat), "PX", math.ceil(tat / 1000 - now) + 1)
+    end
+  end
+  return 0
+end
+
+-- Sliding windows (1 s and 60 s): each counter hash keeps its current and previous fixed
+-- bucket (fields <w>i index, <w>c count, <w>p previous count); the estimate weights the
+-- previous bucket by the part of it still inside the window (O(1) memory per counter).
+local WINDOWS = {{"s", 1000}, {"m", 60000}}
+local function hit(key, now)
+  local v = rcall("HMGET", key, "si", "sc", "sp", "mi", "mc", "mp")
+  local out, update = {}, {}
+  for w, spec in ipairs(WINDOWS) do
+    local name, size = spec[1], spec[2]
+    local bucket = math.floor(now / size)
+    local idx = tonumber(v[w * 3 - 2])
+    local cur, prev = tonumber(v[w * 3 - 1] or 0), tonumber(v[w * 3] or 0)
+    if idx ~= bucket then
+      prev = (idx == bucket - 1) and cur or 0
+      cur = 0
+    end
+    cur = cur + 1
+    local weight = 1 - (now - bucket * size) / size
+    out[w] = math.floor(cur + prev * weight)
+    for _, x in ipairs({name .. "i", bucket, name .. "c", cur, name .. "p", prev}) do
+      update[#update + 1] = x
+    end
+  end
+  rcall("HSET", key, unpack(update))
+  if not v[4] or tonumber(v[4]) ~= math.floor(now / 60000) then
+    rcall("PEXPIRE", key, 2 * 60000)  -- once per minute bucket, not on every hit
+  end
+  return out[1], out[2]
+end
+
+-- Distinct users during the sale: HyperLogLog, so a shared ip with thousands of users stays a
+-- few KB; below a few hundred users its sparse encoding is practically exact.
+local function distinct(key, user, keep_until)
+  if rcall("PFADD", key, user) == 1 then
+    rcall("PEXPIREAT", key, keep_until)
+  end
+  return rcall("PFCOUNT", key)
+end
+
+-- The features of one request (this request included), in the order of risk.rules.Features:
+-- {user_1s, user_60s, device_1s, device_60s, ip_1s, ip_60s, subnet_1s, subnet_60s,
+--  device_users, ip_users, user_held}
+local function measure(now, user, user_key, device_key, ip_key, subnet_key,
+                       device_users_key, ip_users_key, buyers_key, keep_until)
+  local u1, u60 = hit(user_key, now)
+  local d1, d60 = hit(device_key, now)
+  local i1, i60 = hit(ip_key, now)
+  local s1, s60 = hit(subnet_key, now)
+  return {u1, u60, d1, d60, i1, i60, s1, s60,
+          distinct(device_users_key, user, keep_until), distinct(ip_users_key, user, keep_until),
+          tonumber(rcall("HGET", buyers_key, user) or "0")}
+end
