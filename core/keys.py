@@ -89,6 +89,11 @@ class Keys:
         sight, so that every repeat of a key is scored the same."""
         return f"{self._tag(sale_id)}:risk:memo"
 
+    def risk_verdicts(self, sale_id: str) -> str:
+        """HASH `<channel>:<Idempotency-Key>` -> the refusal purchase.lua gave that key (so a
+        repeat of the key gets the same verdict)."""
+        return f"{self._tag(sale_id)}:risk:verdicts"
+
     def risk_solution(self, sale_id: str, challenge_id: str) -> str:
         """STRING set once (NX) when a challenge's solution is used: solutions are single-use."""
         return f"{self._tag(sale_id)}:risk:pow:{challenge_id}"

@@ -5,6 +5,7 @@ This is the one place where script return codes become domain errors.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import cast
@@ -49,6 +50,29 @@ class Reservation:
     status: str
     expires_at_ms: int
     replayed: bool
+
+
+@dataclass(frozen=True)
+class RiskArgs:
+    """What purchase.lua needs from the risk engine: its KEYS[7..16] and ARGV[9..17]."""
+
+    keys: tuple[str, ...]
+    args: tuple[str | int | float, ...]
+
+
+@dataclass(frozen=True)
+class RiskOutcome:
+    """What purchase.lua says of the risk side of one purchase."""
+
+    refused: ReturnCode | None  # RISK_DENIED or RISK_CHALLENGE; None when it went on
+    score: int
+    fired: tuple[int, ...]  # 1-based positions of the fired feature rules in the rule spec
+    shadow: tuple[int, ...]
+    solution: int  # 0 none used, 1 a fresh solution used, 2 the solution was already used
+
+
+def _positions(csv: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in csv.split(",")) if csv else ()
 
 
 @dataclass(frozen=True)
@@ -111,6 +135,39 @@ class Ledger:
         rc = ReturnCode(code)
         raise_for(rc)
         return Reservation(order_id, status, int(expires_at), rc is ReturnCode.REPLAYED)
+
+    async def purchase(self, req: PurchaseRequest, risk: RiskArgs, now: int | None = None,
+                       ) -> tuple[Reservation | None, RiskOutcome]:
+        """`reserve` with the risk engine's scoring in the same script and round trip.
+
+        Returns (None, outcome) when risk refused the purchase (nothing reserved); raises the
+        ledger's domain errors, and RateLimited for an admission limit.
+        """
+        k, sale = self.keys, req.sale_id
+        now = now_ms() if now is None else now
+        order_id = new_order_id(sale, now)
+        code, order_id, status, value, score, fired, shadow, solution = (
+            await self.scripts.purchase(
+                keys=[
+                    k.sale(sale), k.buyers(sale), k.idempotency(sale),
+                    k.deadlines(sale), k.events(sale), k.order(order_id), *risk.keys,
+                ],
+                args=[
+                    now, order_id, f"{req.channel_id}:{req.idempotency_key}", req.fingerprint,
+                    req.channel_id, req.user_id, req.quantity, req.payment_ref, *risk.args,
+                ],
+            )
+        )
+        rc = ReturnCode(code)
+        refused = rc if rc in (ReturnCode.RISK_DENIED, ReturnCode.RISK_CHALLENGE) else None
+        outcome = RiskOutcome(refused, int(score), _positions(fired), _positions(shadow),
+                              int(solution))
+        if rc is ReturnCode.RATE_LIMITED:
+            raise errors.RateLimited(math.ceil(int(value) / 1000))
+        if refused is not None:
+            return None, outcome
+        raise_for(rc)
+        return Reservation(order_id, status, int(value), rc is ReturnCode.REPLAYED), outcome
 
     def _order_keys(self, order_id: str, sale_id: str) -> list[str]:
         k = self.keys

@@ -34,11 +34,13 @@ class ReturnCode(enum.IntEnum):
     CANCELLED = -9
     NOT_CANCELLABLE = -10
     NOT_DELIVERABLE = -11
-    RATE_LIMITED = -12  # risk_features: an admission limit refused the request
+    RATE_LIMITED = -12  # risk_features/purchase: an admission limit refused the request
+    RISK_DENIED = -13  # purchase: the score reached the deny threshold
+    RISK_CHALLENGE = -14  # purchase: the score asks for proof of work
 
 
-SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "confirm", "cancel", "expire", "deliver",
-                "risk_features")
+SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "purchase", "confirm", "cancel", "expire",
+                "deliver", "risk_features")
 
 
 @cache
@@ -58,6 +60,7 @@ class Scripts:
         self.init_sale = redis.register_script(source("init_sale"))
         self.add_stock = redis.register_script(source("add_stock"))
         self.reserve = redis.register_script(source("reserve"))
+        self.purchase = redis.register_script(source("purchase"))
         self.confirm = redis.register_script(source("confirm"))
         self.cancel = redis.register_script(source("cancel"))
         self.expire = redis.register_script(source("expire"))

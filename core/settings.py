@@ -138,9 +138,12 @@ class Settings:
     risk_enabled: bool = True
     risk_config_file: str = ""          # "" = risk/rules.json shipped with the package
     risk_datacenter_file: str = ""      # "" = the small sample in risk/data
-    risk_timeout_ms: int = 50           # the features call; past it each rule's on_error acts
+    risk_inline: bool = True            # score inside the reservation's script (one round trip)
+    risk_timeout_ms: int = 50           # split mode's features call; past it on_error acts
     risk_cache_ttl_s: float = 2.0       # per-sale config and lists, cached in process
     risk_challenge_secret: Secret | None = None  # None: derived from the active master key
+    # Benchmark-only routes (gateway/routes/bench.py): never on in production
+    bench_endpoints: bool = False
 
     def __post_init__(self) -> None:
         # A blocking stream read must return before the client's socket timeout fires.
@@ -179,10 +182,12 @@ class Settings:
             webhook_max_attempts=_number(env, "FLASHGATE_WEBHOOK_MAX_ATTEMPTS", 8, 1, 50),
             db_pool_max=_number(env, "FLASHGATE_DB_POOL_MAX", 10, 1, 200),
             risk_enabled=_flag(env, "FLASHGATE_RISK_ENABLED", True),
+            risk_inline=_flag(env, "FLASHGATE_RISK_INLINE", True),
             risk_config_file=env.get("FLASHGATE_RISK_CONFIG_FILE", ""),
             risk_datacenter_file=env.get("FLASHGATE_RISK_DATACENTER_FILE", ""),
             risk_timeout_ms=_number(env, "FLASHGATE_RISK_TIMEOUT_MS", 50, 1, 10_000),
             risk_cache_ttl_s=_number(env, "FLASHGATE_RISK_CACHE_TTL_S", 2.0, 0.0, 300.0),
             risk_challenge_secret=Secret(env["FLASHGATE_RISK_CHALLENGE_SECRET"])
             if env.get("FLASHGATE_RISK_CHALLENGE_SECRET") else None,
+            bench_endpoints=_flag(env, "FLASHGATE_BENCH_ENDPOINTS", False),
         )

@@ -1,9 +1,13 @@
 """The seam where risk decides, before any stock is touched.
 
-The gateway calls `RiskEngine.assess()` for every purchase; a DENY or CHALLENGE stops it before
-the reservation script runs, and an admission limit raises `core.errors.RateLimited`. The
-scoring engine (risk/scoring.py: lists, rules over device/ip/frequency features, proof of work)
-is the real one; `AllowAll` lets every request through (risk switched off).
+For every purchase the gateway asks `RiskEngine.plan()`. The answer is either
+- a final `Decision` (lists, risk off, or the split mode's separate features call): a DENY or
+  CHALLENGE stops the purchase before the reservation script runs; or
+- a `RiskPlan`: the arguments with which lua/purchase.lua scores the request in the
+  reservation's own round trip; the gateway then hands the script's `RiskOutcome` to
+  `RiskEngine.judge()` for the decision (reasons, counts, a challenge to solve).
+An admission limit raises `core.errors.RateLimited`. The scoring engine (risk/scoring.py) is the
+real one; `AllowAll` lets every request through (risk switched off).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from core.ledger import RiskArgs, RiskOutcome
 
 
 class Verdict(enum.Enum):
@@ -44,10 +50,23 @@ class Decision:
 ALLOW = Decision(Verdict.ALLOW)
 
 
+@dataclass(frozen=True)
+class RiskPlan:
+    """Scoring to be done inside the reservation script, and what judging its outcome needs."""
+
+    script: RiskArgs
+    context: Any  # the engine's own state for judge() (signals, config, rule names...)
+
+
 class RiskEngine(Protocol):
-    async def assess(self, ctx: RiskContext) -> Decision: ...
+    async def plan(self, ctx: RiskContext) -> Decision | RiskPlan: ...
+
+    def judge(self, plan: RiskPlan, outcome: RiskOutcome) -> Decision: ...
 
 
 class AllowAll:
-    async def assess(self, ctx: RiskContext) -> Decision:
+    async def plan(self, ctx: RiskContext) -> Decision | RiskPlan:
+        return ALLOW
+
+    def judge(self, plan: RiskPlan, outcome: RiskOutcome) -> Decision:
         return ALLOW

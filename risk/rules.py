@@ -55,23 +55,28 @@ def _above(feature: str) -> Rule:
     return rule
 
 
+# Feature rules fire when a feature exceeds the rule's limit. Inline (purchase.lua) they are
+# scored in Redis by the feature's position in FEATURE_ORDER, the order the Lua returns them.
+FEATURE_ORDER = tuple(f for f in Features.__dataclass_fields__ if f != "solution_fresh")
+FEATURE_OF: dict[str, str] = {
+    "user_burst": "user_1s",
+    "user_rate": "user_60s",
+    "device_burst": "device_1s",
+    "device_rate": "device_60s",
+    "device_many_users": "device_users",
+    "ip_burst": "ip_1s",
+    "ip_rate": "ip_60s",
+    "ip_many_users": "ip_users",
+    "subnet_burst": "subnet_1s",
+    "subnet_rate": "subnet_60s",
+    "user_holds": "user_held",
+}
+
 RULES: dict[str, Rule] = {
-    "user_burst": _above("user_1s"),
-    "user_rate": _above("user_60s"),
-    "device_burst": _above("device_1s"),
-    "device_rate": _above("device_60s"),
-    "device_many_users": _above("device_users"),
-    "ip_burst": _above("ip_1s"),
-    "ip_rate": _above("ip_60s"),
-    "ip_many_users": _above("ip_users"),
-    "subnet_burst": _above("subnet_1s"),
-    "subnet_rate": _above("subnet_60s"),
-    "user_holds": _above("user_held"),
+    **{name: _above(feature) for name, feature in FEATURE_OF.items()},
     "datacenter_ip": lambda inputs, limit: inputs.datacenter,
     "invalid_ip": lambda inputs, limit: inputs.signals.address is None,
     "no_user_agent": lambda inputs, limit: inputs.signals.user_agent is None,
 }
 
-NEEDS_FEATURES = frozenset(
-    name for name in RULES if name not in ("datacenter_ip", "invalid_ip", "no_user_agent")
-)
+NEEDS_FEATURES = frozenset(FEATURE_OF)

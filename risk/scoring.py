@@ -1,11 +1,20 @@
-"""The scoring engine: lists, then admission and features (one Redis round trip), then rules,
-score, verdict, and a proof-of-work challenge for the grey zone.
+"""The scoring engine: lists, then admission and features, then rules, score, verdict, and a
+proof-of-work challenge for the grey zone.
 
     lists (in memory)      allow -> ALLOW, block -> DENY      (allow wins over block)
-    risk_features.lua      admission limits -> 429; counters, distinct users, holdings
+    admission, features    limits -> 429; counters, distinct users, holdings (Redis)
     rules (config)         weights of fired rules -> score 0-100 (shadow rules only counted)
     thresholds (per sale)  score >= deny -> DENY; >= challenge -> CHALLENGE unless a fresh,
                            valid solution came with the request -> ALLOW
+
+Two modes (FLASHGATE_RISK_INLINE):
+- inline (default), `plan()` + `judge()`: the rules that need Redis features are scored inside
+  lua/purchase.lua, in the reservation's own round trip; the rules decided from the request
+  alone (datacenter ip, invalid ip, no user agent) are scored here and passed in as a base.
+  Features can't be missing without the reservation failing too, so no failure policy applies:
+  Redis down means 503 and nothing sold.
+- split, `assess()`: a separate call to lua/risk_features.lua with a deadline before the
+  reservation; when it can't be read in time, each rule's `on_error` decides (open by default).
 """
 
 from __future__ import annotations
@@ -17,30 +26,46 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import redis.exceptions
 from redis.asyncio import Redis
 
 from core import errors
 from core.keys import Keys
+from core.ledger import RiskArgs, RiskOutcome
 from core.scripts import ReturnCode, Scripts
 from core.settings import Settings
 from risk import config as risk_config
 from risk.challenge import Challenges, Verified
 from risk.config import RiskConfig, SaleConfigs
-from risk.engine import ALLOW, Decision, RiskContext, Verdict
+from risk.engine import ALLOW, Decision, RiskContext, RiskPlan, Verdict
 from risk.lists import CidrSet, RiskLists, load_datacenter_ranges
-from risk.rules import RULES, Features, Inputs
+from risk.rules import FEATURE_OF, FEATURE_ORDER, RULES, Features, Inputs
 from risk.signals import Signals
 
 _FEATURE_ERRORS = (TimeoutError, redis.exceptions.ConnectionError,
                    redis.exceptions.TimeoutError, OSError)
 
 
+@dataclass(frozen=True)
+class _Inline:
+    """What judging an inline outcome needs from its plan."""
+
+    sig: Signals
+    cfg: RiskConfig
+    now_s: float
+    verified: Verified | None
+    names: tuple[str, ...]                  # feature rules in the order sent to the script
+    base: tuple[tuple[int, str], ...]       # (weight, name) of request-only rules that fired
+    base_shadow: tuple[str, ...]
+
+
 class ScoringEngine:
     def __init__(self, redis: Redis, keys: Keys, *, config: RiskConfig, datacenter: CidrSet,
                  challenge_secret: bytes, timeout_s: float = 0.05, cache_ttl_s: float = 2.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, inline: bool = True) -> None:
         self.keys = keys
         self.configs = SaleConfigs(redis, keys, config, cache_ttl_s)
         self.lists = RiskLists(redis, keys, cache_ttl_s)
@@ -48,6 +73,7 @@ class ScoringEngine:
         self.challenges = Challenges(challenge_secret)
         self.timeout_s = timeout_s
         self.clock = clock
+        self.inline = inline
         self.counts: Counter[str] = Counter()
         self._script = Scripts(redis).risk_features
 
@@ -62,22 +88,118 @@ class ScoringEngine:
             redis, keys, config=risk_config.load(settings.risk_config_file or None),
             datacenter=load_datacenter_ranges(settings.risk_datacenter_file or None),
             challenge_secret=secret, timeout_s=settings.risk_timeout_ms / 1000,
-            cache_ttl_s=settings.risk_cache_ttl_s,
+            cache_ttl_s=settings.risk_cache_ttl_s, inline=settings.risk_inline,
         )
 
+    # -- inline mode ------------------------------------------------------------------------
+    async def plan(self, ctx: RiskContext) -> Decision | RiskPlan:
+        if not self.inline:
+            return await self.assess(ctx)
+        sig = Signals.of(ctx)
+        listed = self._listed(await self.lists.current(), sig)
+        if listed is not None:
+            return listed
+        cfg = await self.configs.get(ctx.sale_id)
+        now_s = self.clock()
+        verified = (self.challenges.verify(ctx.challenge_solution, sig, now_s)
+                    if ctx.challenge_solution else None)
+        # Rules decided from the request alone: scored here, passed in as the base score.
+        inputs = Inputs(sig, None, sig.address is not None and sig.address in self.datacenter)
+        base: list[tuple[int, str]] = []
+        base_shadow: list[str] = []
+        spec: list[str] = []
+        names: list[str] = []
+        for name, rule in cfg.rules.items():
+            if rule.mode == "off":
+                continue
+            feature = FEATURE_OF.get(name)
+            if feature is not None:
+                mode = 2 if rule.mode == "shadow" else 1
+                spec.append(f"{FEATURE_ORDER.index(feature) + 1}:{rule.limit}:{rule.weight}:{mode}")
+                names.append(name)
+            elif RULES[name](inputs, rule.limit):
+                if rule.mode == "shadow":
+                    base_shadow.append(name)
+                else:
+                    base.append((rule.weight, name))
+        k, sale = self.keys, sig.sale_id
+        challenge_id, solution_ttl_ms = "-", 0
+        if verified is not None and verified.challenge_id and verified.expires_at:
+            challenge_id = verified.challenge_id
+            solution_ttl_ms = max(1000, int((verified.expires_at - now_s + 5) * 1000))
+        adm, t = cfg.admission, cfg.thresholds
+        script = RiskArgs(
+            keys=(
+                k.risk_admission(sale), k.risk_admission(sale, sig.channel_id),
+                k.risk_counter(sale, "u", sig.user_id), k.risk_counter(sale, "d", sig.device_id),
+                k.risk_counter(sale, "i", sig.ip), k.risk_counter(sale, "s", sig.subnet),
+                k.risk_distinct_users(sale, "d", sig.device_id),
+                k.risk_distinct_users(sale, "i", sig.ip), k.risk_solution(sale, challenge_id),
+                k.risk_verdicts(sale),
+            ),
+            args=(adm.sale_rate, adm.sale_burst, adm.channel_rate, adm.channel_burst,
+                  solution_ttl_ms, min(100, sum(w for w, _ in base)), t.challenge, t.deny,
+                  ";".join(spec)),
+        )
+        return RiskPlan(script, _Inline(sig, cfg, now_s, verified, tuple(names),
+                                        tuple(base), tuple(base_shadow)))
+
+    def judge(self, plan: RiskPlan, outcome: RiskOutcome) -> Decision:
+        p: _Inline = plan.context
+        weights = {name: rule.weight for name, rule in p.cfg.rules.items()}
+        fired = [*p.base, *((weights[p.names[i - 1]], p.names[i - 1]) for i in outcome.fired)]
+        fired.sort(key=lambda wn: (-wn[0], wn[1]))
+        reasons = tuple(n for _, n in fired)
+        shadow = (*p.base_shadow, *(p.names[i - 1] for i in outcome.shadow))
+        for name in reasons:
+            self.counts[f"rule:{name}:fired"] += 1
+        for name in shadow:
+            self.counts[f"rule:{name}:shadow"] += 1
+        if outcome.refused is ReturnCode.RISK_DENIED:
+            return self._decide(Decision(Verdict.DENY, outcome.score, reasons, shadow=shadow))
+        if outcome.refused is ReturnCode.RISK_CHALLENGE:
+            problem = (p.verified.problem or "solution_replayed") if p.verified else None
+            if outcome.solution == 2:
+                problem = "solution_replayed"
+            if problem:
+                self.counts[f"challenge:{problem}"] += 1
+                reasons = (*reasons, problem)
+            return self._decide(self._challenge(p.cfg, p.sig, outcome.score, reasons, shadow,
+                                                p.now_s))
+        if outcome.solution == 1:
+            self.counts["challenge:solved"] += 1
+            reasons = (*reasons, "challenge_solved")
+        return self._decide(Decision(Verdict.ALLOW, outcome.score, reasons, shadow=shadow))
+
+    def _listed(self, lists: Any, sig: Signals) -> Decision | None:
+        listed = lists.match(sig)
+        if listed is None:
+            return None
+        action, kind = listed
+        self.counts[f"list:{action}:{kind}"] += 1
+        if action == "allow":
+            return self._decide(Decision(Verdict.ALLOW, 0, (f"allow_list_{kind}",)))
+        return self._decide(Decision(Verdict.DENY, 100, (f"block_list_{kind}",)))
+
+    def _challenge(self, cfg: RiskConfig, sig: Signals, score: int, reasons: tuple[str, ...],
+                   shadow: tuple[str, ...], now_s: float) -> Decision:
+        """A proof-of-work challenge whose work grows with the score."""
+        t, c = cfg.thresholds, cfg.challenge
+        span = max(1, t.deny - t.challenge)
+        work = c.min_work + int(min(1.0, (score - t.challenge) / span) * (c.max_work - c.min_work))
+        challenge = self.challenges.issue(sig, work, c.ttl_s, now_s)
+        return Decision(Verdict.CHALLENGE, score, reasons, challenge, shadow)
+
+    # -- split mode -------------------------------------------------------------------------
     def _decide(self, decision: Decision) -> Decision:
         self.counts[f"verdict:{decision.verdict.value}"] += 1
         return decision
 
     async def assess(self, ctx: RiskContext) -> Decision:
         sig = Signals.of(ctx)
-        listed = (await self.lists.current()).match(sig)
+        listed = self._listed(await self.lists.current(), sig)
         if listed is not None:
-            action, kind = listed
-            self.counts[f"list:{action}:{kind}"] += 1
-            if action == "allow":
-                return self._decide(Decision(Verdict.ALLOW, 0, (f"allow_list_{kind}",)))
-            return self._decide(Decision(Verdict.DENY, 100, (f"block_list_{kind}",)))
+            return listed
 
         cfg = await self.configs.get(ctx.sale_id)
         now_s = self.clock()
@@ -105,11 +227,7 @@ class ScoringEngine:
             problem = verified.problem or "solution_replayed"
             self.counts[f"challenge:{problem}"] += 1
             reasons = (*reasons, problem)
-        span = max(1, t.deny - t.challenge)
-        c = cfg.challenge
-        work = c.min_work + int(min(1.0, (score - t.challenge) / span) * (c.max_work - c.min_work))
-        challenge = self.challenges.issue(sig, work, c.ttl_s, now_s)
-        return self._decide(Decision(Verdict.CHALLENGE, score, reasons, challenge, shadow))
+        return self._decide(self._challenge(cfg, sig, score, reasons, shadow, now_s))
 
     def _score(self, cfg: RiskConfig, inputs: Inputs
                ) -> tuple[int, tuple[str, ...], tuple[str, ...]]:

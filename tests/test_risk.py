@@ -9,6 +9,7 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -18,11 +19,13 @@ from risk.solver import SOLUTION_HEADER, solve
 from tests.conftest import ADMIN, channel_headers, create_channel, create_sale
 
 
-@pytest.fixture(scope="module")
-async def risk_app(settings, runtime):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["inline", "split"])
+async def risk_app(request, settings, runtime):  # type: ignore[no-untyped-def]
+    """The scoring engine (FLASHGATE_RISK_ENABLED defaults on), in both modes: scored inside
+    the reservation script (inline, the default) and by a separate features call (split)."""
     from gateway.app import create_app
 
-    application = create_app(settings)  # the scoring engine: FLASHGATE_RISK_ENABLED defaults on
+    application = create_app(replace(settings, risk_inline=request.param == "inline"))
     async with application.router.lifespan_context(application):
         yield application
 

@@ -21,7 +21,7 @@ from core.ledger import PurchaseRequest
 from gateway.models import ConfirmBody, OrderOut, OrderStatusOut, PurchaseBody, PurchaseOut
 from gateway.responses import JSONResponse
 from gateway.state import decode, path_id, state
-from risk.engine import RiskContext, Verdict
+from risk.engine import Decision, RiskContext, Verdict
 from risk.solver import SOLUTION_HEADER
 
 _IDEMPOTENCY_KEY_MAX = 128
@@ -61,27 +61,38 @@ async def purchase(request: Request) -> Response:
     idem = idempotency_key(request)
     body = await decode(request, PurchaseBody)
 
-    decision = await gw.risk.assess(RiskContext(
+    plan = await gw.risk.plan(RiskContext(
         sale_id=sale_id, channel_id=channel_id, user_id=body.user_id, device_id=body.device_id,
         client_ip=body.client_ip, user_agent=body.user_agent, quantity=body.quantity,
         challenge_solution=request.headers.get(SOLUTION_HEADER) or None,
         idempotency_key=idem,
     ))
+    req = PurchaseRequest(
+        sale_id=sale_id, channel_id=channel_id, idempotency_key=idem,
+        fingerprint=request_fingerprint(sale_id, body), user_id=body.user_id,
+        quantity=body.quantity, payment_ref=body.payment_ref or "",
+    )
+    ledger = gw.runtime.ledger
+    if isinstance(plan, Decision):  # decided before the ledger: lists, risk off, split mode
+        refuse_unless_allowed(plan)
+        reservation = await ledger.reserve(req)
+    else:  # scored inside the reservation's own script
+        scored, outcome = await ledger.purchase(req, plan.script)
+        refuse_unless_allowed(gw.risk.judge(plan, outcome))
+        assert scored is not None  # an allowed outcome always carries its reservation
+        reservation = scored
+    out = PurchaseOut(reservation.order_id, reservation.status,
+                      rfc3339_ms(reservation.expires_at_ms))
+    headers = {"Idempotent-Replayed": "true"} if reservation.replayed else None
+    return JSONResponse(out, status_code=201, headers=headers)
+
+
+def refuse_unless_allowed(decision: Decision) -> None:
     if decision.verdict is Verdict.DENY:
         raise errors.RiskDenied(reasons=list(decision.reasons))
     if decision.verdict is Verdict.CHALLENGE:
         raise errors.ChallengeRequired(reasons=list(decision.reasons),
                                        challenge=decision.challenge)
-
-    reservation = await gw.runtime.ledger.reserve(PurchaseRequest(
-        sale_id=sale_id, channel_id=channel_id, idempotency_key=idem,
-        fingerprint=request_fingerprint(sale_id, body), user_id=body.user_id,
-        quantity=body.quantity, payment_ref=body.payment_ref or "",
-    ))
-    out = PurchaseOut(reservation.order_id, reservation.status,
-                      rfc3339_ms(reservation.expires_at_ms))
-    headers = {"Idempotent-Replayed": "true"} if reservation.replayed else None
-    return JSONResponse(out, status_code=201, headers=headers)
 
 
 async def confirm(request: Request) -> Response:
