@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up test lint clean
+.PHONY: install demo up test lint clean loadtest
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ up: $(STAMP)
 ## The whole test suite (starts its own Redis and PostgreSQL on free ports).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+## A flash sale under Locust, gated by loadtest/sla.toml and audited (not part of `test`).
+## Reports under loadtest/results/. ARGS="--url http://127.0.0.1:8000" for a running gateway.
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtest.run $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

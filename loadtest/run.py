@@ -1,0 +1,265 @@
+"""`make loadtest`: a flash sale under Locust, gated by the SLA and audited through the API.
+
+    python -m loadtest.run [--shape spike|steady|none] [--users 1000] [--duration-s 30]
+                           [--url http://127.0.0.1:8000 --admin-token T] [--sla-set k=v]
+
+1. Without --url: start the stack (embedded Redis + PostgreSQL unless FLASHGATE_*_URL are set,
+   the gateway, workers), as `flashgate demo` does; with --url, use that gateway.
+2. Through the admin API: a channel, a sale opening a few seconds ahead, its card keys.
+3. Locust headless in a subprocess (its gevent patching stays out of this process), HTML and
+   CSV reports under loadtest/results/<time>/.
+4. Wait up to the SLA's grace for every confirmed order to be delivered; read every order the
+   users saw through the storefront API and the sale's ledger through the admin API.
+5. Judge (loadtest/audit.py), print the verdict, write verdict.json. Exit 0 pass, 1 fail,
+   2 set-up failure. Everything started is stopped, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from loadtest.audit import SLA, SLA_FILE, Verdict, judge, read_stats
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+class SetupError(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=("spike", "steady", "none"), default="spike")
+    p.add_argument("--users", type=int, default=1000, help="peak users (spike) / users")
+    p.add_argument("--spawn-rate", type=float, default=0, help="with --shape none; default "
+                   "all users at once")
+    p.add_argument("--duration-s", type=float, default=30)
+    p.add_argument("--keys", type=int, default=2000, help="card keys in the sale")
+    p.add_argument("--opens-in-s", type=float, default=5, help="the sale opens this long "
+                   "after Locust starts")
+    p.add_argument("--reservation-ttl-s", type=int, default=10)
+    p.add_argument("--per-user-limit", type=int, default=1)
+    p.add_argument("--bots", type=int, default=3)
+    p.add_argument("--solvers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="worker processes (own stack only)")
+    p.add_argument("--url", help="an already running gateway (default: start a stack)")
+    p.add_argument("--admin-token", default=os.environ.get("FLASHGATE_ADMIN_TOKEN", ""))
+    p.add_argument("--database-url", default="", help="with --url: PostgreSQL of that "
+                   "gateway, for server-side delivery times (else measured by polling)")
+    p.add_argument("--results-dir", default=str(ROOT / "loadtest" / "results"))
+    p.add_argument("--sla", default=str(SLA_FILE))
+    p.add_argument("--sla-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one SLA value (e.g. purchase_p99_ms=200)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {k: float(v) for k, v in (s.split("=", 1) for s in args.sla_set)}
+    sla = SLA.load(Path(args.sla), overrides)
+    out = Path(args.results_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)  # unwind like Ctrl-C: stop what we started
+    try:
+        with _gateway(args) as (url, token, database_url):
+            print(f"loadtest: gateway {url}; results in {out}", flush=True)
+            verdict = _session(args, sla, url, token, database_url, out)
+    except (SetupError, RuntimeError) as exc:
+        print(f"loadtest: set-up failed: {exc}", file=sys.stderr)
+        return 2
+    print(_report(args, sla, verdict))
+    (out / "verdict.json").write_text(json.dumps(
+        {"ok": verdict.ok, "checks": verdict.checks, **verdict.figures}, indent=2, default=str))
+    print(json.dumps({"ok": verdict.ok, "results": str(out)}), flush=True)
+    return 0 if verdict.ok else 1
+
+
+@contextlib.contextmanager
+def _gateway(args: argparse.Namespace) -> Iterator[tuple[str, str, str]]:
+    if args.url:
+        if not args.admin_token:
+            raise SetupError("--url needs --admin-token or FLASHGATE_ADMIN_TOKEN")
+        yield args.url.rstrip("/"), args.admin_token, args.database_url
+        return
+    from cli.stack import running_stack
+
+    with running_stack(workers=args.workers) as stack:
+        assert stack.gateway_url is not None
+        print("loadtest: pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
+              flush=True)
+        yield stack.gateway_url, stack.admin_token, stack.urls.database_url
+        dead = stack.dead()
+        if dead:
+            raise SetupError(", ".join(f"{c.name} died: {c.tail(10)}" for c in dead))
+
+
+def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_url: str,
+             out: Path) -> Verdict:
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    with admin:
+        channel = _ok(admin.post("/v1/admin/channels", json={"name": "loadtest"}), 201)
+        sale_id = "lt-" + uuid.uuid4().hex[:10]
+        locust_start_s = 3.0  # Locust's own start-up, so users are there at the opening
+        opens = datetime.now(UTC) + timedelta(seconds=args.opens_in_s + locust_start_s)
+        _ok(admin.post("/v1/admin/sales", json={
+            "sale_id": sale_id, "sku": "LOAD-1", "name": "Load test",
+            "starts_at": _rfc3339(opens), "ends_at": _rfc3339(opens + timedelta(hours=1)),
+            "per_user_limit": args.per_user_limit,
+            "reservation_ttl_s": args.reservation_ttl_s}), 201)
+        codes = [f"LT-{i:06d}-{secrets.token_hex(6).upper()}" for i in range(args.keys)]
+        _ok(admin.post(f"/v1/admin/sales/{sale_id}/keys", json={"keys": codes}), 200)
+        print(f"loadtest: sale {sale_id}, {args.keys} keys, opens {_rfc3339(opens)}; "
+              f"{args.shape} shape, {args.users} users, {args.duration_s:.0f} s", flush=True)
+
+        records_file = out / "records.jsonl"
+        _run_locust(args, url, sale_id, channel["api_key"], opens.timestamp(), records_file,
+                    out)
+        records = [json.loads(line) for line in records_file.read_text().splitlines()
+                   ] if records_file.exists() else []
+        deadline = time.monotonic() + sla.delivery_grace_s
+        while time.monotonic() < deadline:  # confirmed in the ledger = not delivered yet
+            stock = _ok(admin.get(f"/v1/admin/sales/{sale_id}"), 200)["stock"]
+            if int(stock["confirmed"]) == 0:
+                break
+            time.sleep(0.2)
+        order_ids = sorted({r["order_id"] for r in records if r.get("order_id")})
+        orders = asyncio.run(_read_orders(url, channel["api_key"], order_ids))
+        stock = _ok(admin.get(f"/v1/admin/sales/{sale_id}"), 200)["stock"]
+    delivery_ms = _delivery_ms(database_url, sale_id, records, orders)
+    stats_csv = out / "locust_stats.csv"
+    if not stats_csv.exists():
+        raise SetupError(f"Locust wrote no stats; see {out / 'locust.log'}")
+    return judge(sla, read_stats(stats_csv), records, orders, stock, stock_total=args.keys,
+                 imported=set(codes), per_user_limit=args.per_user_limit,
+                 delivery_ms=delivery_ms)
+
+
+def _run_locust(args: argparse.Namespace, url: str, sale_id: str, api_key: str,
+                opens_at: float, records: Path, out: Path) -> None:
+    env = {**os.environ, "FG_SALE_ID": sale_id, "FG_API_KEY": api_key,
+           "FG_OPENS_AT": str(opens_at), "FG_SHAPE": args.shape, "FG_USERS": str(args.users),
+           "FG_DURATION_S": str(args.duration_s), "FG_RECORDS": str(records),
+           "FG_BOTS": str(args.bots), "FG_SOLVERS": str(args.solvers),
+           "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+            "--host", url, "--csv", str(out / "locust"), "--html", str(out / "report.html"),
+            "--only-summary", "--logfile", str(out / "locust.log"), "--loglevel", "WARNING",
+            "--exit-code-on-error", "0", "--stop-timeout", "1"]
+    if args.shape == "none":
+        rate = args.spawn_rate or args.users
+        argv += ["-u", str(args.users), "-r", str(rate), "-t", f"{args.duration_s:.0f}s"]
+    print("loadtest: " + " ".join(argv[1:]), flush=True)
+    with open(out / "locust.out", "wb") as log:
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc.wait(args.duration_s + args.opens_in_s + 60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+    if proc.returncode != 0:
+        tail = (out / "locust.out").read_text(errors="replace")[-2000:]
+        raise SetupError(f"Locust exited {proc.returncode}:\n{tail}")
+
+
+async def _read_orders(url: str, api_key: str, order_ids: list[str]) -> dict[str, Any]:
+    """Every order as its buyer reads it now (status, quantity, card keys)."""
+    out: dict[str, Any] = {}
+    sem = asyncio.Semaphore(32)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+
+        async def one(oid: str) -> None:
+            async with sem:
+                r = await client.get(f"/v1/orders/{oid}")
+            out[oid] = r.json() if r.status_code == 200 else {"status": f"http {r.status_code}"}
+
+        await asyncio.gather(*(one(o) for o in order_ids))
+    return out
+
+
+def _delivery_ms(database_url: str, sale_id: str, records: list[dict[str, Any]],
+                 orders: dict[str, Any]) -> list[float]:
+    """Confirm -> delivered per delivered order: PostgreSQL's own timestamps when we can read
+    them; otherwise the buyers' view (confirm answered -> first poll that saw the key)."""
+    if database_url:
+        async def fetch() -> list[float]:
+            conn = await asyncpg.connect(database_url)
+            try:
+                rows = await conn.fetch(
+                    "SELECT extract(epoch FROM delivered_at - confirmed_at) * 1000 AS ms"
+                    " FROM orders WHERE sale_id = $1 AND delivered_at IS NOT NULL", sale_id)
+            finally:
+                await conn.close()
+            return [float(r["ms"]) for r in rows]
+
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            return asyncio.run(fetch())
+    return [(r["delivered_seen_at"] - r["confirmed_at"]) * 1000 for r in records
+            if r.get("delivered_seen_at") and r.get("confirmed_at")
+            and orders.get(r.get("order_id", ""), {}).get("status") == "delivered"]
+
+
+def _ok(r: httpx.Response, status: int) -> Any:
+    if r.status_code != status:
+        raise SetupError(f"{r.request.method} {r.request.url.path} -> {r.status_code}: "
+                         f"{r.text[:300]}")
+    return r.json()
+
+
+def _rfc3339(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _report(args: argparse.Namespace, sla: SLA, v: Verdict) -> str:
+    f = v.figures
+    lines = ["", "Flashgate load test", "===================",
+             f"SLA ({args.sla}): purchase p99 <= {sla.purchase_p99_ms:.0f} ms, errors <= "
+             f"{sla.error_rate_max:.2%}, delivery p99 <= {sla.delivery_p99_ms:.0f} ms, "
+             f"grace {sla.delivery_grace_s:.0f} s",
+             f"load      {args.shape} shape, {args.users} users, {args.bots} bots, "
+             f"{args.solvers} challenge solvers, {args.duration_s:.0f} s"]
+    for name, s in f.get("requests", {}).items():
+        lines.append(f"  {name:<24} {s['count']:>7} req {s['failures']:>5} failed  "
+                     f"p50 {s['p50_ms']:>5.0f} ms  p99 {s['p99_ms']:>5.0f} ms  "
+                     f"{s['rps']:>7.1f} req/s")
+    lines += [f"buyers    {f.get('buyers')} honest, {f.get('solvers')} challenged "
+              f"({f.get('solved')} solved); outcomes {f.get('outcomes')}",
+              f"bots      {f.get('bot_answers')}",
+              f"second tries (new key after a confirmed order) {f.get('second_tries')}",
+              f"delivery  {f.get('delivered')} of {f.get('confirmed')} confirmed; p50 "
+              f"{f.get('delivery_p50_ms')} ms, p99 {f.get('delivery_p99_ms')} ms",
+              f"ledger    {f.get('ledger')}", v.render()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

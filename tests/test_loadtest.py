@@ -1,0 +1,101 @@
+"""The load test can't rot: a few-second Locust run through `python -m loadtest.run` (Locust in
+a subprocess, so its gevent patching never touches this process) against a stack on the
+session's servers, plus the gate's logic and the shapes as plain functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.embedded import ServiceURLs
+from loadtest.audit import SLA, RequestStats, judge
+from loadtest.profiles import Spike, Steady, schedule
+from tests.conftest import scratch_database
+from tests.test_cli import _alive
+
+
+@pytest.fixture
+async def loadtest_database(service_urls: ServiceURLs) -> AsyncIterator[str]:
+    async with scratch_database(service_urls.database_url, "flashgate_loadtest_") as url:
+        yield url
+
+
+@pytest.mark.timeout(150)
+def test_smoke_load_test_passes_its_gate(service_urls: ServiceURLs, loadtest_database: str,
+                                          tmp_path: Path) -> None:
+    env = {**os.environ, "FLASHGATE_REDIS_URL": service_urls.redis_url,
+           "FLASHGATE_DATABASE_URL": loadtest_database,
+           "FLASHGATE_KEY_PREFIX": "fglt" + secrets.token_hex(4)}
+    # Latency is not what the smoke checks (the suite shares the machine): 1 s p99 bound.
+    r = subprocess.run([sys.executable, "-m", "loadtest.run", "--shape", "none", "--users", "12",
+                        "--duration-s", "4", "--keys", "30", "--opens-in-s", "0",
+                        "--bots", "2", "--solvers", "1", "--workers", "1",
+                        "--results-dir", str(tmp_path), "--sla-set", "purchase_p99_ms=1000"],
+                       env=env, capture_output=True, text=True, timeout=140)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    assert "VERDICT: PASS" in r.stdout
+    results = Path(json.loads(r.stdout.strip().splitlines()[-1])["results"])
+    verdict = json.loads((results / "verdict.json").read_text())
+    assert verdict["ok"] and verdict["delivered"] == verdict["confirmed"] > 0
+    assert verdict["requests"]["purchase"]["count"] > 0
+    assert (results / "report.html").exists() and (results / "locust_stats.csv").exists()
+    pids = next(line for line in r.stdout.splitlines() if line.startswith("loadtest: pids "))
+    for pid in (int(p.split("=")[1]) for p in pids.split()[2:]):
+        assert not _alive(pid), f"pid {pid} left running"
+
+
+def _stats(p99: float, failures: int = 0) -> list[RequestStats]:
+    return [RequestStats("purchase", 1000, failures, 5, p99, 100),
+            RequestStats("Aggregated", 1000, failures, 5, p99, 100)]
+
+
+def _good() -> dict[str, Any]:
+    orders = {"s.1": {"status": "delivered", "user_id": "a", "quantity": 1, "card_keys": ["K1"]},
+              "s.2": {"status": "delivered", "user_id": "b", "quantity": 1, "card_keys": ["K2"]}}
+    stock = {"total": 3, "available": 1, "reserved": 0, "confirmed": 0, "delivered": 2}
+    return {"orders": orders, "stock": stock}
+
+
+def _judge(stats: list[RequestStats], orders: dict[str, Any], stock: dict[str, Any],
+           ) -> dict[str, bool]:
+    v = judge(SLA(), stats, [], orders, stock, stock_total=3, imported={"K1", "K2", "K3"},
+              per_user_limit=1, delivery_ms=[10.0, 20.0])
+    return {name: ok for name, ok, _ in v.checks}
+
+
+def test_gate_passes_a_clean_run_and_fails_each_breach() -> None:
+    g = _good()
+    assert all(_judge(_stats(20), g["orders"], g["stock"]).values())
+    assert not _judge(_stats(51), g["orders"], g["stock"])["purchase p99"]
+    assert not _judge(_stats(20, failures=2), g["orders"], g["stock"])["errors"]
+    dup = {**g["orders"], "s.2": {**g["orders"]["s.2"], "card_keys": ["K1"]}}
+    assert not _judge(_stats(20), dup, g["stock"])["duplicate keys = 0"]
+    foreign = {**g["orders"], "s.2": {**g["orders"]["s.2"], "card_keys": ["X"]}}
+    assert not _judge(_stats(20), foreign, g["stock"])["keys imported"]
+    greedy = {**g["orders"], "s.2": {**g["orders"]["s.2"], "user_id": "a"}}
+    assert not _judge(_stats(20), greedy, g["stock"])["per-user limit"]
+    stuck = {**g["orders"], "s.2": {**g["orders"]["s.2"], "status": "confirmed"}}
+    assert not _judge(_stats(20), stuck, g["stock"])["all delivered"]
+    leak = {**g["stock"], "available": 2}
+    assert not _judge(_stats(20), g["orders"], leak)["stock adds up"]
+
+
+def test_shapes() -> None:
+    spike = Spike(peak=1000, opens_at_s=5, ramp_s=2, hold_s=10, duration_s=30, idle_users=5)
+    assert spike.tick(0) == (5, 5.0)  # idle before the opening
+    assert spike.tick(3.5) == (1000, 500.0)  # everyone there within the ramp
+    assert spike.tick(14)[0] == 1000
+    assert spike.tick(20)[0] == 200  # the tail
+    assert spike.tick(30) is None
+    assert Steady(users=50, ramp_s=5, duration_s=10).tick(1) == (50, 10.0)
+    assert isinstance(schedule("steady", users=5, opens_at_s=0, duration_s=1), Steady)
+    with pytest.raises(ValueError):
+        schedule("zigzag", users=5, opens_at_s=0, duration_s=1)
