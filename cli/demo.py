@@ -3,7 +3,8 @@
 1. Start the stack (embedded Redis + PostgreSQL unless URLs are given, the gateway, 2 workers).
 2. Through the admin API: a channel, a sale opening in a few seconds, its card keys.
 3. At the opening second, many buyers purchase concurrently (cli/load.py), with idempotent
-   retries, double clicks and second tries.
+   retries, double clicks and second tries; a bot farm (a few devices cycling through many
+   user ids from two /24s) fires among them, and the risk engine should refuse most of it.
 4. Confirm every reservation; poll until each confirmed order reads "delivered".
 5. Audit (cli/audit.py), print a report and, as the last line, one JSON object.
 Exit 1 when an invariant fails; everything started is stopped either way.
@@ -30,14 +31,18 @@ import httpx
 
 from cli.admin import rfc3339
 from cli.audit import Audit, Delivery, audit, render
-from cli.load import Attempt, Plan, make_plan, play, play_in_process
+from cli.load import Attempt, Plan, default_bots, make_plan, play, play_in_process
 from cli.stack import Stack, redact, running_stack
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", type=int, default=1000, help="card keys in the sale (stock)")
-    p.add_argument("--buyers", type=int, default=5000, help="distinct buyers")
-    p.add_argument("--attempts", type=int, default=20000, help="purchase attempts in all")
+    p.add_argument("--buyers", type=int, default=5000, help="distinct honest buyers")
+    p.add_argument("--attempts", type=int, default=20000,
+                   help="purchase attempts in all, the bot farm's included")
+    p.add_argument("--bots", type=int, default=None,
+                   help="attempts of the bot farm, 2 per bot user id (default: 10%% of "
+                   "--attempts; 0: no farm)")
     p.add_argument("--concurrency", type=int, default=64,
                    help="requests in flight (connections), split over the load processes")
     p.add_argument("--load-procs", type=int, default=1,
@@ -58,7 +63,8 @@ class DemoError(RuntimeError):
 def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
-        plan = make_plan(args.buyers, args.attempts, seed=args.seed)
+        bots = default_bots(args.attempts) if args.bots is None else args.bots
+        plan = make_plan(args.buyers, args.attempts, bots=bots, seed=args.seed)
     except ValueError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
@@ -113,8 +119,9 @@ async def _session(stack: Stack, args: argparse.Namespace, plan: Plan) -> Audit:
         imported = await _ok(admin.post(f"/v1/admin/sales/{sale_id}/keys",
                                         json={"keys": codes}), 200)
         print(f"demo: sale {sale_id}: {imported['imported']} keys imported; opens at "
-              f"{rfc3339(opens)}; {plan.attempts} attempts from {len(plan.buyers)} buyers, "
-              f"{args.concurrency} in flight over {args.load_procs} load process(es)", flush=True)
+              f"{rfc3339(opens)}; {plan.attempts} attempts from {plan.honest} buyers"
+              f"{_farm_text(plan)}, {args.concurrency} in flight over {args.load_procs} load "
+              "process(es)", flush=True)
 
         attempts = await _fire(base, sale_id, channel["api_key"], plan, opens.timestamp(), args)
         print(f"demo: {len(attempts)} purchase answers; confirming and awaiting delivery ...",
@@ -122,10 +129,15 @@ async def _session(stack: Stack, args: argparse.Namespace, plan: Plan) -> Audit:
         deliveries = await _confirm_and_deliver(base, channel["api_key"], admin, sale_id,
                                                 stack.urls.database_url, attempts, args)
         stock = await _ok(admin.get(f"/v1/admin/sales/{sale_id}"), 200)
-    return audit(stock_total=args.keys, imported=set(codes), buyers=len(plan.buyers),
+    return audit(stock_total=args.keys, imported=set(codes), buyers=plan.honest,
                  per_user_limit=1, attempts=attempts, deliveries=deliveries,
                  sale=stock, opens_at=opens.timestamp(), imported_count=imported["imported"],
-                 load_procs=args.load_procs, concurrency=args.concurrency)
+                 load_procs=args.load_procs, concurrency=args.concurrency,
+                 bots=plan.bot_users, farm=plan.farm.describe() if plan.farm else "")
+
+
+def _farm_text(plan: Plan) -> str:
+    return f" and a bot farm of {plan.farm.describe()}" if plan.farm else ""
 
 
 async def _ok(request: Any, status: int) -> Any:

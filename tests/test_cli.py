@@ -170,7 +170,14 @@ def test_small_demo_passes_its_audit(service_urls: ServiceURLs, demo_database: s
     assert summary["oversold"] == summary["duplicate_keys"] == summary["lost_orders"] == 0
     for key in ("purchase_p50_ms", "purchase_p99_ms", "delivery_p99_ms", "elapsed_s"):
         assert summary[key] >= 0
-    assert "RESULT: PASS" in r.stdout
+    # The default bot farm (10% of the attempts): mostly refused by risk; the keys go to people.
+    assert summary["bot_attempts"] == 100 and summary["honest_attempts"] == 900
+    refused = summary["bot_denied"] + summary["bot_challenged"] + summary["bot_rate_limited"]
+    assert refused >= 50, summary
+    assert summary["honest_keys"] + summary["bot_keys"] == 50
+    assert summary["honest_keys"] > summary["bot_keys"], summary
+    assert summary["honest_denied"] == 0 and summary["errors"] == 0
+    assert "RESULT: PASS" in r.stdout and "Risk: honest buyers vs the bot farm" in r.stdout
     pids_line = next(line for line in r.stdout.splitlines() if line.startswith("demo: pids "))
     pids = [int(p.split("=")[1]) for p in pids_line.split()[2:]]
     assert len(pids) == 3  # the gateway and two workers, all stopped again

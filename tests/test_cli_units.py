@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ipaddress
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from cli.admin import key_import_request, parse_time
-from cli.audit import Delivery, audit, percentile
-from cli.load import DOUBLE, FIRST, RETRY, SECOND, Attempt, make_plan
+from cli.audit import Delivery, audit, percentile, render
+from cli.load import (
+    DOUBLE,
+    FIRST,
+    NET_RETRY,
+    RETRY,
+    SECOND,
+    SOLVED,
+    Attempt,
+    default_bots,
+    make_plan,
+    play,
+)
 from cli.main import build_parser
 from cli.stack import redact
+from risk.challenge import Challenges
+from risk.engine import RiskContext
+from risk.lists import load_datacenter_ranges
+from risk.signals import Signals
+from risk.solver import SOLUTION_HEADER
 
 
 def test_parse_time_relative_and_rfc3339() -> None:
@@ -45,7 +64,8 @@ def test_parser_knows_every_command() -> None:
                               "now", "--ends-at", "+1h", "--per-user-limit", "2"])
     assert (args.command, args.action, args.per_user_limit) == ("sale", "create", 2)
     args = parser.parse_args(["demo"])
-    assert (args.keys, args.buyers, args.attempts) == (1000, 5000, 20000)
+    assert (args.keys, args.buyers, args.attempts, args.bots) == (1000, 5000, 20000, None)
+    assert parser.parse_args(["demo", "--bots", "0"]).bots == 0
     for argv in (["up"], ["worker"], ["gateway", "--port", "9"], ["migrate"],
                  ["channel", "create", "shop"], ["sale", "show", "s"],
                  ["keys", "import", "s", "f"]):
@@ -54,18 +74,129 @@ def test_parser_knows_every_command() -> None:
 
 def test_plan_has_exact_attempts_and_every_kind() -> None:
     plan = make_plan(500, 2003, seed=1, double_click=0.1)
-    assert plan.attempts == 2003
-    assert len({user for user, _, _ in plan.buyers}) == 500
-    kinds = {kind for _, _, steps in plan.buyers for step in steps for _, kind in step}
+    assert plan.attempts == 2003 and plan.farm is None and not plan.bot_users
+    assert len({b.user_id for b in plan.buyers}) == 500
+    kinds = {kind for b in plan.buyers for step in b.steps for _, kind in step}
     assert kinds == {FIRST, RETRY, SECOND, DOUBLE}
     assert sum(len(p) for p in plan.partitions(3)) == 500
     with pytest.raises(ValueError):
         make_plan(10, 5)
+    with pytest.raises(ValueError):  # the farm's attempts come out of the total
+        make_plan(10, 20, bots=11)
+
+
+def _body(b: object) -> dict[str, str]:
+    return json.loads(b.body)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_default_plan_meets_the_sale_size_with_a_bot_farm() -> None:
+    attempts = 20000
+    plan = make_plan(5000, attempts, bots=default_bots(attempts), seed=3)
+    assert default_bots(attempts) == 2000  # 10% of the attempts
+    assert plan.attempts == 20000 and plan.honest == 5000
+    assert len({b.user_id for b in plan.buyers}) >= 5000 + 1000
+    bots = [b for b in plan.buyers if b.bot]
+    assert sum(len(s) for b in bots for s in b.steps) == 2000
+    assert len(bots) == len(plan.bot_users) == plan.farm.users == 1000  # type: ignore[union-attr]
+
+
+def test_bot_farm_is_a_few_devices_on_two_subnets_at_the_head_of_the_queue() -> None:
+    plan = make_plan(300, 1200, bots=400, seed=5)
+    assert plan.attempts == 1200 and plan.honest == 300
+    farm = plan.farm
+    assert farm is not None and farm.users == 200 and farm.devices == 2
+    bots = [_body(b) for b in plan.buyers if b.bot]
+    honest = [_body(b) for b in plan.buyers if not b.bot]
+    # A farm: many user ids per device, every address inside the farm's /24s, none of them
+    # datacenter ranges (the farm is caught by behaviour, not by a list).
+    assert len({b["device_id"] for b in bots}) == 2
+    assert len({b["user_id"] for b in bots}) == 200
+    nets = [ipaddress.ip_network(s) for s in farm.subnets]
+    assert len(nets) == 2 and all(n.prefixlen == 24 for n in nets)
+    addresses = {ipaddress.ip_address(b["client_ip"]) for b in bots}
+    assert all(any(a in n for n in nets) for a in addresses) and len(addresses) > 50
+    datacenter = load_datacenter_ranges()
+    assert not [a for a in addresses if a in datacenter]
+    # Honest buyers: a device and a /24 each, none shared with the farm.
+    assert len({b["device_id"] for b in honest}) == 300
+    honest_nets = {ipaddress.ip_network(b["client_ip"] + "/24", strict=False) for b in honest}
+    assert len(honest_nets) == 300 and not honest_nets & set(nets)
+    # The farm fires at the opening: bots and honest buyers alternate at the head of the queue,
+    # each device cycling through its users; bots never double-click.
+    head = plan.buyers[:400]
+    assert [b.bot for b in head] == [True, False] * 200
+    assert [_body(b)["device_id"] for b in head[:4:2]] != [_body(head[0])["device_id"]] * 2
+    assert {kind for b in plan.buyers if b.bot for s in b.steps for _, kind in s} == {FIRST,
+                                                                                      SECOND}
+
+
+class _ChallengingGateway:
+    """A loopback stand-in for the purchase endpoint that answers every purchase 428 with a real
+    challenge, and 201 to a valid solution (keep-alive HTTP/1.1, just enough of it)."""
+
+    def __init__(self) -> None:
+        self.challenges = Challenges(b"s" * 32)
+        self.solutions: list[str] = []
+
+    def _signals(self, body: bytes) -> Signals:
+        doc = json.loads(body)
+        return Signals.of(RiskContext("sale", "ch", doc["user_id"], doc["device_id"],
+                                      doc["client_ip"], doc.get("user_agent"), 1))
+
+    def answer(self, head: dict[str, str], body: bytes) -> tuple[int, dict[str, object]]:
+        if not body:
+            return 200, {"status": "ok"}
+        sig = self._signals(body)
+        if (solution := head.get(SOLUTION_HEADER.lower())) is not None:
+            self.solutions.append(solution)
+            if self.challenges.verify(solution, sig, time.time()).challenge_id:
+                return 201, {"order_id": "sale.o-" + sig.user_id, "status": "reserved"}
+        return 428, {"code": "challenge_required", "reasons": ["subnet_burst"],
+                     "challenge": self.challenges.issue(sig, 2000, 60, time.time())}
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while raw := await reader.readuntil(b"\r\n\r\n"):
+                lines = raw.decode().split("\r\n")
+                head = {k.lower(): v.strip() for k, _, v in
+                        (line.partition(":") for line in lines[1:] if line)}
+                body = await reader.readexactly(int(head.get("content-length", "0")))
+                status, doc = self.answer(head, body)
+                out = json.dumps(doc).encode()
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(out)}\r\n\r\n"
+                             .encode() + out)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_honest_buyers_solve_challenges_and_bots_do_not() -> None:
+    gateway = _ChallengingGateway()
+    server = await asyncio.start_server(gateway.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    plan = make_plan(2, 2, bots=0, seed=1)
+    farm = make_plan(1, 5, bots=4, seed=1)
+    buyers = [*plan.buyers, *farm.buyers]
+    bots = farm.bot_users
+    try:
+        out = await play(f"http://127.0.0.1:{port}", "sale", "key", buyers, time.time(), 2)
+    finally:
+        server.close()
+        await server.wait_closed()
+    honest = [a for a in out if a.user_id not in bots]
+    assert sorted((a.kind, a.status) for a in honest) == sorted(
+        [(FIRST, 428), (SOLVED, 201)] * 3)  # three honest buyers, one attempt each
+    assert all(a.reasons == "subnet_burst" for a in honest if a.status == 428)
+    assert sorted((a.kind, a.status) for a in out if a.user_id in bots) == sorted(
+        [(FIRST, 428), (SECOND, 428)] * 2)  # never solved
+    assert len(gateway.solutions) == 3
 
 
 def _attempt(user: str, key: str, kind: str, status: int, order: str = "", code: str = "",
-             ) -> Attempt:
-    return Attempt(user, key, kind, status, code, order, 5.0, 1000.0)
+             reasons: str = "") -> Attempt:
+    return Attempt(user, key, kind, status, code, order, 5.0, 1000.0, reasons)
 
 
 def _delivered(order: str, *keys: str) -> Delivery:
@@ -74,13 +205,15 @@ def _delivered(order: str, *keys: str) -> Delivery:
 
 
 def _run(attempts: list[Attempt], deliveries: list[Delivery], stock: int = 2,
-         ledger: dict[str, int] | None = None):  # type: ignore[no-untyped-def]
+         ledger: dict[str, int] | None = None, buyers: int = 3,
+         bots: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
     ledger = ledger or {"total": stock, "available": 0, "reserved": 0, "confirmed": 0,
                         "delivered": len(deliveries)}
-    return audit(stock_total=stock, imported={"K1", "K2"}, buyers=3, per_user_limit=1,
-                 attempts=attempts, deliveries={d.order_id: d for d in deliveries},
-                 sale={"stock": ledger}, opens_at=999.0, imported_count=stock, load_procs=1,
-                 concurrency=4)
+    return audit(stock_total=stock, imported={"K1", "K2", "K3"}, buyers=buyers,
+                 per_user_limit=1, attempts=attempts,
+                 deliveries={d.order_id: d for d in deliveries}, sale={"stock": ledger},
+                 opens_at=999.0, imported_count=stock, load_procs=1, concurrency=4, bots=bots,
+                 farm="2 user ids on 1 device(s) in 203.0.113.0/24")
 
 
 def test_audit_passes_a_clean_sale() -> None:
@@ -112,6 +245,69 @@ def test_audit_catches_a_ledger_that_does_not_add_up() -> None:
                   ledger={"total": 2, "available": -1, "reserved": 0, "confirmed": 0,
                           "delivered": 2})
     assert result.oversold == 1 and not result.ok
+
+
+def test_audit_classes_risk_answers_by_buyer_and_never_as_errors() -> None:
+    bots = frozenset({"b1", "b2", "b3"})
+    result = _run([
+        # honest: one plain purchase, one after a challenge (same key), one sold out
+        _attempt("u1", "a", FIRST, 201, "o1"),
+        _attempt("u2", "b", FIRST, 428, code="challenge_required", reasons="ip_burst"),
+        _attempt("u2", "b", SOLVED, 201, "o2"),
+        _attempt("u3", "c", FIRST, 409, code="sold_out"),
+        # bots: one got a key before the farm was detected, the rest were refused
+        _attempt("b1", "x", FIRST, 201, "o3"),
+        _attempt("b1", "y", SECOND, 403, code="risk_denied",
+                 reasons="device_many_users,subnet_burst"),
+        _attempt("b2", "z", FIRST, 428, code="challenge_required", reasons="device_many_users"),
+        _attempt("b2", "z", RETRY, 428, code="challenge_required", reasons="device_many_users"),
+        _attempt("b3", "w", FIRST, 429, code="rate_limited"),
+        _attempt("b3", "v", SECOND, 0),  # no answer, then a refusal: not an error
+        _attempt("b3", "v", NET_RETRY, 403, code="risk_denied", reasons="device_many_users"),
+    ], [_delivered("o1", "K1"), _delivered("o2", "K2"), _delivered("o3", "K3")], stock=3,
+        bots=bots)
+    assert result.ok, result.failures
+    assert result.errors == 0 and result.idempotency_violations == 0
+    s = result.summary()
+    assert s["attempts"] == 9  # planned: the solved retry and the network retry are extra
+    assert (s["honest_attempts"], s["honest_reserved"], s["honest_challenged"],
+            s["honest_denied"], s["honest_keys"], s["honest_users_with_key"]) == (3, 2, 1, 0, 2, 2)
+    # Per planned attempt, its first answer (b3's key v: no answer, so neither).
+    assert (s["bot_users"], s["bot_attempts"], s["bot_reserved"], s["bot_denied"],
+            s["bot_challenged"], s["bot_rate_limited"], s["bot_keys"]) == (3, 6, 1, 1, 2, 1, 1)
+    assert result.classes["honest"].solved == 1
+    assert result.classes["bot"].reasons["device_many_users"] == 3
+    assert result.warnings == ["bots got 1 of 3 keys (over 10%)"]  # reported, not a failure
+    report = render(result)
+    assert "Risk: honest buyers vs the bot farm" in report and "RESULT: PASS" in report
+    assert "4 of 6 (66.7%) denied, challenged or rate limited" in report
+    assert "WARNING: bots got 1 of 3 keys" in report
+
+
+def test_audit_demand_counts_only_buyers_the_ledger_answered() -> None:
+    # Stock 3, but risk refused two of the four buyers outright: two reservations are right.
+    attempts = [_attempt("u1", "a", FIRST, 201, "o1"), _attempt("u2", "b", FIRST, 201, "o2"),
+                _attempt("b1", "x", FIRST, 403, code="risk_denied"),
+                _attempt("b2", "y", FIRST, 428, code="challenge_required")]
+    result = _run(attempts, [_delivered("o1", "K1"), _delivered("o2", "K2")], stock=3,
+                  ledger={"total": 3, "available": 1, "reserved": 0, "confirmed": 0,
+                          "delivered": 2}, buyers=2, bots=frozenset({"b1", "b2"}))
+    assert result.ok, result.failures
+    assert result.warnings == []
+    # ... but a sale that stopped short while a buyer reached the ledger is a failure.
+    short = _run([*attempts, _attempt("u3", "c", FIRST, 409, code="sold_out")],
+                 [_delivered("o1", "K1"), _delivered("o2", "K2")], stock=3,
+                 ledger={"total": 3, "available": 1, "reserved": 0, "confirmed": 0,
+                         "delivered": 2}, buyers=3, bots=frozenset({"b1", "b2"}))
+    assert not short.ok and "reserved 2, expected 3" in short.failures[0]
+
+
+def test_audit_a_refusal_then_a_success_on_one_key_is_a_violation() -> None:
+    result = _run([_attempt("u1", "a", FIRST, 403, code="risk_denied"),
+                   _attempt("u1", "a", RETRY, 201, "o1"), _attempt("u2", "b", FIRST, 201, "o2")],
+                  [_delivered("o1", "K1"), _delivered("o2", "K2")])
+    assert result.idempotency_violations == 1 and not result.ok
+    assert result.warnings == ["risk refused honest buyers: 1 denied, 0 rate limited"]
 
 
 def test_percentile_nearest_rank() -> None:
