@@ -6,15 +6,35 @@ The gateway opens one in its lifespan, each worker process one at start; never a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import Connection
 
 from core.crypto import Keyring
 from core.db import create_pool, migrate
 from core.keys import Keys
 from core.ledger import Ledger
 from core.settings import Settings
+
+
+class HiredisPackConnection(Connection):
+    """redis-py's asyncio connection, packing commands with hiredis (C) instead of Python.
+
+    redis-py uses hiredis only to parse replies on asyncio; packing a purchase's EVALSHA (16
+    keys, 17 arguments) in Python costs about 30 us of the gateway's CPU, hiredis about 3 us.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        command = args[0]
+        if isinstance(command, str) and " " in command:  # "SCRIPT LOAD": as redis-py does
+            args = (*command.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # a type hiredis doesn't pack: redis-py's encoder decides
+            return list(super().pack_command(*args))
 
 
 def redis_client(settings: Settings) -> Redis:
@@ -28,6 +48,7 @@ def redis_client(settings: Settings) -> Redis:
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_timeout_s,
         health_check_interval=30,
+        connection_class=HiredisPackConnection,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 

@@ -7,6 +7,7 @@ a partial document merged over the file (objects merge key by key, values replac
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
 from importlib import resources
@@ -119,12 +120,23 @@ class SaleConfigs:
     def __init__(self, redis: Redis, keys: Keys, base: RiskConfig, ttl_s: float) -> None:
         self.redis, self.keys, self.base, self.ttl_s = redis, keys, base, ttl_s
         self._cache: dict[str, tuple[RiskConfig, float]] = {}
+        self._loading: dict[str, asyncio.Future[RiskConfig]] = {}
 
     async def get(self, sale_id: str) -> RiskConfig:
-        now = time.monotonic()
         hit = self._cache.get(sale_id)
-        if hit is not None and hit[1] > now:
+        if hit is not None and hit[1] > time.monotonic():
             return hit[0]
+        # Single flight: at a sale's opening second every request misses at once; one read
+        # serves them all instead of a stampede that drains the connection pool.
+        loading = self._loading.get(sale_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(sale_id))
+            self._loading[sale_id] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(sale_id, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, sale_id: str) -> RiskConfig:
+        now = time.monotonic()
         raw = await self.redis.get(self.keys.risk_config(sale_id))
         cfg = self.base
         if raw:

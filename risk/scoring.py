@@ -62,6 +62,35 @@ class _Inline:
     base_shadow: tuple[str, ...]
 
 
+_COMPILED: dict[int, tuple[RiskConfig, tuple[str, tuple[str, ...], tuple[Any, ...]]]] = {}
+
+
+def _compiled(cfg: RiskConfig) -> tuple[str, tuple[str, ...], tuple[Any, ...]]:
+    """A config's feature rules as purchase.lua's rule spec (with their names, in order) and its
+    request-only rules; computed once per config object, not per request."""
+    hit = _COMPILED.get(id(cfg))
+    if hit is not None and hit[0] is cfg:
+        return hit[1]
+    spec: list[str] = []
+    names: list[str] = []
+    request_rules: list[Any] = []
+    for name, rule in cfg.rules.items():
+        if rule.mode == "off":
+            continue
+        feature = FEATURE_OF.get(name)
+        if feature is None:
+            request_rules.append((name, rule))
+            continue
+        mode = 2 if rule.mode == "shadow" else 1
+        spec.append(f"{FEATURE_ORDER.index(feature) + 1}:{rule.limit}:{rule.weight}:{mode}")
+        names.append(name)
+    if len(_COMPILED) > 1000:
+        _COMPILED.clear()
+    compiled = (";".join(spec), tuple(names), tuple(request_rules))
+    _COMPILED[id(cfg)] = (cfg, compiled)
+    return compiled
+
+
 class ScoringEngine:
     def __init__(self, redis: Redis, keys: Keys, *, config: RiskConfig, datacenter: CidrSet,
                  challenge_secret: bytes, timeout_s: float = 0.05, cache_ttl_s: float = 2.0,
@@ -107,17 +136,9 @@ class ScoringEngine:
         inputs = Inputs(sig, None, sig.address is not None and sig.address in self.datacenter)
         base: list[tuple[int, str]] = []
         base_shadow: list[str] = []
-        spec: list[str] = []
-        names: list[str] = []
-        for name, rule in cfg.rules.items():
-            if rule.mode == "off":
-                continue
-            feature = FEATURE_OF.get(name)
-            if feature is not None:
-                mode = 2 if rule.mode == "shadow" else 1
-                spec.append(f"{FEATURE_ORDER.index(feature) + 1}:{rule.limit}:{rule.weight}:{mode}")
-                names.append(name)
-            elif RULES[name](inputs, rule.limit):
+        spec, names, request_rules = _compiled(cfg)
+        for name, rule in request_rules:
+            if RULES[name](inputs, rule.limit):
                 if rule.mode == "shadow":
                     base_shadow.append(name)
                 else:
@@ -138,10 +159,9 @@ class ScoringEngine:
                 k.risk_verdicts(sale),
             ),
             args=(adm.sale_rate, adm.sale_burst, adm.channel_rate, adm.channel_burst,
-                  solution_ttl_ms, min(100, sum(w for w, _ in base)), t.challenge, t.deny,
-                  ";".join(spec)),
+                  solution_ttl_ms, min(100, sum(w for w, _ in base)), t.challenge, t.deny, spec),
         )
-        return RiskPlan(script, _Inline(sig, cfg, now_s, verified, tuple(names),
+        return RiskPlan(script, _Inline(sig, cfg, now_s, verified, names,
                                         tuple(base), tuple(base_shadow)))
 
     def judge(self, plan: RiskPlan, outcome: RiskOutcome) -> Decision:
