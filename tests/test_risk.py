@@ -25,7 +25,10 @@ async def risk_app(request, settings, runtime):  # type: ignore[no-untyped-def]
     the reservation script (inline, the default) and by a separate features call (split)."""
     from gateway.app import create_app
 
-    application = create_app(replace(settings, risk_inline=request.param == "inline"))
+    # Split mode with a generous deadline: under a loaded test machine the default 50 ms would
+    # fail features open (tested on its own in test_risk_engine.py) and blur the farm tests.
+    application = create_app(replace(settings, risk_inline=request.param == "inline",
+                                     risk_timeout_ms=2000))
     async with application.router.lifespan_context(application):
         yield application
 
