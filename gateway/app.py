@@ -18,7 +18,7 @@ from core.settings import Settings
 from gateway.auth import ChannelAuth
 from gateway.middleware import BodyLimit
 from gateway.problems import exception_handlers
-from gateway.routes import admin, health, risk_admin, storefront
+from gateway.routes import admin, bench, health, risk_admin, storefront
 from gateway.state import GatewayState
 from risk.engine import AllowAll, RiskEngine
 from risk.scoring import ScoringEngine
@@ -50,7 +50,8 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
             await runtime.close()
 
     return Starlette(
-        routes=[*health.routes, *storefront.routes, *admin.routes, *risk_admin.routes],
+        routes=[*health.routes, *storefront.routes, *admin.routes, *risk_admin.routes,
+                *(bench.routes if settings.bench_endpoints else [])],
         middleware=[Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                                max_import_bytes=settings.max_import_bytes)],
         exception_handlers=exception_handlers(),  # type: ignore[arg-type]

@@ -1,0 +1,60 @@
+"""Reading the load generators' output, and the statistics over repetitions (pure functions)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import statistics
+from dataclasses import dataclass
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+@dataclass(frozen=True)
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int = 0
+    non2xx: int = 0
+    socket_errors: int = 0
+
+
+def _ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value.strip())
+    if not m:
+        raise ValueError(f"not a wrk duration: {value!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(text: str) -> Run:
+    """wrk --latency output: Requests/sec, the 50% and 99% lines, errors."""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))  # type: ignore[union-attr]
+    total = re.search(r"(\d+) requests in", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return Run(rps, p50, p99, int(total.group(1)) if total else 0,
+               int(non2xx.group(1)) if non2xx else 0,
+               sum(int(g) for g in sock.groups()) if sock else 0)
+
+
+def parse_redis_benchmark(text: str) -> Run:
+    """redis-benchmark --csv (7.x): "test","rps","avg_latency_ms","min_latency_ms",
+    "p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"."""
+    rows = list(csv.DictReader(io.StringIO(text.strip())))
+    row = rows[-1]
+    return Run(float(row["rps"]), float(row["p50_latency_ms"]), float(row["p99_latency_ms"]))
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of per-repetition ratios (pair by pair, same repetition), not a ratio of
+    medians: noise that hits both sides of one pair cancels."""
+    pairs = [a / b for a, b in zip(numerators, denominators, strict=True) if b]
+    return median(pairs)
