@@ -166,8 +166,8 @@ class ScoringEngine:
 
     def judge(self, plan: RiskPlan, outcome: RiskOutcome) -> Decision:
         p: _Inline = plan.context
-        weights = {name: rule.weight for name, rule in p.cfg.rules.items()}
-        fired = [*p.base, *((weights[p.names[i - 1]], p.names[i - 1]) for i in outcome.fired)]
+        rules = p.cfg.rules
+        fired = [*p.base, *((rules[p.names[i - 1]].weight, p.names[i - 1]) for i in outcome.fired)]
         fired.sort(key=lambda wn: (-wn[0], wn[1]))
         reasons = tuple(n for _, n in fired)
         shadow = (*p.base_shadow, *(p.names[i - 1] for i in outcome.shadow))
