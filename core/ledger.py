@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import cast
 
+import msgspec
 from redis.asyncio import Redis
 
 from core import errors
@@ -44,24 +44,21 @@ def raise_for(code: ReturnCode) -> None:
         raise _ERRORS[code]()
 
 
-@dataclass(frozen=True)
-class Reservation:
+class Reservation(msgspec.Struct, frozen=True):
     order_id: str
     status: str
     expires_at_ms: int
     replayed: bool
 
 
-@dataclass(frozen=True)
-class RiskArgs:
+class RiskArgs(msgspec.Struct, frozen=True):
     """What purchase.lua needs from the risk engine: its KEYS[7..16] and ARGV[9..17]."""
 
     keys: tuple[str, ...]
     args: tuple[str | int | float, ...]
 
 
-@dataclass(frozen=True)
-class RiskOutcome:
+class RiskOutcome(msgspec.Struct, frozen=True):
     """What purchase.lua says of the risk side of one purchase."""
 
     refused: ReturnCode | None  # RISK_DENIED or RISK_CHALLENGE; None when it went on
@@ -75,8 +72,7 @@ def _positions(csv: str) -> tuple[int, ...]:
     return tuple(int(p) for p in csv.split(",")) if csv else ()
 
 
-@dataclass(frozen=True)
-class PurchaseRequest:
+class PurchaseRequest(msgspec.Struct, frozen=True):
     sale_id: str
     channel_id: str
     idempotency_key: str

@@ -20,18 +20,17 @@ import hashlib
 import hmac
 import json
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
 import altcha
+import msgspec
 
 from risk.signals import Signals
 
 ALGORITHM = "SHA-256"
 
 
-@dataclass(frozen=True)
-class Verified:
+class Verified(msgspec.Struct, frozen=True):
     challenge_id: str | None   # set when the solution is genuine, bound and unexpired
     problem: str | None        # why it was refused: solution_invalid|expired|foreign
     expires_at: int = 0        # unix seconds, when genuine

@@ -13,8 +13,9 @@ real one; `AllowAll` lets every request through (risk switched off).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import msgspec
 
 from core.ledger import RiskArgs, RiskOutcome
 
@@ -25,8 +26,7 @@ class Verdict(enum.Enum):
     DENY = "deny"
 
 
-@dataclass(frozen=True)
-class RiskContext:
+class RiskContext(msgspec.Struct, frozen=True):
     sale_id: str
     channel_id: str
     user_id: str
@@ -38,20 +38,18 @@ class RiskContext:
     idempotency_key: str = ""  # a retry of an answered key is never refused by risk
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     verdict: Verdict
     score: int = 0
-    reasons: tuple[str, ...] = field(default=())
+    reasons: tuple[str, ...] = ()
     challenge: dict[str, Any] | None = None  # with CHALLENGE: what the client must solve
-    shadow: tuple[str, ...] = field(default=())  # shadow rules that fired (reported, not acted)
+    shadow: tuple[str, ...] = ()  # shadow rules that fired (reported, not acted)
 
 
 ALLOW = Decision(Verdict.ALLOW)
 
 
-@dataclass(frozen=True)
-class RiskPlan:
+class RiskPlan(msgspec.Struct, frozen=True):
     """Scoring to be done inside the reservation script, and what judging its outcome needs."""
 
     script: RiskArgs

@@ -11,13 +11,13 @@ missing from the config is off), and document it in docs/RISK.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import msgspec
 
 from risk.signals import Signals
 
 
-@dataclass(frozen=True)
-class Features:
+class Features(msgspec.Struct, frozen=True):
     """What lua/risk_features.lua returns for one admitted request (this request included)."""
 
     user_1s: int
@@ -34,8 +34,7 @@ class Features:
     solution_fresh: bool
 
 
-@dataclass(frozen=True)
-class Inputs:
+class Inputs(msgspec.Struct, frozen=True):
     signals: Signals
     features: Features | None   # None: the features call failed or timed out
     datacenter: bool
@@ -57,7 +56,7 @@ def _above(feature: str) -> Rule:
 
 # Feature rules fire when a feature exceeds the rule's limit. Inline (purchase.lua) they are
 # scored in Redis by the feature's position in FEATURE_ORDER, the order the Lua returns them.
-FEATURE_ORDER = tuple(f for f in Features.__dataclass_fields__ if f != "solution_fresh")
+FEATURE_ORDER = tuple(f for f in Features.__struct_fields__ if f != "solution_fresh")
 FEATURE_OF: dict[str, str] = {
     "user_burst": "user_1s",
     "user_rate": "user_60s",

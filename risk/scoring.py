@@ -26,9 +26,9 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis.exceptions
 from redis.asyncio import Redis
 
@@ -49,8 +49,7 @@ _FEATURE_ERRORS = (TimeoutError, redis.exceptions.ConnectionError,
                    redis.exceptions.TimeoutError, OSError)
 
 
-@dataclass(frozen=True)
-class _Inline:
+class _Inline(msgspec.Struct, frozen=True):
     """What judging an inline outcome needs from its plan."""
 
     sig: Signals

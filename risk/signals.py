@@ -7,7 +7,8 @@ subnet, an IPv4 /24 or an IPv6 /64, the unit a scalper rents or a household shar
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+
+import msgspec
 
 from risk.engine import RiskContext
 
@@ -24,8 +25,7 @@ def subnet_of(ip: IPAddress) -> str:
     return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
 
 
-@dataclass(frozen=True)
-class Signals:
+class Signals(msgspec.Struct, frozen=True):
     sale_id: str
     channel_id: str
     user_id: str
