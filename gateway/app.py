@@ -13,12 +13,13 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from core import logging as fglog
 from core.runtime import Runtime
 from core.settings import Settings
 from gateway.auth import ChannelAuth
-from gateway.middleware import BodyLimit
+from gateway.middleware import BodyLimit, HttpMetrics
 from gateway.problems import exception_handlers
-from gateway.routes import admin, bench, health, risk_admin, storefront
+from gateway.routes import admin, bench, health, metrics, risk_admin, storefront
 from gateway.state import GatewayState
 from risk.engine import AllowAll, RiskEngine
 from risk.scoring import ScoringEngine
@@ -30,6 +31,8 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
     """`risk`: the engine to use; by default the scoring engine (AllowAll when
     FLASHGATE_RISK_ENABLED is false)."""
     settings = settings or Settings.from_env()
+    if not logging.getLogger().handlers:  # under uvicorn: JSON lines (tests keep their own)
+        fglog.configure()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -50,9 +53,10 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
             await runtime.close()
 
     return Starlette(
-        routes=[*health.routes, *storefront.routes, *admin.routes, *risk_admin.routes,
-                *(bench.routes if settings.bench_endpoints else [])],
-        middleware=[Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+        routes=[*health.routes, *metrics.routes, *storefront.routes, *admin.routes,
+                *risk_admin.routes, *(bench.routes if settings.bench_endpoints else [])],
+        middleware=[Middleware(HttpMetrics),
+                    Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                                max_import_bytes=settings.max_import_bytes)],
         exception_handlers=exception_handlers(),  # type: ignore[arg-type]
         lifespan=lifespan,

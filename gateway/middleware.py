@@ -1,9 +1,14 @@
-"""Plain ASGI middleware on the hot path (no BaseHTTPMiddleware): body-size limits."""
+"""Plain ASGI middleware on the hot path (no BaseHTTPMiddleware): body-size limits, HTTP
+metrics, request ids."""
 
 from __future__ import annotations
 
+import time
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core import logging as fglog
+from core import metrics
 from core.errors import PayloadTooLarge
 from gateway.models import Problem
 from gateway.responses import ProblemResponse
@@ -56,3 +61,53 @@ class BodyLimit:
                        instance=scope["path"])
         response = ProblemResponse(body, status_code=413, headers={"Connection": "close"})
         await response(scope, receive, send)
+
+
+UNMATCHED = "unmatched"
+
+
+class HttpMetrics:
+    """Requests by route template, method and status class, and their latency.
+
+    The route is the template Starlette matched (`/v1/sales/{sale_id}/purchase`), never the raw
+    path; requests that matched no route share the label `unmatched`. The duration runs to the
+    last body chunk sent. Outermost of our middleware, so a 413 from BodyLimit is counted too.
+
+    Each request gets an id (header X-Request-Id if sane, else generated), echoed in the
+    response and put in the log context (core.logging) for every line logged while it runs.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        request_id = fglog.request_id_from(scope["headers"])
+        token = fglog.REQUEST_ID.set(request_id)
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        metrics.HTTP_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            metrics.HTTP_IN_FLIGHT.dec()
+            fglog.REQUEST_ID.reset(token)
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED
+            method = scope["method"] if scope["method"] in _METHODS else metrics.OTHER
+            metrics.HTTP_REQUESTS.labels(template, method, metrics.status_class(status)).inc()
+            metrics.HTTP_DURATION.labels(template, method).observe(time.perf_counter() - start)
+
+
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})

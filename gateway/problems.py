@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core import errors
+from core import errors, metrics
 from gateway.models import Problem
 from gateway.responses import ProblemResponse
 
@@ -35,6 +35,9 @@ def problem(exc: errors.FlashgateError, request: Request) -> Response:
         instance=request.url.path, errors=exc.extra.get("errors"),
         reasons=exc.extra.get("reasons"), challenge=exc.extra.get("challenge"),
     )
+    route = request.scope.get("route")
+    if getattr(route, "path", None) == metrics.PURCHASE_ROUTE:
+        metrics.count_purchase(metrics.purchase_result(exc.code))
     return ProblemResponse(body, status_code=exc.status, headers=exc.headers or None)
 
 

@@ -32,7 +32,7 @@ import msgspec
 import redis.exceptions
 from redis.asyncio import Redis
 
-from core import errors
+from core import errors, metrics
 from core.keys import Keys
 from core.ledger import RiskArgs, RiskOutcome
 from core.scripts import ReturnCode, Scripts
@@ -102,7 +102,7 @@ class ScoringEngine:
         self.timeout_s = timeout_s
         self.clock = clock
         self.inline = inline
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = metrics.RiskCounts()  # mirrored into Prometheus counters
         self._script = Scripts(redis).risk_features
 
     @classmethod

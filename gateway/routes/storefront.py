@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import errors
+from core import errors, metrics
 from core.card_keys import reveal
 from core.ids import is_order_id, is_sale_id, sale_of_order
 from core.ledger import PurchaseRequest
@@ -84,6 +84,7 @@ async def purchase(request: Request) -> Response:
     out = PurchaseOut(reservation.order_id, reservation.status,
                       rfc3339_ms(reservation.expires_at_ms))
     headers = {"Idempotent-Replayed": "true"} if reservation.replayed else None
+    metrics.count_purchase("replayed" if reservation.replayed else reservation.status)
     return JSONResponse(out, status_code=201, headers=headers)
 
 

@@ -1,0 +1,314 @@
+"""Every Prometheus metric Flashgate exports, declared here and nowhere else.
+
+Names carry their unit (`_seconds`, `_units`, `_entries`, `_total` for counters); label values
+are bounded: route templates, methods, status classes, result enums, rule names, and the ids
+of active sales (a handful at a time, capped at MAX_SALES). Never a user, device, ip, order or
+key. Tests check that every metric the dashboard and the alert rules use is declared here.
+
+One server process per pod: metrics live in this process's default registry. Several processes
+on one host need PROMETHEUS_MULTIPROC_DIR (docs/OPERATIONS.md); `exposition()` honours it.
+
+Gauges read from Redis (stock, streams, ledger invariant) are refreshed on scrape by
+`LedgerSnapshot.refresh()`, with a short deadline, for at most MAX_SALES active sales.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+from collections import Counter as _Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+MAX_SALES = 20           # active sales exported per scrape (label cardinality bound)
+SCRAPE_TIMEOUT_S = 0.5   # deadline of the Redis reads done on scrape
+OTHER = "other"
+
+# Bucket edges at the SLA thresholds (loadtest/sla.toml: purchase p99 50 ms, delivery p99 2 s).
+HTTP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+# -- HTTP (gateway/middleware.py) -------------------------------------------------------------
+HTTP_REQUESTS = Counter(
+    "flashgate_http_requests_total", "HTTP requests answered, by route template.",
+    ["route", "method", "status_class"])
+HTTP_DURATION = Histogram(
+    "flashgate_http_request_duration_seconds", "Time to the end of the HTTP response.",
+    ["route", "method"], buckets=HTTP_BUCKETS)
+HTTP_IN_FLIGHT = Gauge(
+    "flashgate_http_requests_in_flight", "HTTP requests being handled now.",
+    multiprocess_mode="livesum")
+
+# -- business (gateway) -----------------------------------------------------------------------
+PURCHASE_RESULTS = ("reserved", "confirmed", "replayed", "sold_out", "limit", "risk_denied",
+                    "challenged", "rate_limited", "invalid", "not_active", "not_found",
+                    "unauthorized", "unavailable", "error", OTHER)
+PURCHASES = Counter(
+    "flashgate_purchases_total", "Purchase attempts by result.", ["result"])
+_RESULT_OF_CODE = {
+    "sold_out": "sold_out", "insufficient_stock": "sold_out",
+    "purchase_limit_exceeded": "limit", "risk_denied": "risk_denied",
+    "challenge_required": "challenged", "rate_limited": "rate_limited",
+    "invalid_request": "invalid", "malformed_request": "invalid",
+    "idempotency_mismatch": "invalid", "payload_too_large": "invalid",
+    "unsupported_media_type": "invalid", "sale_not_active": "not_active",
+    "not_found": "not_found", "unauthorized": "unauthorized",
+    "service_unavailable": "unavailable", "internal_error": "error",
+}
+PURCHASE_ROUTE = "/v1/sales/{sale_id}/purchase"
+
+# -- ledger, read from Redis on scrape (LedgerSnapshot) ---------------------------------------
+STOCK_STATES = ("total", "available", "reserved", "confirmed", "delivered", "cancelled",
+                "expired")
+# Declared here for the name check; filled by LedgerCollector from the last snapshot.
+SALE_STOCK = "flashgate_sale_stock_units"
+SALE_INVARIANT = "flashgate_sale_ledger_drift_units"
+STREAM_LENGTH = "flashgate_stream_length_entries"
+STREAM_PENDING = "flashgate_stream_pending_entries"
+STREAM_LAG = "flashgate_stream_lag_entries"
+DEAD_LETTERS = "flashgate_dead_letters_entries"
+SALES_ACTIVE = "flashgate_sales_active"
+LEDGER_SCRAPE_OK = "flashgate_ledger_scrape_success"
+
+# -- risk engine (risk/scoring.py keeps its counts in a RiskCounts) ---------------------------
+RISK_DECISIONS = Counter(
+    "flashgate_risk_decisions_total", "Risk verdicts (allow, challenge, deny).", ["verdict"])
+RISK_RULES = Counter(
+    "flashgate_risk_rule_hits_total",
+    "Rules that fired: mode=fired (scored), shadow (counted only), unavailable (no feature).",
+    ["rule", "mode"])
+RISK_LISTS = Counter(
+    "flashgate_risk_list_hits_total", "Requests decided by an allow or block list.",
+    ["action", "kind"])
+RISK_CHALLENGES = Counter(
+    "flashgate_risk_challenge_results_total", "Challenge solutions by result.", ["result"])
+RISK_EVENTS = Counter(
+    "flashgate_risk_events_total", "Other risk engine events (rate_limited, "
+    "features_unavailable, passed).", ["event"])
+
+# -- workers (workers/metrics.py) -------------------------------------------------------------
+WORKER_BATCHES = Counter(
+    "flashgate_worker_batches_total", "Stream batches handled.", ["result"])
+WORKER_BATCH_SIZE = Histogram(
+    "flashgate_worker_batch_size_entries", "Entries per handled batch.",
+    buckets=BATCH_SIZE_BUCKETS)
+WORKER_BATCH_DURATION = Histogram(
+    "flashgate_worker_batch_duration_seconds", "Time to persist, mark and ack one batch.",
+    buckets=BATCH_BUCKETS)
+ORDERS_DELIVERED = Counter(
+    "flashgate_orders_delivered_total", "Orders whose keys were committed.")
+DELIVERY_LATENCY = Histogram(
+    "flashgate_delivery_latency_seconds", "Confirm (ledger clock) to keys committed.",
+    buckets=DELIVERY_BUCKETS)
+DEAD_LETTERED = Counter(
+    "flashgate_dead_lettered_total", "Entries moved to a dead-letter stream.", ["reason"])
+RESERVATIONS_EXPIRED = Counter(
+    "flashgate_reservations_expired_total", "Reservations expired by this process's sweeper.")
+WEBHOOKS = Counter(
+    "flashgate_webhook_deliveries_total", "Webhook delivery attempts by result.", ["result"])
+BACKEND_ERRORS = Counter(
+    "flashgate_backend_errors_total", "Failures of a backing service, by backend and kind.",
+    ["backend", "kind"])
+WORKER_HEARTBEAT = Gauge(
+    "flashgate_worker_last_loop_timestamp_seconds", "When the worker's main loop last ran.",
+    multiprocess_mode="max")
+
+# -- invariants (audit job) -------------------------------------------------------------------
+INVARIANT_VIOLATIONS = Gauge(
+    "flashgate_invariant_violations", "Breaches found by the last audit (oversold, "
+    "duplicate_keys); must stay 0.", ["invariant"], multiprocess_mode="max")
+AUDIT_LAST_RUN = Gauge(
+    "flashgate_audit_last_run_timestamp_seconds", "When the invariant audit last completed.",
+    multiprocess_mode="max")
+
+
+def _bounded(value: str, allowed: Iterable[str] | None = None) -> str:
+    """A label value from a closed set, or a short identifier-like name; else OTHER."""
+    if allowed is not None:
+        return value if value in allowed else OTHER
+    return value if _NAME.fullmatch(value) else OTHER
+
+
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else OTHER
+
+
+def purchase_result(code: str) -> str:
+    """The `result` label of a refused purchase, from its problem code."""
+    return _RESULT_OF_CODE.get(code, OTHER)
+
+
+def count_purchase(result: str) -> None:
+    PURCHASES.labels(_bounded(result, PURCHASE_RESULTS)).inc()
+
+
+# -- risk counts mirrored into counters ---------------------------------------------------------
+class RiskCounts(_Counter[str]):
+    """The risk engine's `counts` (GET /v1/admin/risk/stats), each increment mirrored into the
+    Prometheus counters above. Keys: `verdict:<v>`, `rule:<name>:<mode>`, `list:<action>:<kind>`,
+    `challenge:<result>`, and a few plain events."""
+
+    def __setitem__(self, key: str, value: int) -> None:
+        delta = value - self.get(key, 0)
+        super().__setitem__(key, value)
+        if delta > 0:
+            _mirror(key, delta)
+
+
+def _mirror(key: str, n: int) -> None:
+    kind, _, rest = key.partition(":")
+    if kind == "verdict":
+        RISK_DECISIONS.labels(_bounded(rest, ("allow", "challenge", "deny"))).inc(n)
+    elif kind == "rule":
+        name, _, mode = rest.rpartition(":")
+        RISK_RULES.labels(_bounded(name), _bounded(mode, ("fired", "shadow", "unavailable"))
+                          ).inc(n)
+    elif kind == "list":
+        action, _, what = rest.partition(":")
+        RISK_LISTS.labels(_bounded(action, ("allow", "block")),
+                          _bounded(what, ("user", "device", "ip", "cidr"))).inc(n)
+    elif kind == "challenge":
+        RISK_CHALLENGES.labels(_bounded(rest)).inc(n)
+    else:
+        RISK_EVENTS.labels(_bounded(key.replace(":", "_")[:40])).inc(n)
+
+
+# -- ledger snapshot, read on scrape --------------------------------------------------------------
+class LedgerSnapshot:
+    """Stock, streams and the ledger invariant of the active sales, read from Redis on scrape.
+
+    `refresh()` is awaited by the /metrics handler (or the worker's metrics loop) with a short
+    deadline; LedgerCollector exports the last good reading (and success=0 when a read failed).
+    """
+
+    def __init__(self) -> None:
+        self.sales: dict[str, dict[str, int]] = {}
+        self.active = 0
+        self.ok = 0
+        self.at = 0.0
+
+    async def refresh(self, redis: Any, keys: Any, group: str,
+                      timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                self.sales, self.active = await _read_sales(redis, keys, group)
+            self.ok, self.at = 1, time.time()
+        except Exception:  # noqa: BLE001 - a scrape must answer; success=0 says it failed
+            self.ok = 0
+
+
+async def _read_sales(redis: Any, keys: Any, group: str) -> tuple[dict[str, dict[str, int]], int]:
+    active = sorted(str(s) for s in await redis.smembers(keys.active_sales()))
+    sales = active[:MAX_SALES]
+    out: dict[str, dict[str, int]] = {}
+    for sale in sales:  # one pipeline per sale: its keys share a slot (Redis Cluster)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.sale(sale), list(STOCK_STATES))
+            pipe.xlen(keys.events(sale))
+            pipe.xlen(keys.dead_letters(sale))
+            pipe.xinfo_groups(keys.events(sale))
+            stock, length, dead, groups = await pipe.execute(raise_on_error=False)
+        row = {s: int(v or 0) for s, v in zip(STOCK_STATES, stock, strict=True)} \
+            if isinstance(stock, list) else {}
+        row["stream_length"] = int(length) if isinstance(length, int) else 0
+        row["dead_letters"] = int(dead) if isinstance(dead, int) else 0
+        for g in groups if isinstance(groups, list) else []:
+            if g.get("name") == group:
+                row["pending"] = int(g.get("pending") or 0)
+                lag = g.get("lag")
+                row["lag"] = int(lag) if lag is not None else row["pending"]
+        out[sale] = row
+    return out, len(active)
+
+
+class LedgerCollector(Collector):
+    def __init__(self, snapshot: LedgerSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def describe(self) -> list[Any]:
+        return []  # collected only on scrape: nothing read at registration
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self.snapshot
+        stock = GaugeMetricFamily(SALE_STOCK, "Units per ledger state (Redis).",
+                                  labels=["sale", "state"])
+        drift = GaugeMetricFamily(SALE_INVARIANT, "total - (available + reserved + confirmed "
+                                  "+ delivered), or oversold units; must be 0.",
+                                  labels=["sale"])
+        length = GaugeMetricFamily(STREAM_LENGTH, "Entries in the sale's order-event stream.",
+                                   labels=["sale"])
+        pending = GaugeMetricFamily(STREAM_PENDING, "Entries read by a worker, not yet acked.",
+                                    labels=["sale"])
+        lag = GaugeMetricFamily(STREAM_LAG, "Entries not yet read by the workers' group.",
+                                labels=["sale"])
+        dead = GaugeMetricFamily(DEAD_LETTERS, "Entries in the sale's dead-letter stream.",
+                                 labels=["sale"])
+        for sale, row in snap.sales.items():
+            if row.get("total") is not None and "available" in row:
+                for state in STOCK_STATES:
+                    stock.add_metric([sale, state], row.get(state, 0))
+                held = sum(row.get(s, 0) for s in ("available", "reserved", "confirmed",
+                                                    "delivered"))
+                drift.add_metric([sale], abs(row["total"] - held) + max(0, -row["available"]))
+            length.add_metric([sale], row["stream_length"])
+            dead.add_metric([sale], row["dead_letters"])
+            if "pending" in row:
+                pending.add_metric([sale], row["pending"])
+                lag.add_metric([sale], row["lag"])
+        yield from (stock, drift, length, pending, lag, dead)
+        yield GaugeMetricFamily(SALES_ACTIVE, "Active sales (the first MAX_SALES are exported).",
+                                value=snap.active)
+        yield GaugeMetricFamily(LEDGER_SCRAPE_OK, "1 if the last ledger read succeeded.",
+                                value=snap.ok)
+
+
+LEDGER = LedgerSnapshot()
+with contextlib.suppress(ValueError):  # a re-import (tests reloading) must not register twice
+    REGISTRY.register(LedgerCollector(LEDGER))
+
+# Every metric name this module exports (the dashboard/alerts test checks against it).
+LEDGER_METRICS = (SALE_STOCK, SALE_INVARIANT, STREAM_LENGTH, STREAM_PENDING, STREAM_LAG,
+                  DEAD_LETTERS, SALES_ACTIVE, LEDGER_SCRAPE_OK)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format of this process's metrics, or of all processes sharing
+    PROMETHEUS_MULTIPROC_DIR (the ledger gauges come from Redis, so one copy is right)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(LedgerCollector(LEDGER))
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def metric_names() -> set[str]:
+    """Every series name exported (counters with `_total`, histograms with their suffixes)."""
+    names = set(LEDGER_METRICS)
+    for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001 - read-only look
+        for name in REGISTRY._collector_to_names[collector]:  # noqa: SLF001
+            names.add(name)
+    bare = {n for n in names if f"{n}_total" in names or f"{n}_bucket" in names}
+    return {n for n in names - bare if n.startswith("flashgate_")}
