@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up test lint clean loadtest bench
+.PHONY: install demo up test lint clean loadtest bench tools
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,9 +22,24 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(BIN)/flashgate up
 
+## Tools the ops tests need beside the Python dev extras (kubectl comes from a wheel):
+## promtool, from Debian's `prometheus` package, unpacked into the venv (no daemon, no service).
+PROMTOOL := $(BIN)/promtool
+$(PROMTOOL): | $(STAMP)
+	@if command -v promtool >/dev/null; then ln -sf "$$(command -v promtool)" $@; else \
+	  echo "installing promtool (Debian package prometheus, unpacked into $(BIN))"; \
+	  d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && cd "$$d" && \
+	  { apt-get download prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null && apt-get download prometheus >/dev/null; }; } && \
+	  dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool "$(CURDIR)/$@"; fi
+	@$@ --version | head -1
+
+tools: $(PROMTOOL)
+
 ## The whole test suite (starts its own Redis and PostgreSQL on free ports).
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+## FLASHGATE_REQUIRE_TOOLS: the ops tests fail, instead of skipping, when promtool is missing.
+test: $(STAMP) $(PROMTOOL)
+	FLASHGATE_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -q
 
 ## A flash sale under Locust, gated by loadtest/sla.toml and audited (not part of `test`).
 ## Reports under loadtest/results/. ARGS="--url http://127.0.0.1:8000" for a running gateway.

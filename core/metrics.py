@@ -217,9 +217,31 @@ class LedgerSnapshot:
             self.ok = 0
 
 
+MAX_SALES_SCANNED = 500  # active sales whose window is read to pick the MAX_SALES exported
+
+
+async def _pick_sales(redis: Any, keys: Any, active: list[str]) -> list[str]:
+    """The MAX_SALES sales that matter now: open ones first, then the latest to start."""
+    if len(active) <= MAX_SALES:
+        return active
+    scanned = active[:MAX_SALES_SCANNED]
+    async with redis.pipeline(transaction=False) as pipe:
+        for sale in scanned:
+            pipe.hmget(keys.sale(sale), ["start", "end"])
+        windows = await pipe.execute()
+    now_ms = time.time() * 1000
+
+    def rank(item: tuple[str, Any]) -> tuple[bool, float]:
+        start, end = (float(v or 0) for v in item[1])
+        return (start <= now_ms < end, start)
+
+    ranked = sorted(zip(scanned, windows, strict=True), key=rank, reverse=True)
+    return sorted(sale for sale, _ in ranked[:MAX_SALES])
+
+
 async def _read_sales(redis: Any, keys: Any, group: str) -> tuple[dict[str, dict[str, int]], int]:
     active = sorted(str(s) for s in await redis.smembers(keys.active_sales()))
-    sales = active[:MAX_SALES]
+    sales = await _pick_sales(redis, keys, active)
     out: dict[str, dict[str, int]] = {}
     for sale in sales:  # one pipeline per sale: its keys share a slot (Redis Cluster)
         async with redis.pipeline(transaction=False) as pipe:
