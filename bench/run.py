@@ -240,7 +240,9 @@ def _workers(args: argparse.Namespace, settings: Settings, results: dict[str, li
 
     asyncio.run(go())
     commands["workers"] = (f"bench/workers.py: {args.worker_orders} confirmed orders in one "
-                           "stream, Worker.run_burst() in one process")
+                           "stream, Worker.run_burst() in one process, "
+                           f"{settings.worker_consumers_per_sale} consumers of the sale, "
+                           f"batches of {settings.worker_batch_size}")
 
 
 def _machine() -> str:

@@ -3,9 +3,9 @@
 Per repetition: a fresh sale (PostgreSQL row and Redis ledger), N sealed dummy card keys
 inserted in one statement, N orders reserved and confirmed at once through the ledger (payment
 ref in the reservation), so the sale's stream holds N confirmed-order events. Then one
-`Worker.run_burst()` (one process, as in production one consumer per sale) is timed until the
-stream is drained: every order upserted, its key allocated `FOR UPDATE SKIP LOCKED`, the
-webhook outbox written, Redis marked delivered, entries acked.
+`Worker.run_burst()` (one process with its `worker_consumers_per_sale` consumers of the sale, as
+in production) is timed until the stream is drained: every order upserted, its key allocated
+`FOR UPDATE SKIP LOCKED`, the webhook outbox written, Redis marked delivered, entries acked.
 """
 
 from __future__ import annotations

@@ -127,6 +127,7 @@ class Settings:
     channel_cache_ttl_s: float = 30.0
     # Workers
     worker_batch_size: int = 500
+    worker_consumers_per_sale: int = 2
     worker_block_ms: int = 1000
     worker_claim_idle_ms: int = 30_000
     worker_max_deliveries: int = 5
@@ -173,6 +174,8 @@ class Settings:
             redis_max_connections=_number(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 200, 4, 10_000),
             channel_cache_ttl_s=_number(env, "FLASHGATE_CHANNEL_CACHE_TTL_S", 30.0, 0.0, 3600.0),
             worker_batch_size=_number(env, "FLASHGATE_WORKER_BATCH_SIZE", 500, 1, 10_000),
+            worker_consumers_per_sale=_number(
+                env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE", 2, 1, 64),
             worker_block_ms=_number(env, "FLASHGATE_WORKER_BLOCK_MS", 1000, 1, 60_000),
             worker_claim_idle_ms=_number(
                 env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000),

@@ -3,6 +3,12 @@
 `Worker.run()` runs until `request_stop()` (SIGTERM/SIGINT in `main`): each sale's consumer
 finishes its current batch (commit, mark delivered, ack) and exits; nothing is cut mid-batch.
 `Worker.run_burst()` handles everything that is there and returns: the tests' mode.
+
+Each sale gets `worker_consumers_per_sale` consumers in the process (names `<name>`,
+`<name>/2`, ...), each with its own pending list: while one waits on its PostgreSQL
+transaction another reads, commits or acks its own batch, so both the database and this
+process stay busy. Several consumers of one sale are exactly the case of several worker
+processes, which persist_batch is written for (rows locked in one order, keys SKIP LOCKED).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import httpx
 
 from core.runtime import Runtime
 from core.settings import Settings
-from workers.consumer import AfterCommit, SaleConsumer
+from workers.consumer import NEW, AfterCommit, SaleConsumer
 from workers.sweeper import Sweeper
 from workers.webhooks import Dispatcher
 
@@ -44,7 +50,8 @@ class Worker:
         self.name = name or default_consumer_name()
         self.only = frozenset(sale_ids) if sale_ids is not None else None
         self.after_commit = after_commit
-        self.consumers: dict[str, SaleConsumer] = {}
+        self.consumers: dict[tuple[str, int], SaleConsumer] = {}
+        self.per_sale = rt.settings.worker_consumers_per_sale
         self.sweeper = Sweeper(rt.ledger)
         self._http = http
         self._stop = asyncio.Event()
@@ -54,12 +61,16 @@ class Worker:
         active = await self.rt.redis.smembers(self.rt.keys.active_sales())
         return sorted(str(s) for s in active if self.only is None or s in self.only)
 
-    async def consumer(self, sale_id: str) -> SaleConsumer:
-        c = self.consumers.get(sale_id)
+    def consumer_name(self, index: int) -> str:
+        """The first consumer keeps the worker's name, so a restart rereads its pending list."""
+        return self.name if index == 0 else f"{self.name}/{index + 1}"
+
+    async def consumer(self, sale_id: str, index: int = 0) -> SaleConsumer:
+        c = self.consumers.get((sale_id, index))
         if c is None:
-            c = SaleConsumer(self.rt, sale_id, self.name, self.after_commit)
+            c = SaleConsumer(self.rt, sale_id, self.consumer_name(index), self.after_commit)
             await c.ensure_group()
-            self.consumers[sale_id] = c
+            self.consumers[(sale_id, index)] = c
         return c
 
     def dispatcher(self, http: httpx.AsyncClient) -> Dispatcher:
@@ -69,25 +80,46 @@ class Worker:
     async def run_burst(self, timeout_s: float = 60.0) -> int:
         """Handle every entry of every sale until nothing is new or pending; returns entries read.
 
-        Errors propagate (a test wants them); entries of other consumers are reclaimed once
+        The sale's consumers drain it together; then the first one takes over what is still
+        pending elsewhere. Errors propagate (a test wants them; the other consumers of the sale
+        are cancelled, their batches stay pending); entries of other consumers are reclaimed once
         idle for worker_claim_idle_ms, so a burst after a simulated crash finishes their work.
         """
         deadline = time.monotonic() + timeout_s
         total = 0
         for sale_id in await self.sale_ids():
-            c = await self.consumer(sale_id)
+            crew = [await self.consumer(sale_id, i) for i in range(self.per_sale)]
+            total += await self._drain_together(crew, deadline)
+            c = crew[0]
             while True:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"sale {sale_id}: still pending after {timeout_s}s")
-                n = await c.step(block_ms=None)
-                total += n
-                if n or c.cursor != ">":
-                    continue
                 total += await c.reclaim()
                 if await c.pending_count() == 0:
                     break
                 await asyncio.sleep(self.rt.settings.worker_claim_idle_ms / 4000)
+                total += await self._drain(c, deadline)
         return total
+
+    async def _drain_together(self, crew: list[SaleConsumer], deadline: float) -> int:
+        if len(crew) == 1:
+            return await self._drain(crew[0], deadline)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._drain(c, deadline)) for c in crew]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the first failure, as one consumer would
+        return sum(t.result() for t in tasks)
+
+    @staticmethod
+    async def _drain(c: SaleConsumer, deadline: float) -> int:
+        """Step one consumer until it has no pending entry of its own and nothing new."""
+        total = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sale {c.sale_id}: still pending after deadline")
+            n = await c.step(block_ms=None)
+            total += n
+            if not n and c.cursor == NEW:
+                return total
 
     # -- long-running mode ------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -107,14 +139,17 @@ class Worker:
                 http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
             tasks = {asyncio.create_task(self._sweep_loop(), name="sweeper"),
                      asyncio.create_task(self._webhook_loop(http), name="webhooks")}
-            consuming: dict[str, asyncio.Task[None]] = {}
+            consuming: dict[tuple[str, int], asyncio.Task[None]] = {}
             try:
                 while not self.stopping:
                     for sale_id in await self._safe_sale_ids():
-                        if sale_id not in consuming or consuming[sale_id].done():
-                            consuming[sale_id] = asyncio.create_task(
-                                self._consume_loop(sale_id), name=f"consume:{sale_id}"
-                            )
+                        for i in range(self.per_sale):
+                            slot = (sale_id, i)
+                            if slot not in consuming or consuming[slot].done():
+                                consuming[slot] = asyncio.create_task(
+                                    self._consume_loop(sale_id, i),
+                                    name=f"consume:{sale_id}:{i + 1}",
+                                )
                     await self._sleep(SALES_REFRESH_S)
             finally:
                 self.request_stop()
@@ -136,14 +171,14 @@ class Worker:
             log.exception("worker %s: listing active sales failed", self.name)
             return []
 
-    async def _consume_loop(self, sale_id: str) -> None:
+    async def _consume_loop(self, sale_id: str, index: int = 0) -> None:
         settings = self.rt.settings
         reclaim_every = settings.worker_claim_idle_ms / 2000
         last_reclaim, failures = 0.0, 0
         c: SaleConsumer | None = None
         while not self.stopping:
             try:
-                c = c or await self.consumer(sale_id)
+                c = c or await self.consumer(sale_id, index)
                 if time.monotonic() - last_reclaim >= reclaim_every:
                     last_reclaim = time.monotonic()
                     await c.reclaim()
