@@ -68,6 +68,34 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker_check(args: argparse.Namespace) -> int:
+    """Exit 0 if a worker's heartbeat key is present (this host's, or any with --any), else 1."""
+    import asyncio
+    import socket
+
+    from core.keys import Keys
+    from core.runtime import redis_client
+    from workers.metrics import alive_workers
+
+    settings = Settings.from_env()
+    prefix = "" if args.any else f"{socket.gethostname()}-"
+
+    async def check() -> list[str]:
+        client = redis_client(settings)
+        try:
+            return await alive_workers(client, Keys(settings.key_prefix), prefix)
+        finally:
+            await client.aclose()
+
+    try:
+        alive = asyncio.run(check())
+    except Exception as exc:  # noqa: BLE001 - Redis unreachable: not healthy
+        print(f"worker-check: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    print(f"alive: {', '.join(alive)}" if alive else "no live worker")
+    return 0 if alive else 1
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -111,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run one worker process (until SIGTERM)")
     p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("worker-check", help="exit 0 if this host's worker (or --any worker) "
+                       "refreshed its heartbeat key in the last 30 s, else 1")
+    p.add_argument("--any", action="store_true", help="any worker, not only this host's")
+    p.set_defaults(handler=cmd_worker_check)
 
     p = sub.add_parser("gateway", help="run the HTTP gateway (uvicorn, uvloop, httptools)")
     p.add_argument("--host", default="127.0.0.1")

@@ -27,6 +27,10 @@ class Keys:
         """HASH api-key hash (hex) -> channel id, the hot path's view of channel credentials."""
         return f"{self.prefix}:channels"
 
+    def worker_heartbeat(self, worker: str = "*") -> str:
+        """STRING with a TTL, refreshed by a live worker (`*`: the pattern of all of them)."""
+        return f"{self.prefix}:workers:hb:{worker}"
+
     def risk_list(self, action: str, kind: str) -> str:
         """SET of entries of one risk list (`action` allow|block, `kind` user|device|ip|cidr)."""
         return f"{self.prefix}:risk:{action}:{kind}"

@@ -131,6 +131,7 @@ class Settings:
     worker_block_ms: int = 1000
     worker_claim_idle_ms: int = 30_000
     worker_max_deliveries: int = 5
+    worker_metrics_port: int = 0        # Prometheus endpoint of a worker process; 0 = off
     sweep_interval_s: float = 0.5
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 8
@@ -180,6 +181,7 @@ class Settings:
             worker_claim_idle_ms=_number(
                 env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000),
             worker_max_deliveries=_number(env, "FLASHGATE_WORKER_MAX_DELIVERIES", 5, 1, 1000),
+            worker_metrics_port=_number(env, "FLASHGATE_WORKER_METRICS_PORT", 0, 0, 65535),
             sweep_interval_s=_number(env, "FLASHGATE_SWEEP_INTERVAL_S", 0.5, 0.01, 60.0),
             webhook_timeout_s=_number(env, "FLASHGATE_WEBHOOK_TIMEOUT_S", 5.0, 0.1, 60.0),
             webhook_max_attempts=_number(env, "FLASHGATE_WEBHOOK_MAX_ATTEMPTS", 8, 1, 50),

@@ -10,6 +10,7 @@ with XAUTOCLAIM; an entry delivered too often is dead-lettered, never dropped.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from redis.exceptions import ResponseError
 from core.keys import WORKER_GROUP
 from core.ledger import now_ms
 from core.runtime import Runtime
+from workers import metrics as worker_metrics
 from workers.deadletter import DeadLetter, dead_letter
 from workers.events import MalformedEvent, OrderEvent, fold, from_ms, parse_event
 from workers.persist import BatchOutcome, persist_batch
@@ -120,6 +122,7 @@ class SaleConsumer:
     # -- handling ---------------------------------------------------------------------------
     async def handle(self, entries: list[Entry], *, redelivered: bool) -> None:
         """Persist, then mark delivered, then ack (or dead-letter) one batch."""
+        started = time.perf_counter()
         letters: list[DeadLetter] = []
         if redelivered:
             counts = await self._deliveries([entry_id for entry_id, _ in entries])
@@ -169,4 +172,5 @@ class SaleConsumer:
         await dead_letter(self.rt.redis, self.rt.keys, self.sale_id, letters)
         if ack:
             await self.rt.redis.xack(self.stream, WORKER_GROUP, *ack)
+        worker_metrics.batch_done(events, outcome, letters, at_ms, started)
 

@@ -24,8 +24,10 @@ from collections.abc import Iterable
 
 import httpx
 
+from core import logging as fglog
 from core.runtime import Runtime
 from core.settings import Settings
+from workers import metrics as worker_metrics
 from workers.consumer import NEW, AfterCommit, SaleConsumer
 from workers.sweeper import Sweeper
 from workers.webhooks import Dispatcher
@@ -138,7 +140,8 @@ class Worker:
             if http is None:
                 http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
             tasks = {asyncio.create_task(self._sweep_loop(), name="sweeper"),
-                     asyncio.create_task(self._webhook_loop(http), name="webhooks")}
+                     asyncio.create_task(self._webhook_loop(http), name="webhooks"),
+                     asyncio.create_task(worker_metrics.heartbeat_loop(self), name="heartbeat")}
             consuming: dict[tuple[str, int], asyncio.Task[None]] = {}
             try:
                 while not self.stopping:
@@ -184,8 +187,9 @@ class Worker:
                     await c.reclaim()
                 await c.step(block_ms=settings.worker_block_ms)
                 failures = 0
-            except Exception:
+            except Exception as exc:
                 # Nothing is lost: the failed batch is unacked and still ours; read it again.
+                worker_metrics.batch_failed(exc)
                 failures += 1
                 log.exception("sale %s: batch failed (%d in a row)", sale_id, failures)
                 if c is not None:
@@ -230,9 +234,10 @@ def main(settings: Settings | None = None) -> None:
     import uvloop
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvloop.run(serve(settings or Settings.from_env()))
+        fglog.configure()  # JSON lines (FLASHGATE_LOG_FORMAT=text for a terminal)
+    settings = settings or Settings.from_env()
+    worker_metrics.serve(settings.worker_metrics_port)
+    uvloop.run(serve(settings))
 
 
 if __name__ == "__main__":

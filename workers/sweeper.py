@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterable
 
 from core.ledger import Ledger
+from workers import metrics as worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Sweeper:
         total = 0
         for sale_id in sale_ids:
             expired = await self.sweep_sale(sale_id, now)
+            worker_metrics.expired(expired)
             if expired:
                 log.info("sale %s: expired %d reservation(s)", sale_id, expired)
             total += expired

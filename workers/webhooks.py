@@ -29,6 +29,7 @@ from core.crypto import (
     sign_webhook,
 )
 from core.settings import Settings
+from workers import metrics as worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class Dispatcher:
                                          for row in rows))
         async with self.pool.acquire() as conn:
             for result, row in zip(results, rows, strict=True):
+                worker_metrics.webhook(result.ok, row["attempts"] + 1,
+                                       self.settings.webhook_max_attempts)
                 if result.ok:
                     await conn.execute(RECORD_SUCCESS, result.row_id)
                 else:

@@ -1,0 +1,114 @@
+"""The worker's side of core/metrics.py: its own /metrics port, batch and delivery figures,
+and a heartbeat key with a TTL that `flashgate worker-check` reads.
+
+The hooks here are called from consumer.py, sweeper.py, webhooks.py and runner.py, one line
+each, so that those files keep their flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import start_http_server
+
+from core import metrics
+from core.keys import WORKER_GROUP
+
+if TYPE_CHECKING:
+    from workers.deadletter import DeadLetter
+    from workers.events import OrderEvent
+    from workers.persist import BatchOutcome
+    from workers.runner import Worker
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0    # how often a live worker refreshes its key (and the stream gauges)
+HEARTBEAT_TTL_S = 30  # a worker silent this long is dead to `flashgate worker-check`
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> Any:
+    """Expose this process's metrics on `port` (0: off) from a daemon thread; returns the
+    server (its `shutdown()` stops it) or None."""
+    if not port:
+        return None
+    server, _thread = start_http_server(port, addr)
+    log.info("worker metrics on :%d/metrics", port)
+    return server
+
+
+def batch_done(events: list[OrderEvent], outcome: BatchOutcome, letters: list[DeadLetter],
+               at_ms: int, started: float) -> None:
+    """After a batch is committed, marked and acked (or dead-lettered)."""
+    metrics.WORKER_BATCH_DURATION.observe(time.perf_counter() - started)
+    metrics.WORKER_BATCH_SIZE.observe(len(events) + len(letters))
+    metrics.WORKER_BATCHES.labels("ok").inc()
+    delivered = set(outcome.delivered)
+    n = 0
+    for ev in events:
+        if ev.type == "confirmed" and ev.order_id in delivered:
+            n += 1
+            metrics.DELIVERY_LATENCY.observe(max(0, at_ms - ev.at_ms) / 1000)
+    if n:
+        metrics.ORDERS_DELIVERED.inc(n)
+    for dl in letters:
+        metrics.DEAD_LETTERED.labels(dead_letter_reason(dl.reason)).inc()
+
+
+def dead_letter_reason(reason: str) -> str:
+    if reason.startswith("malformed"):
+        return "malformed"
+    if reason.startswith("delivered too many"):
+        return "too_many_deliveries"
+    return "rejected"
+
+
+def batch_failed(exc: BaseException) -> None:
+    metrics.WORKER_BATCHES.labels("failed").inc()
+    backend = type(exc).__module__.split(".")[0]
+    metrics.BACKEND_ERRORS.labels(backend if backend in ("redis", "asyncpg") else "other",
+                                  type(exc).__name__[:40]).inc()
+
+
+def expired(n: int) -> None:
+    if n:
+        metrics.RESERVATIONS_EXPIRED.inc(n)
+
+
+def webhook(ok: bool, attempts: int, max_attempts: int) -> None:
+    result = "delivered" if ok else ("gave_up" if attempts >= max_attempts else "failed")
+    metrics.WEBHOOKS.labels(result).inc()
+
+
+async def heartbeat_loop(worker: Worker) -> None:
+    """Until the worker stops: refresh its heartbeat key and the stream gauges; on a clean
+    stop, delete the key (a killed worker's key expires after HEARTBEAT_TTL_S)."""
+    rt = worker.rt
+    key = rt.keys.worker_heartbeat(worker.name)
+    try:
+        while not worker.stopping:
+            try:
+                await rt.redis.set(key, int(time.time()), ex=HEARTBEAT_TTL_S)
+                metrics.WORKER_HEARTBEAT.set(time.time())
+                await metrics.LEDGER.refresh(rt.redis, rt.keys, WORKER_GROUP)
+            except Exception as exc:  # noqa: BLE001 - Redis away: the next beat retries
+                log.warning("worker %s: heartbeat failed: %s", worker.name, type(exc).__name__)
+            await worker._sleep(HEARTBEAT_S)  # noqa: SLF001 - wakes at once on stop
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(rt.redis.delete(key))
+
+
+async def alive_workers(redis: object, keys: object, prefix: str = "") -> list[str]:
+    """Names of workers whose heartbeat key is present (optionally starting with `prefix`)."""
+    pattern = keys.worker_heartbeat("*")  # type: ignore[attr-defined]
+    head = pattern[:-1]
+    names = []
+    async for key in redis.scan_iter(match=pattern, count=1000):  # type: ignore[attr-defined]
+        name = key[len(head):]
+        if name.startswith(prefix):
+            names.append(name)
+    return sorted(names)
