@@ -108,3 +108,27 @@ def test_worker_check_exits_0_with_a_live_worker_else_1(
     finally:
         client.delete(key)
         client.close()
+
+
+async def test_audit_finds_oversold_units_and_extra_keys(runtime: Runtime) -> None:
+    channel, _ = await make_channel(runtime)
+    sale, _ = await make_sale(runtime, keys=3)
+    order = await buy(runtime, sale, channel, pay="pay-a")
+    await Worker(runtime, sale_ids=[sale]).run_burst()
+    assert await worker_metrics.audit(runtime.pool, [sale]) == {"oversold": 0,
+                                                              "duplicate_keys": 0}
+    assert metrics.INVARIANT_VIOLATIONS.labels("oversold")._value.get() == 0
+    # A free key handed to the delivered order too: more keys than it bought.
+    await runtime.pool.execute(
+        "UPDATE card_keys SET order_id = $2 WHERE key_id = (SELECT min(key_id) FROM card_keys"
+        " WHERE sale_id = $1 AND order_id IS NULL)", sale, order)
+    # An order row for more units than the sale has keys.
+    await runtime.pool.execute(
+        "INSERT INTO orders (order_id, sale_id, channel_id, user_id, quantity, status,"
+        " reserved_at) SELECT $2, sale_id, channel_id, 'u-x', 5, 'confirmed', now()"
+        " FROM orders WHERE order_id = $1", order, order + "X")
+    found = await worker_metrics.audit(runtime.pool, [sale])
+    assert found == {"oversold": 3, "duplicate_keys": 1}
+    assert metrics.INVARIANT_VIOLATIONS.labels("duplicate_keys")._value.get() == 1
+    await worker_metrics.audit(runtime.pool, [])  # no sale: nothing broken, gauges back to 0
+    assert metrics.INVARIANT_VIOLATIONS.labels("duplicate_keys")._value.get() == 0

@@ -83,17 +83,58 @@ def webhook(ok: bool, attempts: int, max_attempts: int) -> None:
     metrics.WEBHOOKS.labels(result).inc()
 
 
+# -- invariant audit (PostgreSQL, the durable record), for the active sales -------------------
+# Units held by live orders beyond the keys the sale has: oversold.
+AUDIT_OVERSOLD = """
+SELECT COALESCE(sum(GREATEST(0, COALESCE(o.units, 0) - COALESCE(k.n, 0))), 0)
+FROM unnest($1::text[]) AS s(sale_id)
+LEFT JOIN (SELECT sale_id, sum(quantity) AS units FROM orders
+           WHERE sale_id = ANY($1) AND status IN ('reserved', 'confirmed', 'delivered')
+           GROUP BY sale_id) o USING (sale_id)
+LEFT JOIN (SELECT sale_id, count(*) AS n FROM card_keys WHERE sale_id = ANY($1)
+           GROUP BY sale_id) k USING (sale_id)
+"""
+# Keys handed out beyond what an order bought, or to an order of another sale.
+AUDIT_DUPLICATE_KEYS = """
+SELECT (SELECT count(*) FROM (
+          SELECT o.order_id FROM orders o JOIN card_keys c ON c.order_id = o.order_id
+          WHERE o.sale_id = ANY($1) GROUP BY o.order_id, o.quantity
+          HAVING count(*) > o.quantity) extra)
+     + (SELECT count(*) FROM card_keys c JOIN orders o ON o.order_id = c.order_id
+        WHERE o.sale_id = ANY($1) AND c.sale_id <> o.sale_id)
+"""
+AUDIT_EVERY_S = 60.0
+
+
+async def audit(pool: Any, sale_ids: list[str]) -> dict[str, int]:
+    """Check the invariants of these sales and export them (flashgate_invariant_violations)."""
+    async with pool.acquire() as conn:
+        found = {"oversold": int(await conn.fetchval(AUDIT_OVERSOLD, sale_ids)),
+                 "duplicate_keys": int(await conn.fetchval(AUDIT_DUPLICATE_KEYS, sale_ids))}
+    for name, n in found.items():
+        metrics.INVARIANT_VIOLATIONS.labels(name).set(n)
+        if n:
+            log.error("invariant %s broken: %d (sales %s)", name, n, ", ".join(sale_ids))
+    metrics.AUDIT_LAST_RUN.set(time.time())
+    return found
+
+
 async def heartbeat_loop(worker: Worker) -> None:
-    """Until the worker stops: refresh its heartbeat key and the stream gauges; on a clean
-    stop, delete the key (a killed worker's key expires after HEARTBEAT_TTL_S)."""
+    """Until the worker stops: refresh its heartbeat key and the stream gauges, and audit the
+    active sales every AUDIT_EVERY_S; on a clean stop, delete the key (a killed worker's key
+    expires after HEARTBEAT_TTL_S)."""
     rt = worker.rt
     key = rt.keys.worker_heartbeat(worker.name)
+    audited = 0.0
     try:
         while not worker.stopping:
             try:
                 await rt.redis.set(key, int(time.time()), ex=HEARTBEAT_TTL_S)
                 metrics.WORKER_HEARTBEAT.set(time.time())
                 await metrics.LEDGER.refresh(rt.redis, rt.keys, WORKER_GROUP)
+                if time.monotonic() - audited >= AUDIT_EVERY_S:
+                    audited = time.monotonic()
+                    await audit(rt.pool, sorted(metrics.LEDGER.sales))
             except Exception as exc:  # noqa: BLE001 - Redis away: the next beat retries
                 log.warning("worker %s: heartbeat failed: %s", worker.name, type(exc).__name__)
             await worker._sleep(HEARTBEAT_S)  # noqa: SLF001 - wakes at once on stop
