@@ -8,8 +8,9 @@
 2. Through the admin API: a channel, a sale opening a few seconds ahead, its card keys.
 3. Locust headless in a subprocess (its gevent patching stays out of this process), HTML and
    CSV reports under loadtest/results/<time>/.
-4. Wait up to the SLA's grace for every confirmed order to be delivered; read every order the
-   users saw through the storefront API and the sale's ledger through the admin API.
+4. Wait up to the SLA's grace for every confirmed order to be delivered, and up to the
+   reservation TTL for every open reservation to settle; then read every order the users saw
+   through the storefront API and the sale's ledger through the admin API.
 5. Judge (loadtest/audit.py), print the verdict, write verdict.json. Exit 0 pass, 1 fail,
    2 set-up failure. Everything started is stopped, by PID.
 """
@@ -39,6 +40,7 @@ from loadtest.audit import SLA, SLA_FILE, Verdict, judge, read_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+SWEEP_MARGIN_S = 5.0  # past a reservation's deadline, the sweeper's interval and a batch
 
 
 class SetupError(RuntimeError):
@@ -139,12 +141,8 @@ def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_
                     out)
         records = [json.loads(line) for line in records_file.read_text().splitlines()
                    ] if records_file.exists() else []
-        deadline = time.monotonic() + sla.delivery_grace_s
-        while time.monotonic() < deadline:  # confirmed in the ledger = not delivered yet
-            stock = _ok(admin.get(f"/v1/admin/sales/{sale_id}"), 200)["stock"]
-            if int(stock["confirmed"]) == 0:
-                break
-            time.sleep(0.2)
+        _settle(admin, sale_id, time.monotonic() + sla.delivery_grace_s,
+                time.monotonic() + args.reservation_ttl_s + SWEEP_MARGIN_S)
         order_ids = sorted({r["order_id"] for r in records if r.get("order_id")})
         orders = asyncio.run(_read_orders(url, channel["api_key"], order_ids))
         stock = _ok(admin.get(f"/v1/admin/sales/{sale_id}"), 200)["stock"]
@@ -155,6 +153,21 @@ def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_
     return judge(sla, read_stats(stats_csv), records, orders, stock, stock_total=args.keys,
                  imported=set(codes), per_user_limit=args.per_user_limit,
                  delivery_ms=delivery_ms)
+
+
+def _settle(admin: httpx.Client, sale_id: str, delivered_by: float, expired_by: float) -> None:
+    """Wait until the sale stops moving: every confirmed order delivered (within the grace)
+    and every reservation left by the users confirmed, cancelled or expired (within its TTL).
+    Only then are the orders and the ledger read, so the audit compares one state: a
+    reservation expiring between the two reads would look like a unit sold twice."""
+    while True:
+        stock = _ok(admin.get(f"/v1/admin/sales/{sale_id}"), 200)["stock"]
+        now = time.monotonic()
+        undelivered = int(stock["confirmed"]) > 0 and now < delivered_by
+        unexpired = int(stock["reserved"]) > 0 and now < expired_by
+        if not (undelivered or unexpired):
+            return
+        time.sleep(0.2)
 
 
 def _run_locust(args: argparse.Namespace, url: str, sale_id: str, api_key: str,

@@ -9,15 +9,18 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from core.embedded import ServiceURLs
 from loadtest.audit import SLA, RequestStats, judge
 from loadtest.profiles import Spike, Steady, schedule
+from loadtest.run import _settle
 from tests.conftest import scratch_database
 from tests.test_cli import _alive
 
@@ -99,3 +102,26 @@ def test_shapes() -> None:
     assert isinstance(schedule("steady", users=5, opens_at_s=0, duration_s=1), Steady)
     with pytest.raises(ValueError):
         schedule("zigzag", users=5, opens_at_s=0, duration_s=1)
+
+
+def test_audit_waits_for_open_reservations_to_settle() -> None:
+    """The orders and the ledger are read once nothing moves: a reservation expiring between
+    the two reads would look like an oversold unit."""
+    ledgers = iter([{"confirmed": 2, "reserved": 3}, {"confirmed": 0, "reserved": 3},
+                    {"confirmed": 0, "reserved": 1}, {"confirmed": 0, "reserved": 0}])
+    reads: list[dict[str, int]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        reads.append(next(ledgers))
+        return httpx.Response(200, json={"stock": reads[-1]})
+
+    with httpx.Client(base_url="http://gw", transport=httpx.MockTransport(answer)) as admin:
+        far = time.monotonic() + 60
+        _settle(admin, "s", far, far)
+        assert reads[-1] == {"confirmed": 0, "reserved": 0} and len(reads) == 4
+
+        # Bounded: past both deadlines it stops asking, whatever the ledger says.
+        ledgers = iter([{"confirmed": 1, "reserved": 1}] * 3)
+        reads.clear()
+        _settle(admin, "s", time.monotonic(), time.monotonic())
+        assert len(reads) == 1
