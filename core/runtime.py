@@ -5,6 +5,7 @@ The gateway opens one in its lifespan, each worker process one at start; never a
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,22 @@ def redis_client(settings: Settings) -> Redis:
         timeout=settings.redis_timeout_s,
         health_check_interval=30,
         connection_class=HiredisPackConnection,
+        # No CLIENT SETINFO per new connection (redis-py also reads its package metadata for it).
+        driver_info=None,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+
+
+async def warm_up(redis: Redis, connections: int) -> None:
+    """Open `connections` pool connections now, so a sale's opening second doesn't pay for
+    connecting on the event loop while thousands of purchases wait behind it."""
+    pool = redis.connection_pool
+    conns = [await pool.get_connection() for _ in range(connections)]
+    try:
+        await asyncio.gather(*(c.connect() for c in conns))
+    finally:
+        for c in conns:
+            await pool.release(c)
 
 
 @dataclass
@@ -73,6 +88,8 @@ class Runtime:
             keys = Keys(settings.key_prefix)
             ledger = Ledger(redis, keys)
             await ledger.scripts.load(redis)
+            await warm_up(redis, min(settings.redis_min_connections,
+                                     settings.redis_max_connections))
         except BaseException:
             await pool.close()
             await redis.aclose()

@@ -122,7 +122,8 @@ class Settings:
     max_import_bytes: int = 16 * 1024 * 1024
     # Redis client
     redis_timeout_s: float = 2.0
-    redis_max_connections: int = 200
+    redis_max_connections: int = 64
+    redis_min_connections: int = 16  # opened at start-up (see core.runtime.warm_up)
     # Channel cache on the hot path (an API key revoked in Redis stops working within this time)
     channel_cache_ttl_s: float = 30.0
     # Workers
@@ -172,7 +173,8 @@ class Settings:
             max_body_bytes=_number(env, "FLASHGATE_MAX_BODY_BYTES", 64 * 1024, 1024, 1 << 24),
             max_import_bytes=_number(env, "FLASHGATE_MAX_IMPORT_BYTES", 16 << 20, 1024, 1 << 30),
             redis_timeout_s=_number(env, "FLASHGATE_REDIS_TIMEOUT_S", 2.0, 0.05, 60.0),
-            redis_max_connections=_number(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 200, 4, 10_000),
+            redis_max_connections=_number(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 64, 4, 10_000),
+            redis_min_connections=_number(env, "FLASHGATE_REDIS_MIN_CONNECTIONS", 16, 0, 10_000),
             channel_cache_ttl_s=_number(env, "FLASHGATE_CHANNEL_CACHE_TTL_S", 30.0, 0.0, 3600.0),
             worker_batch_size=_number(env, "FLASHGATE_WORKER_BATCH_SIZE", 500, 1, 10_000),
             worker_consumers_per_sale=_number(
