@@ -13,7 +13,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from core import errors
-from core.ids import new_order_id
+from core.ids import new_order_id, sale_of_order
 from core.keys import Keys
 from core.scripts import ReturnCode, Scripts
 
@@ -212,18 +212,24 @@ class Ledger:
         return sum(1 for r in results if r == ReturnCode.OK)
 
     async def mark_delivered(self, order_ids: list[str], now: int | None = None) -> list[int]:
-        """Flip confirmed orders to delivered (after their keys are committed), one round trip."""
+        """Flip confirmed orders to delivered (after their keys are committed): one script call
+        per sale for the whole batch. Returns one code per order, in order."""
         if not order_ids:
             return []
         now = now_ms() if now is None else now
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for order_id in order_ids:
-                sale_id = order_id.rpartition(".")[0]
-                await self.scripts.deliver(
-                    keys=[self.keys.sale(sale_id), self.keys.order(order_id)], args=[now],
-                    client=pipe,
-                )
-            return [int(r) for r in await pipe.execute()]
+        by_sale: dict[str, list[int]] = {}
+        for i, order_id in enumerate(order_ids):
+            by_sale.setdefault(sale_of_order(order_id), []).append(i)
+        codes = [0] * len(order_ids)
+        for sale_id, positions in by_sale.items():
+            replies = await self.scripts.deliver(
+                keys=[self.keys.sale(sale_id),
+                      *(self.keys.order(order_ids[i]) for i in positions)],
+                args=[now],
+            )
+            for i, code in zip(positions, replies, strict=True):
+                codes[i] = int(code)
+        return codes
 
     async def order(self, order_id: str) -> dict[str, str] | None:
         data = cast(dict[str, str], await self.redis.hgetall(self.keys.order(order_id)))
