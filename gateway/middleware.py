@@ -4,6 +4,7 @@ metrics, request ids."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -106,8 +107,22 @@ class HttpMetrics:
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
             method = scope["method"] if scope["method"] in _METHODS else metrics.OTHER
-            metrics.HTTP_REQUESTS.labels(template, method, metrics.status_class(status)).inc()
-            metrics.HTTP_DURATION.labels(template, method).observe(time.perf_counter() - start)
+            counted, timed = _children(template, method, status)
+            counted.inc()
+            timed.observe(time.perf_counter() - start)
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _children(template: str, method: str, status: int) -> tuple[Any, Any]:
+    """The labelled counter and histogram of a request (labels() costs more than inc())."""
+    key = (template, method, status)
+    hit = _CHILDREN.get(key)
+    if hit is None:  # bounded: routes x methods x statuses
+        hit = _CHILDREN[key] = (
+            metrics.HTTP_REQUESTS.labels(template, method, metrics.status_class(status)),
+            metrics.HTTP_DURATION.labels(template, method),
+        )
+    return hit
