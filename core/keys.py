@@ -81,8 +81,8 @@ class Keys:
         return f"{self._tag(sale_id)}:risk:adm:{channel_id or '*'}"
 
     def risk_counter(self, sale_id: str, kind: str, value: str) -> str:
-        """HASH of sliding-window request counters (1 s, 60 s) of one user/device/ip/subnet."""
-        return f"{self._tag(sale_id)}:risk:n:{kind}:{value}"
+        """STRING of sliding-window request counters (1 s, 60 s) of one user/device/ip/subnet."""
+        return f"{self._tag(sale_id)}:risk:c:{kind}:{value}"
 
     def risk_distinct_users(self, sale_id: str, kind: str, value: str) -> str:
         """HyperLogLog of the user ids seen from one device or ip during the sale."""

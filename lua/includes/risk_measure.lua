@@ -38,34 +38,31 @@ local function admit(sale_adm_key, channel_adm_key, now, sale_rate, sale_burst,
   return 0
 end
 
--- Sliding windows (1 s and 60 s): each counter hash keeps its current and previous fixed
--- bucket (fields <w>i index, <w>c count, <w>p previous count); the estimate weights the
--- previous bucket by the part of it still inside the window (O(1) memory per counter).
-local WINDOWS = {{"s", 1000}, {"m", 60000}}
+-- Sliding windows (1 s and 60 s): each counter is one string "<s idx>,<s count>,<s prev>,
+-- <m idx>,<m count>,<m prev>": the current and previous fixed bucket of each window; the
+-- estimate weights the previous bucket by the part of it still inside the window.
 local function hit(key, now)
-  local v = rcall("HMGET", key, "si", "sc", "sp", "mi", "mc", "mp")
-  local out, update = {}, {}
-  for w, spec in ipairs(WINDOWS) do
-    local name, size = spec[1], spec[2]
-    local bucket = math.floor(now / size)
-    local idx = tonumber(v[w * 3 - 2])
-    local cur, prev = tonumber(v[w * 3 - 1] or 0), tonumber(v[w * 3] or 0)
-    if idx ~= bucket then
-      prev = (idx == bucket - 1) and cur or 0
-      cur = 0
-    end
-    cur = cur + 1
-    local weight = 1 - (now - bucket * size) / size
-    out[w] = math.floor(cur + prev * weight)
-    for _, x in ipairs({name .. "i", bucket, name .. "c", cur, name .. "p", prev}) do
-      update[#update + 1] = x
-    end
+  local si, sc, sp, mi, mc, mp = 0, 0, 0, 0, 0, 0
+  local raw = rcall("GET", key)
+  if raw then
+    si, sc, sp, mi, mc, mp = string.match(raw, "^(%d+),(%d+),(%d+),(%d+),(%d+),(%d+)$")
+    si, sc, sp, mi, mc, mp = tonumber(si), tonumber(sc), tonumber(sp), tonumber(mi),
+                             tonumber(mc), tonumber(mp)
   end
-  rcall("HSET", key, unpack(update))
-  if not v[4] or tonumber(v[4]) ~= math.floor(now / 60000) then
-    rcall("PEXPIRE", key, 2 * 60000)  -- once per minute bucket, not on every hit
+  local s_bucket, m_bucket = math.floor(now / 1000), math.floor(now / 60000)
+  if si ~= s_bucket then
+    sp = (si == s_bucket - 1) and sc or 0
+    sc = 0
   end
-  return out[1], out[2]
+  if mi ~= m_bucket then
+    mp = (mi == m_bucket - 1) and mc or 0
+    mc = 0
+  end
+  sc, mc = sc + 1, mc + 1
+  rcall("SET", key, s_bucket .. "," .. sc .. "," .. sp .. "," .. m_bucket .. "," .. mc .. "," .. mp,
+        "PX", 120000)
+  return math.floor(sc + sp * (1 - (now - s_bucket * 1000) / 1000)),
+         math.floor(mc + mp * (1 - (now - m_bucket * 60000) / 60000))
 end
 
 -- Distinct users during the sale: HyperLogLog, so a shared ip with thousands of users stays a
