@@ -61,6 +61,13 @@ class _Inline(msgspec.Struct, frozen=True):
     base_shadow: tuple[str, ...]
 
 
+def _solution_marker(verified: Verified | None, now_s: float) -> tuple[str, int]:
+    """The used-solution marker's id and TTL (ms) for a genuine solution; ("-", 0) otherwise."""
+    if verified is not None and verified.challenge_id and verified.expires_at:
+        return verified.challenge_id, max(1000, int((verified.expires_at - now_s + 5) * 1000))
+    return "-", 0
+
+
 _COMPILED: dict[int, tuple[RiskConfig, tuple[str, tuple[str, ...], tuple[Any, ...]]]] = {}
 
 
@@ -123,14 +130,10 @@ class ScoringEngine:
     async def plan(self, ctx: RiskContext) -> Decision | RiskPlan:
         if not self.inline:
             return await self.assess(ctx)
-        sig = Signals.of(ctx)
-        listed = self._listed(await self.lists.current(), sig)
-        if listed is not None:
-            return listed
-        cfg = await self.configs.get(ctx.sale_id)
-        now_s = self.clock()
-        verified = (self.challenges.verify(ctx.challenge_solution, sig, now_s)
-                    if ctx.challenge_solution else None)
+        prelude = await self._prelude(ctx)
+        if isinstance(prelude, Decision):
+            return prelude
+        sig, cfg, now_s, verified = prelude
         # Rules decided from the request alone: scored here, passed in as the base score.
         inputs = Inputs(sig, None, sig.address is not None and sig.address in self.datacenter)
         base: list[tuple[int, str]] = []
@@ -143,10 +146,7 @@ class ScoringEngine:
                 else:
                     base.append((rule.weight, name))
         k, sale = self.keys, sig.sale_id
-        challenge_id, solution_ttl_ms = "-", 0
-        if verified is not None and verified.challenge_id and verified.expires_at:
-            challenge_id = verified.challenge_id
-            solution_ttl_ms = max(1000, int((verified.expires_at - now_s + 5) * 1000))
+        challenge_id, solution_ttl_ms = _solution_marker(verified, now_s)
         adm, t = cfg.admission, cfg.thresholds
         script = RiskArgs(
             keys=(
@@ -214,16 +214,25 @@ class ScoringEngine:
         self.counts[f"verdict:{decision.verdict.value}"] += 1
         return decision
 
-    async def assess(self, ctx: RiskContext) -> Decision:
+    async def _prelude(self, ctx: RiskContext
+                       ) -> Decision | tuple[Signals, RiskConfig, float, Verified | None]:
+        """Both modes start here: a list match decides at once; otherwise the request's signals,
+        its sale's config, the clock and the presented solution (checked, not yet spent)."""
         sig = Signals.of(ctx)
         listed = self._listed(await self.lists.current(), sig)
         if listed is not None:
             return listed
-
         cfg = await self.configs.get(ctx.sale_id)
         now_s = self.clock()
         verified = (self.challenges.verify(ctx.challenge_solution, sig, now_s)
                     if ctx.challenge_solution else None)
+        return sig, cfg, now_s, verified
+
+    async def assess(self, ctx: RiskContext) -> Decision:
+        prelude = await self._prelude(ctx)
+        if isinstance(prelude, Decision):
+            return prelude
+        sig, cfg, now_s, verified = prelude
         features, score_it = await self._features(sig, cfg, now_s, verified,
                                                   ctx.idempotency_key)
         if not score_it:
@@ -277,11 +286,7 @@ class ScoringEngine:
         """(features, whether to score): not for an unknown sale or an idempotent replay, which
         the reservation script answers. Raises RateLimited; features None when unreadable."""
         k, sale = self.keys, sig.sale_id
-        solution_ttl_ms = 0
-        challenge_id = "-"
-        if verified is not None and verified.challenge_id and verified.expires_at:
-            challenge_id = verified.challenge_id
-            solution_ttl_ms = max(1000, int((verified.expires_at - now_s + 5) * 1000))
+        challenge_id, solution_ttl_ms = _solution_marker(verified, now_s)
         adm = cfg.admission
         try:
             async with asyncio.timeout(self.timeout_s):
