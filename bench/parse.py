@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
@@ -58,3 +60,31 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     medians: noise that hits both sides of one pair cancels."""
     pairs = [a / b for a, b in zip(numerators, denominators, strict=True) if b]
     return median(pairs)
+
+
+def parse_openloop(text: str) -> tuple[Run, dict[str, Any]]:
+    """bench/openloop.py's `openloop {json}` line: the run (rps = answers per second of the
+    measured window, latency from each request's due time) and every field as printed."""
+    line = next((ln for ln in text.splitlines() if ln.startswith("openloop ")), None)
+    if line is None:
+        raise ValueError("no `openloop {json}` line in the output")
+    d = json.loads(line.removeprefix("openloop "))
+    return Run(float(d["achieved_rate"]), float(d["p50_ms"]), float(d["p99_ms"]),
+               int(d["sent"]), int(d["non2xx"]), int(d["errors"])), d
+
+
+def cpu_seconds(stat: str) -> float:
+    """utime + stime of one /proc/<pid>/stat line, in clock ticks (the command name may hold
+    spaces and parentheses, so fields are counted after its last ')')."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return float(int(fields[11]) + int(fields[12]))
+
+
+def idle_fraction(before: str, after: str) -> float:
+    """Share of the machine's CPU time idle (idle + iowait) between two `cpu ` lines of
+    /proc/stat."""
+    a = [int(x) for x in before.split()[1:]]
+    b = [int(x) for x in after.split()[1:]]
+    delta = [y - x for x, y in zip(a, b, strict=False)]
+    total = sum(delta[:8])  # guest time is already counted in user
+    return (delta[3] + delta[4]) / total if total else 0.0

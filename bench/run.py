@@ -9,6 +9,14 @@ repetition against one stack (embedded servers unless FLASHGATE_*_URL are set, n
   purchase-off    POST purchase, FLASHGATE_RISK_ENABLED=0 (gateway A)
   purchase-on     POST purchase, risk engine on (gateway B, same settings otherwise)
   naive-pg        POST /v1/bench/naive/.../purchase: PostgreSQL-only design, same app (A)
+  purchase-on-2p  POST purchase, risk on, gateway C: the same server with `--workers 2`
+                  (two processes sharing the listening socket), vs purchase-on (one process)
+  fixed-rate      bench/openloop.py: purchases at a fixed arrival rate, --fixed-rate-fraction
+                  (0.7) of this repetition's purchase-on throughput, against gateway B;
+                  latency from each request's due time (no coordinated omission). Where the
+                  Python generator does not hold that rate, lower rates (x0.85) are tried.
+CPU during each HTTP case (load generator's, gateway's process tree, machine idle) is kept to
+say whether the load generator left the gateway room.
 Redis (redis-benchmark): reserve.lua by EVALSHA vs INCR. Workers: orders/s from a full stream.
 Every figure is the median over --reps; ratios are medians of per-repetition ratios.
 """
@@ -17,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,7 +41,16 @@ from typing import Any
 import httpx
 
 from bench import naive
-from bench.parse import Run, median, median_ratio, parse_redis_benchmark, parse_wrk
+from bench.parse import (
+    Run,
+    cpu_seconds,
+    idle_fraction,
+    median,
+    median_ratio,
+    parse_openloop,
+    parse_redis_benchmark,
+    parse_wrk,
+)
 from cli.stack import (
     GATEWAY_STOP_GRACE_S,
     gateway_argv,
@@ -49,7 +68,9 @@ from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).with_name("purchase.lua")
-HTTP_CASES = ("ping", "purchase-off", "purchase-on", "naive-pg")
+HTTP_CASES = ("ping", "purchase-off", "purchase-on", "naive-pg", "purchase-on-2p",
+              "fixed-rate")
+FIXED_RATE_TRIES = 3  # the target, then x0.85 twice, when the generator does not hold it
 STOCK = 10_000_000
 NOTES_MARKER = "<!-- notes: kept by make bench -->"
 
@@ -61,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=int, default=10)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fixed-rate-fraction", type=float, default=0.7,
+                   help="fixed-rate run at this share of the repetition's purchase-on max")
     p.add_argument("--redis-requests", type=int, default=200_000)
     p.add_argument("--worker-orders", type=int, default=20_000)
     p.add_argument("--skip", action="append", default=[], choices=("http", "redis", "workers"))
@@ -81,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict[str, list[Run]] = {}
     commands: dict[str, str] = {}
+    detail: dict[str, Any] = {"cpu": {}, "fixed": []}
     extra = {"FLASHGATE_BENCH_ENDPOINTS": "1", "FLASHGATE_RISK_ENABLED": "0"}
     with running_stack(workers=0, extra_env=extra) as stack:
         assert stack.gateway_url is not None
@@ -92,18 +116,27 @@ def main(argv: list[str] | None = None) -> int:
             risk_gw = spawn("gateway-risk", gateway_argv("127.0.0.1", port),
                             {**stack.env, "FLASHGATE_RISK_ENABLED": "1"},
                             stack.run_dir / "logs")
+            port_c = free_port()
+            two_gw = spawn("gateway-2p", gateway_argv("127.0.0.1", port_c) + ["--workers", "2"],
+                           {**stack.env, "FLASHGATE_RISK_ENABLED": "1"},
+                           stack.run_dir / "logs")
             try:
                 url_b = f"http://127.0.0.1:{port}"
+                url_c = f"http://127.0.0.1:{port_c}"
                 wait_healthy(risk_gw, url_b)
-                print(f"bench: gateway B {url_b} (risk on)", flush=True)
-                _http(args, stack.gateway_url, url_b, sale_id, api_key, results, commands)
+                wait_healthy(two_gw, url_c)
+                print(f"bench: gateway B {url_b} (risk on), C {url_c} (risk on, 2 processes)",
+                      flush=True)
+                gateways = {"A": (stack.gateway_url, stack.children[0].pid),
+                            "B": (url_b, risk_gw.pid), "C": (url_c, two_gw.pid)}
+                _http(args, gateways, sale_id, api_key, results, commands, detail)
             finally:
-                stop_children([risk_gw], GATEWAY_STOP_GRACE_S)
+                stop_children([risk_gw, two_gw], GATEWAY_STOP_GRACE_S)
         if "redis" not in args.skip:
             _redis(args, settings, sale_id, results, commands)
         if "workers" not in args.skip:
             _workers(args, settings, results, commands)
-    report = render(args, command, results, commands)
+    report = render(args, command, results, commands, detail)
     print(report)
     if args.out != "-":
         out = Path(args.out)
@@ -159,25 +192,94 @@ def _wrk(args: argparse.Namespace, url: str, path: str, api_key: str, duration_s
     return parse_wrk(out), shown
 
 
-def _http(args: argparse.Namespace, url_a: str, url_b: str, sale_id: str, api_key: str,
-          results: dict[str, list[Run]], commands: dict[str, str]) -> None:
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and its descendants (0 for what is gone)."""
+    total = 0.0
+    with contextlib.suppress(OSError, ValueError):
+        total += cpu_seconds(Path(f"/proc/{pid}/stat").read_text()) / os.sysconf("SC_CLK_TCK")
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            total += _tree_cpu_s(int(child))
+    return total
+
+
+def _machine_cpu() -> str:
+    return Path("/proc/stat").read_text().splitlines()[0]
+
+
+@contextlib.contextmanager
+def _cpu_watch(gateway_pid: int, into: list[tuple[float, float, float]]) -> Any:
+    """Append (load generator cores, gateway cores, machine idle share) over the block. The
+    load generator is the child process run (and reaped) inside the block."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    gw, machine, t0 = _tree_cpu_s(gateway_pid), _machine_cpu(), time.monotonic()
+    yield
+    wall = time.monotonic() - t0
+    kids2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    gen = (kids2.ru_utime + kids2.ru_stime) - (kids.ru_utime + kids.ru_stime)
+    into.append((gen / wall, (_tree_cpu_s(gateway_pid) - gw) / wall,
+                 idle_fraction(machine, _machine_cpu())))
+
+
+def _openloop(args: argparse.Namespace, url: str, path: str, api_key: str,
+              rate: float) -> tuple[Run, dict[str, Any], str]:
+    argv = [sys.executable, "-m", "bench.openloop", "--url", url, "--path", path,
+            "--api-key", api_key, "--rate", f"{rate:.0f}", "--duration-s",
+            str(args.duration_s), "--connections", str(args.connections)]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
+                         timeout=args.duration_s + 60, check=True).stdout
+    run, d = parse_openloop(out)
+    shown = " ".join(["python"] + argv[1:]).replace(url, "$URL").replace(api_key, "$KEY")
+    shown = shown.replace(path.split("/")[3], "$SALE").replace(
+        f"--rate {rate:.0f}", f"--rate <{args.fixed_rate_fraction:g} × purchase-on of the "
+        "repetition, lowered ×0.85 while the generator does not hold it>")
+    return run, d, shown
+
+
+def _http(args: argparse.Namespace, gateways: dict[str, tuple[str, int]], sale_id: str,
+          api_key: str, results: dict[str, list[Run]], commands: dict[str, str],
+          detail: dict[str, Any]) -> None:
     purchase = f"/v1/sales/{sale_id}/purchase"
     cases = {
-        "ping": (url_a, "/v1/bench/ping", False),
-        "purchase-off": (url_a, purchase, True),
-        "purchase-on": (url_b, purchase, True),
-        "naive-pg": (url_a, f"/v1/bench/naive/{sale_id}/purchase", True),
+        "ping": ("A", "/v1/bench/ping", False),
+        "purchase-off": ("A", purchase, True),
+        "purchase-on": ("B", purchase, True),
+        "naive-pg": ("A", f"/v1/bench/naive/{sale_id}/purchase", True),
+        "purchase-on-2p": ("C", purchase, True),
     }
-    for url, path, script in cases.values():  # warm-up: caches, pools, JIT of wrk
-        _wrk(args, url, path, api_key, 2, script)
+    for gw, path, script in cases.values():  # warm-up: caches, pools, JIT of wrk
+        _wrk(args, gateways[gw][0], path, api_key, 2, script)
+    url_b, pid_b = gateways["B"]
     for rep in range(args.reps):
-        for name, (url, path, script) in cases.items():
-            run, shown = _wrk(args, url, path, api_key, args.duration_s, script)
+        for name, (gw, path, script) in cases.items():
+            url, pid = gateways[gw]
+            with _cpu_watch(pid, detail["cpu"].setdefault(name, [])):
+                run, shown = _wrk(args, url, path, api_key, args.duration_s, script)
             results.setdefault(name, []).append(run)
             commands[name] = shown
-            print(f"bench: rep {rep + 1} {name:<13} {run.rps:>9.0f} req/s  p50 "
-                  f"{run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}",
-                  flush=True)
+            _show(rep, name, run)
+        peak = results["purchase-on"][-1].rps
+        rate = args.fixed_rate_fraction * peak
+        for _ in range(FIXED_RATE_TRIES):
+            cpu: list[tuple[float, float, float]] = []
+            with _cpu_watch(pid_b, cpu):
+                run, d, shown = _openloop(args, url_b, purchase, api_key, rate)
+            print(f"bench: rep {rep + 1} fixed-rate target {rate:,.0f} req/s "
+                  f"({rate / peak:.2f} of {peak:,.0f}): generator lag p99 "
+                  f"{d['lag_p99_ms']:.2f} ms, held: {d['held']}", flush=True)
+            if d["held"]:
+                break
+            rate *= 0.85
+        results.setdefault("fixed-rate", []).append(run)
+        detail["cpu"].setdefault("fixed-rate", []).extend(cpu)
+        detail["fixed"].append({**d, "peak": peak, "fraction": d["target_rate"] / peak})
+        commands["fixed-rate"] = shown
+        _show(rep, "fixed-rate", run)
+
+
+def _show(rep: int, name: str, run: Run) -> None:
+    print(f"bench: rep {rep + 1} {name:<14} {run.rps:>9.0f} req/s  p50 "
+          f"{run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}  "
+          f"errors {run.socket_errors}", flush=True)
 
 
 def _redis(args: argparse.Namespace, settings: Settings, sale_id: str,
@@ -270,12 +372,15 @@ def _fmt(runs: list[Run], unit: str) -> tuple[str, str, str]:
 
 
 def render(args: argparse.Namespace, command: str, results: dict[str, list[Run]],
-           commands: dict[str, str]) -> str:
+           commands: dict[str, str], detail: dict[str, Any] | None = None) -> str:
+    detail = detail or {"cpu": {}, "fixed": []}
     labels = {
         "ping": "ceiling: trivial JSON endpoint (same app, server, settings)",
         "purchase-off": "purchase, risk off",
         "purchase-on": "purchase, risk on",
         "naive-pg": "naive design: PostgreSQL-only purchase (same app)",
+        "purchase-on-2p": "purchase, risk on, 2 gateway processes (`--workers 2`)",
+        "fixed-rate": "purchase, risk on, fixed arrival rate (open loop; see below)",
         "redis-reserve": "Redis: reserve.lua (EVALSHA)",
         "redis-incr": "Redis: INCR",
         "workers": "workers: orders persisted + keys allocated",
@@ -300,6 +405,8 @@ def render(args: argparse.Namespace, command: str, results: dict[str, list[Run]]
         unit = "req/s" if name in HTTP_CASES else ("ops/s" if name.startswith("redis")
                                                    else "orders/s")
         rps, p50, p99 = _fmt(runs, unit)
+        if name == "fixed-rate":
+            rps = rps.replace(" (", " answered (", 1)
         if name == "workers":
             p50 = p99 = "–"
         non2xx = str(sum(r.non2xx + r.socket_errors for r in runs)) if name in HTTP_CASES \
@@ -309,6 +416,8 @@ def render(args: argparse.Namespace, command: str, results: dict[str, list[Run]]
     if ratios:
         lines += ["", "| ratio (pair by pair, same repetition) | median |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in ratios]
+    lines += _fixed_rate_lines(detail["fixed"])
+    lines += _cpu_lines(detail["cpu"], labels)
     lines += ["", "## Commands", ""]
     lines += [f"- {labels.get(k, k)}: `{v}`" for k, v in commands.items()]
     lines += ["", "`$URL`, `$SALE`, `$KEY`, `$PORT`: the run's gateway, sale, channel key and "
@@ -318,6 +427,49 @@ def render(args: argparse.Namespace, command: str, results: dict[str, list[Run]]
               "schema, created by the benchmark. Purchases are reservations (no payment ref), "
               "so nothing is confirmed or delivered during the HTTP runs and no workers run."]
     return "\n".join(lines) + "\n"
+
+
+def _fixed_rate_lines(fixed: list[dict[str, Any]]) -> list[str]:
+    """Per repetition: the rate asked for, the share of that repetition's max it is, whether
+    the generator held it, and where the latency went."""
+    if not fixed:
+        return []
+    lines = ["", "Fixed-rate runs (bench/openloop.py, one per repetition; latency counted from "
+             "each request's due time; `lag` is the generator's own lateness in handing a "
+             "request over, `service` the time from writing it to its answer):", "",
+             "| rep | rate asked | of max (purchase, risk on) | answered/s | p50 ms | p99 ms "
+             "| service p99 ms | lag p99 ms | generator held the rate | non-2xx + errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, d in enumerate(fixed, 1):
+        lines.append(
+            f"| {i} | {d['target_rate']:,.0f} req/s | {d['fraction']:.2f} of "
+            f"{d['peak']:,.0f} | {d['achieved_rate']:,.0f} | {d['p50_ms']:.2f} | "
+            f"{d['p99_ms']:.2f} | {d['service_p99_ms']:.2f} | {d['lag_p99_ms']:.2f} | "
+            f"{'yes' if d['held'] else 'no'} | {d['non2xx'] + d['errors']} |")
+    return lines
+
+
+def _cpu_lines(cpu: dict[str, list[tuple[float, float, float]]],
+               labels: dict[str, str]) -> list[str]:
+    """Median CPU over each HTTP case's repetitions: does the load generator leave room?"""
+    if not cpu:
+        return []
+    lines = ["", "CPU during the HTTP cases (median over repetitions; cores = CPU-seconds per "
+             f"second of wall time, of the {os.cpu_count()} the machine has):", "",
+             "| case | load generator (wrk / openloop) cores | gateway cores (all its "
+             "processes) | everything else (Redis, PostgreSQL, the other gateways, bench) "
+             "cores | machine idle |", "|---|---|---|---|---|"]
+    cores = os.cpu_count() or 1
+    for name, samples in cpu.items():
+        if not samples:
+            continue
+        gen = median([x[0] for x in samples])
+        gw = median([x[1] for x in samples])
+        idle = median([x[2] for x in samples])
+        rest = max(0.0, cores * (1 - idle) - gen - gw)
+        lines.append(f"| {labels.get(name, name)} | {gen:.2f} | {gw:.2f} | {rest:.2f} | "
+                     f"{idle:.0%} |")
+    return lines
 
 
 def _ratios(results: dict[str, list[Run]]) -> list[tuple[str, str]]:
@@ -336,6 +488,10 @@ def _ratios(results: dict[str, list[Run]]) -> list[tuple[str, str]]:
         ("purchase (risk off) / naive PostgreSQL design", "purchase-off", "naive-pg", rps),
         ("p99: purchase (risk on) / naive PostgreSQL design", "purchase-on", "naive-pg", p99),
         ("Redis: reserve.lua / INCR", "redis-reserve", "redis-incr", rps),
+        ("purchase (risk on): 2 gateway processes / 1", "purchase-on-2p", "purchase-on", rps),
+        ("p99: purchase (risk on), 2 gateway processes / 1", "purchase-on-2p", "purchase-on",
+         p99),
+        ("fixed-rate answered / max purchase (risk on)", "fixed-rate", "purchase-on", rps),
     ]
     for label, a, b, get in pairs:
         if results.get(a) and results.get(b):
