@@ -175,22 +175,34 @@ class RiskCounts(_Counter[str]):
             _mirror(key, delta)
 
 
+_MIRRORS: dict[str, Any] = {}
+
+
 def _mirror(key: str, n: int) -> None:
+    """Count `n` on the Prometheus child of a `counts` key (the child found once per key)."""
+    child = _MIRRORS.get(key)
+    if child is None:
+        child = _child_of(key)
+        if len(_MIRRORS) < 1000:  # keys are the engine's own, bounded; the cap is a backstop
+            _MIRRORS[key] = child
+    child.inc(n)
+
+
+def _child_of(key: str) -> Any:
     kind, _, rest = key.partition(":")
     if kind == "verdict":
-        RISK_DECISIONS.labels(_bounded(rest, ("allow", "challenge", "deny"))).inc(n)
+        return RISK_DECISIONS.labels(_bounded(rest, ("allow", "challenge", "deny")))
     elif kind == "rule":
         name, _, mode = rest.rpartition(":")
-        RISK_RULES.labels(_bounded(name), _bounded(mode, ("fired", "shadow", "unavailable"))
-                          ).inc(n)
+        return RISK_RULES.labels(_bounded(name),
+                                 _bounded(mode, ("fired", "shadow", "unavailable")))
     elif kind == "list":
         action, _, what = rest.partition(":")
-        RISK_LISTS.labels(_bounded(action, ("allow", "block")),
-                          _bounded(what, ("user", "device", "ip", "cidr"))).inc(n)
+        return RISK_LISTS.labels(_bounded(action, ("allow", "block")),
+                                 _bounded(what, ("user", "device", "ip", "cidr")))
     elif kind == "challenge":
-        RISK_CHALLENGES.labels(_bounded(rest)).inc(n)
-    else:
-        RISK_EVENTS.labels(_bounded(key.replace(":", "_")[:40])).inc(n)
+        return RISK_CHALLENGES.labels(_bounded(rest))
+    return RISK_EVENTS.labels(_bounded(key.replace(":", "_")[:40]))
 
 
 # -- ledger snapshot, read on scrape --------------------------------------------------------------
