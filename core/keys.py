@@ -33,11 +33,11 @@ class Keys:
 
     def risk_list(self, action: str, kind: str) -> str:
         """SET of entries of one risk list (`action` allow|block, `kind` user|device|ip|cidr)."""
-        return f"{self.prefix}:risk:{action}:{kind}"
+        return f"{self.prefix}:{{risk}}:{action}:{kind}"
 
     def risk_lists_version(self) -> str:
         """STRING counter bumped on every list change; gateways reload their copy when it moves."""
-        return f"{self.prefix}:risk:lists:v"
+        return f"{self.prefix}:{{risk}}:lists:v"
 
     # -- per sale --------------------------------------------------------------------------
     def _tag(self, sale_id: str) -> str:

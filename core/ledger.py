@@ -199,17 +199,18 @@ class Ledger:
         Several sweepers may run this at once: the script settles each order exactly once.
         """
         now = now_ms() if now is None else now
-        key = self.keys.deadlines(sale_id)
+        k = self.keys
+        key = k.deadlines(sale_id)
         due = cast(list[str], await self.redis.zrangebyscore(key, "-inf", now, 0, limit))
         if not due:
             return 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for order_id in due:
-                await self.scripts.expire(
-                    keys=self._order_keys(order_id, sale_id), args=[now, order_id], client=pipe
-                )
-            results = await pipe.execute()
-        return sum(1 for r in results if r == ReturnCode.OK)
+        # One script call for the batch (a pipeline of EVALSHAs is refused on Redis Cluster).
+        codes = await self.scripts.expire(
+            keys=[k.sale(sale_id), key, k.events(sale_id), k.buyers(sale_id),
+                  *(k.order(order_id) for order_id in due)],
+            args=[now, *due],
+        )
+        return sum(1 for code in codes if code == ReturnCode.OK)
 
     async def mark_delivered(self, order_ids: list[str], now: int | None = None) -> list[int]:
         """Flip confirmed orders to delivered (after their keys are committed): one script call

@@ -18,22 +18,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import RedisClusterException
 
 from core import errors
 from core.embedded import EmbeddedRedisCluster
 from core.keys import Keys
 from core.ledger import Ledger, PurchaseRequest
 from core.runtime import redis_client, warm_up
-from core.scripts import ReturnCode
 from core.settings import Settings
 from risk import config as risk_config
 from risk.engine import RiskContext, RiskPlan, Verdict
-from risk.lists import load_datacenter_ranges
+from risk.lists import RiskLists, load_datacenter_ranges
 from risk.scoring import ScoringEngine
 
 T0 = 1_900_000_000_000  # a fixed clock (ms)
@@ -225,18 +223,8 @@ async def test_idempotent_replay(ledger: Ledger, rc: Redis, slot_owner: dict[int
 
 
 async def sweep(ledger: Ledger, sale_id: str, now: int) -> int:
-    """One sweeper, per order: the due reservations, each expired by its own script call.
-    (Ledger.expire_due pipelines the calls, which redis-py refuses on a cluster.)"""
-    k = ledger.keys
-    due = cast(list[str], await ledger.redis.zrangebyscore(k.deadlines(sale_id), "-inf", now,
-                                                           0, 500))
-    codes = await asyncio.gather(*[
-        ledger.scripts.expire(keys=[k.sale(sale_id), k.order(order_id), k.deadlines(sale_id),
-                                    k.events(sale_id), k.buyers(sale_id)],
-                              args=[now, order_id])
-        for order_id in due
-    ])
-    return sum(1 for code in codes if code == ReturnCode.OK)
+    """One sweeper: the ledger's own expiry (one expire.lua call per batch of a sale)."""
+    return await ledger.expire_due(sale_id, now=now)
 
 
 async def test_expiry_returns_stock_exactly_once_with_many_sweepers(
@@ -258,9 +246,6 @@ async def test_expiry_returns_stock_exactly_once_with_many_sweepers(
         assert await attempt(ledger, request(sale_id, "u0"), now=T0 + 2 + TTL_MS) == "reserved"
 
 
-@pytest.mark.xfail(raises=RedisClusterException, strict=False,
-                   reason="Ledger.expire_due pipelines EVALSHA, which redis-py's cluster "
-                          "pipeline refuses; see docs/OPERATIONS.md, Redis Cluster")
 async def test_expire_due_on_a_cluster(ledger: Ledger, rc: Redis,
                                        slot_owner: dict[int, int]) -> None:
     (sale_id, _), = await spread_sales(ledger, rc, slot_owner, 1, stock=3)
@@ -326,3 +311,13 @@ async def test_flushed_script_cache_on_one_node_is_survived(
     for sale_id in (flushed_sale, other_sale):
         stock = await ledger.stock(sale_id)
         assert stock is not None and stock["reserved"] == 30 and stock["available"] == 0
+
+
+async def test_risk_list_changes_on_a_cluster(rc: Redis) -> None:
+    """A list change is a MULTI over the list and its version: one hash tag, one slot."""
+    keys = Keys("fgc" + secrets.token_hex(3))
+    lists = RiskLists(rc, keys, ttl_s=0)
+    assert await lists.change("block", "user", ["bad-user"], add=True) == 1
+    snapshot = await lists.current()
+    assert snapshot.entries[("block", "user")] == frozenset({"bad-user"})
+    assert await lists.change("block", "user", ["bad-user"], add=False) == 1
