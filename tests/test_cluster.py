@@ -26,16 +26,14 @@ from redis.asyncio import Redis, RedisCluster
 from core import errors
 from core.embedded import EmbeddedRedisCluster
 from core.keys import Keys
-from core.ledger import Ledger, PurchaseRequest
+from core.ledger import Ledger
 from core.runtime import redis_client, warm_up
 from core.settings import Settings
 from risk import config as risk_config
 from risk.engine import RiskContext, RiskPlan, Verdict
 from risk.lists import RiskLists, load_datacenter_ranges
 from risk.scoring import ScoringEngine
-
-T0 = 1_900_000_000_000  # a fixed clock (ms)
-TTL_MS = 60_000
+from tests.test_ledger import T0, TTL_MS, attempt, request
 
 
 @pytest.fixture(scope="module")
@@ -128,19 +126,6 @@ async def spread_sales(ledger: Ledger, rc: Redis, slot_owner: dict[int, int], co
     return sales
 
 
-def request(sale_id: str, user: str, *, key: str | None = None, qty: int = 1,
-            fp: str = "fp") -> PurchaseRequest:
-    return PurchaseRequest(sale_id=sale_id, channel_id="ch_test",
-                           idempotency_key=key or uuid.uuid4().hex, fingerprint=fp,
-                           user_id=user, quantity=qty)
-
-
-async def attempt(ledger: Ledger, req: PurchaseRequest, now: int = T0 + 1) -> str:
-    try:
-        res = await ledger.reserve(req, now=now)
-    except errors.FlashgateError as exc:
-        return exc.code
-    return "replayed" if res.replayed else res.status
 
 
 def sale_keys(keys: Keys, sale_id: str, order_id: str) -> list[str]:
