@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import secrets
 import shutil
 import tempfile
@@ -25,15 +26,25 @@ from redis.asyncio import Redis, RedisCluster
 
 from core import errors
 from core.embedded import EmbeddedRedisCluster
-from core.keys import Keys
+from core.keys import WORKER_GROUP, Keys
 from core.ledger import Ledger
-from core.runtime import redis_client, warm_up
+from core.runtime import Runtime, redis_client, warm_up
 from core.settings import Settings
 from risk import config as risk_config
 from risk.engine import RiskContext, RiskPlan, Verdict
 from risk.lists import RiskLists, load_datacenter_ranges
 from risk.scoring import ScoringEngine
 from tests.test_ledger import T0, TTL_MS, attempt, request
+from tests.workers_fixtures import (
+    buy_and_confirm,
+    keys_by_order,
+    make_channel,
+    make_sale,
+    new_sale_id,
+    order_rows,
+    revealed_codes,
+)
+from workers.runner import Worker
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +317,66 @@ async def test_risk_list_changes_on_a_cluster(rc: Redis) -> None:
     snapshot = await lists.current()
     assert snapshot.entries[("block", "user")] == frozenset({"bad-user"})
     assert await lists.change("block", "user", ["bad-user"], add=False) == 1
+
+
+async def test_workers_deliver_on_a_cluster(
+        cluster: EmbeddedRedisCluster, settings: Settings, rc: Redis,
+        slot_owner: dict[int, int]) -> None:
+    """The workers on the cluster client, with the session's PostgreSQL: two sales on two
+    masters, every confirmed order delivered once with keys of its own, a malformed entry
+    dead-lettered (the dead-letter MULTI: the sale's events and dead letters share a slot)."""
+    rt = await Runtime.open(dataclasses.replace(
+        settings, redis_url=cluster.url, key_prefix="fgw" + secrets.token_hex(4)))
+    try:
+        assert isinstance(rt.redis, RedisCluster)
+        ports = sorted(set(slot_owner.values()))
+        sale_ids: list[str] = []
+        while len(sale_ids) < 2:  # one sale on the first master, one on the second
+            sale_id = new_sale_id()
+            if slot_owner[await keyslot(rc, rt.keys.sale(sale_id))] == ports[len(sale_ids)]:
+                sale_ids.append(sale_id)
+        assert len({slot_owner[await keyslot(rc, rt.keys.sale(s))] for s in sale_ids}) == 2
+        channel, _ = await make_channel(rt)
+        paid: dict[str, list[str]] = {}
+        codes: dict[str, list[str]] = {}
+        for sale_id in sale_ids:
+            _, codes[sale_id] = await make_sale(rt, keys=10, sale_id=sale_id)
+            paid[sale_id] = [await buy_and_confirm(rt, sale_id, channel, qty=q)
+                             for q in (1, 2, 3, 1)]
+        poisoned = sale_ids[1]
+        await rt.redis.xadd(rt.keys.events(poisoned),
+                            {"t": "bogus", "o": f"{poisoned}.01J00000000000000000000000"})
+
+        # A worker dies between its commit and its ack on the first sale; the heir takes the
+        # idle entries over (XAUTOCLAIM, the pipelined XPENDING of redelivered entries).
+        async def crash(sale_id: str, outcome: object) -> None:
+            raise RuntimeError("killed after commit")
+
+        with pytest.raises(RuntimeError, match="killed after commit"):
+            await Worker(rt, name="doomed", sale_ids=sale_ids[:1], after_commit=crash).run_burst()
+        assert await keys_by_order(rt, sale_ids[0])  # committed in PostgreSQL, not acked
+        doomed = await rt.redis.xpending(rt.keys.events(sale_ids[0]), WORKER_GROUP)
+        assert doomed["pending"] > 0
+        assert await Worker(rt, name="heir", sale_ids=sale_ids).run_burst() >= 2 * 8 + 1
+
+        for sale_id in sale_ids:
+            rows, allocated = await order_rows(rt, sale_id), await keys_by_order(rt, sale_id)
+            assert set(allocated) == set(paid[sale_id]) == set(rows)
+            for order_id in paid[sale_id]:
+                assert rows[order_id]["status"] == "delivered"
+                assert len(allocated[order_id]) == rows[order_id]["quantity"]
+                assert (await rt.ledger.order(order_id) or {})["status"] == "delivered"
+            key_ids = [k for ks in allocated.values() for k in ks]
+            assert len(key_ids) == len(set(key_ids)) == 7
+            revealed = [c for o in paid[sale_id] for c in await revealed_codes(rt, o)]
+            assert len(set(revealed)) == 7 and set(revealed) <= set(codes[sale_id])
+            stock = await rt.ledger.stock(sale_id)
+            assert stock is not None
+            assert stock["delivered"] == 7 and stock["confirmed"] == 0 and stock["available"] == 3
+            pending = await rt.redis.xpending(rt.keys.events(sale_id), WORKER_GROUP)
+            assert pending["pending"] == 0
+        dead = await rt.redis.xrange(rt.keys.dead_letters(poisoned))
+        assert [f["dl_reason"] for _, f in dead] == ["malformed: unknown event type"]
+        assert await rt.redis.xlen(rt.keys.dead_letters(sale_ids[0])) == 0
+    finally:
+        await rt.close()

@@ -36,9 +36,10 @@ async def make_channel(rt: Runtime, webhook_url: str | None = None) -> tuple[str
 
 
 async def make_sale(rt: Runtime, *, keys: int = 0, per_user_limit: int = 10,
-                    ttl_ms: int = 300_000, in_pg: bool = True) -> tuple[str, list[str]]:
+                    ttl_ms: int = 300_000, in_pg: bool = True,
+                    sale_id: str | None = None) -> tuple[str, list[str]]:
     """An open sale (PG row + Redis ledger) with `keys` imported codes; returns (id, codes)."""
-    sale_id, now = new_sale_id(), datetime.now(UTC)
+    sale_id, now = sale_id or new_sale_id(), datetime.now(UTC)
     start, end = now - timedelta(hours=1), now + timedelta(hours=1)
     if in_pg:
         await rt.pool.execute(
