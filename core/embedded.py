@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PG_SYSTEM_USER = "flashgate-pg"  # PostgreSQL refuses to run as root
 
@@ -72,7 +73,9 @@ def _tail(log: Path) -> str:
         return "(no log)"
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
+                 timeout: float = 15) -> None:
+    """Stop a child we started, by its PID: `sig`, up to `timeout` s, then SIGKILL; reaped."""
     if proc.poll() is not None:
         return
     proc.send_signal(sig)
@@ -121,7 +124,7 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
 
 
 class EmbeddedRedisCluster:
@@ -208,7 +211,7 @@ class EmbeddedRedisCluster:
 
     def stop(self) -> None:
         for proc in self.procs:
-            _stop(proc)
+            stop_process(proc)
 
 
 class EmbeddedPostgres:
@@ -291,7 +294,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc, signal.SIGINT)  # "fast" shutdown
+            stop_process(self.proc, signal.SIGINT)  # "fast" shutdown
 
 
 @contextlib.contextmanager

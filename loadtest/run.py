@@ -36,6 +36,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from core.embedded import stop_process
 from loadtest.audit import SLA, SLA_FILE, Verdict, judge, read_stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,12 +192,7 @@ def _run_locust(args: argparse.Namespace, url: str, sale_id: str, api_key: str,
         try:
             proc.wait(args.duration_s + args.opens_in_s + 60)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=15)
             raise
     if proc.returncode != 0:
         tail = (out / "locust.out").read_text(errors="replace")[-2000:]

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.embedded import ServiceURLs
+from core.embedded import ServiceURLs, stop_process
 from tests.conftest import scratch_database
 
 CLI = [sys.executable, "-m", "cli.main"]
@@ -105,12 +105,7 @@ def test_up_serves_and_stops_everything(tmp_path: Path, stop_signal: signal.Sign
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:  # a failed assertion: still let `up` stop what it started
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=60)
         assert proc.stdout is not None
         proc.stdout.close()
     assert not [p for p in pids.values() if _alive(p)]
