@@ -13,6 +13,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from core import errors
+from core.autopipeline import AutoPipeline
 from core.ids import new_order_id, sale_of_order
 from core.keys import Keys
 from core.scripts import ReturnCode, Scripts
@@ -83,10 +84,12 @@ class PurchaseRequest(msgspec.Struct, frozen=True):
 
 
 class Ledger:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    """`pipe`: run the scripts auto-pipelined (single-node Redis); other reads use `redis`."""
+
+    def __init__(self, redis: Redis, keys: Keys, pipe: AutoPipeline | None = None) -> None:
         self.redis = redis
         self.keys = keys
-        self.scripts = Scripts(redis)
+        self.scripts = Scripts(redis, pipe)
 
     # -- sales and stock ----------------------------------------------------------------
     async def init_sale(

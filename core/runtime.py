@@ -18,6 +18,7 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from core.autopipeline import AutoPipeline
 from core.crypto import Keyring
 from core.db import create_pool, migrate
 from core.keys import Keys
@@ -153,6 +154,18 @@ def redis_client(settings: Settings) -> Redis:
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
+def script_pipeline(settings: Settings) -> AutoPipeline | None:
+    """The scripts' auto-pipelined connections: on a single-node redis:// or rediss:// URL,
+    unless FLASHGATE_REDIS_PIPELINE_CONNECTIONS is 0 (a cluster routes scripts by slot through
+    redis-py's cluster client)."""
+    if settings.redis_pipeline_connections == 0 or is_cluster_url(settings.redis_url):
+        return None
+    if settings.redis_url.partition("://")[0].lower() not in ("redis", "rediss"):
+        return None  # unix:// sockets: redis-py's pool
+    return AutoPipeline.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s,
+                                 connections=settings.redis_pipeline_connections)
+
+
 async def warm_up(redis: Redis, connections: int) -> None:
     """Open `connections` pool connections now, so a sale's opening second doesn't pay for
     connecting on the event loop while thousands of purchases wait behind it."""
@@ -189,26 +202,34 @@ class Runtime:
     keys: Keys
     ledger: Ledger
     keyring: Keyring
+    pipe: AutoPipeline | None = None  # the scripts' multiplexed connections, if any
 
     @classmethod
     async def open(cls, settings: Settings, *, run_migrations: bool = True) -> Runtime:
         redis = redis_client(settings)
+        pipe = script_pipeline(settings)
         pool = await create_pool(settings.database_url.reveal(), settings.db_pool_max)
         try:
             if run_migrations:
                 async with pool.acquire() as conn:
                     await migrate(conn)
             keys = Keys(settings.key_prefix)
-            ledger = Ledger(redis, keys)
+            ledger = Ledger(redis, keys, pipe)
             await ledger.scripts.load(redis)
             await warm_up(redis, min(settings.redis_min_connections,
                                      settings.redis_max_connections))
+            if pipe is not None:
+                await pipe.warm_up()
         except BaseException:
             await pool.close()
             await redis.aclose()
+            if pipe is not None:
+                await pipe.aclose()
             raise
-        return cls(settings, redis, pool, keys, ledger, Keyring(settings.master_keys))
+        return cls(settings, redis, pool, keys, ledger, Keyring(settings.master_keys), pipe)
 
     async def close(self) -> None:
         await self.pool.close()
         await self.redis.aclose()
+        if self.pipe is not None:
+            await self.pipe.aclose()

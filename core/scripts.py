@@ -2,7 +2,9 @@
 
 Scripts are package data, read with importlib.resources; a line `--!include NAME` is replaced
 by lua/includes/NAME.lua so that shared Lua lives in one place. redis-py's AsyncScript runs
-them with EVALSHA and reloads on NOSCRIPT, so a flushed script cache is survived.
+them with EVALSHA and reloads on NOSCRIPT, so a flushed script cache is survived. Given an
+AutoPipeline (single-node Redis), the scripts run through it instead (core/autopipeline.py: the
+same EVALSHA, NOSCRIPT fallback and errors, with concurrent calls sharing round trips).
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import enum
 import re
 from functools import cache
 from importlib import resources
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from core.autopipeline import AutoPipeline, PipelinedScript
 
 _INCLUDE = re.compile(r"^--!include (\w+)$", re.MULTILINE)
 
@@ -54,20 +59,25 @@ def source(name: str) -> str:
 
 
 class Scripts:
-    """One registered AsyncScript per Lua file, bound to one client."""
+    """One script object per Lua file: redis-py's AsyncScript bound to one client, or a
+    PipelinedScript on `pipe`. Both are called as `await script(keys=[...], args=[...])`."""
 
-    def __init__(self, redis: Redis) -> None:
-        self.init_sale = redis.register_script(source("init_sale"))
-        self.add_stock = redis.register_script(source("add_stock"))
-        self.reserve = redis.register_script(source("reserve"))
-        self.purchase = redis.register_script(source("purchase"))
-        self.confirm = redis.register_script(source("confirm"))
-        self.cancel = redis.register_script(source("cancel"))
-        self.expire = redis.register_script(source("expire"))
-        self.deliver = redis.register_script(source("deliver"))
-        self.risk_features = redis.register_script(source("risk_features"))
+    def __init__(self, redis: Redis, pipe: AutoPipeline | None = None) -> None:
+        def script(name: str) -> Any:
+            text = source(name)
+            return PipelinedScript(pipe, text) if pipe is not None else redis.register_script(text)
 
-    def all(self) -> list[AsyncScript]:
+        self.init_sale = script("init_sale")
+        self.add_stock = script("add_stock")
+        self.reserve = script("reserve")
+        self.purchase = script("purchase")
+        self.confirm = script("confirm")
+        self.cancel = script("cancel")
+        self.expire = script("expire")
+        self.deliver = script("deliver")
+        self.risk_features = script("risk_features")
+
+    def all(self) -> list[AsyncScript | PipelinedScript]:
         return [getattr(self, name) for name in SCRIPT_NAMES]
 
     async def load(self, redis: Redis) -> None:

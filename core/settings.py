@@ -124,6 +124,9 @@ class Settings:
     redis_timeout_s: float = 2.0
     redis_max_connections: int = 64
     redis_min_connections: int = 16  # opened at start-up (see core.runtime.warm_up)
+    # Multiplexed connections the Lua scripts share (core/autopipeline.py); 0 = redis-py's pool.
+    # Single-node Redis only: on a cluster URL the scripts always go through the cluster client.
+    redis_pipeline_connections: int = 2
     # Channel cache on the hot path (an API key revoked in Redis stops working within this time)
     channel_cache_ttl_s: float = 30.0
     # Workers
@@ -175,6 +178,8 @@ class Settings:
             redis_timeout_s=_number(env, "FLASHGATE_REDIS_TIMEOUT_S", 2.0, 0.05, 60.0),
             redis_max_connections=_number(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 64, 4, 10_000),
             redis_min_connections=_number(env, "FLASHGATE_REDIS_MIN_CONNECTIONS", 16, 0, 10_000),
+            redis_pipeline_connections=_number(
+                env, "FLASHGATE_REDIS_PIPELINE_CONNECTIONS", 2, 0, 64),
             channel_cache_ttl_s=_number(env, "FLASHGATE_CHANNEL_CACHE_TTL_S", 30.0, 0.0, 3600.0),
             worker_batch_size=_number(env, "FLASHGATE_WORKER_BATCH_SIZE", 500, 1, 10_000),
             worker_consumers_per_sale=_number(

@@ -1,0 +1,250 @@
+"""Auto-pipelining: the commands that concurrent requests send to Redis share one write and one
+read, on a few multiplexed connections, instead of one pooled connection each.
+
+Why not redis-py here: a redis-py call checks a connection out of the pool, writes it with its
+own syscall, reads its own reply under its own asyncio timeout and checks the connection back
+in; on the purchase path that was ~40 us of the gateway's CPU per script call (bench of
+2026-12-01, `docs/PERFORMANCE.md`), a quarter of a purchase. Redis answers the commands of one
+connection in order, so one connection can carry every request in flight: each call appends its
+packed command (hiredis, C) to a buffer and a future to a FIFO; the buffer goes out in one
+`transport.write` per event-loop turn, and replies, parsed by hiredis's reader, resolve the
+futures in order (~2-3 us per call). Libraries that do this (valkey-glide: a Rust core behind
+FFI; coredis) bring a second client with its own semantics for one hot path; this module is
+small, and redis-py stays the client of everything else (admin, workers' streams, clusters).
+
+Failure semantics match redis-py's: a lost connection fails every call in flight with
+ConnectionError; a reply that doesn't come within `timeout_s` fails the connection's calls in
+flight with TimeoutError and drops the connection (a stalled server must not hang requests);
+the next call reconnects. As with any client, a failed call may or may not have run: the
+purchase path's Idempotency-Key makes a retry safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import ssl
+from collections import deque
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """RESP for one command, packed in C (str, bytes, int and float arguments)."""
+    return hiredis.pack_command(cast(Any, args))
+
+
+def _reply_error(message: str) -> ResponseError:
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    return ResponseError(message)
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection: calls in, replies out, strictly in order."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.reader = hiredis.Reader(encoding="utf-8", replyError=_reply_error)
+        self.transport: asyncio.Transport | None = None
+        self.waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.buffer: list[bytes] = []
+        self.flush_scheduled = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.writes = 0  # buffers written (fewer than calls when concurrent calls share one)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiters = self.waiters
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError:
+                self._fail(RedisConnectionError("Redis protocol error"))
+                return
+            if reply is False:
+                return
+            if not waiters:  # a reply nobody asked for: the stream is out of step
+                self._fail(RedisConnectionError("unexpected reply from Redis"))
+                return
+            future, _ = waiters.popleft()
+            if not future.done():  # its caller may have been cancelled
+                if isinstance(reply, ResponseError):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError("Connection closed by server."))
+
+    # -- calls --------------------------------------------------------------------------
+    def call(self, packed: bytes) -> asyncio.Future[Any]:
+        if self.closed:
+            raise RedisConnectionError("Connection closed.")
+        future = self.loop.create_future()
+        self.buffer.append(packed)
+        self.waiters.append((future, self.loop.time()))
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.closed:
+            return
+        if self.transport is None:
+            self._fail(RedisConnectionError("Not connected."))
+            return
+        self.transport.write(b"".join(self.buffer))
+        self.buffer.clear()
+        self.writes += 1
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.timeout_s, self._check_stall)
+
+    def _check_stall(self) -> None:
+        """One timer per connection, not one per call: the oldest call in flight decides."""
+        self.timer = None
+        if not self.waiters or self.closed:
+            return
+        overdue = self.waiters[0][1] + self.timeout_s - self.loop.time()
+        if overdue <= 0:
+            self._fail(RedisTimeoutError("Timeout reading from Redis"))
+        else:
+            self.timer = self.loop.call_later(overdue, self._check_stall)
+
+    def _fail(self, exc: Exception) -> None:
+        was_closed, self.closed = self.closed, True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        while self.waiters:
+            future, _ = self.waiters.popleft()
+            if not future.done():
+                future.set_exception(exc)
+        self.buffer.clear()
+        if self.transport is not None and not was_closed:
+            self.transport.abort()
+
+
+class AutoPipeline:
+    """`connections` multiplexed connections to one Redis server, used in turn.
+
+    More than one keeps a slow reply (a big batch script) from holding up every request behind
+    it; one event loop gains nothing from many more.
+    """
+
+    def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
+                 password: str | None = None, ssl_context: ssl.SSLContext | None = None,
+                 timeout_s: float = 2.0, connections: int = 2) -> None:
+        self.host, self.port, self.db = host, port, db
+        self.username, self.password = username, password
+        self.ssl_context = ssl_context
+        self.timeout_s = timeout_s
+        self._slots: list[_Connection | None] = [None] * max(1, connections)
+        self._connecting: list[asyncio.Task[_Connection] | None] = [None] * len(self._slots)
+        self._turn = itertools.cycle(range(len(self._slots)))
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float, connections: int) -> AutoPipeline:
+        """redis:// or rediss:// URLs (host, port, /db, user:password), as redis-py reads them."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"auto-pipelining needs a redis:// or rediss:// URL, not {url!r}")
+        path = parts.path.strip("/")
+        return cls(
+            parts.hostname, parts.port or 6379, db=int(path) if path else 0,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            ssl_context=ssl.create_default_context() if parts.scheme == "rediss" else None,
+            timeout_s=timeout_s, connections=connections,
+        )
+
+    async def execute(self, *args: Any) -> Any:
+        """One command; its reply decoded as redis-py does with decode_responses=True."""
+        packed = _pack(args)
+        i = next(self._turn)
+        conn = self._slots[i]
+        if conn is None or conn.closed:
+            conn = await self._connect(i)
+        return await conn.call(packed)
+
+    async def _connect(self, i: int) -> _Connection:
+        """Concurrent callers of a dead slot share one connection attempt."""
+        task = self._connecting[i]
+        if task is None:
+            task = self._connecting[i] = asyncio.ensure_future(self._open())
+            task.add_done_callback(lambda _: self._connecting.__setitem__(i, None))
+        conn = await asyncio.shield(task)
+        self._slots[i] = conn
+        return conn
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.timeout_s), self.host, self.port,
+                    ssl=self.ssl_context)
+        except (OSError, TimeoutError) as exc:
+            raise RedisConnectionError(f"Error connecting to Redis: {type(exc).__name__}") from None
+        greeting = []
+        if self.password is not None:
+            auth = (self.username, self.password) if self.username else (self.password,)
+            greeting.append(conn.call(_pack(("AUTH", *auth))))
+        if self.db:
+            greeting.append(conn.call(_pack(("SELECT", self.db))))
+        try:
+            await asyncio.gather(*greeting)
+        except BaseException:  # refused AUTH, a lost connection: nothing half-open stays
+            conn._fail(RedisConnectionError("Connection closed."))
+            raise
+        return conn
+
+    @property
+    def connections(self) -> list[_Connection]:
+        """The open connections (for tests and diagnostics)."""
+        return [c for c in self._slots if c is not None and not c.closed]
+
+    async def warm_up(self) -> None:
+        """Connect every slot now, not on the opening second's first purchases."""
+        for i in range(len(self._slots)):
+            await self._connect(i)
+
+    async def aclose(self) -> None:
+        for conn in self._slots:
+            if conn is not None and not conn.closed:
+                with contextlib.suppress(Exception):
+                    conn._fail(RedisConnectionError("Connection closed."))
+        self._slots = [None] * len(self._slots)
+
+
+class PipelinedScript:
+    """A Lua script run through an AutoPipeline, called like redis-py's AsyncScript:
+    `await script(keys=[...], args=[...])`. EVALSHA; after a SCRIPT FLUSH (NOSCRIPT), EVAL of
+    the source, which also puts it back in the server's cache."""
+
+    def __init__(self, pipe: AutoPipeline, source: str) -> None:
+        self.pipe = pipe
+        self.script = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, keys: list[Any] | tuple[Any, ...] = (),
+                       args: list[Any] | tuple[Any, ...] = ()) -> Any:
+        try:
+            return await self.pipe.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.pipe.execute("EVAL", self.script, len(keys), *keys, *args)
