@@ -17,15 +17,18 @@ def is_sale_id(value: str) -> bool:
     return bool(_SALE_ID.match(value))
 
 
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # every 10-bit value as 2 digits
+_SHIFTS = tuple(range(120, -1, -10))
+
+
 def ulid(now_ms: int | None = None) -> str:
-    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32 (sorts by time)."""
+    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32 (sorts by time).
+
+    Encoded ten bits (two digits) at a time: 13 table lookups instead of 26 steps of Python,
+    on every purchase."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    out = []
-    for _ in range(26):
-        out.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
 def new_order_id(sale_id: str, now_ms: int | None = None) -> str:

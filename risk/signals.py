@@ -16,6 +16,24 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 
+def _ipv4(text: str) -> ipaddress.IPv4Address | None:
+    """A dotted-quad in canonical form (no leading zeros), or None for anything else; ~3x
+    cheaper than ipaddress.ip_address on the purchase path, which then handles the rest."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return None
+    value = 0
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or len(part) > 3 or \
+                (len(part) > 1 and part[0] == "0"):
+            return None
+        octet = int(part)
+        if octet > 255:
+            return None
+        value = value << 8 | octet
+    return ipaddress.IPv4Address(value)
+
+
 def subnet_of(ip: IPAddress) -> str:
     """The /24 (IPv4) or /64 (IPv6) around an address, as CIDR text."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -37,8 +55,15 @@ class Signals(msgspec.Struct, frozen=True):
 
     @classmethod
     def of(cls, ctx: RiskContext) -> Signals:
+        text = ctx.client_ip.strip()
+        v4 = _ipv4(text)
+        if v4 is not None:  # canonical already: the text is its own str()
+            return cls(sale_id=ctx.sale_id, channel_id=ctx.channel_id, user_id=ctx.user_id,
+                       device_id=ctx.device_id, ip=text,
+                       subnet=text.rpartition(".")[0] + ".0/24", address=v4,
+                       user_agent=ctx.user_agent or None)
         try:
-            address: IPAddress | None = ipaddress.ip_address(ctx.client_ip.strip())
+            address: IPAddress | None = ipaddress.ip_address(text)
         except ValueError:
             address = None
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

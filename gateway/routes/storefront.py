@@ -28,10 +28,16 @@ _IDEMPOTENCY_KEY_MAX = 128
 _fingerprint_encoder = msgspec.json.Encoder(order="sorted")
 
 
+_second: list[tuple[int, str]] = [(-1, "")]  # the last second formatted (one per purchase)
+
+
 def rfc3339_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    seconds, millis = divmod(ms, 1000)
+    cached_s, prefix = _second[0]
+    if seconds != cached_s:
+        prefix = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = (seconds, prefix)
+    return f"{prefix}.{millis:03d}Z"
 
 
 def idempotency_key(request: Request) -> str:
