@@ -13,7 +13,6 @@ from gateway.routes.storefront import rfc3339_ms
 from risk.engine import RiskContext
 from risk.signals import Signals, subnet_of
 
-
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
