@@ -88,3 +88,12 @@ def idle_fraction(before: str, after: str) -> float:
     delta = [y - x for x, y in zip(a, b, strict=False)]
     total = sum(delta[:8])  # guest time is already counted in user
     return (delta[3] + delta[4]) / total if total else 0.0
+
+
+def parse_pg_test_fsync(text: str) -> dict[str, tuple[float, float]]:
+    """pg_test_fsync's first section ("using one 8kB write"): {method: (ops/s, µs per op)};
+    methods the platform lacks ("n/a") are left out."""
+    _, found, rest = text.partition("one 8kB write")
+    section = rest.split("\n\n", 1)[0] if found else ""
+    return {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
+        r"^\s+(\w+)\s+([\d.]+) ops/sec\s+([\d.]+) usecs/op", section, re.M)}

@@ -1,14 +1,20 @@
 """`make bench`: Flashgate beside its baselines, in one run on one machine.
 
     python -m bench.run [--reps 3] [--duration-s 10] [--connections 64] [--threads 2]
-                        [--worker-orders 20000] [--out docs/PERFORMANCE.md]
+                        [--worker-orders 20000] [--granian-options "--http 1 ..."]
+                        [--out docs/PERFORMANCE.md]
 
 HTTP (wrk, bench/purchase.lua: a new buyer, device, key and /24 per request), interleaved per
 repetition against one stack (embedded servers unless FLASHGATE_*_URL are set, no workers):
   ping            GET /v1/bench/ping: the same app and server doing no work (the ceiling)
+  ping-granian    the same on gateway G: B's app and settings under granian, not uvicorn
   purchase-off    POST purchase, FLASHGATE_RISK_ENABLED=0 (gateway A)
   purchase-on     POST purchase, risk engine on (gateway B, same settings otherwise)
-  naive-pg        POST /v1/bench/naive/.../purchase: PostgreSQL-only design, same app (A)
+  purchase-on-granian  the same on gateway G (granian, bench/granian.py)
+  naive-pg        POST /v1/bench/naive/.../purchase: PostgreSQL-only design, same app (A), on
+                  the stack's PostgreSQL (fsync and synchronous_commit off)
+  naive-pg-durable  the same on gateway D: A's settings but FLASHGATE_DATABASE_URL on a second
+                  private PostgreSQL with production durability (bench/durable.py)
   purchase-on-2p  POST purchase, risk on, gateway C: the same server with `--workers 2`
                   (two processes sharing the listening socket), vs purchase-on (one process)
   fixed-rate      bench/openloop.py: purchases at a fixed arrival rate, --fixed-rate-fraction
@@ -16,7 +22,8 @@ repetition against one stack (embedded servers unless FLASHGATE_*_URL are set, n
                   latency from each request's due time (no coordinated omission). Where the
                   Python generator does not hold that rate, lower rates (x0.85) are tried.
 CPU during each HTTP case (load generator's, gateway's process tree, machine idle) is kept to
-say whether the load generator left the gateway room.
+say whether the load generator left the gateway room. Before the HTTP cases, the machine's
+flush latency (pg_test_fsync, an fdatasync loop) on the PostgreSQL servers' filesystem.
 Redis (redis-benchmark): reserve.lua by EVALSHA vs INCR. Workers: orders/s from a full stream.
 Every figure is the median over --reps; ratios are medians of per-repetition ratios.
 """
@@ -27,39 +34,41 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench import naive
+from bench import durable, granian, naive
 from bench.parse import (
     Run,
     cpu_seconds,
     idle_fraction,
-    median,
-    median_ratio,
     parse_openloop,
     parse_redis_benchmark,
     parse_wrk,
 )
+from bench.report import STOCK, render
 from cli.stack import (
     GATEWAY_STOP_GRACE_S,
+    Child,
+    Stack,
     gateway_argv,
     running_stack,
     spawn,
     stop_children,
     wait_healthy,
 )
-from core.embedded import free_port
+from core.embedded import EmbeddedPostgres, free_port
 from core.ids import new_order_id
 from core.keys import Keys
 from core.runtime import Runtime
@@ -68,11 +77,9 @@ from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).with_name("purchase.lua")
-HTTP_CASES = ("ping", "purchase-off", "purchase-on", "naive-pg", "purchase-on-2p",
-              "fixed-rate")
 FIXED_RATE_TRIES = 3  # the target, then x0.85 twice, when the generator does not hold it
-STOCK = 10_000_000
 NOTES_MARKER = "<!-- notes: kept by make bench -->"
+HOST = "127.0.0.1"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fixed-rate-fraction", type=float, default=0.7,
                    help="fixed-rate run at this share of the repetition's purchase-on max")
+    p.add_argument("--granian-options", default=shlex.join(granian.OPTIONS),
+                   help="gateway G's granian options besides the fixed ones (ASGI, factory, "
+                        "host, port, 1 worker, uvloop, no access log); default: %(default)s")
     p.add_argument("--redis-requests", type=int, default=200_000)
     p.add_argument("--worker-orders", type=int, default=20_000)
     p.add_argument("--skip", action="append", default=[], choices=("http", "redis", "workers"))
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict[str, list[Run]] = {}
     commands: dict[str, str] = {}
-    detail: dict[str, Any] = {"cpu": {}, "fixed": []}
+    detail: dict[str, Any] = {"cpu": {}, "fixed": [], "durable": {}}
     extra = {"FLASHGATE_BENCH_ENDPOINTS": "1", "FLASHGATE_RISK_ENABLED": "0"}
     with running_stack(workers=0, extra_env=extra) as stack:
         assert stack.gateway_url is not None
@@ -112,26 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(stack.env)
         sale_id, api_key = asyncio.run(_setup(stack.gateway_url, stack.admin_token, settings))
         if "http" not in args.skip:
-            port = free_port()
-            risk_gw = spawn("gateway-risk", gateway_argv("127.0.0.1", port),
-                            {**stack.env, "FLASHGATE_RISK_ENABLED": "1"},
-                            stack.run_dir / "logs")
-            port_c = free_port()
-            two_gw = spawn("gateway-2p", gateway_argv("127.0.0.1", port_c) + ["--workers", "2"],
-                           {**stack.env, "FLASHGATE_RISK_ENABLED": "1"},
-                           stack.run_dir / "logs")
-            try:
-                url_b = f"http://127.0.0.1:{port}"
-                url_c = f"http://127.0.0.1:{port_c}"
-                wait_healthy(risk_gw, url_b)
-                wait_healthy(two_gw, url_c)
-                print(f"bench: gateway B {url_b} (risk on), C {url_c} (risk on, 2 processes)",
-                      flush=True)
-                gateways = {"A": (stack.gateway_url, stack.children[0].pid),
-                            "B": (url_b, risk_gw.pid), "C": (url_c, two_gw.pid)}
+            with _gateways(args, stack, sale_id, detail) as gateways:
                 _http(args, gateways, sale_id, api_key, results, commands, detail)
-            finally:
-                stop_children([risk_gw, two_gw], GATEWAY_STOP_GRACE_S)
         if "redis" not in args.skip:
             _redis(args, settings, sale_id, results, commands)
         if "workers" not in args.skip:
@@ -146,6 +138,87 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(report + ("\n" + notes if notes else ""))
         print(f"bench: written to {args.out}")
     return 0
+
+
+def _shown(argv: list[str], port: int) -> str:
+    return shlex.join(["python", *argv[1:]]).replace(str(port), "$PORT")
+
+
+@contextlib.contextmanager
+def _gateways(args: argparse.Namespace, stack: Stack, sale_id: str,
+              detail: dict[str, Any]) -> Iterator[dict[str, tuple[str, int]]]:
+    """{name: (url, pid)} of every gateway the HTTP cases use. A is the stack's (uvicorn, risk
+    off); B: risk on; C: risk on, 2 processes; G: B under granian; D: A on the durable
+    PostgreSQL. Stopped by PID on exit, then the durable PostgreSQL."""
+    assert stack.gateway_url is not None
+    risk_on = {**stack.env, "FLASHGATE_RISK_ENABLED": "1"}
+    ports = {name: free_port() for name in "BCGD"}
+    specs: dict[str, tuple[list[str], dict[str, str]]] = {
+        "B": (gateway_argv(HOST, ports["B"]), risk_on),
+        "C": (gateway_argv(HOST, ports["C"]) + ["--workers", "2"], risk_on),
+        "G": (granian.granian_argv(HOST, ports["G"], tuple(shlex.split(args.granian_options))),
+              risk_on),
+    }
+    with contextlib.ExitStack() as cleanup:
+        pg = _durable_db(stack, sale_id, detail, cleanup)
+        if pg is not None:
+            specs["D"] = (gateway_argv(HOST, ports["D"]),
+                          {**stack.env, "FLASHGATE_DATABASE_URL": pg.url})
+            # Runs after gateway D stopped (its backends flush their statistics on exit) and
+            # before the durable PostgreSQL stops.
+            cleanup.callback(_count_wal_syncs, pg.url, detail["durable"])
+        children: dict[str, Child] = {}
+        cleanup.callback(lambda: stop_children(list(children.values()), GATEWAY_STOP_GRACE_S))
+        for name, (argv, env) in specs.items():
+            children[name] = spawn(f"gateway-{name}", argv, env, stack.run_dir / "logs")
+        gateways = {"A": (stack.gateway_url, stack.children[0].pid)}
+        for name, child in children.items():
+            url = f"http://{HOST}:{ports[name]}"
+            wait_healthy(child, url)
+            gateways[name] = (url, child.pid)
+        print("bench: gateways " + ", ".join(f"{k} {v[0]}" for k, v in gateways.items())
+              + " (B, C, G risk on; G granian; D durable PostgreSQL)", flush=True)
+        detail["servers"] = {
+            "gateways A and D (uvicorn, risk off; D's FLASHGATE_DATABASE_URL the durable "
+            "PostgreSQL), B (risk on)": _shown(specs["B"][0], ports["B"]),
+            "gateway C (uvicorn, risk on, 2 processes)": _shown(specs["C"][0], ports["C"]),
+            "gateway G (granian, risk on)": _shown(specs["G"][0], ports["G"]),
+        }
+        if pg is not None:
+            detail["servers"]["durable PostgreSQL (the stack's has `off` for each)"] = \
+                shlex.join(pg.durability_flags())
+        yield gateways
+
+
+def _durable_db(stack: Stack, sale_id: str, detail: dict[str, Any],
+                cleanup: contextlib.ExitStack) -> EmbeddedPostgres | None:
+    """The durable PostgreSQL, with the naive sale in it, and the flush-latency probes (run
+    now, while no load runs); None, and naive-pg-durable skipped, if it cannot start."""
+    try:
+        pg = cleanup.enter_context(durable.durable_postgres(stack.run_dir))
+    except RuntimeError as e:
+        print(f"bench: no durable PostgreSQL, naive-pg-durable skipped: {e}", file=sys.stderr)
+        return None
+    asyncio.run(naive.create_sale(pg.url, sale_id, STOCK, 100, 3_600_000))
+    d = detail["durable"]
+    d["url"] = pg.url
+    d["settings"] = asyncio.run(durable.server_settings(pg.url))
+    print(f"bench: durable PostgreSQL on port {pg.port} ({d['settings']}); measuring flush "
+          "latency (pg_test_fsync ~16 s, fdatasync loop 2 s)", flush=True)
+    d["probe"] = durable.fsync_probe(pg.dir)
+    d["pg_test_fsync"] = durable.pg_test_fsync(pg.dir)
+    print(f"bench: fdatasync {d['probe']}; pg_test_fsync {d['pg_test_fsync']}", flush=True)
+    return pg
+
+
+def _count_wal_syncs(database_url: str, d: dict[str, Any]) -> None:
+    """WAL flushes per naive durable purchase, over every timed repetition: pg_stat_wal is
+    read once before the first and once after gateway D is gone, since backends publish
+    their counts up to seconds late while they live."""
+    if d.get("purchases") and "wal_syncs_at_start" in d:
+        syncs = asyncio.run(durable.wal_syncs(database_url)) - d["wal_syncs_at_start"]
+        d["wal_syncs"] = syncs
+        d["wal_syncs_per_purchase"] = syncs / d["purchases"]
 
 
 async def _setup(url: str, token: str, settings: Settings) -> tuple[str, str]:
@@ -187,8 +260,7 @@ def _wrk(args: argparse.Namespace, url: str, path: str, api_key: str, duration_s
                          timeout=duration_s + 30, check=True).stdout
     shown = " ".join(argv).replace(url, "$URL")
     if script:
-        shown = f"FG_PATH={path.replace(path.split('/')[3], '$SALE')} FG_API_KEY=$KEY {shown}" \
-            if path.startswith("/v1/sales") else f"FG_PATH={path} FG_API_KEY=$KEY {shown}"
+        shown = f"FG_PATH={path} FG_API_KEY=$KEY {shown}"
     return parse_wrk(out), shown
 
 
@@ -239,23 +311,35 @@ def _http(args: argparse.Namespace, gateways: dict[str, tuple[str, int]], sale_i
           api_key: str, results: dict[str, list[Run]], commands: dict[str, str],
           detail: dict[str, Any]) -> None:
     purchase = f"/v1/sales/{sale_id}/purchase"
-    cases = {
+    naive_path = f"/v1/bench/naive/{sale_id}/purchase"
+    every = {
         "ping": ("A", "/v1/bench/ping", False),
+        "ping-granian": ("G", "/v1/bench/ping", False),
         "purchase-off": ("A", purchase, True),
         "purchase-on": ("B", purchase, True),
-        "naive-pg": ("A", f"/v1/bench/naive/{sale_id}/purchase", True),
+        "purchase-on-granian": ("G", purchase, True),
+        "naive-pg": ("A", naive_path, True),
+        "naive-pg-durable": ("D", naive_path, True),
         "purchase-on-2p": ("C", purchase, True),
     }
+    cases = {name: case for name, case in every.items() if case[0] in gateways}
+    durable_url = detail["durable"].get("url")
     for gw, path, script in cases.values():  # warm-up: caches, pools, JIT of wrk
         _wrk(args, gateways[gw][0], path, api_key, 2, script)
     url_b, pid_b = gateways["B"]
     for rep in range(args.reps):
         for name, (gw, path, script) in cases.items():
             url, pid = gateways[gw]
+            if name == "naive-pg-durable" and rep == 0:
+                detail["durable"]["wal_syncs_at_start"] = asyncio.run(
+                    durable.wal_syncs(durable_url))
             with _cpu_watch(pid, detail["cpu"].setdefault(name, [])):
                 run, shown = _wrk(args, url, path, api_key, args.duration_s, script)
+            if name == "naive-pg-durable":
+                detail["durable"]["purchases"] = detail["durable"].get("purchases", 0) + \
+                    run.requests
             results.setdefault(name, []).append(run)
-            commands[name] = shown
+            commands[name] = shown.replace(sale_id, "$SALE")
             _show(rep, name, run)
         peak = results["purchase-on"][-1].rps
         rate = args.fixed_rate_fraction * peak
@@ -277,7 +361,7 @@ def _http(args: argparse.Namespace, gateways: dict[str, tuple[str, int]], sale_i
 
 
 def _show(rep: int, name: str, run: Run) -> None:
-    print(f"bench: rep {rep + 1} {name:<14} {run.rps:>9.0f} req/s  p50 "
+    print(f"bench: rep {rep + 1} {name:<19} {run.rps:>9.0f} req/s  p50 "
           f"{run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}  "
           f"errors {run.socket_errors}", flush=True)
 
@@ -345,158 +429,6 @@ def _workers(args: argparse.Namespace, settings: Settings, results: dict[str, li
                            "stream, Worker.run_burst() in one process, "
                            f"{settings.worker_consumers_per_sale} consumers of the sale, "
                            f"batches of {settings.worker_batch_size}")
-
-
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
-                      .splitlines() if line.startswith("MemTotal"))
-        mem = f"{mem_kb / 1024 / 1024:.0f} GiB"
-    except (OSError, StopIteration):
-        mem = "?"
-    return (f"{os.cpu_count()} CPUs (nproc), {cpu}, {mem} RAM, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}")
-
-
-def _fmt(runs: list[Run], unit: str) -> tuple[str, str, str]:
-    rps = median([r.rps for r in runs])
-    p50 = median([r.p50_ms for r in runs])
-    p99 = median([r.p99_ms for r in runs])
-    each = " · ".join(f"{r.rps:,.0f}" for r in runs)
-    return f"{rps:,.0f} {unit} ({each})", f"{p50:.2f}", f"{p99:.2f}"
-
-
-def render(args: argparse.Namespace, command: str, results: dict[str, list[Run]],
-           commands: dict[str, str], detail: dict[str, Any] | None = None) -> str:
-    detail = detail or {"cpu": {}, "fixed": []}
-    labels = {
-        "ping": "ceiling: trivial JSON endpoint (same app, server, settings)",
-        "purchase-off": "purchase, risk off",
-        "purchase-on": "purchase, risk on",
-        "naive-pg": "naive design: PostgreSQL-only purchase (same app)",
-        "purchase-on-2p": "purchase, risk on, 2 gateway processes (`--workers 2`)",
-        "fixed-rate": "purchase, risk on, fixed arrival rate (open loop; see below)",
-        "redis-reserve": "Redis: reserve.lua (EVALSHA)",
-        "redis-incr": "Redis: INCR",
-        "workers": "workers: orders persisted + keys allocated",
-    }
-    lines = [
-        "# Performance", "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `make bench` "
-        f"(`{command.strip()}`).", "",
-        f"**Machine:** {_machine()}. The load generator (wrk, redis-benchmark), the gateway, "
-        "Redis and PostgreSQL all share these cores, so every HTTP figure is a lower bound "
-        "set partly by wrk's own CPU; ratios measured in the same run are what to compare.", "",
-        f"Every figure is the median of {args.reps} repetitions (each value listed in "
-        "brackets); HTTP cases run interleaved within each repetition. Ratios are the median "
-        "of per-repetition ratios.", "",
-        "| what | throughput (median; each rep) | p50 ms | p99 ms | non-2xx |",
-        "|---|---|---|---|---|",
-    ]
-    for name, label in labels.items():
-        runs = results.get(name)
-        if not runs:
-            continue
-        unit = "req/s" if name in HTTP_CASES else ("ops/s" if name.startswith("redis")
-                                                   else "orders/s")
-        rps, p50, p99 = _fmt(runs, unit)
-        if name == "fixed-rate":
-            rps = rps.replace(" (", " answered (", 1)
-        if name == "workers":
-            p50 = p99 = "–"
-        non2xx = str(sum(r.non2xx + r.socket_errors for r in runs)) if name in HTTP_CASES \
-            else "–"
-        lines.append(f"| {label} | {rps} | {p50} | {p99} | {non2xx} |")
-    ratios = _ratios(results)
-    if ratios:
-        lines += ["", "| ratio (pair by pair, same repetition) | median |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in ratios]
-    lines += _fixed_rate_lines(detail["fixed"])
-    lines += _cpu_lines(detail["cpu"], labels)
-    lines += ["", "## Commands", ""]
-    lines += [f"- {labels.get(k, k)}: `{v}`" for k, v in commands.items()]
-    lines += ["", "`$URL`, `$SALE`, `$KEY`, `$PORT`: the run's gateway, sale, channel key and "
-              "Redis port. Purchase stock is added straight to the Redis ledger "
-              f"(`Ledger.add_stock`, {STOCK:,} units, no card keys: the purchase path never "
-              "reads keys); the naive design gets the same count in its own `bench_naive` "
-              "schema, created by the benchmark. Purchases are reservations (no payment ref), "
-              "so nothing is confirmed or delivered during the HTTP runs and no workers run."]
-    return "\n".join(lines) + "\n"
-
-
-def _fixed_rate_lines(fixed: list[dict[str, Any]]) -> list[str]:
-    """Per repetition: the rate asked for, the share of that repetition's max it is, whether
-    the generator held it, and where the latency went."""
-    if not fixed:
-        return []
-    lines = ["", "Fixed-rate runs (bench/openloop.py, one per repetition; latency counted from "
-             "each request's due time; `lag` is the generator's own lateness in handing a "
-             "request over, `service` the time from writing it to its answer):", "",
-             "| rep | rate asked | of max (purchase, risk on) | answered/s | p50 ms | p99 ms "
-             "| service p99 ms | lag p99 ms | generator held the rate | non-2xx + errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for i, d in enumerate(fixed, 1):
-        lines.append(
-            f"| {i} | {d['target_rate']:,.0f} req/s | {d['fraction']:.2f} of "
-            f"{d['peak']:,.0f} | {d['achieved_rate']:,.0f} | {d['p50_ms']:.2f} | "
-            f"{d['p99_ms']:.2f} | {d['service_p99_ms']:.2f} | {d['lag_p99_ms']:.2f} | "
-            f"{'yes' if d['held'] else 'no'} | {d['non2xx'] + d['errors']} |")
-    return lines
-
-
-def _cpu_lines(cpu: dict[str, list[tuple[float, float, float]]],
-               labels: dict[str, str]) -> list[str]:
-    """Median CPU over each HTTP case's repetitions: does the load generator leave room?"""
-    if not cpu:
-        return []
-    lines = ["", "CPU during the HTTP cases (median over repetitions; cores = CPU-seconds per "
-             f"second of wall time, of the {os.cpu_count()} the machine has):", "",
-             "| case | load generator (wrk / openloop) cores | gateway cores (all its "
-             "processes) | everything else (Redis, PostgreSQL, the other gateways, bench) "
-             "cores | machine idle |", "|---|---|---|---|---|"]
-    cores = os.cpu_count() or 1
-    for name, samples in cpu.items():
-        if not samples:
-            continue
-        gen = median([x[0] for x in samples])
-        gw = median([x[1] for x in samples])
-        idle = median([x[2] for x in samples])
-        rest = max(0.0, cores * (1 - idle) - gen - gw)
-        lines.append(f"| {labels.get(name, name)} | {gen:.2f} | {gw:.2f} | {rest:.2f} | "
-                     f"{idle:.0%} |")
-    return lines
-
-
-def _ratios(results: dict[str, list[Run]]) -> list[tuple[str, str]]:
-    def rps(name: str) -> list[float]:
-        return [r.rps for r in results.get(name, [])]
-
-    def p99(name: str) -> list[float]:
-        return [r.p99_ms for r in results.get(name, [])]
-
-    out: list[tuple[str, str]] = []
-    pairs: list[tuple[str, str, str, Any]] = [
-        ("purchase (risk on) / trivial endpoint", "purchase-on", "ping", rps),
-        ("purchase (risk off) / trivial endpoint", "purchase-off", "ping", rps),
-        ("purchase risk on / risk off", "purchase-on", "purchase-off", rps),
-        ("purchase (risk on) / naive PostgreSQL design", "purchase-on", "naive-pg", rps),
-        ("purchase (risk off) / naive PostgreSQL design", "purchase-off", "naive-pg", rps),
-        ("p99: purchase (risk on) / naive PostgreSQL design", "purchase-on", "naive-pg", p99),
-        ("Redis: reserve.lua / INCR", "redis-reserve", "redis-incr", rps),
-        ("purchase (risk on): 2 gateway processes / 1", "purchase-on-2p", "purchase-on", rps),
-        ("p99: purchase (risk on), 2 gateway processes / 1", "purchase-on-2p", "purchase-on",
-         p99),
-        ("fixed-rate answered / max purchase (risk on)", "fixed-rate", "purchase-on", rps),
-    ]
-    for label, a, b, get in pairs:
-        if results.get(a) and results.get(b):
-            out.append((label, f"{median_ratio(get(a), get(b)):.2f}×"))
-    return out
 
 
 if __name__ == "__main__":

@@ -215,8 +215,13 @@ class EmbeddedRedisCluster:
 
 
 class EmbeddedPostgres:
-    def __init__(self, run_dir: Path) -> None:
-        self.dir = run_dir / "pg"
+    """`durable=True`: production durability (fsync, synchronous_commit and full_page_writes
+    on, PostgreSQL's defaults), in `<run_dir>/pg-durable`, so that one can run beside the
+    throwaway server; the benchmark's durable naive design needs it (bench/durable.py)."""
+
+    def __init__(self, run_dir: Path, *, durable: bool = False) -> None:
+        self.durable = durable
+        self.dir = run_dir / ("pg-durable" if durable else "pg")
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._user: str | None = None
@@ -282,15 +287,20 @@ class EmbeddedPostgres:
                     str(bindir / "postgres"), "-D", str(data), "-p", str(self.port),
                     "-h", "127.0.0.1", "-k", str(self.dir),
                     # A throwaway server: durability off for speed, but crash-safe semantics
-                    # (transactions, locks) are the real ones.
-                    "-c", "fsync=off", "-c", "synchronous_commit=off",
-                    "-c", "full_page_writes=off", "-c", "max_connections=200",
+                    # (transactions, locks) are the real ones. Durable: every commit waits
+                    # for its WAL flush.
+                    *self.durability_flags(), "-c", "max_connections=200",
                     "-c", "shared_buffers=128MB",
                 ],
                 stdout=out, stderr=out, user=uid, group=gid, preexec_fn=CHILD_SETUP,
             )
         _wait_for_port(self.port, self.proc, "PostgreSQL", log)
         return self.url
+
+    def durability_flags(self) -> list[str]:
+        value = "on" if self.durable else "off"
+        return ["-c", f"fsync={value}", "-c", f"synchronous_commit={value}",
+                "-c", f"full_page_writes={value}"]
 
     def stop(self) -> None:
         if self.proc is not None:
