@@ -7,7 +7,8 @@ Run by `loadtest/run.py` (which creates the sale and audits the outcome), or by 
 
 Environment: FG_SALE_ID, FG_API_KEY (a channel key), FG_OPENS_AT (unix seconds; users wait for
 it), FG_SHAPE (`none`: use -u/-r/-t; `spike` or `steady`: loadtest/profiles.py with FG_USERS and
-FG_DURATION_S), FG_BOTS / FG_SOLVERS (fixed counts), FG_RECORDS (JSON-lines file: every order
+FG_DURATION_S), FG_BOTS / FG_SOLVERS (fixed counts), FG_BOT_RATE (purchases/s per bot, 0 =
+unpaced), FG_RECORDS (JSON-lines file: every order
 seen, written when Locust quits, for the audit), FG_RUN (prefix of user ids).
 
 Every answer is checked for its business content, not only its status: a 409 sold_out is a
@@ -26,7 +27,15 @@ import time
 import uuid
 from typing import Any
 
-from locust import FastHttpUser, LoadTestShape, between, constant, events, task
+from locust import (
+    FastHttpUser,
+    LoadTestShape,
+    between,
+    constant,
+    constant_throughput,
+    events,
+    task,
+)
 
 from loadtest.profiles import schedule
 from risk.solver import SOLUTION_HEADER, Unsolvable, solve
@@ -227,12 +236,19 @@ class Buyer(Shopper):
         self.await_delivery(order_id, rec)
 
 
+BOT_RATE = float(os.environ.get("FG_BOT_RATE", "200"))
+
+
 class Bot(Shopper):
-    """A bot farm: a few shared devices on one /24, a new user id per request, no pauses.
-    The risk engine should refuse most of it (403, 428 it never solves, 429)."""
+    """A bot farm: a few shared devices on one /24, a new user id per request, no think time.
+    The risk engine should refuse most of it (403, 428 it never solves, 429).
+
+    Each bot is paced at FG_BOT_RATE purchases/s so that the load is a stated one: unpaced
+    (0), a closed-loop bot sends as fast as the load generator's own CPU allows, so the
+    faster the gateway answers, the more CPU of the shared machine the bots and Locust take."""
 
     fixed_count = int(os.environ.get("FG_BOTS", "3"))
-    wait_time = constant(0)
+    wait_time = constant_throughput(BOT_RATE) if BOT_RATE > 0 else constant(0)
 
     def on_start(self) -> None:
         super().on_start()

@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reservation-ttl-s", type=int, default=10)
     p.add_argument("--per-user-limit", type=int, default=1)
     p.add_argument("--bots", type=int, default=3)
+    p.add_argument("--bot-rate", type=float, default=200, help="purchases per second of each "
+                   "bot (no think time, paced so the load is a stated one); 0 = as fast as "
+                   "the load generator can")
     p.add_argument("--solvers", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="worker processes (own stack only)")
     p.add_argument("--url", help="an already running gateway (default: start a stack)")
@@ -176,7 +179,8 @@ def _run_locust(args: argparse.Namespace, url: str, sale_id: str, api_key: str,
     env = {**os.environ, "FG_SALE_ID": sale_id, "FG_API_KEY": api_key,
            "FG_OPENS_AT": str(opens_at), "FG_SHAPE": args.shape, "FG_USERS": str(args.users),
            "FG_DURATION_S": str(args.duration_s), "FG_RECORDS": str(records),
-           "FG_BOTS": str(args.bots), "FG_SOLVERS": str(args.solvers),
+           "FG_BOTS": str(args.bots), "FG_BOT_RATE": str(args.bot_rate),
+           "FG_SOLVERS": str(args.solvers),
            "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
             "--host", url, "--csv", str(out / "locust"), "--html", str(out / "report.html"),
@@ -254,7 +258,8 @@ def _report(args: argparse.Namespace, sla: SLA, v: Verdict) -> str:
              f"SLA ({args.sla}): purchase p99 <= {sla.purchase_p99_ms:.0f} ms, errors <= "
              f"{sla.error_rate_max:.2%}, delivery p99 <= {sla.delivery_p99_ms:.0f} ms, "
              f"grace {sla.delivery_grace_s:.0f} s",
-             f"load      {args.shape} shape, {args.users} users, {args.bots} bots, "
+             f"load      {args.shape} shape, {args.users} users, {args.bots} bots "
+             f"({f'{args.bot_rate:.0f} purchases/s each' if args.bot_rate else 'unpaced'}), "
              f"{args.solvers} challenge solvers, {args.duration_s:.0f} s"]
     for name, s in f.get("requests", {}).items():
         lines.append(f"  {name:<24} {s['count']:>7} req {s['failures']:>5} failed  "
