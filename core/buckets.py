@@ -165,7 +165,8 @@ class StockBuckets:
 
     # -- a home bucket short of stock -------------------------------------------------------------
     async def refill(self, sale_id: str, buckets: int, home: int, want: int, now: int) -> Refill:
-        """Get `want` units into the home bucket, or prove that the sale can't supply them."""
+        """Get `want` units (the quantity asked for) into the home bucket, or prove that the
+        sale can't supply them."""
         for _ in range(REFILL_ROUNDS):
             seen = await self.views(sale_id, buckets)
             have = seen[home].available

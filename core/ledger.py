@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from core import errors
 from core.autopipeline import AutoPipeline
-from core.buckets import Refill, StockBuckets
+from core.buckets import REFILL_ROUNDS, Refill, StockBuckets
 from core.ids import MAX_STOCK_BUCKETS, home_bucket, new_order_id, shard_id, shard_of_order
 from core.keys import Keys
 from core.scripts import ReturnCode, Scripts
@@ -178,7 +178,7 @@ class Ledger:
                 break
             self.buckets.learn(req.sale_id, value)
         if rc is ReturnCode.BUCKET_SHORT:
-            return await self._refill_and_reserve(req, now, buckets, home, value)
+            return await self._refill_and_reserve(req, now, buckets, home)
         raise_for(rc)
         return Reservation(order_id, status, value, rc is ReturnCode.REPLAYED)
 
@@ -200,23 +200,24 @@ class Ledger:
         return ReturnCode(code), order_id, status, int(value)
 
     async def _refill_and_reserve(self, req: PurchaseRequest, now: int, buckets: int,
-                                  home: int, have: int) -> Reservation:
-        """The home bucket had `have` < quantity units: bring units in from other buckets and
-        reserve there again, until it works or the sale is proven unable to supply them."""
-        rc = ReturnCode.BUCKET_SHORT
-        while rc is ReturnCode.BUCKET_SHORT:
-            outcome = await self.buckets.refill(req.sale_id, buckets, home,
-                                                req.quantity - have, now)
+                                  home: int) -> Reservation:
+        """The home bucket had fewer units than asked for: bring units in from other buckets
+        and reserve there again, until it works or the sale is proven unable to supply them."""
+        for _ in range(REFILL_ROUNDS):
+            outcome = await self.buckets.refill(req.sale_id, buckets, home, req.quantity, now)
             if outcome is Refill.EMPTY:
                 raise errors.SoldOut()
             if outcome is Refill.SHORT:
                 raise errors.InsufficientStock()
             if outcome is Refill.GAVE_UP:
-                raise errors.ServiceUnavailable("stock is moving between buckets; retry")
+                break
             rc, order_id, status, value = await self._reserve(req, now, buckets, home)
-            have = value
-        raise_for(rc)
-        return Reservation(order_id, status, value, rc is ReturnCode.REPLAYED)
+            if rc is not ReturnCode.BUCKET_SHORT:  # reserved, replayed, or a refusal
+                raise_for(rc)
+                return Reservation(order_id, status, value, rc is ReturnCode.REPLAYED)
+        # Every unit seen was taken by others first, or units stayed in transit: nothing was
+        # reserved, so a retry with the same Idempotency-Key is safe.
+        raise errors.ServiceUnavailable("stock is moving between buckets; retry")
 
     async def purchase(self, req: PurchaseRequest, risk: RiskArgs, now: int | None = None, *,
                        route: tuple[int, int] = (1, 0),
@@ -260,7 +261,7 @@ class Ledger:
         if rc is ReturnCode.BUCKET_SHORT:
             # Risk allowed it (and counted it); the retries after the refill are plain
             # reservations, so that the attempt is not scored twice.
-            return await self._refill_and_reserve(req, now, buckets, home, int(value)), outcome
+            return await self._refill_and_reserve(req, now, buckets, home), outcome
         raise_for(rc)
         return Reservation(order_id, status, int(value), rc is ReturnCode.REPLAYED), outcome
 
