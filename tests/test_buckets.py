@@ -19,7 +19,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
-from core import errors
+from core import errors, metrics
 from core.embedded import EmbeddedRedisCluster
 from core.ids import (
     home_bucket,
@@ -397,3 +397,7 @@ async def test_gateway_sells_and_delivers_a_bucketed_sale(
     assert out["stock"] == {"total": 10, "available": 0, "reserved": 0, "confirmed": 0,
                             "delivered": 10, "cancelled": 0, "expired": 0}
     assert sum(b["delivered"] for b in out["buckets"]) == 10
+    # The stock gauges sum the buckets; each bucket balances, so no drift.
+    await metrics.LEDGER.refresh(runtime.redis, runtime.keys, WORKER_GROUP, timeout_s=5)
+    row = metrics.LEDGER.sales[sale_id]
+    assert row["delivered"] == 10 and row["total"] == 10 and row["drift"] == 0
