@@ -157,6 +157,12 @@ async def test_concurrent_buyers_never_oversell_over_buckets(
              for b in range(BUCKETS)]
     assert all(marks)
     assert await attempt(ledger, request(sale_id, "late")) == "sold_out"
+    # One more unit, imported into bucket 2 alone: every mark is cleared, and a buyer of
+    # bucket 0 finds it.
+    await ledger.add_stock(sale_id, 2, 1)
+    assert (await balanced(ledger, sale_id))[2]["available"] == 1
+    assert await attempt(ledger, request(sale_id, user_in(0))) == "reserved"
+    assert await attempt(ledger, request(sale_id, user_in(1))) == "sold_out"
 
 
 async def test_per_user_limit_is_exact_with_buckets(
