@@ -106,7 +106,7 @@ def _dispatch(client: httpx.Client, args: argparse.Namespace) -> Any:
         case ("sale", "create"):
             body = {"sku": args.sku, "name": args.name, "starts_at": args.starts_at,
                     "ends_at": args.ends_at}
-            for field in ("sale_id", "per_user_limit", "reservation_ttl_s"):
+            for field in ("sale_id", "per_user_limit", "reservation_ttl_s", "stock_buckets"):
                 if getattr(args, field) is not None:
                     body[field] = getattr(args, field)
             return call(client, "POST", "/v1/admin/sales", json=body)
@@ -161,6 +161,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--sale-id")
     p.add_argument("--per-user-limit", type=int)
     p.add_argument("--reservation-ttl-s", type=int)
+    p.add_argument("--stock-buckets", type=int,
+                   help="split one hot sale's stock over N Redis ledgers (1..64, default 1; "
+                        "docs/OPERATIONS.md, Stock buckets)")
     p = sale.add_parser("show", parents=[common], help="a sale and its stock")
     p.add_argument("sale_id")
 

@@ -5,13 +5,19 @@ and the scripts run unchanged on Redis Cluster. Scripts never build key names th
 
 Order ids embed their sale id (`<sale_id>.<ulid>`) so that an order can be routed to its sale's
 slot without a lookup.
+
+Stock buckets (core/ids.py): a sale of N > 1 buckets has N ledgers, one per *shard*: the sale
+id itself for bucket 0 and `<sale>:b<b>` for bucket b, so that bucket b's keys carry the tag
+`{s:<sale>:b<b>}` and land on a slot (and usually a node) of their own. Every per-sale method
+below takes a shard; passing a plain sale id means bucket 0, i.e. the one-bucket layout.
+Order ids of bucket b > 0 (`<sale>.b<b>.<ulid>`) route to their shard.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.ids import sale_of_order
+from core.ids import shard_of_order
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,20 @@ class Keys:
         """SET of key-import ids already added to the stock (makes add_stock idempotent)."""
         return f"{self._tag(sale_id)}:imports"
 
+    # -- per shard, transfers between stock buckets (lua/withdraw.lua, deposit.lua, settle.lua)
+    def transfers(self, shard: str) -> str:
+        """HASH transfer id -> "<recipient bucket>|<units>|<at ms>": units withdrawn from this
+        bucket and not yet settled (the recovery pass's work list)."""
+        return f"{self._tag(shard)}:xfer:out"
+
+    def transfer_ids(self, shard: str) -> str:
+        """SET of transfer ids ever withdrawn from this bucket: an id never withdraws twice."""
+        return f"{self._tag(shard)}:xfer:ids"
+
+    def deposits(self, shard: str) -> str:
+        """SET of transfer ids deposited into this bucket (makes a deposit idempotent)."""
+        return f"{self._tag(shard)}:xfer:in"
+
     # -- per sale, risk (lua/risk_features.lua) --------------------------------------------
     def risk_config(self, sale_id: str) -> str:
         """STRING: the sale's risk-config override (JSON), set through the admin API."""
@@ -104,7 +124,7 @@ class Keys:
 
     def order(self, order_id: str) -> str:
         """HASH of one order's live state."""
-        return f"{self._tag(sale_of_order(order_id))}:o:{order_id}"
+        return f"{self._tag(shard_of_order(order_id))}:o:{order_id}"
 
 
 WORKER_GROUP = "flashgate-workers"

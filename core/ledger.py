@@ -1,24 +1,28 @@
 """The Redis ledger: stock and reservations of every sale, changed only through the Lua scripts.
 
-This is the one place where script return codes become domain errors.
+This is the one place where script return codes become domain errors. Sales of several stock
+buckets (core/buckets.py) go through the same methods: a purchase runs on the buyer's home
+bucket, an order's scripts on the bucket its id names.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 from redis.asyncio import Redis
 
 from core import errors
 from core.autopipeline import AutoPipeline
-from core.ids import new_order_id, sale_of_order
+from core.buckets import REFILL_ROUNDS, Refill, StockBuckets
+from core.ids import MAX_STOCK_BUCKETS, home_bucket, new_order_id, shard_id, shard_of_order
 from core.keys import Keys
 from core.scripts import ReturnCode, Scripts
 
 STOCK_FIELDS = ("total", "available", "reserved", "confirmed", "delivered", "cancelled", "expired")
+BUCKET_FIELDS = (*STOCK_FIELDS, "transit")
 
 
 def now_ms() -> int:
@@ -43,6 +47,11 @@ def raise_for(code: ReturnCode) -> None:
     """Raise the domain error for a refusal code; return quietly for OK/REPLAYED."""
     if code < 0:
         raise _ERRORS[code]()
+
+
+class WrongBuckets(Exception):  # noqa: N818 - a routing signal, not a domain error
+    """A purchase was routed by a stale bucket count; the right one is now known to the ledger
+    (`Ledger.route`): plan again (risk keys are the home bucket's) and retry. Nothing was done."""
 
 
 class Reservation(msgspec.Struct, frozen=True):
@@ -90,74 +99,158 @@ class Ledger:
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts(redis, pipe)
+        self.buckets = StockBuckets(redis, keys, self.scripts)
+
+    def route(self, sale_id: str, user_id: str) -> tuple[int, int]:
+        """(bucket count, home bucket) of a buyer, from what this process knows: no round trip
+        (a stale count is corrected by the script, see WrongBuckets)."""
+        n = self.buckets.known(sale_id)
+        return n, home_bucket(user_id, n)
 
     # -- sales and stock ----------------------------------------------------------------
     async def init_sale(
-        self, sale_id: str, starts_at_ms: int, ends_at_ms: int, per_user_limit: int, ttl_ms: int
+        self, sale_id: str, starts_at_ms: int, ends_at_ms: int, per_user_limit: int, ttl_ms: int,
+        buckets: int = 1,
     ) -> None:
+        """Create (or update) the sale's ledger: one per stock bucket, bucket 0 last, so that
+        a buyer routed by bucket 0's count always finds their home bucket."""
+        if not 1 <= buckets <= MAX_STOCK_BUCKETS:
+            raise errors.InvalidRequest(f"stock_buckets: 1..{MAX_STOCK_BUCKETS}")
         k = self.keys
-        await self.scripts.init_sale(
-            keys=[k.sale(sale_id)], args=[starts_at_ms, ends_at_ms, per_user_limit, ttl_ms]
-        )
+        for b in reversed(range(buckets)):
+            code, existing = await self.scripts.init_sale(
+                keys=[k.sale(shard_id(sale_id, b))],
+                args=[starts_at_ms, ends_at_ms, per_user_limit, ttl_ms, buckets, b],
+            )
+            if code == ReturnCode.WRONG_BUCKETS:
+                raise errors.SaleExists(f"the sale has {existing} stock bucket(s)")
+        self.buckets.learn(sale_id, buckets)
         await self.redis.sadd(k.active_sales(), sale_id)
 
     async def add_stock(self, sale_id: str, import_id: int, count: int) -> int:
-        """Add a committed import's keys to the stock (once per import id); returns the total."""
+        """Add a committed import's keys to the stock (once per import id and bucket, spread
+        over the sale's buckets); returns the sale's total."""
         k = self.keys
-        code, total = await self.scripts.add_stock(
-            keys=[k.sale(sale_id), k.imports(sale_id)], args=[import_id, count]
-        )
-        raise_for(ReturnCode(code))
-        return int(total)
+        n = await self.buckets.count(sale_id) or 1
+        base, extra = divmod(count, n)
+        total = 0
+        for b in range(n):
+            # The remainder goes to other buckets on each import, not always the first ones.
+            share = base + (1 if (b - import_id) % n < extra else 0)
+            shard = shard_id(sale_id, b)
+            code, bucket_total = await self.scripts.add_stock(
+                keys=[k.sale(shard), k.imports(shard)], args=[import_id, share]
+            )
+            raise_for(ReturnCode(code))
+            total += int(bucket_total)
+        return total
 
     async def stock(self, sale_id: str) -> dict[str, int] | None:
-        values = await self.redis.hmget(self.keys.sale(sale_id), ["start", *STOCK_FIELDS])
-        if values[0] is None:
+        """The sale's ledger; for several buckets, their sum (per bucket: `bucket_stock`)."""
+        n = await self.buckets.count(sale_id)
+        if n is None:
             return None
-        return {f: int(v or 0) for f, v in zip(STOCK_FIELDS, values[1:], strict=True)}
+        if n == 1:
+            values = await self.redis.hmget(self.keys.sale(sale_id), ["start", *STOCK_FIELDS])
+            if values[0] is None:
+                return None
+            return {f: int(v or 0) for f, v in zip(STOCK_FIELDS, values[1:], strict=True)}
+        rows = await self.bucket_stock(sale_id)
+        return {f: sum(r[f] for r in rows) for f in STOCK_FIELDS} if rows else None
+
+    async def bucket_stock(self, sale_id: str) -> list[dict[str, int]]:
+        """Each bucket's ledger (with `transit`: units withdrawn, their transfer not settled)."""
+        n = await self.buckets.count(sale_id) or 1
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for b in range(n):
+                pipe.hmget(self.keys.sale(shard_id(sale_id, b)), list(BUCKET_FIELDS))
+            rows = cast(list[list[Any]], await pipe.execute())
+        return [{f: int(v or 0) for f, v in zip(BUCKET_FIELDS, row, strict=True)}
+                for row in rows]
 
     # -- orders -------------------------------------------------------------------------
     async def reserve(self, req: PurchaseRequest, now: int | None = None) -> Reservation:
-        k, sale = self.keys, req.sale_id
         now = now_ms() if now is None else now
-        order_id = new_order_id(sale, now)
-        code, order_id, status, expires_at = await self.scripts.reserve(
+        while True:
+            buckets, home = self.route(req.sale_id, req.user_id)
+            rc, order_id, status, value = await self._reserve(req, now, buckets, home)
+            if rc is not ReturnCode.WRONG_BUCKETS:
+                break
+            self.buckets.learn(req.sale_id, value)
+        if rc is ReturnCode.BUCKET_SHORT:
+            return await self._refill_and_reserve(req, now, buckets, home)
+        raise_for(rc)
+        return Reservation(order_id, status, value, rc is ReturnCode.REPLAYED)
+
+    async def _reserve(self, req: PurchaseRequest, now: int, buckets: int, home: int,
+                       ) -> tuple[ReturnCode, str, str, int]:
+        """reserve.lua on the home bucket: (code, order id, status, 4th value)."""
+        k, sale, shard = self.keys, req.sale_id, shard_id(req.sale_id, home)
+        order_id = new_order_id(sale, now, home)
+        code, order_id, status, value = await self.scripts.reserve(
             keys=[
-                k.sale(sale), k.buyers(sale), k.idempotency(sale),
-                k.deadlines(sale), k.events(sale), k.order(order_id),
+                k.sale(shard), k.buyers(shard), k.idempotency(shard),
+                k.deadlines(shard), k.events(shard), k.order(order_id),
             ],
             args=[
                 now, order_id, f"{req.channel_id}:{req.idempotency_key}", req.fingerprint,
-                req.channel_id, req.user_id, req.quantity, req.payment_ref,
+                req.channel_id, req.user_id, req.quantity, req.payment_ref, buckets,
             ],
         )
-        rc = ReturnCode(code)
-        raise_for(rc)
-        return Reservation(order_id, status, int(expires_at), rc is ReturnCode.REPLAYED)
+        return ReturnCode(code), order_id, status, int(value)
 
-    async def purchase(self, req: PurchaseRequest, risk: RiskArgs, now: int | None = None,
+    async def _refill_and_reserve(self, req: PurchaseRequest, now: int, buckets: int,
+                                  home: int) -> Reservation:
+        """The home bucket had fewer units than asked for: bring units in from other buckets
+        and reserve there again, until it works or the sale is proven unable to supply them."""
+        for _ in range(REFILL_ROUNDS):
+            outcome = await self.buckets.refill(req.sale_id, buckets, home, req.quantity, now)
+            if outcome is Refill.EMPTY:
+                raise errors.SoldOut()
+            if outcome is Refill.SHORT:
+                raise errors.InsufficientStock()
+            if outcome is Refill.GAVE_UP:
+                break
+            rc, order_id, status, value = await self._reserve(req, now, buckets, home)
+            if rc is not ReturnCode.BUCKET_SHORT:  # reserved, replayed, or a refusal
+                raise_for(rc)
+                return Reservation(order_id, status, value, rc is ReturnCode.REPLAYED)
+        # Every unit seen was taken by others first, or units stayed in transit: nothing was
+        # reserved, so a retry with the same Idempotency-Key is safe.
+        raise errors.ServiceUnavailable("stock is moving between buckets; retry")
+
+    async def purchase(self, req: PurchaseRequest, risk: RiskArgs, now: int | None = None, *,
+                       route: tuple[int, int] = (1, 0),
                        ) -> tuple[Reservation | None, RiskOutcome]:
         """`reserve` with the risk engine's scoring in the same script and round trip.
 
+        `route` is the (bucket count, home bucket) the risk keys were built for (`Ledger.route`).
         Returns (None, outcome) when risk refused the purchase (nothing reserved); raises the
-        ledger's domain errors, and RateLimited for an admission limit.
+        ledger's domain errors, RateLimited for an admission limit, and WrongBuckets when the
+        route was stale (plan again and retry).
         """
         k, sale = self.keys, req.sale_id
+        buckets, home = route
+        shard = shard_id(sale, home)
         now = now_ms() if now is None else now
-        order_id = new_order_id(sale, now)
+        order_id = new_order_id(sale, now, home)
         code, order_id, status, value, score, fired, shadow, solution = (
             await self.scripts.purchase(
                 keys=[
-                    k.sale(sale), k.buyers(sale), k.idempotency(sale),
-                    k.deadlines(sale), k.events(sale), k.order(order_id), *risk.keys,
+                    k.sale(shard), k.buyers(shard), k.idempotency(shard),
+                    k.deadlines(shard), k.events(shard), k.order(order_id), *risk.keys,
                 ],
                 args=[
                     now, order_id, f"{req.channel_id}:{req.idempotency_key}", req.fingerprint,
                     req.channel_id, req.user_id, req.quantity, req.payment_ref, *risk.args,
+                    buckets,
                 ],
             )
         )
         rc = ReturnCode(code)
+        if rc is ReturnCode.WRONG_BUCKETS:
+            self.buckets.learn(sale, int(value))
+            raise WrongBuckets()
         refused = rc if rc in (ReturnCode.RISK_DENIED, ReturnCode.RISK_CHALLENGE) else None
         outcome = RiskOutcome(refused, int(score), _positions(fired), _positions(shadow),
                               int(solution))
@@ -165,14 +258,18 @@ class Ledger:
             raise errors.RateLimited(math.ceil(int(value) / 1000))
         if refused is not None:
             return None, outcome
+        if rc is ReturnCode.BUCKET_SHORT:
+            # Risk allowed it (and counted it); the retries after the refill are plain
+            # reservations, so that the attempt is not scored twice.
+            return await self._refill_and_reserve(req, now, buckets, home), outcome
         raise_for(rc)
         return Reservation(order_id, status, int(value), rc is ReturnCode.REPLAYED), outcome
 
-    def _order_keys(self, order_id: str, sale_id: str) -> list[str]:
-        k = self.keys
+    def _order_keys(self, order_id: str) -> list[str]:
+        """The keys of an order's scripts: those of the bucket its id names."""
+        k, shard = self.keys, shard_of_order(order_id)
         return [
-            k.sale(sale_id), k.order(order_id), k.deadlines(sale_id),
-            k.events(sale_id), k.buyers(sale_id),
+            k.sale(shard), k.order(order_id), k.deadlines(shard), k.events(shard), k.buyers(shard),
         ]
 
     async def confirm(
@@ -180,7 +277,7 @@ class Ledger:
         now: int | None = None,
     ) -> tuple[str, int]:
         code, status, expires_at = await self.scripts.confirm(
-            keys=self._order_keys(order_id, sale_id),
+            keys=self._order_keys(order_id),
             args=[now_ms() if now is None else now, order_id, channel_id, payment_ref],
         )
         raise_for(ReturnCode(code))
@@ -190,14 +287,17 @@ class Ledger:
         self, sale_id: str, order_id: str, channel_id: str, now: int | None = None
     ) -> str:
         code, status = await self.scripts.cancel(
-            keys=self._order_keys(order_id, sale_id),
+            keys=self._order_keys(order_id),
             args=[now_ms() if now is None else now, order_id, channel_id],
         )
         raise_for(ReturnCode(code))
+        if code == ReturnCode.OK and self.buckets.known(sale_id) > 1:
+            await self.buckets.undrain(sale_id)  # the unit is back: let every bucket look
         return str(status)
 
     async def expire_due(self, sale_id: str, now: int | None = None, limit: int = 500) -> int:
-        """Expire reservations of one sale whose deadline passed; returns how many expired.
+        """Expire reservations of one ledger shard (a sale, or one of its stock buckets:
+        `buckets.shards`) whose deadline passed; returns how many expired.
 
         Several sweepers may run this at once: the script settles each order exactly once.
         """
@@ -215,19 +315,27 @@ class Ledger:
         )
         return sum(1 for code in codes if code == ReturnCode.OK)
 
+    async def shards(self, sale_id: str) -> list[str]:
+        """The ledger shards of a sale, one per stock bucket (workers consume and sweep each)."""
+        return await self.buckets.shards(sale_id)
+
+    async def recover_transfers(self, sale_id: str, now: int | None = None) -> int:
+        """Finish the sale's transfers between buckets left pending by a crash."""
+        return await self.buckets.recover(sale_id, now_ms() if now is None else now)
+
     async def mark_delivered(self, order_ids: list[str], now: int | None = None) -> list[int]:
         """Flip confirmed orders to delivered (after their keys are committed): one script call
         per sale for the whole batch. Returns one code per order, in order."""
         if not order_ids:
             return []
         now = now_ms() if now is None else now
-        by_sale: dict[str, list[int]] = {}
+        by_shard: dict[str, list[int]] = {}
         for i, order_id in enumerate(order_ids):
-            by_sale.setdefault(sale_of_order(order_id), []).append(i)
+            by_shard.setdefault(shard_of_order(order_id), []).append(i)
         codes = [0] * len(order_ids)
-        for sale_id, positions in by_sale.items():
+        for shard, positions in by_shard.items():
             replies = await self.scripts.deliver(
-                keys=[self.keys.sale(sale_id),
+                keys=[self.keys.sale(shard),
                       *(self.keys.order(order_ids[i]) for i in positions)],
                 args=[now],
             )

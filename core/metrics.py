@@ -35,6 +35,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from core.ids import shard_id
+
 MAX_SALES = 20           # active sales exported per scrape (label cardinality bound)
 SCRAPE_TIMEOUT_S = 0.5   # deadline of the Redis reads done on scrape
 OTHER = "other"
@@ -251,26 +253,43 @@ async def _pick_sales(redis: Any, keys: Any, active: list[str]) -> list[str]:
     return sorted(sale for sale, _ in ranked[:MAX_SALES])
 
 
+async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
+                      ) -> tuple[dict[str, int], int]:
+    """One ledger shard (a sale, or one stock bucket of it): its row and its bucket count."""
+    async with redis.pipeline(transaction=False) as pipe:  # one shard's keys share a slot
+        pipe.hmget(keys.sale(shard), [*STOCK_STATES, "buckets"])
+        pipe.xlen(keys.events(shard))
+        pipe.xlen(keys.dead_letters(shard))
+        pipe.xinfo_groups(keys.events(shard))
+        stock, length, dead, groups = await pipe.execute(raise_on_error=False)
+    buckets = 1
+    row: dict[str, int] = {}
+    if isinstance(stock, list):
+        row = {s: int(v or 0) for s, v in zip(STOCK_STATES, stock[:-1], strict=True)}
+        buckets = int(stock[-1] or 1)
+        if stock[0] is not None:
+            held = sum(row[s] for s in ("available", "reserved", "confirmed", "delivered"))
+            row["drift"] = abs(row["total"] - held) + max(0, -row["available"])
+    row["stream_length"] = int(length) if isinstance(length, int) else 0
+    row["dead_letters"] = int(dead) if isinstance(dead, int) else 0
+    for g in groups if isinstance(groups, list) else []:
+        if g.get("name") == group:
+            row["pending"] = int(g.get("pending") or 0)
+            lag = g.get("lag")
+            row["lag"] = int(lag) if lag is not None else row["pending"]
+    return row, buckets
+
+
 async def _read_sales(redis: Any, keys: Any, group: str) -> tuple[dict[str, dict[str, int]], int]:
     active = sorted(str(s) for s in await redis.smembers(keys.active_sales()))
     sales = await _pick_sales(redis, keys, active)
     out: dict[str, dict[str, int]] = {}
-    for sale in sales:  # one pipeline per sale: its keys share a slot (Redis Cluster)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.sale(sale), list(STOCK_STATES))
-            pipe.xlen(keys.events(sale))
-            pipe.xlen(keys.dead_letters(sale))
-            pipe.xinfo_groups(keys.events(sale))
-            stock, length, dead, groups = await pipe.execute(raise_on_error=False)
-        row = {s: int(v or 0) for s, v in zip(STOCK_STATES, stock, strict=True)} \
-            if isinstance(stock, list) else {}
-        row["stream_length"] = int(length) if isinstance(length, int) else 0
-        row["dead_letters"] = int(dead) if isinstance(dead, int) else 0
-        for g in groups if isinstance(groups, list) else []:
-            if g.get("name") == group:
-                row["pending"] = int(g.get("pending") or 0)
-                lag = g.get("lag")
-                row["lag"] = int(lag) if lag is not None else row["pending"]
+    for sale in sales:
+        row, buckets = await _read_shard(redis, keys, group, sale)
+        for b in range(1, buckets):  # stock buckets: summed, drift per bucket summed too
+            more, _ = await _read_shard(redis, keys, group, shard_id(sale, b))
+            for name, value in more.items():
+                row[name] = row.get(name, 0) + value
         out[sale] = row
     return out, len(active)
 
@@ -301,9 +320,7 @@ class LedgerCollector(Collector):
             if row.get("total") is not None and "available" in row:
                 for state in STOCK_STATES:
                     stock.add_metric([sale, state], row.get(state, 0))
-                held = sum(row.get(s, 0) for s in ("available", "reserved", "confirmed",
-                                                    "delivered"))
-                drift.add_metric([sale], abs(row["total"] - held) + max(0, -row["available"]))
+                drift.add_metric([sale], row.get("drift", 0))
             length.add_metric([sale], row["stream_length"])
             dead.add_metric([sale], row["dead_letters"])
             if "pending" in row:

@@ -42,10 +42,12 @@ class ReturnCode(enum.IntEnum):
     RATE_LIMITED = -12  # risk_features/purchase: an admission limit refused the request
     RISK_DENIED = -13  # purchase: the score reached the deny threshold
     RISK_CHALLENGE = -14  # purchase: the score asks for proof of work
+    BUCKET_SHORT = -15  # reserve/purchase, sale of several buckets: this bucket is short
+    WRONG_BUCKETS = -16  # reserve/purchase/init_sale: the sale has another bucket count
 
 
 SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "purchase", "confirm", "cancel", "expire",
-                "deliver", "risk_features")
+                "deliver", "risk_features", "withdraw", "deposit", "settle", "mark_drained")
 
 
 @cache
@@ -76,6 +78,10 @@ class Scripts:
         self.expire = script("expire")
         self.deliver = script("deliver")
         self.risk_features = script("risk_features")
+        self.withdraw = script("withdraw")
+        self.deposit = script("deposit")
+        self.settle = script("settle")
+        self.mark_drained = script("mark_drained")
 
     def all(self) -> list[AsyncScript | PipelinedScript]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

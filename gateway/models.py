@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from core.ids import SALE_ID_PATTERN
+from core.ids import MAX_STOCK_BUCKETS, SALE_ID_PATTERN
 
 # Ids that users pick: printable, no spaces or control characters, bounded.
 Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
@@ -82,6 +82,9 @@ class SaleBody(Body):
     sale_id: SaleId | None = None
     per_user_limit: Annotated[int, Meta(ge=1, le=1000)] = 1
     reservation_ttl_s: Annotated[int, Meta(ge=1, le=86_400)] = 300
+    # Stock split over this many Redis ledgers (core/buckets.py; docs/OPERATIONS.md, "Stock
+    # buckets: when to turn them on"). Fixed at creation.
+    stock_buckets: Annotated[int, Meta(ge=1, le=MAX_STOCK_BUCKETS)] = 1
 
 
 class KeysBody(Body):
@@ -96,6 +99,7 @@ class StockOut(Out):
     delivered: int
     cancelled: int
     expired: int
+    transit: int = 0  # one bucket of several: units withdrawn for a transfer not yet settled
 
 
 class SaleOut(Out):
@@ -106,7 +110,9 @@ class SaleOut(Out):
     ends_at: datetime
     per_user_limit: int
     reservation_ttl_s: int
-    stock: StockOut | None = None
+    stock: StockOut | None = None  # the sum over the stock buckets
+    stock_buckets: int = 1
+    buckets: list[StockOut] | None = None  # each bucket's ledger, when there are several
 
 
 class ImportOut(Out):

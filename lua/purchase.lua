@@ -27,10 +27,12 @@
   ARGV[17] feature rules, "<feature index>:<limit>:<weight>:<mode>" joined by ";"
            (feature index 1-based into the features of includes/risk_measure.lua;
             mode 1 = on, 2 = shadow)
+  ARGV[18] the caller's stock bucket count (as reserve.lua's ARGV[9]; risk keys are then the
+           home bucket's too)
   Returns {code, order_id, status, expires_at_ms | retry_after_ms, score, fired, shadow, solution}
     fired, shadow: the positions (1-based) in ARGV[17] of the rules that fired, "," joined
     solution: 0 = none used, 1 = a fresh solution was used, 2 = the solution was already used
-    code  as reserve.lua (0, 1, -1 .. -6), and
+    code  as reserve.lua (0, 1, -1 .. -6, -15 after risk allowed it, -16 before anything), and
          -12 = rate limited (4th value: retry after, ms; nothing recorded)
          -13 = denied by risk   -14 = challenge required (features recorded, nothing reserved)
   (mirrored by core.scripts.ReturnCode)
@@ -44,9 +46,14 @@ local sale_key, buyers_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
 local now, idem_field, fingerprint = tonumber(ARGV[1]), ARGV[3], ARGV[4]
 local user = ARGV[6]
 
-local sale = rcall("HMGET", sale_key, "start", "end", "limit", "ttl", "available", "state")
+local sale = rcall("HMGET", sale_key, unpack(SALE_FIELDS))
 if not sale[1] then
   return {-4, "", "", 0, 0, "", "", 0}
+end
+local misrouted = wrong_buckets(sale, ARGV[18])
+if misrouted then
+  misrouted[5], misrouted[6], misrouted[7], misrouted[8] = 0, "", "", 0
+  return misrouted
 end
 local replay = idempotent_replay(idem_key, idem_field, fingerprint)
 if replay then

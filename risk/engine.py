@@ -36,6 +36,12 @@ class RiskContext(msgspec.Struct, frozen=True):
     quantity: int
     challenge_solution: str | None = None  # header Flashgate-Challenge-Solution, if sent
     idempotency_key: str = ""  # a retry of an answered key is never refused by risk
+    # A sale of several stock buckets (core/buckets.py): the buyer's home bucket's ledger shard
+    # ("" = the sale itself) and the bucket count. Risk keys then live in that shard, so that
+    # the inline purchase script's keys share its slot; the sale's and channels' admission
+    # rates are split evenly over the buckets.
+    shard: str = ""
+    buckets: int = 1
 
 
 class Decision(msgspec.Struct, frozen=True):

@@ -61,6 +61,17 @@ class _Inline(msgspec.Struct, frozen=True):
     base_shadow: tuple[str, ...]
 
 
+def _per_bucket(adm: risk_config.Admission, buckets: int) -> risk_config.Admission:
+    """A sale's admission limits as one stock bucket enforces them: rates (and bursts, at
+    least 1) split evenly, since each bucket sees about 1/N of the buyers."""
+    if buckets <= 1:
+        return adm
+    return risk_config.Admission(
+        sale_rate=adm.sale_rate / buckets, sale_burst=max(1, math.ceil(adm.sale_burst / buckets)),
+        channel_rate=adm.channel_rate / buckets,
+        channel_burst=max(1, math.ceil(adm.channel_burst / buckets)))
+
+
 def _solution_marker(verified: Verified | None, now_s: float) -> tuple[str, int]:
     """The used-solution marker's id and TTL (ms) for a genuine solution; ("-", 0) otherwise."""
     if verified is not None and verified.challenge_id and verified.expires_at:
@@ -145,9 +156,9 @@ class ScoringEngine:
                     base_shadow.append(name)
                 else:
                     base.append((rule.weight, name))
-        k, sale = self.keys, sig.sale_id
+        k, sale = self.keys, ctx.shard or sig.sale_id
         challenge_id, solution_ttl_ms = _solution_marker(verified, now_s)
-        adm, t = cfg.admission, cfg.thresholds
+        adm, t = _per_bucket(cfg.admission, ctx.buckets), cfg.thresholds
         script = RiskArgs(
             keys=(
                 k.risk_admission(sale), k.risk_admission(sale, sig.channel_id),
@@ -234,7 +245,7 @@ class ScoringEngine:
             return prelude
         sig, cfg, now_s, verified = prelude
         features, score_it = await self._features(sig, cfg, now_s, verified,
-                                                  ctx.idempotency_key)
+                                                  ctx.idempotency_key, ctx.shard, ctx.buckets)
         if not score_it:
             self.counts["passed:replay_or_unknown_sale"] += 1
             return ALLOW  # the reservation replays its answer, or answers 404
@@ -281,13 +292,13 @@ class ScoringEngine:
         return score, tuple(n for _, n in fired), tuple(shadow)
 
     async def _features(self, sig: Signals, cfg: RiskConfig, now_s: float,
-                        verified: Verified | None, idempotency_key: str
-                        ) -> tuple[Features | None, bool]:
+                        verified: Verified | None, idempotency_key: str, shard: str = "",
+                        buckets: int = 1) -> tuple[Features | None, bool]:
         """(features, whether to score): not for an unknown sale or an idempotent replay, which
         the reservation script answers. Raises RateLimited; features None when unreadable."""
-        k, sale = self.keys, sig.sale_id
+        k, sale = self.keys, shard or sig.sale_id
         challenge_id, solution_ttl_ms = _solution_marker(verified, now_s)
-        adm = cfg.admission
+        adm = _per_bucket(cfg.admission, buckets)
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await self._script(

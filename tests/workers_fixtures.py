@@ -37,18 +37,19 @@ async def make_channel(rt: Runtime, webhook_url: str | None = None) -> tuple[str
 
 async def make_sale(rt: Runtime, *, keys: int = 0, per_user_limit: int = 10,
                     ttl_ms: int = 300_000, in_pg: bool = True,
-                    sale_id: str | None = None) -> tuple[str, list[str]]:
+                    sale_id: str | None = None, buckets: int = 1) -> tuple[str, list[str]]:
     """An open sale (PG row + Redis ledger) with `keys` imported codes; returns (id, codes)."""
     sale_id, now = sale_id or new_sale_id(), datetime.now(UTC)
     start, end = now - timedelta(hours=1), now + timedelta(hours=1)
     if in_pg:
         await rt.pool.execute(
             "INSERT INTO sales (sale_id, sku, name, starts_at, ends_at, per_user_limit,"
-            " reservation_ttl_s) VALUES ($1, 'SKU', 'Worker test', $2, $3, $4, $5)",
-            sale_id, start, end, per_user_limit, max(1, ttl_ms // 1000),
+            " reservation_ttl_s, stock_buckets) VALUES ($1, 'SKU', 'Worker test', $2, $3, $4,"
+            " $5, $6)",
+            sale_id, start, end, per_user_limit, max(1, ttl_ms // 1000), buckets,
         )
     await rt.ledger.init_sale(sale_id, int(start.timestamp() * 1000),
-                              int(end.timestamp() * 1000), per_user_limit, ttl_ms)
+                              int(end.timestamp() * 1000), per_user_limit, ttl_ms, buckets)
     codes = await import_keys(rt, sale_id, keys) if keys else []
     return sale_id, codes
 

@@ -1,5 +1,8 @@
 """One sale's event stream, consumed by one worker through the shared consumer group.
 
+A sale of several stock buckets has one stream per bucket (its ledger shard, core/keys.py):
+each gets consumers of its own; PostgreSQL sees one sale (orders and card keys per sale).
+
 Each step reads one batch with one XREADGROUP on one stream (so it works on Redis Cluster):
 first this consumer's own pending entries (id cursor from "0"), after a start or a failure,
 then new ones (">"). A batch is written in one PostgreSQL transaction, its delivered orders
@@ -36,12 +39,15 @@ TOO_MANY_DELIVERIES = "delivered too many times"
 
 class SaleConsumer:
     def __init__(self, rt: Runtime, sale_id: str, consumer: str,
-                 after_commit: AfterCommit | None = None) -> None:
+                 after_commit: AfterCommit | None = None, shard: str | None = None) -> None:
+        """`shard`: the stock bucket's ledger shard whose stream this reads (default: the
+        sale's, i.e. bucket 0)."""
         self.rt = rt
         self.sale_id = sale_id
+        self.shard = shard or sale_id
         self.consumer = consumer
         self.after_commit = after_commit
-        self.stream = rt.keys.events(sale_id)
+        self.stream = rt.keys.events(self.shard)
         self.cursor = "0"  # own pending entries first; NEW once they are all handled
 
     async def ensure_group(self) -> None:
@@ -96,7 +102,7 @@ class SaleConsumer:
             )
             start, claimed = reply[0], reply[1]
             if claimed:
-                log.info("sale %s: reclaimed %d idle entries", self.sale_id, len(claimed))
+                log.info("sale %s: reclaimed %d idle entries", self.shard, len(claimed))
                 await self.handle(claimed, redelivered=True)
                 handled += len(claimed)
             if start in ("0-0", b"0-0"):
@@ -169,7 +175,7 @@ class SaleConsumer:
                 pass  # left pending: reclaimed and retried until keys arrive, or dead-lettered
             else:
                 ack.append(ev.entry_id)
-        await dead_letter(self.rt.redis, self.rt.keys, self.sale_id, letters)
+        await dead_letter(self.rt.redis, self.rt.keys, self.shard, letters)
         if ack:
             await self.rt.redis.xack(self.stream, WORKER_GROUP, *ack)
         worker_metrics.batch_done(events, outcome, letters, at_ms, started)

@@ -29,7 +29,8 @@ class DeadLetter:
 
 
 async def dead_letter(redis: Redis, keys: Keys, sale_id: str, letters: list[DeadLetter]) -> None:
-    """Copy the entries to the sale's dead-letter stream and ack them, atomically."""
+    """Copy the entries to the sale's dead-letter stream and ack them, atomically. `sale_id`
+    is the ledger shard of the stream (the sale, or one of its stock buckets)."""
     if not letters:
         return
     async with redis.pipeline(transaction=True) as pipe:

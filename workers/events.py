@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from core.ids import is_order_id
+from core.ids import parse_order_id
 
 EVENT_TYPES = frozenset({"reserved", "confirmed", "cancelled", "expired"})
 MAX_QUANTITY = 1_000_000
@@ -58,9 +58,11 @@ def parse_event(sale_id: str, entry_id: str, fields: dict[str, str]) -> OrderEve
     if kind not in EVENT_TYPES:
         raise MalformedEvent("unknown event type")
     order_id = fields.get("o", "")
-    if not is_order_id(order_id):
-        raise MalformedEvent("not an order id")
-    if order_id.rpartition(".")[0] != sale_id:
+    try:
+        order_sale, _bucket = parse_order_id(order_id)
+    except ValueError:
+        raise MalformedEvent("not an order id") from None
+    if order_sale != sale_id:
         raise MalformedEvent("order belongs to another sale")
     channel_id, user_id = fields.get("ch", ""), fields.get("u", "")
     if not channel_id or not user_id:

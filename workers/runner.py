@@ -9,6 +9,8 @@ Each sale gets `worker_consumers_per_sale` consumers in the process (names `<nam
 transaction another reads, commits or acks its own batch, so both the database and this
 process stay busy. Several consumers of one sale are exactly the case of several worker
 processes, which persist_batch is written for (rows locked in one order, keys SKIP LOCKED).
+A sale of several stock buckets has one stream per bucket, and each gets its consumers, as
+another sale would, except that they all write the one sale in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class Worker:
         self.name = name or default_consumer_name()
         self.only = frozenset(sale_ids) if sale_ids is not None else None
         self.after_commit = after_commit
-        self.consumers: dict[tuple[str, int], SaleConsumer] = {}
+        self.consumers: dict[tuple[str, int], SaleConsumer] = {}  # (shard, index)
         self.per_sale = rt.settings.worker_consumers_per_sale
         self.sweeper = Sweeper(rt.ledger)
         self._http = http
@@ -63,16 +65,25 @@ class Worker:
         active = await self.rt.redis.smembers(self.rt.keys.active_sales())
         return sorted(str(s) for s in active if self.only is None or s in self.only)
 
+    async def streams(self) -> list[tuple[str, str]]:
+        """(sale, ledger shard) of every stream to consume: one per stock bucket of each sale."""
+        return [(sale_id, shard) for sale_id in await self.sale_ids()
+                for shard in await self.rt.ledger.shards(sale_id)]
+
     def consumer_name(self, index: int) -> str:
         """The first consumer keeps the worker's name, so a restart rereads its pending list."""
         return self.name if index == 0 else f"{self.name}/{index + 1}"
 
-    async def consumer(self, sale_id: str, index: int = 0) -> SaleConsumer:
-        c = self.consumers.get((sale_id, index))
+    async def consumer(self, sale_id: str, index: int = 0, shard: str | None = None,
+                       ) -> SaleConsumer:
+        """Consumer `index` of the stream of `shard` (default: the sale's own, bucket 0)."""
+        shard = shard or sale_id
+        c = self.consumers.get((shard, index))
         if c is None:
-            c = SaleConsumer(self.rt, sale_id, self.consumer_name(index), self.after_commit)
+            c = SaleConsumer(self.rt, sale_id, self.consumer_name(index), self.after_commit,
+                             shard)
             await c.ensure_group()
-            self.consumers[(sale_id, index)] = c
+            self.consumers[(shard, index)] = c
         return c
 
     def dispatcher(self, http: httpx.AsyncClient) -> Dispatcher:
@@ -89,8 +100,8 @@ class Worker:
         """
         deadline = time.monotonic() + timeout_s
         total = 0
-        for sale_id in await self.sale_ids():
-            crew = [await self.consumer(sale_id, i) for i in range(self.per_sale)]
+        for sale_id, shard in await self.streams():
+            crew = [await self.consumer(sale_id, i, shard) for i in range(self.per_sale)]
             total += await self._drain_together(crew, deadline)
             c = crew[0]
             while True:
@@ -117,7 +128,7 @@ class Worker:
         total = 0
         while True:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"sale {c.sale_id}: still pending after deadline")
+                raise TimeoutError(f"sale {c.shard}: still pending after deadline")
             n = await c.step(block_ms=None)
             total += n
             if not n and c.cursor == NEW:
@@ -145,13 +156,13 @@ class Worker:
             consuming: dict[tuple[str, int], asyncio.Task[None]] = {}
             try:
                 while not self.stopping:
-                    for sale_id in await self._safe_sale_ids():
+                    for sale_id, shard in await self._safe_streams():
                         for i in range(self.per_sale):
-                            slot = (sale_id, i)
+                            slot = (shard, i)
                             if slot not in consuming or consuming[slot].done():
                                 consuming[slot] = asyncio.create_task(
-                                    self._consume_loop(sale_id, i),
-                                    name=f"consume:{sale_id}:{i + 1}",
+                                    self._consume_loop(sale_id, i, shard),
+                                    name=f"consume:{shard}:{i + 1}",
                                 )
                     await self._sleep(SALES_REFRESH_S)
             finally:
@@ -167,21 +178,22 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def _safe_sale_ids(self) -> list[str]:
+    async def _safe_streams(self) -> list[tuple[str, str]]:
         try:
-            return await self.sale_ids()
+            return await self.streams()
         except Exception:  # Redis away: keep the consumers we have, try again next tick
             log.exception("worker %s: listing active sales failed", self.name)
             return []
 
-    async def _consume_loop(self, sale_id: str, index: int = 0) -> None:
+    async def _consume_loop(self, sale_id: str, index: int = 0, shard: str | None = None,
+                            ) -> None:
         settings = self.rt.settings
         reclaim_every = settings.worker_claim_idle_ms / 2000
         last_reclaim, failures = 0.0, 0
         c: SaleConsumer | None = None
         while not self.stopping:
             try:
-                c = c or await self.consumer(sale_id, index)
+                c = c or await self.consumer(sale_id, index, shard)
                 if time.monotonic() - last_reclaim >= reclaim_every:
                     last_reclaim = time.monotonic()
                     await c.reclaim()
@@ -191,7 +203,7 @@ class Worker:
                 # Nothing is lost: the failed batch is unacked and still ours; read it again.
                 worker_metrics.batch_failed(exc)
                 failures += 1
-                log.exception("sale %s: batch failed (%d in a row)", sale_id, failures)
+                log.exception("sale %s: batch failed (%d in a row)", shard or sale_id, failures)
                 if c is not None:
                     c.restart_from_pending()
                 await self._sleep(min(0.1 * 2 ** failures, 5.0))

@@ -16,12 +16,14 @@ from core import errors
 from core.card_keys import ParseError, import_keys, parse_csv, parse_text
 from core.crypto import hash_api_key, new_api_key, seal
 from core.ids import is_sale_id, new_channel_id, ulid
+from core.ledger import Ledger
 from gateway.auth import require_admin
 from gateway.models import ChannelBody, ChannelOut, ImportOut, KeysBody, SaleBody, SaleOut, StockOut
 from gateway.responses import JSONResponse
 from gateway.state import decode, path_id, state
 
-_SALE_COLUMNS = "sale_id, sku, name, starts_at, ends_at, per_user_limit, reservation_ttl_s"
+_SALE_COLUMNS = ("sale_id, sku, name, starts_at, ends_at, per_user_limit, reservation_ttl_s,"
+                 " stock_buckets")
 
 
 def _ms(dt: datetime) -> int:
@@ -56,12 +58,19 @@ async def create_channel(request: Request) -> Response:
     return JSONResponse(out, status_code=201, headers={"Cache-Control": "no-store"})
 
 
-def _sale_out(row: asyncpg.Record, stock: dict[str, int] | None) -> SaleOut:
+async def _sale_out(ledger: Ledger, row: asyncpg.Record) -> SaleOut:
+    """The sale with its Redis ledger: summed over its stock buckets, and each one's if several."""
+    sale_id, n = row["sale_id"], row["stock_buckets"]
+    stock = await ledger.stock(sale_id)
+    per_bucket = await ledger.bucket_stock(sale_id) if n > 1 and stock is not None else None
+    if stock is not None and per_bucket:
+        stock = {**stock, "transit": sum(b["transit"] for b in per_bucket)}
     return SaleOut(
-        sale_id=row["sale_id"], sku=row["sku"], name=row["name"], starts_at=row["starts_at"],
+        sale_id=sale_id, sku=row["sku"], name=row["name"], starts_at=row["starts_at"],
         ends_at=row["ends_at"], per_user_limit=row["per_user_limit"],
         reservation_ttl_s=row["reservation_ttl_s"],
         stock=StockOut(**stock) if stock is not None else None,
+        stock_buckets=n, buckets=[StockOut(**b) for b in per_bucket] if per_bucket else None,
     )
 
 
@@ -76,10 +85,10 @@ async def create_sale(request: Request) -> Response:
     rt = gw.runtime
     sale_id = body.sale_id or "s-" + ulid().lower()
     values = (sale_id, body.sku, body.name, body.starts_at, body.ends_at,
-              body.per_user_limit, body.reservation_ttl_s)
+              body.per_user_limit, body.reservation_ttl_s, body.stock_buckets)
     async with rt.pool.acquire() as conn:
         row = await conn.fetchrow(
-            f"INSERT INTO sales ({_SALE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            f"INSERT INTO sales ({_SALE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
             f" ON CONFLICT (sale_id) DO NOTHING RETURNING {_SALE_COLUMNS}", *values,
         )
         if row is None:
@@ -89,8 +98,9 @@ async def create_sale(request: Request) -> Response:
             if row is None or tuple(row.values()) != values:
                 raise errors.SaleExists()
     await rt.ledger.init_sale(sale_id, _ms(body.starts_at), _ms(body.ends_at),
-                              body.per_user_limit, body.reservation_ttl_s * 1000)
-    return JSONResponse(_sale_out(row, await rt.ledger.stock(sale_id)), status_code=201)
+                              body.per_user_limit, body.reservation_ttl_s * 1000,
+                              body.stock_buckets)
+    return JSONResponse(await _sale_out(rt.ledger, row), status_code=201)
 
 
 async def get_sale(request: Request) -> Response:
@@ -102,7 +112,7 @@ async def get_sale(request: Request) -> Response:
     )
     if row is None:
         raise errors.NotFound("no such sale")
-    return JSONResponse(_sale_out(row, await gw.runtime.ledger.stock(sale_id)))
+    return JSONResponse(await _sale_out(gw.runtime.ledger, row))
 
 
 _keys_decoder = msgspec.json.Decoder(KeysBody)

@@ -16,11 +16,11 @@ from starlette.routing import Route
 
 from core import errors, metrics
 from core.card_keys import reveal
-from core.ids import is_order_id, is_sale_id, sale_of_order
-from core.ledger import PurchaseRequest
+from core.ids import is_order_id, is_sale_id, sale_of_order, shard_id
+from core.ledger import PurchaseRequest, Reservation, WrongBuckets
 from gateway.models import ConfirmBody, OrderOut, OrderStatusOut, PurchaseBody, PurchaseOut
 from gateway.responses import JSONResponse
-from gateway.state import decode, path_id, state
+from gateway.state import GatewayState, decode, path_id, state
 from risk.engine import Decision, RiskContext, Verdict
 from risk.solver import SOLUTION_HEADER
 
@@ -66,32 +66,44 @@ async def purchase(request: Request) -> Response:
     sale_id = path_id(request, "sale_id", is_sale_id, "sale")
     idem = idempotency_key(request)
     body = await decode(request, PurchaseBody)
-
-    plan = await gw.risk.plan(RiskContext(
-        sale_id=sale_id, channel_id=channel_id, user_id=body.user_id, device_id=body.device_id,
-        client_ip=body.client_ip, user_agent=body.user_agent, quantity=body.quantity,
-        challenge_solution=request.headers.get(SOLUTION_HEADER) or None,
-        idempotency_key=idem,
-    ))
     req = PurchaseRequest(
         sale_id=sale_id, channel_id=channel_id, idempotency_key=idem,
         fingerprint=request_fingerprint(sale_id, body), user_id=body.user_id,
         quantity=body.quantity, payment_ref=body.payment_ref or "",
     )
-    ledger = gw.runtime.ledger
-    if isinstance(plan, Decision):  # decided before the ledger: lists, risk off, split mode
-        refuse_unless_allowed(plan)
-        reservation = await ledger.reserve(req)
-    else:  # scored inside the reservation's own script
-        scored, outcome = await ledger.purchase(req, plan.script)
-        refuse_unless_allowed(gw.risk.judge(plan, outcome))
-        assert scored is not None  # an allowed outcome always carries its reservation
-        reservation = scored
+    try:
+        reservation = await _reserve(gw, request, req, body)
+    except WrongBuckets:  # the sale has stock buckets this process didn't know of: now it does
+        reservation = await _reserve(gw, request, req, body)
     out = PurchaseOut(reservation.order_id, reservation.status,
                       rfc3339_ms(reservation.expires_at_ms))
     headers = {"Idempotent-Replayed": "true"} if reservation.replayed else None
     metrics.count_purchase("replayed" if reservation.replayed else reservation.status)
     return JSONResponse(out, status_code=201, headers=headers)
+
+
+async def _reserve(gw: GatewayState, request: Request, req: PurchaseRequest,
+                   body: PurchaseBody) -> Reservation:
+    """Risk, then the reservation on the buyer's home bucket (the sale itself, unless the sale
+    has several stock buckets)."""
+    ledger = gw.runtime.ledger
+    route = ledger.route(req.sale_id, req.user_id)
+    buckets, home = route
+    plan = await gw.risk.plan(RiskContext(
+        sale_id=req.sale_id, channel_id=req.channel_id, user_id=body.user_id,
+        device_id=body.device_id, client_ip=body.client_ip, user_agent=body.user_agent,
+        quantity=body.quantity, challenge_solution=request.headers.get(SOLUTION_HEADER) or None,
+        idempotency_key=req.idempotency_key,
+        shard=shard_id(req.sale_id, home) if buckets > 1 else "", buckets=buckets,
+    ))
+    if isinstance(plan, Decision):  # decided before the ledger: lists, risk off, split mode
+        refuse_unless_allowed(plan)
+        return await ledger.reserve(req)
+    # scored inside the reservation's own script
+    scored, outcome = await ledger.purchase(req, plan.script, route=route)
+    refuse_unless_allowed(gw.risk.judge(plan, outcome))
+    assert scored is not None  # an allowed outcome always carries its reservation
+    return scored
 
 
 def refuse_unless_allowed(decision: Decision) -> None:

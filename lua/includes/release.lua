@@ -1,6 +1,7 @@
 -- Shared by cancel.lua, expire.lua and confirm.lua (a reservation found past its deadline).
 -- Moves a *reserved* order to a final status and gives its units back, exactly once:
 -- callers check `status == "reserved"` first, and this flips the status in the same script.
+-- Units coming back bump the bucket's `restocks` counter and clear its `drained_until` mark.
 local function release_reservation(sale_key, order_key, deadlines_key, events_key, buyers_key,
                                    order_id, new_status, now)
   local qty = tonumber(rcall("HGET", order_key, "qty"))
@@ -9,6 +10,8 @@ local function release_reservation(sale_key, order_key, deadlines_key, events_ke
   rcall("HINCRBY", sale_key, "available", qty)
   rcall("HINCRBY", sale_key, "reserved", -qty)
   rcall("HINCRBY", sale_key, new_status, qty)
+  rcall("HINCRBY", sale_key, "restocks", 1)
+  rcall("HDEL", sale_key, "drained_until")
   if tonumber(rcall("HINCRBY", buyers_key, user, -qty)) <= 0 then
     rcall("HDEL", buyers_key, user)
   end

@@ -14,9 +14,26 @@ local function idempotent_replay(idem_key, idem_field, fingerprint)
   return {1, order, status, tonumber(exp)}
 end
 
+-- The fields of the sale hash reserve_order reads (HMGET sale_key unpack(SALE_FIELDS)).
+local SALE_FIELDS = {"start", "end", "limit", "ttl", "available", "state", "buckets",
+                     "drained_until"}
+
+-- The refusal of a caller that routed by another bucket count than the sale's (nil if it
+-- agrees): checked before anything else, so that the caller routes again with nothing done.
+local function wrong_buckets(sale, caller_buckets)
+  local buckets = tonumber(sale[7] or "1")
+  if sale[1] and buckets ~= (tonumber(caller_buckets) or 1) then
+    return {-16, "", "", buckets}
+  end
+  return nil
+end
+
 -- Window, per-user limit, stock, then the reservation (or confirmation, with a payment ref),
 -- its deadline, the idempotency answer and the stream event.
--- `sale` is HMGET sale_key start end limit ttl available state.
+-- `sale` is HMGET sale_key unpack(SALE_FIELDS). In a sale of several stock buckets, a bucket
+-- short of stock answers -15 (4th value: its available units) unless the whole sale was found
+-- empty moments ago (`drained_until`, lua/mark_drained.lua): the caller then moves stock in
+-- from another bucket, or finds the sale sold out (core/buckets.py).
 local function reserve_order(sale_key, buyers_key, idem_key, deadlines_key, events_key,
                              order_key, sale, now, order_id, idem_field, fingerprint, channel,
                              user, qty, payment_ref)
@@ -28,6 +45,10 @@ local function reserve_order(sale_key, buyers_key, idem_key, deadlines_key, even
     return {-2, "", "", 0}
   end
   local available = tonumber(sale[5])
+  if available < qty and sale[7] and (available > 0 or not sale[8]
+                                      or now >= tonumber(sale[8])) then
+    return {-15, "", "", available}
+  end
   if available <= 0 then
     return {-1, "", "", 0}
   end
