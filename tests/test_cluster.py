@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
 import secrets
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
@@ -30,12 +32,15 @@ from core.keys import WORKER_GROUP, Keys
 from core.ledger import Ledger
 from core.runtime import Runtime, redis_client, warm_up
 from core.settings import Settings
+from gateway.app import create_app
 from risk import config as risk_config
-from risk.engine import RiskContext, RiskPlan, Verdict
+from risk.engine import AllowAll, RiskContext, RiskPlan, Verdict
 from risk.lists import RiskLists, load_datacenter_ranges
 from risk.scoring import ScoringEngine
 from tests.test_ledger import T0, TTL_MS, attempt, request
+from tests.test_workers_delivery import HookServer
 from tests.workers_fixtures import (
+    buy,
     buy_and_confirm,
     keys_by_order,
     make_channel,
@@ -44,6 +49,7 @@ from tests.workers_fixtures import (
     order_rows,
     revealed_codes,
 )
+from workers import metrics as worker_metrics
 from workers.runner import Worker
 
 
@@ -380,3 +386,74 @@ async def test_workers_deliver_on_a_cluster(
         assert await rt.redis.xlen(rt.keys.dead_letters(sale_ids[0])) == 0
     finally:
         await rt.close()
+
+
+async def _until(check: Any, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.05)
+
+
+async def test_long_running_worker_and_metrics_on_a_cluster(
+        cluster: EmbeddedRedisCluster, settings: Settings) -> None:
+    """`Worker.run()` as `flashgate worker` runs it (sale discovery, consumers, expiry sweeper,
+    webhook dispatch, heartbeat and stream gauges), and the gateway's /metrics scrape, on the
+    3-master cluster: confirmed orders delivered and announced, abandoned reservations
+    expired, the heartbeat key found by `flashgate worker-check`'s scan over every master, the
+    stock gauges read from the sale's node; a clean stop removes the heartbeat."""
+    cluster_settings = dataclasses.replace(
+        settings, redis_url=cluster.url, key_prefix="fgl" + secrets.token_hex(4),
+        sweep_interval_s=0.1)
+    rt = await Runtime.open(cluster_settings)
+    hook = HookServer()
+    server = await asyncio.start_server(hook.handle, "127.0.0.1", 0)
+    hook.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    worker = Worker(rt, name="cluster-soak-" + secrets.token_hex(3))
+    running = asyncio.create_task(worker.run())
+    try:
+        assert isinstance(rt.redis, RedisCluster) and rt.pipe is None
+        channel, _ = await make_channel(rt, webhook_url=hook.url)
+        sale_id, codes = await make_sale(rt, keys=8, ttl_ms=400)
+        paid = [await buy_and_confirm(rt, sale_id, channel) for _ in range(3)]
+        abandoned = [await buy(rt, sale_id, channel) for _ in range(2)]
+
+        async def settled() -> bool:
+            stock = await rt.ledger.stock(sale_id) or {}
+            return stock.get("delivered") == 3 and stock.get("expired") == 2 \
+                and len(hook.requests) >= 3
+        await _until(settled)
+        rows = await order_rows(rt, sale_id)
+        assert {o for o in paid if rows[o]["status"] == "delivered"} == set(paid)
+        assert [(await rt.ledger.order(o) or {}).get("status") for o in abandoned] == \
+            ["expired", "expired"]
+        revealed = [c for o in paid for c in await revealed_codes(rt, o)]
+        assert len(set(revealed)) == 3 and set(revealed) <= set(codes)
+        announced = {json.loads(body)["order_id"] for _, body in hook.requests}
+        assert announced == set(paid)
+        stock = await rt.ledger.stock(sale_id)
+        assert stock is not None and stock["available"] == 5 and stock["reserved"] == 0
+
+        async def beating() -> bool:
+            return worker.name in await worker_metrics.alive_workers(rt.redis, rt.keys)
+        await _until(beating)
+
+        app = create_app(cluster_settings, risk=AllowAll())
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://fg.test") as client:
+            r = await client.get("/metrics")
+        assert r.status_code == 200
+        sample = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                  for line in r.text.splitlines()
+                  if line.startswith("flashgate_sale_stock_units{") and sale_id in line}
+        assert sample[f'flashgate_sale_stock_units{{sale="{sale_id}",state="delivered"}}'] == 3
+        assert sample[f'flashgate_sale_stock_units{{sale="{sale_id}",state="available"}}'] == 5
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(running, 40)
+        server.close()
+        await server.wait_closed()
+        try:
+            assert worker.name not in await worker_metrics.alive_workers(rt.redis, rt.keys)
+        finally:
+            await rt.close()
