@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from core import metrics
 from core.crypto import Keyring, fingerprint, open_sealed, seal
 from core.ledger import Ledger
 
@@ -111,6 +112,9 @@ async def import_keys(
             import_id, imported, duplicates,
         )
     total = await _stock_import(pool, ledger, sale_id, import_id, imported)
+    metrics.KEYS_IMPORTED.labels("imported").inc(imported)
+    metrics.KEYS_IMPORTED.labels("duplicate").inc(duplicates)
+    metrics.KEYS_IMPORTED.labels("rejected").inc(len(rejected_lines))
     return ImportResult(import_id, imported, duplicates, len(rejected_lines), total,
                         rejected_lines[:100])
 

@@ -73,6 +73,12 @@ class Keys:
         """STREAM of events that kept failing; kept for operators, never dropped."""
         return f"{self._tag(sale_id)}:dead"
 
+    def low_stock(self, sale_id: str) -> str:
+        """HASH sale total -> when (ms) the sale went low on stock at that total: HSETNX makes
+        each low-stock event happen once, however many workers see it (a restock, a new total,
+        arms it again)."""
+        return f"{self._tag(sale_id)}:lowstock"
+
     def imports(self, sale_id: str) -> str:
         """SET of key-import ids already added to the stock (makes add_stock idempotent)."""
         return f"{self._tag(sale_id)}:imports"

@@ -132,6 +132,14 @@ WORKER_HEARTBEAT = Gauge(
     "flashgate_worker_last_loop_timestamp_seconds", "When the worker's main loop last ran.",
     multiprocess_mode="max")
 
+# -- stock ------------------------------------------------------------------------------------
+KEYS_IMPORTED = Counter(
+    "flashgate_keys_imported_total", "Card keys submitted to imports, by result "
+    "(imported, duplicate, rejected).", ["result"])
+LOW_STOCK_EVENTS = Counter(
+    "flashgate_low_stock_events_total", "Sales that went under FLASHGATE_LOW_STOCK_FRACTION "
+    "of their stock (once per sale and total, across all workers).")
+
 # -- invariants (audit job) -------------------------------------------------------------------
 INVARIANT_VIOLATIONS = Gauge(
     "flashgate_invariant_violations", "Breaches found by the last audit (oversold, "

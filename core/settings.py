@@ -150,6 +150,9 @@ class Settings:
     risk_challenge_secret: Secret | None = None  # None: derived from the active master key
     # Benchmark-only routes (gateway/routes/bench.py): never on in production
     bench_endpoints: bool = False
+    # A sale is low on stock under this share of its total (workers/lowstock.py; the
+    # FlashgateLowStock alert in ops/prometheus/alerts.yml uses the same 0.1)
+    low_stock_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         # A blocking stream read must return before the client's socket timeout fires.
@@ -202,4 +205,5 @@ class Settings:
             risk_challenge_secret=Secret(env["FLASHGATE_RISK_CHALLENGE_SECRET"])
             if env.get("FLASHGATE_RISK_CHALLENGE_SECRET") else None,
             bench_endpoints=_flag(env, "FLASHGATE_BENCH_ENDPOINTS", False),
+            low_stock_fraction=_number(env, "FLASHGATE_LOW_STOCK_FRACTION", 0.1, 0.0, 1.0),
         )

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 
 from core import metrics
 from core.keys import WORKER_GROUP
+from workers import lowstock
 
 if TYPE_CHECKING:
     from workers.deadletter import DeadLetter
@@ -132,6 +133,8 @@ async def heartbeat_loop(worker: Worker) -> None:
                 await rt.redis.set(key, int(time.time()), ex=HEARTBEAT_TTL_S)
                 metrics.WORKER_HEARTBEAT.set(time.time())
                 await metrics.LEDGER.refresh(rt.redis, rt.keys, WORKER_GROUP)
+                await lowstock.check(rt.redis, rt.keys, metrics.LEDGER.sales,
+                                     rt.settings.low_stock_fraction)
                 if time.monotonic() - audited >= AUDIT_EVERY_S:
                     audited = time.monotonic()
                     await audit(rt.pool, sorted(metrics.LEDGER.sales))
