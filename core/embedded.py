@@ -295,7 +295,24 @@ class EmbeddedPostgres:
                 stdout=out, stderr=out, user=uid, group=gid, preexec_fn=CHILD_SETUP,
             )
         _wait_for_port(self.port, self.proc, "PostgreSQL", log)
+        self._wait_ready(bindir, log)
         return self.url
+
+    def _wait_ready(self, bindir: Path, log: Path, timeout_s: float = 30) -> None:
+        """The port opens before the server takes connections ("the database system is
+        starting up", longer with fsync on a loaded machine): wait for pg_isready to say 0."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"PostgreSQL exited at start-up:\n{_tail(log)}")
+            ready = subprocess.run(
+                [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port),
+                 "-U", "postgres", "-t", "1"], capture_output=True)
+            if ready.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"PostgreSQL not ready within {timeout_s:.0f} s:\n{_tail(log)}")
 
     def durability_flags(self) -> list[str]:
         value = "on" if self.durable else "off"

@@ -93,11 +93,13 @@ class PurchaseRequest(msgspec.Struct, frozen=True):
 
 
 class Ledger:
-    """`pipe`: run the scripts auto-pipelined (single-node Redis); other reads use `redis`."""
+    """`pipe`: run the scripts, and the order reads buyers poll, auto-pipelined (single-node
+    Redis); other reads use `redis`."""
 
     def __init__(self, redis: Redis, keys: Keys, pipe: AutoPipeline | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        self.pipe = pipe
         self.scripts = Scripts(redis, pipe)
         self.buckets = StockBuckets(redis, keys, self.scripts)
 
@@ -344,5 +346,12 @@ class Ledger:
         return codes
 
     async def order(self, order_id: str) -> dict[str, str] | None:
-        data = cast(dict[str, str], await self.redis.hgetall(self.keys.order(order_id)))
+        """An order's live state (every buyer's poll reads it: through the pipe when there is
+        one, a flat RESP2 reply of field, value, ...)."""
+        key = self.keys.order(order_id)
+        if self.pipe is None:
+            data = cast(dict[str, str], await self.redis.hgetall(key))
+        else:
+            flat = await self.pipe.execute("HGETALL", key)
+            data = dict(zip(flat[::2], flat[1::2], strict=True))
         return data or None
