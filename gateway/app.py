@@ -1,7 +1,8 @@
 """The Starlette application: routes, error handlers, middleware, and the lifespan that opens
 the Redis and PostgreSQL clients (never at import time).
 
-Run with: uvicorn gateway.app:create_app --factory --loop uvloop --http httptools
+Run with: uvicorn gateway.app:create_app --factory --loop uvloop
+    --http gateway.server:BoundedHttpToolsProtocol  (httptools with head size and time limits)
 """
 
 from __future__ import annotations
