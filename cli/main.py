@@ -101,7 +101,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     Settings.from_env()  # fail fast, with the variable's name, before uvicorn starts
     uvicorn.run("gateway.app:create_app", factory=True, host=args.host, port=args.port,
-                loop="uvloop", http="httptools", access_log=False)
+                loop="uvloop", http="gateway.server:BoundedHttpToolsProtocol",
+                access_log=False)
     return 0
 
 

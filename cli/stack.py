@@ -151,7 +151,8 @@ def run_migrations(database_url: str) -> list[str]:
 def gateway_argv(host: str, port: int) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
-        "--host", host, "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+        "--host", host, "--port", str(port), "--loop", "uvloop",
+        "--http", "gateway.server:BoundedHttpToolsProtocol",
         "--no-access-log",
     ]
 

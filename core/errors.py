@@ -54,6 +54,14 @@ class UnsupportedMediaType(FlashgateError):
     status, code, title = 415, "unsupported_media_type", "Unsupported content type"
 
 
+class RequestTimeout(FlashgateError):
+    status, code, title = 408, "request_timeout", "The body did not arrive in time"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.headers = {"Connection": "close"}  # the rest of the body is never read
+
+
 class IdempotencyMismatch(FlashgateError):
     status, code = 422, "idempotency_mismatch"
     title = "This Idempotency-Key was already used with a different request"

@@ -16,6 +16,7 @@ import re
 import time
 import zlib
 
+# Matched whole (fullmatch): a bare `$` also matches before a trailing newline in Python.
 SALE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _SALE_ID = re.compile(SALE_ID_PATTERN)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -26,7 +27,7 @@ _BUCKET = re.compile(r"^b([1-9][0-9]?)$")
 
 
 def is_sale_id(value: str) -> bool:
-    return bool(_SALE_ID.match(value))
+    return bool(_SALE_ID.fullmatch(value))
 
 
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # every 10-bit value as 2 digits
@@ -52,18 +53,18 @@ def new_order_id(sale_id: str, now_ms: int | None = None, bucket: int = 0) -> st
 def parse_order_id(order_id: str) -> tuple[str, int]:
     """(sale id, stock bucket) of an order id; ValueError if it is not an order id."""
     head, sep, tail = order_id.rpartition(".")
-    if not sep or not _ULID.match(tail):
+    if not sep or not _ULID.fullmatch(tail):
         raise ValueError("not an order id")
     bucket = 0
     sale_id, dot, label = head.rpartition(".")
     if dot:
-        found = _BUCKET.match(label)
+        found = _BUCKET.fullmatch(label)
         if found is None or int(found.group(1)) >= MAX_STOCK_BUCKETS:
             raise ValueError("not an order id")
         bucket = int(found.group(1))
     else:
         sale_id = head
-    if not _SALE_ID.match(sale_id):
+    if not _SALE_ID.fullmatch(sale_id):
         raise ValueError("not an order id")
     return sale_id, bucket
 

@@ -40,6 +40,7 @@ _ERRORS: dict[ReturnCode, type[errors.FlashgateError]] = {
     ReturnCode.EXPIRED: errors.ReservationExpired,
     ReturnCode.CANCELLED: errors.OrderCancelled,
     ReturnCode.NOT_CANCELLABLE: errors.OrderNotCancellable,
+    ReturnCode.BAD_QUANTITY: errors.InvalidRequest,
 }
 
 

@@ -44,6 +44,7 @@ class ReturnCode(enum.IntEnum):
     RISK_CHALLENGE = -14  # purchase: the score asks for proof of work
     BUCKET_SHORT = -15  # reserve/purchase, sale of several buckets: this bucket is short
     WRONG_BUCKETS = -16  # reserve/purchase/init_sale: the sale has another bucket count
+    BAD_QUANTITY = -17  # reserve/purchase: the quantity is not a whole number >= 1
 
 
 SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "purchase", "confirm", "cancel", "expire",

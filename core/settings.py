@@ -120,6 +120,7 @@ class Settings:
     # HTTP limits
     max_body_bytes: int = 64 * 1024
     max_import_bytes: int = 16 * 1024 * 1024
+    body_timeout_s: float = 10.0  # a request's whole body must arrive within this (408)
     # Redis client
     redis_timeout_s: float = 2.0
     redis_max_connections: int = 64
@@ -178,6 +179,7 @@ class Settings:
             key_prefix=prefix,
             max_body_bytes=_number(env, "FLASHGATE_MAX_BODY_BYTES", 64 * 1024, 1024, 1 << 24),
             max_import_bytes=_number(env, "FLASHGATE_MAX_IMPORT_BYTES", 16 << 20, 1024, 1 << 30),
+            body_timeout_s=_number(env, "FLASHGATE_BODY_TIMEOUT_S", 10.0, 0.1, 600.0),
             redis_timeout_s=_number(env, "FLASHGATE_REDIS_TIMEOUT_S", 2.0, 0.05, 60.0),
             redis_max_connections=_number(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 64, 4, 10_000),
             redis_min_connections=_number(env, "FLASHGATE_REDIS_MIN_CONNECTIONS", 16, 0, 10_000),

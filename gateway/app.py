@@ -1,7 +1,8 @@
 """The Starlette application: routes, error handlers, middleware, and the lifespan that opens
 the Redis and PostgreSQL clients (never at import time).
 
-Run with: uvicorn gateway.app:create_app --factory --loop uvloop --http httptools
+Run with: uvicorn gateway.app:create_app --factory --loop uvloop
+    --http gateway.server:BoundedHttpToolsProtocol  (httptools with head size and time limits)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from core.settings import Settings
 from gateway.auth import ChannelAuth
 from gateway.middleware import BodyLimit, HttpMetrics
 from gateway.problems import exception_handlers
-from gateway.routes import admin, bench, health, metrics, risk_admin, storefront
+from gateway.routes import admin, bench, health, metrics, openapi, risk_admin, storefront
 from gateway.state import GatewayState
 from risk.engine import AllowAll, RiskEngine
 from risk.scoring import ScoringEngine
@@ -64,11 +65,12 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
             await runtime.close()
 
     return Starlette(
-        routes=[*health.routes, *metrics.routes, *storefront.routes, *admin.routes,
+        routes=[*health.routes, *metrics.routes, *openapi.routes, *storefront.routes, *admin.routes,
                 *risk_admin.routes, *(bench.routes if settings.bench_endpoints else [])],
         middleware=[Middleware(HttpMetrics),
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                               max_import_bytes=settings.max_import_bytes)],
+                               max_import_bytes=settings.max_import_bytes,
+                               body_timeout_s=settings.body_timeout_s)],
         exception_handlers=exception_handlers(),  # type: ignore[arg-type]
         lifespan=lifespan,
     )

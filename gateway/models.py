@@ -10,11 +10,14 @@ from msgspec import Meta
 
 from core.ids import MAX_STOCK_BUCKETS, SALE_ID_PATTERN
 
+# Patterns end in \Z, not $: msgspec matches with Python's re.search, where `$` also matches
+# before a trailing newline ("u-1\n" would pass). gateway/openapi.py writes them with `$`.
 # Ids that users pick: printable, no spaces or control characters, bounded.
-Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
-Text = Annotated[str, Meta(min_length=1, max_length=200)]
-SaleId = Annotated[str, Meta(pattern=SALE_ID_PATTERN)]
-Url = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s]+$")]
+Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+\Z")]
+# Names shown to people: no control characters (PostgreSQL text can't even hold NUL).
+Text = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+\Z")]
+SaleId = Annotated[str, Meta(pattern=SALE_ID_PATTERN.removesuffix("$") + r"\Z")]
+Url = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s\x00-\x1f\x7f]+\Z")]
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

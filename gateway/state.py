@@ -55,4 +55,6 @@ async def decode(request: Request, body_type: type[T]) -> T:
         raise InvalidRequest(str(exc)) from None
     except msgspec.DecodeError:
         raise MalformedRequest("the body is not valid JSON") from None
+    except RecursionError:  # an `Any` body nested deeper than the interpreter's stack
+        raise InvalidRequest("the body is nested too deeply") from None
     return value

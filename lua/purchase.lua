@@ -32,7 +32,8 @@
   Returns {code, order_id, status, expires_at_ms | retry_after_ms, score, fired, shadow, solution}
     fired, shadow: the positions (1-based) in ARGV[17] of the rules that fired, "," joined
     solution: 0 = none used, 1 = a fresh solution was used, 2 = the solution was already used
-    code  as reserve.lua (0, 1, -1 .. -6, -15 after risk allowed it, -16 before anything), and
+    code  as reserve.lua (0, 1, -1 .. -6, -15 and -17 after risk allowed it, -16 before
+         anything), and
          -12 = rate limited (4th value: retry after, ms; nothing recorded)
          -13 = denied by risk   -14 = challenge required (features recorded, nothing reserved)
   (mirrored by core.scripts.ReturnCode)

@@ -16,6 +16,7 @@
          -1 = sold out   -2 = per-user limit   -3 = sale not active (window or paused)
          -4 = no such sale   -5 = idempotency key reused with another request
          -6 = fewer units left than asked for
+         -17 = the quantity is not a whole number >= 1 (nothing done)
          -15 = (sale of several buckets) this bucket is short: 4th value its available units
          -16 = the sale has another bucket count: 4th value that count (nothing done)
   (mirrored by core.scripts.ReturnCode)

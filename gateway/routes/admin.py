@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
@@ -24,6 +24,10 @@ from gateway.state import decode, path_id, state
 
 _SALE_COLUMNS = ("sale_id, sku, name, starts_at, ends_at, per_user_limit, reservation_ttl_s,"
                  " stock_buckets")
+
+
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def _ms(dt: datetime) -> int:
@@ -82,6 +86,9 @@ async def create_sale(request: Request) -> Response:
         raise errors.InvalidRequest("starts_at and ends_at need a time zone (RFC 3339)")
     if body.ends_at <= body.starts_at:
         raise errors.InvalidRequest("ends_at must be after starts_at")
+    if not _EARLIEST <= body.starts_at < body.ends_at <= _LATEST:
+        # Beyond these, PostgreSQL or the UTC conversion overflows (year 1 at +23:59).
+        raise errors.InvalidRequest("starts_at and ends_at must lie in 1970..9998 (UTC)")
     rt = gw.runtime
     sale_id = body.sale_id or "s-" + ulid().lower()
     values = (sale_id, body.sku, body.name, body.starts_at, body.ends_at,

@@ -71,6 +71,19 @@ async def _config_out(engine: ScoringEngine, sale_id: str) -> dict[str, Any]:
             "override": await engine.configs.override(sale_id)}
 
 
+_MAX_DEPTH = 8  # a RiskConfig is 3 levels deep
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > _MAX_DEPTH:
+        return level  # stop early: deeper is as wrong
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
+
+
 async def get_sale_risk(request: Request) -> Response:
     engine = _engine(request)
     return JSONResponse(await _config_out(engine, _sale(request)))
@@ -80,6 +93,8 @@ async def put_sale_risk(request: Request) -> Response:
     engine = _engine(request)
     sale_id = _sale(request)
     override = await decode(request, dict[str, Any])
+    if _depth(override) > _MAX_DEPTH:  # merging would recurse as deep (RecursionError, a 500)
+        raise errors.InvalidRequest(f"the override is nested deeper than {_MAX_DEPTH} levels")
     try:
         await engine.configs.set_override(sale_id, override)
     except ConfigInvalid as exc:

@@ -28,7 +28,7 @@ local function wrong_buckets(sale, caller_buckets)
   return nil
 end
 
--- Window, per-user limit, stock, then the reservation (or confirmation, with a payment ref),
+-- Quantity, window, per-user limit, stock, then the reservation (or confirmation, with a payment ref),
 -- its deadline, the idempotency answer and the stream event.
 -- `sale` is HMGET sale_key unpack(SALE_FIELDS). In a sale of several stock buckets, a bucket
 -- short of stock answers -15 (4th value: its available units) unless the whole sale was found
@@ -37,6 +37,10 @@ end
 local function reserve_order(sale_key, buyers_key, idem_key, deadlines_key, events_key,
                              order_key, sale, now, order_id, idem_field, fingerprint, channel,
                              user, qty, payment_ref)
+  -- The gateway sends 1..100; a caller that doesn't is refused, never given negative stock.
+  if not qty or qty < 1 or qty ~= math.floor(qty) or qty > 1e9 then
+    return {-17, "", "", 0}
+  end
   if now < tonumber(sale[1]) or now >= tonumber(sale[2]) or sale[6] ~= "open" then
     return {-3, "", "", 0}
   end
