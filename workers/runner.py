@@ -31,6 +31,7 @@ from core.runtime import Runtime
 from core.settings import Settings
 from workers import metrics as worker_metrics
 from workers.consumer import NEW, AfterCommit, SaleConsumer
+from workers.faults import after_commit_fault
 from workers.sweeper import Sweeper
 from workers.webhooks import Dispatcher
 
@@ -231,7 +232,7 @@ class Worker:
 # -- entry point ------------------------------------------------------------------------------
 async def serve(settings: Settings) -> None:
     rt = await Runtime.open(settings)
-    worker = Worker(rt)
+    worker = Worker(rt, after_commit=after_commit_fault(settings))  # None unless a test asks
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
