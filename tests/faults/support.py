@@ -174,6 +174,8 @@ async def wait_quiescent(rt: Runtime, sale_id: str, confirmed: Iterable[str],
         report = await check(rt.redis, rt.keys, rt.pool, sale_id, orders=False)
         if delivered == len(ids) and report.quiescent:
             return
+        dead = await rt.redis.xlen(rt.keys.dead_letters(sale_id))
+        assert not dead, f"{dead} entries dead-lettered"
         if time.monotonic() > deadline:
             raise AssertionError(f"{delivered}/{len(ids)} delivered, quiescent "
                                  f"{report.quiescent} after {timeout_s} s")
