@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up test lint clean loadtest bench tools
+.PHONY: install demo up test chaos lint clean loadtest bench tools
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ tools: $(PROMTOOL)
 ## FLASHGATE_REQUIRE_TOOLS: the ops tests fail, instead of skipping, when promtool is missing.
 test: $(STAMP) $(PROMTOOL)
 	FLASHGATE_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -q
+
+## The long fault runs (tests/faults, marker `chaos`; a short version of each is in `test`).
+## FLASHGATE_CHAOS_S sets the length of a run (default 60 s).
+chaos: $(STAMP)
+	FLASHGATE_CHAOS=1 $(BIN)/python -m pytest -q -s -m chaos tests/faults
 
 ## A flash sale under Locust, gated by loadtest/sla.toml and audited (not part of `test`).
 ## Reports under loadtest/results/. ARGS="--url http://127.0.0.1:8000" for a running gateway.

@@ -115,6 +115,34 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Redis ledger vs PostgreSQL vs card keys for one sale: prints a JSON report; exits 1 on
+    drift. Without --check, a ledger Redis lost is first rebuilt from PostgreSQL."""
+    import asyncio
+    import json
+
+    from core.reconcile import ReconcileError, reconcile
+    from core.runtime import Runtime
+
+    settings = Settings.from_env()
+
+    async def run() -> dict[str, object]:
+        rt = await Runtime.open(settings, run_migrations=False)
+        try:
+            report = await reconcile(rt.ledger, rt.pool, args.sale_id, write=not args.check)
+        finally:
+            await rt.close()
+        return report.as_dict()
+
+    try:
+        out = asyncio.run(run())
+    except ReconcileError as exc:
+        print(f"reconcile: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0 if out["ok"] else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cli.demo import run_demo
 
@@ -153,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
     p.set_defaults(handler=cmd_migrate)
+
+    p = sub.add_parser("reconcile", help="compare a sale's Redis ledger with PostgreSQL and "
+                       "its card keys (JSON report, exit 1 on drift); a ledger Redis lost is "
+                       "rebuilt from PostgreSQL unless --check")
+    p.add_argument("sale_id")
+    p.add_argument("--check", action="store_true", help="report only, never write")
+    p.set_defaults(handler=cmd_reconcile)
 
     admin.add_parsers(sub)
 

@@ -87,9 +87,14 @@ def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
 
 
 class EmbeddedRedis:
-    def __init__(self, run_dir: Path, *, appendonly: bool = False) -> None:
+    """`appendonly`/`appendfsync`: Redis persistence (the fault tests restart it with and
+    without). A restart after `stop()` reuses the port (and the data directory)."""
+
+    def __init__(self, run_dir: Path, *, appendonly: bool = False,
+                 appendfsync: str = "everysec") -> None:
         self.dir = run_dir / "redis"
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -108,13 +113,14 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()
         log = self.dir / "server.log"
         self.proc = subprocess.Popen(
             [
                 self.binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.dir), "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", self.appendfsync, "--maxmemory-policy", "noeviction",
                 "--logfile", str(log), "--protected-mode", "yes",
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=CHILD_SETUP,
@@ -278,7 +284,7 @@ class EmbeddedPostgres:
             if init.returncode != 0:
                 raise RuntimeError(f"initdb failed ({init.returncode}):\n"
                                    f"{init.stderr.decode(errors='replace')[-2000:]}")
-        self.port = free_port()
+        self.port = self.port or free_port()  # a restart keeps its port
         with open(log, "ab") as out:
             if ids:
                 os.chown(log, *ids)

@@ -116,6 +116,17 @@ class ServiceUnavailable(FlashgateError):
     status, code, title = 503, "service_unavailable", "A backing service is unavailable"
 
 
+class SaleNotReady(ServiceUnavailable):
+    """PostgreSQL knows the sale but Redis has no ledger for it (Redis lost its data): the sale
+    is paused until `flashgate reconcile SALE` rebuilds the ledger from PostgreSQL."""
+
+    code, title = "sale_not_ready", "The sale is paused until its ledger is reconciled"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.headers = {"Retry-After": "5"}
+
+
 class RiskDenied(FlashgateError):
     status, code, title = 403, "risk_denied", "The purchase was refused by risk checks"
 

@@ -72,7 +72,8 @@ _RESULT_OF_CODE = {
     "idempotency_mismatch": "invalid", "payload_too_large": "invalid",
     "unsupported_media_type": "invalid", "sale_not_active": "not_active",
     "not_found": "not_found", "unauthorized": "unauthorized",
-    "service_unavailable": "unavailable", "internal_error": "error",
+    "service_unavailable": "unavailable", "sale_not_ready": "unavailable",
+    "internal_error": "error",
 }
 PURCHASE_ROUTE = "/v1/sales/{sale_id}/purchase"
 
@@ -146,6 +147,17 @@ INVARIANT_VIOLATIONS = Gauge(
     "duplicate_keys); must stay 0.", ["invariant"], multiprocess_mode="max")
 AUDIT_LAST_RUN = Gauge(
     "flashgate_audit_last_run_timestamp_seconds", "When the invariant audit last completed.",
+    multiprocess_mode="max")
+# Reconciliation (core/reconcile.py), run by every worker for the current sales (at most
+# core.reconcile.CURRENT_SALES_LIMIT of them: the sale label stays bounded).
+RECONCILE_KINDS = ("missing_ledger", "ledger_balance", "stock_total", "oversold", "keys",
+                   "delivered_ahead", "orders")
+RECONCILE_DRIFT = Gauge(
+    "flashgate_reconcile_drift_units", "Redis ledger vs PostgreSQL vs card keys, by kind of "
+    "drift (units, or ledgers for missing_ledger); must be 0.", ["sale", "kind"],
+    multiprocess_mode="max")
+RECONCILE_LAST_RUN = Gauge(
+    "flashgate_reconcile_last_run_timestamp_seconds", "When the reconciliation last completed.",
     multiprocess_mode="max")
 
 

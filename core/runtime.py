@@ -208,7 +208,8 @@ class Runtime:
     async def open(cls, settings: Settings, *, run_migrations: bool = True) -> Runtime:
         redis = redis_client(settings)
         pipe = script_pipeline(settings)
-        pool = await create_pool(settings.database_url.reveal(), settings.db_pool_max)
+        pool = await create_pool(settings.database_url.reveal(), settings.db_pool_max,
+                                 settings.db_timeout_s)
         try:
             if run_migrations:
                 async with pool.acquire() as conn:

@@ -48,7 +48,8 @@ class ReturnCode(enum.IntEnum):
 
 
 SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "purchase", "confirm", "cancel", "expire",
-                "deliver", "risk_features", "withdraw", "deposit", "settle", "mark_drained")
+                "deliver", "risk_features", "withdraw", "deposit", "settle", "mark_drained",
+                "restore_sale")
 
 
 @cache
@@ -83,6 +84,7 @@ class Scripts:
         self.deposit = script("deposit")
         self.settle = script("settle")
         self.mark_drained = script("mark_drained")
+        self.restore_sale = script("restore_sale")
 
     def all(self) -> list[AsyncScript | PipelinedScript]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

@@ -141,6 +141,14 @@ class Settings:
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 8
     db_pool_max: int = 10
+    # PostgreSQL: a query (or a stalled connection) past this fails instead of hanging
+    db_timeout_s: float = 30.0
+    # Reconciliation (core/reconcile.py): how often each worker checks the current sales
+    reconcile_interval_s: float = 60.0
+    # Test hook, off by default (tests/faults): "exit" makes a worker process os._exit right
+    # after the PostgreSQL commit of its Nth delivering batch, before the marks and the ack.
+    fault_after_commit: str = ""
+    fault_after_commit_batch: int = 1
     # Risk engine (risk/, docs/RISK.md)
     risk_enabled: bool = True
     risk_config_file: str = ""          # "" = risk/rules.json shipped with the package
@@ -160,6 +168,8 @@ class Settings:
         if self.worker_block_ms >= self.redis_timeout_s * 1000:
             raise ConfigError("FLASHGATE_WORKER_BLOCK_MS must be shorter than "
                               "FLASHGATE_REDIS_TIMEOUT_S")
+        if self.fault_after_commit not in ("", "exit"):
+            raise ConfigError("FLASHGATE_FAULT_AFTER_COMMIT: '' or 'exit' (a test hook)")
 
     @property
     def active_master_key(self) -> MasterKey:
@@ -198,6 +208,12 @@ class Settings:
             webhook_timeout_s=_number(env, "FLASHGATE_WEBHOOK_TIMEOUT_S", 5.0, 0.1, 60.0),
             webhook_max_attempts=_number(env, "FLASHGATE_WEBHOOK_MAX_ATTEMPTS", 8, 1, 50),
             db_pool_max=_number(env, "FLASHGATE_DB_POOL_MAX", 10, 1, 200),
+            db_timeout_s=_number(env, "FLASHGATE_DB_TIMEOUT_S", 30.0, 0.1, 600.0),
+            reconcile_interval_s=_number(
+                env, "FLASHGATE_RECONCILE_INTERVAL_S", 60.0, 0.1, 86_400.0),
+            fault_after_commit=env.get("FLASHGATE_FAULT_AFTER_COMMIT", "").strip().lower(),
+            fault_after_commit_batch=_number(
+                env, "FLASHGATE_FAULT_AFTER_COMMIT_BATCH", 1, 1, 1_000_000),
             risk_enabled=_flag(env, "FLASHGATE_RISK_ENABLED", True),
             risk_inline=_flag(env, "FLASHGATE_RISK_INLINE", True),
             risk_config_file=env.get("FLASHGATE_RISK_CONFIG_FILE", ""),

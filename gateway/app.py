@@ -54,7 +54,8 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
                       if settings.risk_enabled else AllowAll())
         app.state.gateway = GatewayState(
             runtime=runtime,
-            channels=ChannelAuth(runtime.redis, runtime.keys, settings.channel_cache_ttl_s),
+            channels=ChannelAuth(runtime.redis, runtime.keys, settings.channel_cache_ttl_s,
+                                 runtime.pool),
             risk=engine,
         )
         freeze_heap()

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 
 from core import metrics
 from core.keys import WORKER_GROUP
+from core.reconcile import check, current_sales
 from workers import lowstock
 
 if TYPE_CHECKING:
@@ -120,13 +121,36 @@ async def audit(pool: Any, sale_ids: list[str]) -> dict[str, int]:
     return found
 
 
+async def reconcile_current(redis: Any, keys: Any, pool: Any) -> dict[str, dict[str, int]]:
+    """Reconcile the current sales (core/reconcile.py, without the per-order pass) and export
+    the drift (flashgate_reconcile_drift_units); returns it per sale."""
+    found: dict[str, dict[str, int]] = {}
+    for sale_id in await current_sales(pool):
+        report = await check(redis, keys, pool, sale_id, orders=False)
+        found[sale_id] = report.drift
+        if report.drift.get("missing_ledger"):
+            log.error("sale %s: PostgreSQL knows it, Redis has no ledger: paused until "
+                      "`flashgate reconcile %s`", sale_id, sale_id)
+        elif not report.ok:
+            log.error("sale %s: reconciliation drift %s", sale_id,
+                      {k: v for k, v in report.drift.items() if v})
+    metrics.RECONCILE_DRIFT.clear()  # sales no longer current leave the gauge
+    for sale_id, drift in found.items():
+        for kind in metrics.RECONCILE_KINDS:
+            metrics.RECONCILE_DRIFT.labels(sale_id, kind).set(drift.get(kind, 0))
+    metrics.RECONCILE_LAST_RUN.set(time.time())
+    return found
+
+
 async def heartbeat_loop(worker: Worker) -> None:
-    """Until the worker stops: refresh its heartbeat key and the stream gauges, and audit the
-    active sales every AUDIT_EVERY_S; on a clean stop, delete the key (a killed worker's key
-    expires after HEARTBEAT_TTL_S)."""
+    """Until the worker stops: refresh its heartbeat key and the stream gauges, audit the
+    active sales every AUDIT_EVERY_S and reconcile the current ones every
+    reconcile_interval_s; on a clean stop, delete the key (a killed worker's key expires after
+    HEARTBEAT_TTL_S)."""
     rt = worker.rt
     key = rt.keys.worker_heartbeat(worker.name)
-    audited = 0.0
+    audited = reconciled = 0.0
+    beat = min(HEARTBEAT_S, rt.settings.reconcile_interval_s)
     try:
         while not worker.stopping:
             try:
@@ -140,7 +164,14 @@ async def heartbeat_loop(worker: Worker) -> None:
                     await audit(rt.pool, sorted(metrics.LEDGER.sales))
             except Exception as exc:  # noqa: BLE001 - Redis away: the next beat retries
                 log.warning("worker %s: heartbeat failed: %s", worker.name, type(exc).__name__)
-            await worker._sleep(HEARTBEAT_S)  # noqa: SLF001 - wakes at once on stop
+            if time.monotonic() - reconciled >= rt.settings.reconcile_interval_s:
+                reconciled = time.monotonic()
+                try:
+                    await reconcile_current(rt.redis, rt.keys, rt.pool)
+                except Exception as exc:  # noqa: BLE001 - a backend away: the next run retries
+                    log.warning("worker %s: reconciliation failed: %s", worker.name,
+                                type(exc).__name__)
+            await worker._sleep(beat)  # noqa: SLF001 - wakes at once on stop
     finally:
         with contextlib.suppress(Exception):
             await asyncio.shield(rt.redis.delete(key))

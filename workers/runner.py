@@ -24,6 +24,7 @@ import socket
 import time
 from collections.abc import Iterable
 
+import asyncpg
 import httpx
 
 from core import logging as fglog
@@ -31,6 +32,7 @@ from core.runtime import Runtime
 from core.settings import Settings
 from workers import metrics as worker_metrics
 from workers.consumer import NEW, AfterCommit, SaleConsumer
+from workers.faults import after_commit_fault
 from workers.sweeper import Sweeper
 from workers.webhooks import Dispatcher
 
@@ -39,6 +41,11 @@ log = logging.getLogger(__name__)
 SALES_REFRESH_S = 1.0  # how soon a newly activated sale gets a consumer
 WEBHOOK_POLL_S = 0.5
 DRAIN_TIMEOUT_S = 30.0  # past this, stop anyway: unacked entries are reclaimed by others
+POSTGRES_DOWN: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError, asyncpg.exceptions.AdminShutdownError,
+)
+"""Failures meaning PostgreSQL is unreachable (not that this batch is bad)."""
 
 
 def default_consumer_name() -> str:
@@ -207,6 +214,25 @@ class Worker:
                 if c is not None:
                     c.restart_from_pending()
                 await self._sleep(min(0.1 * 2 ** failures, 5.0))
+                if isinstance(exc, POSTGRES_DOWN):
+                    # Each re-read of the batch counts as a delivery, and worker_max_deliveries
+                    # of them dead-letter it: while PostgreSQL is away, wait for it instead of
+                    # burning the orders' deliveries (they would reach buyers only by hand).
+                    await self._until_postgres_answers()
+
+    async def _until_postgres_answers(self) -> None:
+        """Probe PostgreSQL with backoff until it answers (or the worker stops)."""
+        delay = 0.2
+        while not self.stopping:
+            try:
+                async with asyncio.timeout(self.rt.settings.db_timeout_s):
+                    await self.rt.pool.fetchval("SELECT 1")
+                return
+            except (*POSTGRES_DOWN, asyncpg.PostgresError) as exc:
+                log.warning("worker %s: PostgreSQL unavailable (%s), retrying in %.1f s",
+                            self.name, type(exc).__name__, delay)
+            await self._sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _sweep_loop(self) -> None:
         while not self.stopping:
@@ -231,7 +257,7 @@ class Worker:
 # -- entry point ------------------------------------------------------------------------------
 async def serve(settings: Settings) -> None:
     rt = await Runtime.open(settings)
-    worker = Worker(rt)
+    worker = Worker(rt, after_commit=after_commit_fault(settings))  # None unless a test asks
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)

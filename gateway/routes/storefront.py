@@ -20,6 +20,7 @@ from core.ids import is_order_id, is_sale_id, sale_of_order, shard_id
 from core.ledger import PurchaseRequest, Reservation, WrongBuckets
 from gateway.models import ConfirmBody, OrderOut, OrderStatusOut, PurchaseBody, PurchaseOut
 from gateway.responses import JSONResponse
+from gateway.sale_guard import paused_is_not_found
 from gateway.state import GatewayState, decode, path_id, state
 from risk.engine import Decision, RiskContext, Verdict
 from risk.solver import SOLUTION_HEADER
@@ -168,9 +169,9 @@ async def get_order(request: Request) -> Response:
     return JSONResponse(out)
 
 
-routes = [
-    Route("/v1/sales/{sale_id}/purchase", purchase, methods=["POST"]),
-    Route("/v1/orders/{order_id}/confirm", confirm, methods=["POST"]),
-    Route("/v1/orders/{order_id}/cancel", cancel, methods=["POST"]),
+routes = [  # a paused sale (ledger lost with Redis's data) answers 503, not 404: sale_guard.py
+    Route("/v1/sales/{sale_id}/purchase", paused_is_not_found(purchase), methods=["POST"]),
+    Route("/v1/orders/{order_id}/confirm", paused_is_not_found(confirm), methods=["POST"]),
+    Route("/v1/orders/{order_id}/cancel", paused_is_not_found(cancel), methods=["POST"]),
     Route("/v1/orders/{order_id}", get_order, methods=["GET"]),
 ]

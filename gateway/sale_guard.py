@@ -1,0 +1,60 @@
+"""A sale whose Redis ledger is gone is paused, not unknown.
+
+If Redis loses its data (restarted without persistence, or failed over to an empty replica),
+every script of a sale answers "no such sale". When PostgreSQL still knows the sale, the
+gateway answers 503 `sale_not_ready` (Retry-After) instead of 404, and the admin API refuses to
+re-create the sale's ledger with fresh, empty stock, until `flashgate reconcile SALE` rebuilds
+it from PostgreSQL (core/reconcile.py). Costs nothing on the happy path: it runs only when the
+ledger already said not found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from core import errors
+from core.ids import is_order_id, is_sale_id, sale_of_order
+from core.runtime import Runtime
+from gateway.state import state
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+PAUSED = "the sale's ledger is missing in Redis; run `flashgate reconcile <sale>`"
+
+
+async def ledger_missing(rt: Runtime, sale_id: str) -> bool:
+    """PostgreSQL knows the sale and Redis has no ledger for it (bucket 0 is written last)."""
+    if await rt.redis.exists(rt.keys.sale(sale_id)):
+        return False
+    return await rt.pool.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id) is not None
+
+
+async def refuse_if_paused(rt: Runtime, sale_id: str) -> None:
+    if await ledger_missing(rt, sale_id):
+        raise errors.SaleNotReady(PAUSED)
+
+
+def _sale_of(request: Request) -> str | None:
+    params = request.path_params
+    if is_sale_id(params.get("sale_id", "")):
+        return str(params["sale_id"])
+    order_id = params.get("order_id", "")
+    return sale_of_order(order_id) if is_order_id(order_id) else None
+
+
+def paused_is_not_found(endpoint: Endpoint) -> Endpoint:
+    """Wrap a storefront endpoint: its 404 becomes 503 `sale_not_ready` for a paused sale."""
+
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except errors.NotFound:
+            sale_id = _sale_of(request)
+            if sale_id is not None:
+                await refuse_if_paused(state(request).runtime, sale_id)
+            raise
+
+    guarded.__name__ = getattr(endpoint, "__name__", "endpoint")
+    return guarded
