@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -137,3 +138,21 @@ async def test_health(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["checks"] == {"redis": "ok", "scripts": "ok", "postgres": "ok",
                                   "migrations": "ok"}
+
+
+
+async def test_unknown_sale_ids_cost_postgresql_at_most_a_budget(
+        client: httpx.AsyncClient) -> None:
+    """404s for sprayed sale ids stay 404s, and whether a sale is paused comes from one read
+    of the known sales per KNOWN_TTL_S, not a PostgreSQL query per 404 (gateway/sale_guard.py)."""
+    from gateway import sale_guard
+
+    channel = await create_channel(client)
+    before = sale_guard.probes_made[0]
+    answers = await asyncio.gather(*(
+        client.post(f"/v1/sales/nope-{uuid.uuid4().hex[:12]}/purchase",
+                    json=purchase_body("u-spray"),
+                    headers=channel_headers(channel, uuid.uuid4().hex))
+        for _ in range(200)))
+    assert {r.status_code for r in answers} == {404}
+    assert 0 <= sale_guard.probes_made[0] - before <= 2

@@ -107,7 +107,7 @@ async def create_sale(request: Request) -> Response:
                 raise errors.SaleExists()
             # A retry may re-create a ledger that failed to start, never one Redis lost
             # (its stock and orders are in PostgreSQL): that is `flashgate reconcile`'s job.
-            await refuse_if_paused(rt, sale_id)
+            await refuse_if_paused(rt, sale_id, cached=False)
     await rt.ledger.init_sale(sale_id, _ms(body.starts_at), _ms(body.ends_at),
                               body.per_user_limit, body.reservation_ttl_s * 1000,
                               body.stock_buckets)
@@ -156,7 +156,8 @@ async def import_sale_keys(request: Request) -> Response:
     rt = gw.runtime
     if await rt.pool.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id) is None:
         raise errors.NotFound("no such sale")
-    await refuse_if_paused(rt, sale_id)  # stock added to a lost ledger would be lost again
+    # Stock added to a lost ledger would be lost again.
+    await refuse_if_paused(rt, sale_id, cached=False)
     lines, skip_blank = await _import_lines(request)
     result = await import_keys(rt.pool, rt.keyring, rt.ledger, sale_id, lines,
                                skip_blank=skip_blank)
