@@ -87,7 +87,9 @@ class Scripts:
         self.deposit = script("deposit")
         self.settle = script("settle")
         self.mark_drained = script("mark_drained")
-                "restore_sale", "refund", "refund_finish")
+        self.restore_sale = script("restore_sale")
+        self.refund = script("refund")
+        self.refund_finish = script("refund_finish")
 
     def all(self) -> list[AsyncScript | PipelinedScript]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

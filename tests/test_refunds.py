@@ -17,7 +17,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from core import errors
+from core import errors, reconcile
 from core.card_keys import reveal
 from core.keys import WORKER_GROUP
 from core.ledger import now_ms
@@ -62,6 +62,8 @@ async def agree(rt: Runtime, sale: str) -> dict[str, int]:
             assert live.get("rfo") == row["refund_outcome"], order_id
     pending = await rt.redis.xpending(rt.keys.events(sale), WORKER_GROUP)
     assert pending["pending"] == 0
+    report = await reconcile.check(rt.redis, rt.keys, rt.pool, sale)  # flashgate reconcile
+    assert report.quiescent and report.ok, report.drift
     return stock
 
 
