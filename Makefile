@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up test chaos lint clean loadtest bench tools
+.PHONY: install demo up test chaos lint clean loadtest bench tools audit lock
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -62,9 +62,34 @@ bench: $(STAMP)
 	  redis-tools >/dev/null 2>&1 || echo "bench: no redis-benchmark; the Redis rows are skipped"; }
 	$(BIN)/python -m bench.run $(ARGS)
 
+## Pinned dependencies: requirements.lock (runtime + dev extras, every version with its sha256
+## hashes, all platforms, Python 3.11), compiled from pyproject.toml by uv. `make test` still
+## installs from pyproject.toml; `pip install --require-hashes -r requirements.lock` installs the
+## pins. The tools live in their own venv, never in the one they audit.
+LOCK := requirements.lock
+TOOLS := .venv-tools
+$(TOOLS)/.installed:
+	$(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q 'uv>=0.5' 'pip-audit>=2.7'
+	touch $@
+
+lock: $(TOOLS)/.installed
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --universal \
+	  --python-version 3.11 -o $(LOCK)
+
+## Known vulnerabilities of the pins in requirements.lock (pip-audit, PyPI's vulnerability data;
+## needs the network). Fails, never passes silently, when the service can't be reached or a pin
+## could not be checked (--strict).
+audit: $(TOOLS)/.installed
+	@$(TOOLS)/bin/pip-audit --strict --require-hashes --disable-pip --progress-spinner off \
+	  -r $(LOCK) >$(TOOLS)/audit.log 2>&1; rc=$$?; cat $(TOOLS)/audit.log; \
+	if [ $$rc -ne 0 ] && grep -qE 'could not be audited|ConnectionError|Max retries|timed out' \
+	  $(TOOLS)/audit.log; then echo "audit: FAILED: the vulnerability service was unreachable or \
+	did not know some pins; the lock file was NOT audited"; exit 2; fi; exit $$rc
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy core gateway workers risk cli
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .run .pytest_cache

@@ -143,6 +143,38 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0 if out["ok"] else 1
 
 
+def cmd_rotate_master_key(args: argparse.Namespace) -> int:
+    """Rewrap every data key under the active master key (the first of FLASHGATE_MASTER_KEY);
+    prints a JSON report. Online: run it while gateways and workers serve (core/rotation.py)."""
+    import asyncio
+    import json
+
+    from core.crypto import Keyring
+    from core.db import create_pool
+    from core.rotation import RotationError, rotate_master_key
+    from core.settings import RotationSettings
+
+    settings = RotationSettings.from_env()
+
+    async def run() -> dict[str, object]:
+        pool = await create_pool(settings.database_url.reveal(), max_size=2)
+        try:
+            report = await rotate_master_key(pool, Keyring(settings.master_keys),
+                                             batch_size=args.batch_size)
+        finally:
+            await pool.close()
+        return {"active_master_key": report.active, "rewrapped": report.rewrapped,
+                "batches": report.batches, "data_keys_by_master_key": report.by_master_key}
+
+    try:
+        out = asyncio.run(run())
+    except RotationError as exc:
+        print(f"rotate-master-key: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cli.demo import run_demo
 
@@ -188,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sale_id")
     p.add_argument("--check", action="store_true", help="report only, never write")
     p.set_defaults(handler=cmd_reconcile)
+
+    p = sub.add_parser("rotate-master-key", help="rewrap every data key under the active "
+                       "master key (first of FLASHGATE_MASTER_KEY; older ones still listed), "
+                       "in batches, online")
+    p.add_argument("--batch-size", type=int, default=500, help="data keys per transaction")
+    p.set_defaults(handler=cmd_rotate_master_key)
 
     admin.add_parsers(sub)
 

@@ -62,9 +62,10 @@ def normalize(code: str) -> str | None:
 
 async def import_keys(
     pool: asyncpg.Pool, keyring: Keyring, ledger: Ledger, sale_id: str, lines: list[str],
-    *, skip_blank: bool = True,
+    *, skip_blank: bool = True, actor: str = "admin", request_id: str | None = None,
 ) -> ImportResult:
-    """Import codes into a sale (which must exist); returns counts, never codes."""
+    """Import codes into a sale (which must exist); returns counts, never codes. Each new key
+    gets its `imported` event in key_events, in the import's transaction."""
     await restock_pending(pool, ledger, sale_id)
     codes: list[str] = []
     rejected_lines: list[int] = []
@@ -101,10 +102,13 @@ async def import_keys(
                 SELECT $1, $2, f, $3, n, c FROM unnest($4::bytea[], $5::bytea[], $6::bytea[])
                     AS t(f, n, c)
                 ON CONFLICT (fingerprint) DO NOTHING
-                RETURNING 1
+                RETURNING key_id
+            ), events AS (
+                INSERT INTO key_events (key_id, event, actor, request_id)
+                SELECT key_id, 'imported', $7, $8 FROM ins
             ) SELECT count(*) FROM ins
             """,
-            sale_id, import_id, dek_id, fps, nonces, cts,
+            sale_id, import_id, dek_id, fps, nonces, cts, actor, request_id,
         )
         duplicates = len(codes) - imported
         await conn.execute(
@@ -139,12 +143,27 @@ async def restock_pending(pool: asyncpg.Pool, ledger: Ledger, sale_id: str) -> N
         await _stock_import(pool, ledger, sale_id, row["import_id"], row["imported"])
 
 
-async def reveal(conn: asyncpg.Connection, keyring: Keyring, order_id: str) -> list[str]:
-    """Decrypt the keys allocated to an order, for that order's channel only."""
-    rows = await conn.fetch(
-        "SELECT sale_id, dek_id, nonce, ciphertext FROM card_keys WHERE order_id = $1"
-        " ORDER BY key_id", order_id,
-    )
+REVEAL = """
+SELECT key_id, sale_id, dek_id, nonce, ciphertext FROM card_keys
+WHERE order_id = $1 AND voided_at IS NULL ORDER BY key_id
+"""
+
+LOG_REVEALED = """
+INSERT INTO key_events (key_id, order_id, event, actor, request_id)
+SELECT unnest($2::bigint[]), $1, 'revealed', $3, $4
+"""
+
+
+async def reveal(conn: asyncpg.Connection, keyring: Keyring, order_id: str, *,
+                 actor: str, request_id: str | None = None) -> list[str]:
+    """Decrypt the keys allocated to an order (never a voided one), for that order's channel
+    only, and record who saw them (key_events `revealed`: actor, request id, when; never the
+    keys). Call it inside the transaction that read the order, so that a refund voiding the
+    keys waits for it (core/refunds.py)."""
+    rows = await conn.fetch(REVEAL, order_id)
+    if rows:
+        await conn.execute(LOG_REVEALED, order_id, [r["key_id"] for r in rows], actor,
+                           request_id)
     out = []
     for row in rows:
         dek = await keyring.dek(conn, row["dek_id"])

@@ -103,6 +103,14 @@ class OrderNotCancellable(Conflict):
     code, title = "order_not_cancellable", "A confirmed order can't be cancelled"
 
 
+class OrderNotRefundable(Conflict):
+    code, title = "order_not_refundable", "A cancelled or expired order can't be refunded"
+
+
+class OrderRefunded(Conflict):
+    code, title = "order_refunded", "The order was refunded"
+
+
 class RateLimited(FlashgateError):
     status, code, title = 429, "rate_limited", "Too many requests; retry later"
 

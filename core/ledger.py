@@ -17,11 +17,22 @@ from redis.asyncio import Redis
 from core import errors
 from core.autopipeline import AutoPipeline
 from core.buckets import REFILL_ROUNDS, Refill, StockBuckets
-from core.ids import MAX_STOCK_BUCKETS, home_bucket, new_order_id, shard_id, shard_of_order
+from core.ids import (
+    MAX_STOCK_BUCKETS,
+    home_bucket,
+    new_order_id,
+    sale_of_order,
+    shard_id,
+    shard_of_order,
+)
 from core.keys import Keys
 from core.scripts import ReturnCode, Scripts
 
-STOCK_FIELDS = ("total", "available", "reserved", "confirmed", "delivered", "cancelled", "expired")
+# `refunded` counts refunded units (like cancelled/expired, outside the invariant); `voided`
+# holds units whose keys were voided by a refund after delivery: never sold again, so
+# available + reserved + confirmed + delivered + voided = total.
+STOCK_FIELDS = ("total", "available", "reserved", "confirmed", "delivered", "cancelled", "expired",
+                "refunded", "voided")
 BUCKET_FIELDS = (*STOCK_FIELDS, "transit")
 
 
@@ -41,6 +52,8 @@ _ERRORS: dict[ReturnCode, type[errors.FlashgateError]] = {
     ReturnCode.CANCELLED: errors.OrderCancelled,
     ReturnCode.NOT_CANCELLABLE: errors.OrderNotCancellable,
     ReturnCode.BAD_QUANTITY: errors.InvalidRequest,
+    ReturnCode.NOT_REFUNDABLE: errors.OrderNotRefundable,
+    ReturnCode.REFUNDED: errors.OrderRefunded,
 }
 
 
@@ -53,6 +66,18 @@ def raise_for(code: ReturnCode) -> None:
 class WrongBuckets(Exception):  # noqa: N818 - a routing signal, not a domain error
     """A purchase was routed by a stale bucket count; the right one is now known to the ledger
     (`Ledger.route`): plan again (risk keys are the home bucket's) and retry. Nothing was done."""
+
+
+class RefundRequest(msgspec.Struct, frozen=True):
+    """What refund.lua said: the order as Redis knows it, and whether PostgreSQL must settle."""
+
+    order_id: str
+    channel_id: str
+    status: str  # "refunded" (settled), or "confirmed" / "delivered" while pending
+    user_id: str
+    quantity: int
+    created_ms: int
+    pending: bool
 
 
 class Reservation(msgspec.Struct, frozen=True):
@@ -297,6 +322,40 @@ class Ledger:
         if code == ReturnCode.OK and self.buckets.known(sale_id) > 1:
             await self.buckets.undrain(sale_id)  # the unit is back: let every bucket look
         return str(status)
+
+    async def request_refund(self, order_id: str, channel_id: str, now: int | None = None,
+                             ) -> RefundRequest:
+        """refund.lua: a reserved order is refunded at once (stock back); a confirmed or
+        delivered one is marked requested (`pending`), to be settled by core/refunds.py."""
+        code, status, user, qty, created = await self.scripts.refund(
+            keys=self._order_keys(order_id),
+            args=[now_ms() if now is None else now, order_id, channel_id],
+        )
+        rc = ReturnCode(code)
+        raise_for(rc)
+        if rc is ReturnCode.OK:
+            await self._undrain_if_buckets(order_id)
+        return RefundRequest(order_id, channel_id, str(status), str(user), int(qty),
+                             int(created), pending=rc is ReturnCode.REFUND_PENDING)
+
+    async def finish_refund(self, order_id: str, outcome: str, now: int | None = None,
+                            ) -> tuple[ReturnCode, str]:
+        """refund_finish.lua: apply PostgreSQL's decision ("returned" | "voided") to the
+        ledger, once. Returns (code, outcome applied)."""
+        k, shard = self.keys, shard_of_order(order_id)
+        code, applied = await self.scripts.refund_finish(
+            keys=[k.sale(shard), k.order(order_id), k.buyers(shard)],
+            args=[now_ms() if now is None else now, outcome],
+        )
+        rc = ReturnCode(code)
+        if rc is ReturnCode.OK and applied == "returned":
+            await self._undrain_if_buckets(order_id)
+        return rc, str(applied)
+
+    async def _undrain_if_buckets(self, order_id: str) -> None:
+        sale_id = sale_of_order(order_id)
+        if self.buckets.known(sale_id) > 1:
+            await self.buckets.undrain(sale_id)  # a unit is back: let every bucket look
 
     async def expire_due(self, sale_id: str, now: int | None = None, limit: int = 500) -> int:
         """Expire reservations of one ledger shard (a sale, or one of its stock buckets:

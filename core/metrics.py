@@ -79,7 +79,7 @@ PURCHASE_ROUTE = "/v1/sales/{sale_id}/purchase"
 
 # -- ledger, read from Redis on scrape (LedgerSnapshot) ---------------------------------------
 STOCK_STATES = ("total", "available", "reserved", "confirmed", "delivered", "cancelled",
-                "expired")
+                "expired", "refunded", "voided")
 # Declared here for the name check; filled by LedgerCollector from the last snapshot.
 SALE_STOCK = "flashgate_sale_stock_units"
 SALE_INVARIANT = "flashgate_sale_ledger_drift_units"
@@ -288,7 +288,8 @@ async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
         row = {s: int(v or 0) for s, v in zip(STOCK_STATES, stock[:-1], strict=True)}
         buckets = int(stock[-1] or 1)
         if stock[0] is not None:
-            held = sum(row[s] for s in ("available", "reserved", "confirmed", "delivered"))
+            held = sum(row[s] for s in ("available", "reserved", "confirmed", "delivered",
+                                        "voided"))
             row["drift"] = abs(row["total"] - held) + max(0, -row["available"])
     row["stream_length"] = int(length) if isinstance(length, int) else 0
     row["dead_letters"] = int(dead) if isinstance(dead, int) else 0
@@ -326,7 +327,7 @@ class LedgerCollector(Collector):
         stock = GaugeMetricFamily(SALE_STOCK, "Units per ledger state (Redis).",
                                   labels=["sale", "state"])
         drift = GaugeMetricFamily(SALE_INVARIANT, "total - (available + reserved + confirmed "
-                                  "+ delivered), or oversold units; must be 0.",
+                                  "+ delivered + voided), or oversold units; must be 0.",
                                   labels=["sale"])
         length = GaugeMetricFamily(STREAM_LENGTH, "Entries in the sale's order-event stream.",
                                    labels=["sale"])

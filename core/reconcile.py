@@ -6,12 +6,15 @@ each kind of disagreement to a number of units (or orders); every value must be 
 
 - `missing_ledger`: PostgreSQL knows the sale, Redis has no ledger for it (Redis lost its
   data): the sale is paused (purchases answer 503 `sale_not_ready`) until `rebuild()`;
-- `ledger_balance`: total != available + reserved + confirmed + delivered, or available < 0;
+- `ledger_balance`: total != available + reserved + confirmed + delivered + voided, or
+  available < 0 (`voided`: units whose keys a refund voided, core/refunds.py);
 - `stock_total`: Redis's total != the keys imported in PostgreSQL (an import whose stock step
   never ran, or stock that no key backs);
 - `oversold`: units held by live orders beyond the keys (in PostgreSQL, or in Redis);
-- `keys`: keys allocated wrongly: a delivered order without exactly its quantity of keys, a
-  key held by an order that is not delivered, or by an order of another sale;
+- `keys`: keys allocated wrongly: a delivered order without exactly its quantity of live
+  keys, a key held by an order that is not delivered (unless voided by its refund), a voided
+  key on an order that was not refunded, or a key held by an order of another sale;
+- `voided` (quiescent): Redis's voided units != the voided keys in PostgreSQL;
 - `delivered_ahead`: units Redis calls delivered beyond PostgreSQL's (PostgreSQL commits the
   keys first, so Redis is never ahead);
 - once the sale's streams are quiescent (every event read and acked, and nothing new during
@@ -44,7 +47,7 @@ from core.ledger import STOCK_FIELDS, Ledger, now_ms
 from core.scripts import ReturnCode
 
 LIVE = ("reserved", "confirmed", "delivered")
-STATUSES = (*LIVE, "cancelled", "expired")
+STATUSES = (*LIVE, "cancelled", "expired", "refunded")
 CURRENT_SALES_LIMIT = 20  # sales checked by the periodic job (and their gauge's label values)
 
 SALE_ROW = """
@@ -60,16 +63,21 @@ SELECT status, sum(quantity)::bigint AS units FROM orders WHERE sale_id = $1 GRO
 BAD_KEYS = """
 SELECT (SELECT count(*) FROM orders o
         WHERE o.sale_id = $1 AND o.status = 'delivered'
-          AND o.quantity <> (SELECT count(*) FROM card_keys k WHERE k.order_id = o.order_id))
+          AND o.quantity <> (SELECT count(*) FROM card_keys k
+                             WHERE k.order_id = o.order_id AND k.voided_at IS NULL))
      + (SELECT count(*) FROM card_keys k JOIN orders o ON o.order_id = k.order_id
-        WHERE k.sale_id = $1 AND (o.status <> 'delivered' OR o.sale_id <> k.sale_id))
+        WHERE k.sale_id = $1 AND (o.sale_id <> k.sale_id
+          OR (k.voided_at IS NULL AND o.status <> 'delivered')
+          OR (k.voided_at IS NOT NULL AND o.status <> 'refunded')))
      + (SELECT count(*) FROM card_keys k
         WHERE k.sale_id = $1 AND k.order_id IS NOT NULL
           AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = k.order_id))
 """
 ALLOCATED = "SELECT count(*) FROM card_keys WHERE sale_id = $1 AND order_id IS NOT NULL"
+VOIDED = "SELECT count(*) FROM card_keys WHERE sale_id = $1 AND voided_at IS NOT NULL"
 ORDERS = """
-SELECT order_id, channel_id, user_id, quantity, status, payment_ref, reserved_at, confirmed_at
+SELECT order_id, channel_id, user_id, quantity, status, payment_ref, reserved_at, confirmed_at,
+       refund_outcome
 FROM orders WHERE sale_id = $1 ORDER BY order_id
 """
 ORDER_STATUSES = "SELECT order_id, status FROM orders WHERE sale_id = $1"
@@ -149,7 +157,8 @@ async def _ledger(redis: Redis, keys: Keys, sale_id: str, buckets: int,
             missing += 1
             continue
         row = {f: int(v or 0) for f, v in zip(STOCK_FIELDS, values[1:], strict=True)}
-        held = sum(row[f] for f in ("available", "reserved", "confirmed", "delivered"))
+        held = sum(row[f] for f in ("available", "reserved", "confirmed", "delivered",
+                                    "voided"))
         out["balance"] += abs(row["total"] - held) + max(0, -row["available"])
         for f in STOCK_FIELDS:
             out[f] += row[f]
@@ -170,6 +179,7 @@ async def check(redis: Redis, keys: Keys, pool: asyncpg.Pool, sale_id: str, *,
         units = {r["status"]: int(r["units"]) for r in await conn.fetch(UNITS_BY_STATUS, sale_id)}
         bad_keys = int(await conn.fetchval(BAD_KEYS, sale_id))
         allocated = int(await conn.fetchval(ALLOCATED, sale_id))
+        voided = int(await conn.fetchval(VOIDED, sale_id))
         statuses = ({r[0]: r[1] for r in await conn.fetch(ORDER_STATUSES, sale_id)}
                     if orders else {})
     ledger, missing = await _ledger(redis, keys, sale_id, buckets)
@@ -178,22 +188,23 @@ async def check(redis: Redis, keys: Keys, pool: asyncpg.Pool, sale_id: str, *,
 
     keys_total = sum(int(r["n"]) for r in key_rows)
     pg_live = sum(units.get(s, 0) for s in LIVE)
-    postgres = {"keys": keys_total, "keys_allocated": allocated,
+    postgres = {"keys": keys_total, "keys_allocated": allocated, "keys_voided": voided,
                 "units": {s: units.get(s, 0) for s in STATUSES}, "buckets": buckets}
     report = Report(sale_id, quiescent, ledger, postgres)
     d = report.drift
     d["missing_ledger"] = missing  # ledgers (stock buckets) PostgreSQL expects, Redis lacks
-    d["oversold"] = max(0, pg_live - keys_total)
+    d["oversold"] = max(0, pg_live + voided - keys_total)  # voided keys are never sold again
     d["keys"] = bad_keys
     if ledger is None:
         return report
     d["ledger_balance"] = ledger["balance"]
     d["stock_total"] = abs(ledger["total"] - keys_total)
     d["oversold"] += max(0, ledger["reserved"] + ledger["confirmed"] + ledger["delivered"]
-                         - keys_total)
+                         + ledger["voided"] - keys_total)
     d["delivered_ahead"] = max(0, ledger["delivered"] - units.get("delivered", 0))
     if quiescent:
         d["orders"] = sum(abs(ledger[s] - units.get(s, 0)) for s in STATUSES)
+        d["voided"] = abs(ledger["voided"] - voided)
         if orders:
             d["order_status"] = await _status_mismatches(redis, keys, statuses)
     return report
@@ -224,6 +235,8 @@ def _plan_shard(sale: asyncpg.Record, bucket: int, buckets: int, orders: list[as
     for o in orders:
         status, qty = o["status"], int(o["quantity"])
         counters[status] += qty
+        if status == "refunded" and o["refund_outcome"] == "voided":
+            counters["voided"] += qty  # its keys are gone: never back in `available`
         if status in LIVE:
             buyers[o["user_id"]] += qty
         created = _ms(o["reserved_at"])
@@ -233,7 +246,7 @@ def _plan_shard(sale: asyncpg.Record, bucket: int, buckets: int, orders: list[as
                      str(confirmed_at)])
     held = counters["reserved"] + counters["confirmed"] + counters["delivered"]
     counters["available"] = available
-    counters["total"] = held + available
+    counters["total"] = held + counters["voided"] + available
     fields: dict[str, str | int] = {
         "start": _ms(sale["starts_at"]), "end": _ms(sale["ends_at"]),
         "limit": sale["per_user_limit"], "ttl": ttl_ms, "state": "open", "restocks": 1,
@@ -270,7 +283,8 @@ async def rebuild(ledger: Ledger, pool: asyncpg.Pool, sale_id: str,
     by_bucket: dict[int, list[asyncpg.Record]] = defaultdict(list)
     for o in orders:
         by_bucket[parse_order_id(o["order_id"])[1]].append(o)
-    held = sum(int(o["quantity"]) for o in orders if o["status"] in LIVE)
+    held = sum(int(o["quantity"]) for o in orders if o["status"] in LIVE
+               or (o["status"] == "refunded" and o["refund_outcome"] == "voided"))
     base, extra = divmod(max(0, keys_total - held), buckets)
     done: dict[str, int] = {}
     for b in reversed(range(buckets)):  # bucket 0 last: buyers routed by it find the others

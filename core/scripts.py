@@ -28,6 +28,7 @@ class ReturnCode(enum.IntEnum):
 
     OK = 0
     REPLAYED = 1  # idempotent replay / nothing left to do
+    REFUND_PENDING = 2  # refund: requested; PostgreSQL settles it, then refund_finish
     SOLD_OUT = -1
     LIMIT_EXCEEDED = -2
     SALE_NOT_ACTIVE = -3
@@ -45,11 +46,13 @@ class ReturnCode(enum.IntEnum):
     BUCKET_SHORT = -15  # reserve/purchase, sale of several buckets: this bucket is short
     WRONG_BUCKETS = -16  # reserve/purchase/init_sale: the sale has another bucket count
     BAD_QUANTITY = -17  # reserve/purchase: the quantity is not a whole number >= 1
+    NOT_REFUNDABLE = -18  # refund: the order was cancelled or expired (nothing was paid)
+    REFUNDED = -19  # confirm/cancel: the order was refunded
 
 
 SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "purchase", "confirm", "cancel", "expire",
                 "deliver", "risk_features", "withdraw", "deposit", "settle", "mark_drained",
-                "restore_sale")
+                "restore_sale", "refund", "refund_finish")
 
 
 @cache
@@ -85,6 +88,8 @@ class Scripts:
         self.settle = script("settle")
         self.mark_drained = script("mark_drained")
         self.restore_sale = script("restore_sale")
+        self.refund = script("refund")
+        self.refund_finish = script("refund_finish")
 
     def all(self) -> list[AsyncScript | PipelinedScript]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

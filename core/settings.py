@@ -225,3 +225,17 @@ class Settings:
             bench_endpoints=_flag(env, "FLASHGATE_BENCH_ENDPOINTS", False),
             low_stock_fraction=_number(env, "FLASHGATE_LOW_STOCK_FRACTION", 0.1, 0.0, 1.0),
         )
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    """What `flashgate rotate-master-key` needs: PostgreSQL and the keyring, nothing else."""
+
+    database_url: Secret
+    master_keys: tuple[MasterKey, ...] = field(repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RotationSettings:
+        env = os.environ if env is None else env
+        return cls(database_url=Secret(_required(env, "FLASHGATE_DATABASE_URL")),
+                   master_keys=parse_master_keys(_required(env, "FLASHGATE_MASTER_KEY")))

@@ -103,6 +103,8 @@ class StockOut(Out):
     cancelled: int
     expired: int
     transit: int = 0  # one bucket of several: units withdrawn for a transfer not yet settled
+    refunded: int = 0  # units refunded (before delivery back in `available`; after: `voided`)
+    voided: int = 0  # units whose keys were voided by a refund: never sold again
 
 
 class SaleOut(Out):

@@ -87,10 +87,15 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "Confirm a reservation (payment received)", "storefront", 202, models.OrderStatusOut,
         body=models.ConfirmBody, security="channel",
         errors=(*CHANNEL, *BODY, errors.NotFound, errors.ReservationExpired,
-                errors.OrderCancelled)),
+                errors.OrderCancelled, errors.OrderRefunded)),
     ("POST", "/v1/orders/{order_id}/cancel"): Op(
         "Cancel a reservation; its stock comes back", "storefront", 200, models.OrderStatusOut,
-        security="channel", errors=(*CHANNEL, errors.NotFound, errors.OrderNotCancellable)),
+        security="channel", errors=(*CHANNEL, errors.NotFound, errors.OrderNotCancellable,
+                                    errors.OrderRefunded)),
+    ("POST", "/v1/orders/{order_id}/refund"): Op(
+        "Refund an order: before delivery its stock comes back, after it its keys are voided "
+        "(idempotent: a repeat answers the same)", "storefront", 200, models.OrderStatusOut,
+        security="channel", errors=(*CHANNEL, errors.NotFound, errors.OrderNotRefundable)),
     ("GET", "/v1/orders/{order_id}"): Op(
         "An order, with its card keys once delivered", "storefront", 200, models.OrderOut,
         security="channel", errors=(*CHANNEL, errors.NotFound)),

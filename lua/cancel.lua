@@ -7,6 +7,7 @@
   Returns {code, status}
     code  0 = cancelled now   1 = already cancelled or expired (stock already back)
          -7 = no such order for this channel   -10 = confirmed orders can't be cancelled
+         -19 = the order was refunded
   (mirrored by core.scripts.ReturnCode)
 ]]
 local rcall = redis.call
@@ -22,6 +23,8 @@ end
 local status = order[2]
 if status == "cancelled" or status == "expired" then
   return {1, status}
+elseif status == "refunded" then
+  return {-19, status}
 elseif status ~= "reserved" then
   return {-10, status}
 end

@@ -8,7 +8,7 @@
   Returns {code, status, expires_at_ms}
     code  0 = confirmed now   1 = already confirmed or delivered (replay)
          -7 = no such order for this channel   -8 = reservation expired
-         -9 = order was cancelled
+         -9 = order was cancelled   -19 = order was refunded
   (mirrored by core.scripts.ReturnCode)
 ]]
 local rcall = redis.call
@@ -26,6 +26,8 @@ if status == "confirmed" or status == "delivered" then
   return {1, status, expires_at}
 elseif status == "cancelled" then
   return {-9, status, expires_at}
+elseif status == "refunded" then
+  return {-19, status, expires_at}
 elseif status == "expired" then
   return {-8, status, expires_at}
 end

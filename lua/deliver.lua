@@ -6,7 +6,8 @@
   KEYS[1] sale hash   KEYS[2..n] order hashes (all of that sale)
   ARGV[1] now (ms)
   Returns one code per order, in KEYS order: 0 = delivered now, 1 = already delivered,
-          -7 = order unknown to Redis, -11 = order not in a deliverable state
+          -7 = order unknown to Redis, -11 = order not in a deliverable state (e.g.
+          refunded meanwhile: its keys were voided in PostgreSQL, core/refunds.py)
   (see core.scripts.ReturnCode)
 ]]
 local rcall = redis.call

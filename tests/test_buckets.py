@@ -129,7 +129,7 @@ async def test_buckets_spread_over_nodes_each_in_one_slot(
     assert [r["total"] for r in rows] == [2, 3, 3, 2]  # import 1's remainder: buckets 1, 2
     assert await ledger.stock(sale_id) == {"total": 10, "available": 6, "reserved": 4,
                                            "confirmed": 0, "delivered": 0, "cancelled": 0,
-                                           "expired": 0}
+                                           "expired": 0, "refunded": 0, "voided": 0}
 
 
 async def test_concurrent_buyers_never_oversell_over_buckets(

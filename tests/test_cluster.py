@@ -192,7 +192,7 @@ async def test_concurrent_buyers_get_exactly_the_stock_on_every_node(
     for sale_id, _ in sales:
         assert await ledger.stock(sale_id) == {
             "total": stock, "available": 0, "reserved": stock, "confirmed": 0,
-            "delivered": 0, "cancelled": 0, "expired": 0}
+            "delivered": 0, "cancelled": 0, "expired": 0, "refunded": 0, "voided": 0}
         assert await rc.xlen(ledger.keys.events(sale_id)) == stock
         assert sorted(await rc.hvals(ledger.keys.buyers(sale_id))) == ["1"] * stock
 

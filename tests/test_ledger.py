@@ -155,7 +155,8 @@ async def test_cancel_and_confirm_settle_once(runtime: Runtime) -> None:
         await ledger.cancel(sale_id, b.order_id, "ch_other", now=T0 + 5)
     stock = await ledger.stock(sale_id)
     assert stock == {"total": 3, "available": 2, "reserved": 0, "confirmed": 1,
-                     "delivered": 0, "cancelled": 1, "expired": 0}
+                     "delivered": 0, "cancelled": 1, "expired": 0,
+                     "refunded": 0, "voided": 0}
 
 
 async def test_confirm_after_deadline_expires_the_reservation(runtime: Runtime) -> None:

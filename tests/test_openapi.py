@@ -35,10 +35,10 @@ def test_every_route_of_the_app_is_described(settings: Settings) -> None:
 
 
 def test_a_route_without_spec_fails() -> None:
-    async def refund() -> None: ...
+    async def resend() -> None: ...
 
-    routes = [Route("/v1/orders/{order_id}/refund", refund, methods=["POST"])]
-    assert operations(routes) == [("POST", "/v1/orders/{order_id}/refund")]
+    routes = [Route("/v1/orders/{order_id}/resend", resend, methods=["POST"])]
+    assert operations(routes) == [("POST", "/v1/orders/{order_id}/resend")]
     try:
         document(routes)
     except KeyError:

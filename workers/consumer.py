@@ -6,7 +6,8 @@ each gets consumers of its own; PostgreSQL sees one sale (orders and card keys p
 Each step reads one batch with one XREADGROUP on one stream (so it works on Redis Cluster):
 first this consumer's own pending entries (id cursor from "0"), after a start or a failure,
 then new ones (">"). A batch is written in one PostgreSQL transaction, its delivered orders
-are flipped in Redis, and only then is it acked. Entries of dead consumers are taken over
+are flipped in Redis, its refund requests settled (core/refunds.py: PostgreSQL decides, then
+the ledger), and only then is it acked. Entries of dead consumers are taken over
 with XAUTOCLAIM; an entry delivered too often is dead-lettered, never dropped.
 """
 
@@ -21,10 +22,18 @@ from redis.exceptions import ResponseError
 
 from core.keys import WORKER_GROUP
 from core.ledger import now_ms
+from core.refunds import RefundTarget, settle
 from core.runtime import Runtime
 from workers import metrics as worker_metrics
 from workers.deadletter import DeadLetter, dead_letter
-from workers.events import MalformedEvent, OrderEvent, fold, from_ms, parse_event
+from workers.events import (
+    REFUND_REQUESTED,
+    MalformedEvent,
+    OrderEvent,
+    fold,
+    from_ms,
+    parse_event,
+)
 from workers.persist import BatchOutcome, persist_batch
 
 log = logging.getLogger(__name__)
@@ -126,6 +135,17 @@ class SaleConsumer:
         return {r[0]["message_id"]: int(r[0]["times_delivered"]) for r in replies if r}
 
     # -- handling ---------------------------------------------------------------------------
+    async def _settle_refunds(self, events: list[OrderEvent], at_ms: int) -> None:
+        """Finish the refunds requested in this batch (a gateway may have died mid-way; if it
+        did not, both steps find the work done and change nothing)."""
+        requested = {ev.order_id: ev for ev in events if ev.type == REFUND_REQUESTED}
+        for ev in requested.values():
+            target = RefundTarget(ev.order_id, ev.channel_id, ev.user_id, ev.quantity,
+                                  from_ms(ev.at_ms))
+            async with self.rt.pool.acquire() as conn:
+                outcome = await settle(conn, target, from_ms(at_ms), actor="worker")
+            await self.rt.ledger.finish_refund(ev.order_id, outcome, at_ms)
+
     async def handle(self, entries: list[Entry], *, redelivered: bool) -> None:
         """Persist, then mark delivered, then ack (or dead-letter) one batch."""
         started = time.perf_counter()
@@ -164,6 +184,7 @@ class SaleConsumer:
             if odd:
                 log.warning("sale %s: %d delivered order(s) not deliverable in Redis",
                             self.sale_id, odd)
+        await self._settle_refunds(events, at_ms)
 
         short, by_id = set(outcome.short), dict(entries)
         ack: list[str] = []

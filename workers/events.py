@@ -2,6 +2,8 @@
 
 The Lua scripts write each event as a flat stream entry (see lua/reserve.lua, confirm.lua and
 includes/release.lua): t, o, ch, u, q, at, and for reserved/confirmed also exp and pay.
+`refund` (lua/refund.lua) is a request, not a status: the consumer settles it (core/refunds.py)
+after its batch; `refunded` is a reserved order refunded in Redis (its stock already back).
 Anything else is malformed and goes to the dead-letter stream, never into PostgreSQL.
 """
 
@@ -12,12 +14,14 @@ from datetime import UTC, datetime
 
 from core.ids import parse_order_id
 
-EVENT_TYPES = frozenset({"reserved", "confirmed", "cancelled", "expired"})
+REFUND_REQUESTED = "refund"
+EVENT_TYPES = frozenset({"reserved", "confirmed", "cancelled", "expired", "refunded",
+                         REFUND_REQUESTED})
 MAX_QUANTITY = 1_000_000
 
 # The only moves an order makes; anything else (a replay, a reclaimed older event) is ignored.
 _FORWARD: dict[str, frozenset[str]] = {
-    "reserved": frozenset({"confirmed", "cancelled", "expired"}),
+    "reserved": frozenset({"confirmed", "cancelled", "expired", "refunded"}),
     "confirmed": frozenset({"delivered"}),
 }
 
@@ -104,6 +108,8 @@ def fold(events: list[OrderEvent]) -> dict[str, OrderRow]:
     """
     rows: dict[str, OrderRow] = {}
     for ev in events:
+        if ev.type == REFUND_REQUESTED:
+            continue  # settled after the batch (core/refunds.py), never a status here
         at = from_ms(ev.at_ms)
         row = rows.get(ev.order_id)
         if row is None:
@@ -119,6 +125,6 @@ def fold(events: list[OrderEvent]) -> dict[str, OrderRow]:
             row.payment_ref = ev.payment_ref or row.payment_ref
         if ev.type == "confirmed":
             row.confirmed_at = row.confirmed_at or at
-        elif ev.type in ("cancelled", "expired"):
+        elif ev.type in ("cancelled", "expired", "refunded"):
             row.ended_at = row.ended_at or at
     return rows

@@ -3,10 +3,12 @@
 Every statement is idempotent, so a batch replayed after a crash (committed, not acked)
 changes nothing:
 - orders are upserted and only ever move forward (reserved -> confirmed -> delivered;
-  reserved -> expired | cancelled), so a reclaimed or out-of-order event is harmless;
+  reserved -> expired | cancelled | refunded), so a reclaimed or out-of-order event is
+  harmless; a refunded row never moves again (refunds of confirmed orders: core/refunds.py);
 - keys go only to confirmed orders that hold none, taken with FOR UPDATE SKIP LOCKED, so two
   workers never hand out the same key and a replay allocates nothing;
-- an order is served whole or not at all: short of keys, it stays confirmed and is retried.
+- an order is served whole or not at all: short of keys, it stays confirmed and is retried;
+- each key's allocation and delivery is logged in key_events in the same transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
+from core.refunds import OrderRefundedHook, enqueue_refunded
 from workers.events import OrderRow
 
 log = logging.getLogger(__name__)
@@ -91,9 +94,27 @@ FOR UPDATE SKIP LOCKED
 """
 
 ASSIGN_KEYS = """
-UPDATE card_keys k SET order_id = a.order_id, allocated_at = $3
-FROM unnest($1::bigint[], $2::text[]) AS a(key_id, order_id)
-WHERE k.key_id = a.key_id AND k.order_id IS NULL
+WITH a AS (
+    UPDATE card_keys k SET order_id = a.order_id, allocated_at = $3
+    FROM unnest($1::bigint[], $2::text[]) AS a(key_id, order_id)
+    WHERE k.key_id = a.key_id AND k.order_id IS NULL
+    RETURNING k.key_id, k.order_id
+)
+INSERT INTO key_events (key_id, order_id, event, actor, at)
+SELECT key_id, order_id, 'allocated', $4, $3 FROM a
+"""
+
+LOG_DELIVERED_KEYS = """
+INSERT INTO key_events (key_id, order_id, event, actor, at)
+SELECT key_id, order_id, 'delivered', $3, $2 FROM card_keys
+WHERE order_id = ANY($1::text[]) ORDER BY key_id
+"""
+
+# Reserved orders refunded in Redis (their stock is already back): outcome and webhook, once.
+SETTLE_RESERVED_REFUNDS = """
+UPDATE orders SET refund_outcome = 'returned', refunded_at = coalesce(ended_at, $2)
+WHERE order_id = ANY($1::text[]) AND status = 'refunded' AND refund_outcome IS NULL
+RETURNING order_id, channel_id, user_id, quantity, refunded_at
 """
 
 MARK_DELIVERED = """
@@ -117,7 +138,8 @@ SELECT order_id FROM orders WHERE order_id = ANY($1::text[]) AND status = 'deliv
 
 # -- the transaction ------------------------------------------------------------------------
 async def persist_batch(
-    conn: asyncpg.Connection, sale_id: str, rows: list[OrderRow], now: datetime
+    conn: asyncpg.Connection, sale_id: str, rows: list[OrderRow], now: datetime,
+    actor: str = "worker",
 ) -> BatchOutcome:
     """Write one batch of one sale in one transaction; the caller acks only after this returns."""
     out = BatchOutcome()
@@ -145,9 +167,16 @@ async def persist_batch(
             [r.reserved_at for r in rows], [r.confirmed_at for r in rows],
             [r.ended_at for r in rows],
         )
-        served, out.short, out.keys_allocated = await _allocate(conn, sale_id, order_ids, now)
+        refunded = await conn.fetch(SETTLE_RESERVED_REFUNDS, order_ids, now)
+        await enqueue_refunded(conn, [
+            (r["channel_id"], OrderRefundedHook(r["order_id"], sale_id, r["user_id"],
+                                                r["quantity"], r["refunded_at"], 0))
+            for r in refunded])
+        served, out.short, out.keys_allocated = await _allocate(
+            conn, sale_id, order_ids, now, actor)
         if served:
             done = await conn.fetch(MARK_DELIVERED, served, now)
+            await conn.execute(LOG_DELIVERED_KEYS, [d["order_id"] for d in done], now, actor)
             await conn.execute(
                 ENQUEUE_WEBHOOKS, DELIVERED_EVENT,
                 [d["order_id"] for d in done], [d["channel_id"] for d in done],
@@ -163,7 +192,7 @@ async def persist_batch(
 
 
 async def _allocate(
-    conn: asyncpg.Connection, sale_id: str, order_ids: list[str], now: datetime
+    conn: asyncpg.Connection, sale_id: str, order_ids: list[str], now: datetime, actor: str,
 ) -> tuple[list[str], list[str], int]:
     """Give every confirmed, key-less order its keys, whole or not at all.
 
@@ -188,8 +217,8 @@ async def _allocate(
         owners.extend([order_id] * quantity)
         served.append(order_id)
     if key_ids:
-        status = await conn.execute(ASSIGN_KEYS, key_ids, owners, now)
-        if status != f"UPDATE {len(key_ids)}":  # can't happen while we hold the row locks
+        status = await conn.execute(ASSIGN_KEYS, key_ids, owners, now, actor)
+        if status != f"INSERT 0 {len(key_ids)}":  # can't happen while we hold the row locks
             raise RuntimeError(f"sale {sale_id}: key allocation touched {status}, "
                                f"expected {len(key_ids)}")
     return served, short, len(key_ids)

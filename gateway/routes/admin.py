@@ -17,6 +17,7 @@ from core.card_keys import ParseError, import_keys, parse_csv, parse_text
 from core.crypto import hash_api_key, new_api_key, seal
 from core.ids import is_sale_id, new_channel_id, ulid
 from core.ledger import Ledger
+from core.logging import REQUEST_ID
 from gateway.auth import require_admin
 from gateway.models import ChannelBody, ChannelOut, ImportOut, KeysBody, SaleBody, SaleOut, StockOut
 from gateway.responses import JSONResponse
@@ -160,7 +161,8 @@ async def import_sale_keys(request: Request) -> Response:
     await refuse_if_paused(rt, sale_id, cached=False)
     lines, skip_blank = await _import_lines(request)
     result = await import_keys(rt.pool, rt.keyring, rt.ledger, sale_id, lines,
-                               skip_blank=skip_blank)
+                               skip_blank=skip_blank, actor="admin",
+                               request_id=REQUEST_ID.get() or None)
     return JSONResponse(ImportOut(
         import_id=result.import_id, imported=result.imported, duplicates=result.duplicates,
         rejected=result.rejected, stock_total=result.stock_total,

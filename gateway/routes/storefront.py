@@ -1,4 +1,4 @@
-"""Storefront API (channel API key): purchase, confirm, cancel, read an order.
+"""Storefront API (channel API key): purchase, confirm, cancel, refund, read an order.
 
 The purchase path touches Redis only: one round trip for the channel (usually cached in
 process), risk (the seam in risk/engine.py), and one for the reservation script.
@@ -18,6 +18,8 @@ from core import errors, metrics
 from core.card_keys import reveal
 from core.ids import is_order_id, is_sale_id, sale_of_order, shard_id
 from core.ledger import PurchaseRequest, Reservation, WrongBuckets
+from core.logging import REQUEST_ID
+from core.refunds import refund_order
 from gateway.models import ConfirmBody, OrderOut, OrderStatusOut, PurchaseBody, PurchaseOut
 from gateway.responses import JSONResponse
 from gateway.sale_guard import paused_is_not_found
@@ -134,6 +136,23 @@ async def cancel(request: Request) -> Response:
     return JSONResponse(OrderStatusOut(order_id, status))
 
 
+async def refund(request: Request) -> Response:
+    """Refund an order of this channel: before delivery its units go back to the stock, after
+    it its keys are voided (core/refunds.py). 200 `refunded`, the same on every repeat."""
+    gw = state(request)
+    channel_id = await gw.channels.channel_of(request)
+    order_id = _order_id(request)
+    status = await refund_order(gw.runtime, order_id, channel_id,
+                                actor=f"channel:{channel_id}", request_id=REQUEST_ID.get() or None)
+    return JSONResponse(OrderStatusOut(order_id, status))
+
+
+ORDER_ROW = """
+SELECT sale_id, channel_id, user_id, quantity, status FROM orders WHERE order_id = $1
+FOR SHARE
+"""
+
+
 async def get_order(request: Request) -> Response:
     gw = state(request)
     channel_id = await gw.channels.channel_of(request)
@@ -148,22 +167,28 @@ async def get_order(request: Request) -> Response:
             quantity=int(live["qty"]), status=live["status"],
             expires_at=rfc3339_ms(int(live["exp"])) if live["status"] == "reserved" else None,
         )
+        if live.get("rf"):
+            out.status = "refunded"  # requested: it completes (core/refunds.py), keys are out
+            return JSONResponse(out)
         if out.status not in ("confirmed", "delivered"):
             return JSONResponse(out)
-    async with rt.pool.acquire() as conn:
-        # PostgreSQL is the record of delivery: a worker commits keys before it tells Redis.
-        row = await conn.fetchrow(
-            "SELECT sale_id, channel_id, user_id, quantity, status FROM orders WHERE order_id = $1",
-            order_id,
-        )
+    # PostgreSQL is the record of delivery: a worker commits keys before it tells Redis. The
+    # row is read FOR SHARE and the keys revealed in the same transaction, so a refund voiding
+    # them (FOR UPDATE) comes wholly before or after this read.
+    async with rt.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(ORDER_ROW, order_id)
         if live is None:
             if row is None or row["channel_id"] != channel_id:
                 raise errors.NotFound("no such order")
             out = OrderOut(order_id=order_id, sale_id=row["sale_id"], user_id=row["user_id"],
                            quantity=row["quantity"], status=row["status"])
-        if row is not None and row["status"] == "delivered":
+        if row is not None and row["status"] == "refunded":
+            out.status = "refunded"
+        elif row is not None and row["status"] == "delivered":
             out.status = "delivered"
-            out.card_keys = await reveal(conn, rt.keyring, order_id)
+            out.card_keys = await reveal(conn, rt.keyring, order_id,
+                                         actor=f"channel:{channel_id}",
+                                         request_id=REQUEST_ID.get() or None)
         elif out.status == "delivered":
             out.status = "confirmed"  # Redis ahead of a rolled-back commit: not delivered yet
     return JSONResponse(out)
@@ -173,5 +198,6 @@ routes = [  # a paused sale (ledger lost with Redis's data) answers 503, not 404
     Route("/v1/sales/{sale_id}/purchase", paused_is_not_found(purchase), methods=["POST"]),
     Route("/v1/orders/{order_id}/confirm", paused_is_not_found(confirm), methods=["POST"]),
     Route("/v1/orders/{order_id}/cancel", paused_is_not_found(cancel), methods=["POST"]),
+    Route("/v1/orders/{order_id}/refund", paused_is_not_found(refund), methods=["POST"]),
     Route("/v1/orders/{order_id}", get_order, methods=["GET"]),
 ]

@@ -1,4 +1,5 @@
--- Shared by cancel.lua, expire.lua and confirm.lua (a reservation found past its deadline).
+-- Shared by cancel.lua, expire.lua, refund.lua (a reserved order refunded) and confirm.lua (a
+-- reservation found past its deadline).
 -- Moves a *reserved* order to a final status and gives its units back, exactly once:
 -- callers check `status == "reserved"` first, and this flips the status in the same script.
 -- Units coming back bump the bucket's `restocks` counter and clear its `drained_until` mark.
