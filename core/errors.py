@@ -54,6 +54,12 @@ class UnsupportedMediaType(FlashgateError):
     status, code, title = 415, "unsupported_media_type", "Unsupported content type"
 
 
+class HeadersTooLarge(FlashgateError):
+    """Answered by the HTTP protocol itself (gateway/server.py), before any route."""
+
+    status, code, title = 431, "headers_too_large", "The request line and headers are too large"
+
+
 class RequestTimeout(FlashgateError):
     status, code, title = 408, "request_timeout", "The body did not arrive in time"
 

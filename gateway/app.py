@@ -18,6 +18,7 @@ from starlette.middleware import Middleware
 from core import logging as fglog
 from core.runtime import Runtime
 from core.settings import Settings
+from gateway import server
 from gateway.auth import ChannelAuth
 from gateway.middleware import BodyLimit, HttpMetrics
 from gateway.problems import exception_handlers
@@ -65,13 +66,13 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
         finally:
             await runtime.close()
 
+    server.configure(body_timeout_s=settings.body_timeout_s)  # served by gateway/server.py
     return Starlette(
         routes=[*health.routes, *metrics.routes, *openapi.routes, *storefront.routes, *admin.routes,
                 *risk_admin.routes, *(bench.routes if settings.bench_endpoints else [])],
         middleware=[Middleware(HttpMetrics),
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                               max_import_bytes=settings.max_import_bytes,
-                               body_timeout_s=settings.body_timeout_s)],
+                               max_import_bytes=settings.max_import_bytes)],
         exception_handlers=exception_handlers(),  # type: ignore[arg-type]
         lifespan=lifespan,
     )

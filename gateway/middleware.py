@@ -1,9 +1,8 @@
-"""Plain ASGI middleware on the hot path (no BaseHTTPMiddleware): body-size and body-time
-limits, HTTP metrics, request ids."""
+"""Plain ASGI middleware on the hot path (no BaseHTTPMiddleware): body-size limits, HTTP
+metrics, request ids."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -11,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import logging as fglog
 from core import metrics
-from core.errors import PayloadTooLarge, RequestTimeout
+from core.errors import PayloadTooLarge
 from gateway.models import Problem
 from gateway.responses import ProblemResponse
 
@@ -22,17 +21,14 @@ class BodyLimit:
     Key imports (paths ending in /keys) get the larger import limit. A Content-Length over the
     limit is refused at once; a chunked body is counted as it streams.
 
-    The whole body must also arrive within `body_timeout_s` of the app's first read, else 408
-    and the connection is closed: uvicorn has no body-read timeout of its own, so a client that
-    sends headers and then trickles or withholds the body would hold its request open forever.
+    The time a body may take is the HTTP protocol's (gateway/server.py: 408 past
+    FLASHGATE_BODY_TIMEOUT_S): timing every read here cost ~5 us per request.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_import_bytes: int,
-                 body_timeout_s: float = 10.0) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_import_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_import_bytes = max_import_bytes
-        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,22 +45,10 @@ class BodyLimit:
                     await self._refuse(scope, receive, send, limit)
                     return
         received = 0
-        deadline = 0.0
-        complete = False  # later reads (waiting for a disconnect) are not timed
 
         async def limited_receive() -> Message:
-            nonlocal received, deadline, complete
-            if complete:
-                return await receive()
-            if not deadline:
-                deadline = asyncio.get_running_loop().time() + self.body_timeout_s
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise RequestTimeout(f"body not received within {self.body_timeout_s:g} s"
-                                     ) from None
-            complete = not message.get("more_body", False)
+            nonlocal received
+            message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

@@ -12,7 +12,7 @@ import logging
 import asyncpg
 import redis.exceptions
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from core import errors, metrics
@@ -65,6 +65,13 @@ async def on_backend_error(request: Request, exc: Exception) -> Response:
     return problem(err, request)
 
 
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    # The client left, or gateway/server.py closed a connection whose body never came (408):
+    # nobody reads this answer, and it is not the server's failure.
+    log.info("client gone during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
+
+
 async def on_unexpected(request: Request, exc: Exception) -> Response:
     log.error("unexpected error on %s %s: %s", request.method, request.url.path,
               type(exc).__name__, exc_info=exc)
@@ -82,6 +89,7 @@ def exception_handlers() -> dict[type[Exception] | int, object]:
     handlers: dict[type[Exception] | int, object] = {
         errors.FlashgateError: on_domain_error,
         HTTPException: on_http_error,
+        ClientDisconnect: on_client_gone,
         Exception: on_unexpected,
     }
     for cls in BACKEND_ERRORS:

@@ -5,7 +5,10 @@ Stock uvicorn + httptools accepts headers of any size (4 MiB were served) and ne
 client that connects and sends nothing or half a head (its keep-alive timer runs only between
 requests). Here a head over `MAX_HEAD_BYTES` is answered 400 and the connection closed (the
 parser's error path), and a head not complete within `HEAD_TIMEOUT_S` of its first byte (or of
-the connection) closes the connection. Bodies are timed by gateway.middleware.BodyLimit.
+the connection) closes the connection. A body not complete within `body_timeout_s` of its head
+(FLASHGATE_BODY_TIMEOUT_S, set by the app: `configure`) is answered 408 `request_timeout` if no
+response has started, and the connection closed: uvicorn has no body-read timeout of its own.
+Timers are armed only while a head or a body is incomplete after a read.
 
 Run with: uvicorn ... --http gateway.server:BoundedHttpToolsProtocol (cli/main.py, cli/stack.py)
 """
@@ -15,10 +18,20 @@ from __future__ import annotations
 import asyncio
 from asyncio import TimerHandle
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import msgspec
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from core import errors
+from gateway.models import Problem
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 10.0
+
+
+def configure(*, body_timeout_s: float) -> None:
+    """The app's settings for the protocol (uvicorn builds the app before serving)."""
+    BoundedHttpToolsProtocol.body_timeout_s = body_timeout_s
 
 
 class HeadTooLarge(Exception):
@@ -33,9 +46,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout_s = HEAD_TIMEOUT_S
+    body_timeout_s = BODY_TIMEOUT_S
     _head_timer: TimerHandle | None = None
+    _body_timer: TimerHandle | None = None
     _head_bytes = 0
     _in_head = True  # a head has begun (or the connection is new) and is not complete yet
+    _in_body = False  # a head is complete, its body is not
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -43,12 +59,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._in_head and self._head_timer is None and not self.transport.is_closing():
-            self._arm_head_timer()  # half a head so far: it has HEAD_TIMEOUT_S to finish
+        if self._in_head:
+            if self._head_timer is None and not self.transport.is_closing():
+                self._arm_head_timer()  # half a head so far: it has HEAD_TIMEOUT_S to finish
+        elif self._in_body and self._body_timer is None and not self.transport.is_closing():
+            self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -65,9 +85,58 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._in_body = True
         if self._head_timer is not None:
             self._cancel_head_timer()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        if self._body_timer is not None:
+            self._cancel_body_timer()
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """What the parser refused, as problem+json like every other error: 431
+        `headers_too_large` past the head limit, else 400 `malformed_request` (not HTTP/1.1)."""
+        err: errors.FlashgateError
+        if self._head_bytes > self.max_head_bytes:
+            err = errors.HeadersTooLarge(f"over {self.max_head_bytes} bytes")
+        else:
+            err = errors.MalformedRequest("the request is not valid HTTP/1.1")
+        self._send_problem_and_close(err)
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if not self._in_body or self.transport.is_closing():
+            return
+        cycle = self.cycle
+        answer = cycle is not None and not cycle.response_started
+        if cycle is not None:  # the app's receive() now says disconnect; its sends are dropped
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if answer:
+            self._send_problem_and_close(errors.RequestTimeout(
+                f"body not received within {self.body_timeout_s:g} s"))
+        else:
+            self.transport.close()
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _send_problem_and_close(self, err: errors.FlashgateError) -> None:
+        body = msgspec.json.encode(Problem(
+            type=f"https://flashgate.dev/problems/{err.code}", title=err.title,
+            status=err.status, code=err.code, detail=err.detail))
+        head = [STATUS_LINE[err.status]]
+        for name, value in self.server_state.default_headers:
+            head.extend([name, b": ", value, b"\r\n"])
+        head.append(b"content-type: application/problem+json\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
 
     def _count(self, n: int) -> None:
         self._head_bytes += n
