@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -86,10 +87,19 @@ async def test_device_farm_is_refused_and_honest_buyers_pass(rc: httpx.AsyncClie
 
 async def test_subnet_farm_is_challenged_past_its_threshold(rc: httpx.AsyncClient) -> None:
     ch = await create_channel(rc)
-    sale_id, _ = await create_sale(rc, keys=300)
-    t = tag()
-    farm = await asyncio.gather(*[buy(rc, ch, sale_id, f"sub-{t}-{i}", ip=f"100.65.7.{i}")
-                                  for i in range(200)])
+    # subnet_burst counts a /24 over 1 s: a farm that takes longer than that to arrive (a
+    # loaded test machine) is not a burst, so the farm is sent again, on a fresh sale, until
+    # it arrives within the window (3 tries).
+    for _ in range(3):
+        sale_id, _ = await create_sale(rc, keys=300)
+        t = tag()
+        started = time.monotonic()
+        farm = await asyncio.gather(*[buy(rc, ch, sale_id, f"sub-{t}-{i}", ip=f"100.65.7.{i}")
+                                      for i in range(200)])
+        took = time.monotonic() - started
+        if took < 0.8:
+            break
+    assert took < 0.8, f"the farm never arrived within the 1 s window (last: {took:.2f} s)"
     status = Counter(r.status_code for r in farm)
     assert status[201] <= 60, status                      # subnet_burst limit 50 in 1 s
     assert status[428] + status[403] >= 140, status
