@@ -20,6 +20,7 @@ import pytest
 from core.crypto import SIGNATURE_HEADER, verify_webhook
 from core.keys import WORKER_GROUP, Keys
 from core.ledger import Ledger
+from core.refunds import refund_order
 from core.runtime import Runtime
 from tests.workers_fixtures import (
     buy,
@@ -206,3 +207,29 @@ async def test_worker_process_drains_on_sigterm(runtime: Runtime) -> None:
     with contextlib.suppress(Exception):
         async for key in rt.redis.scan_iter(match=f"{prefix}:*"):
             await rt.redis.delete(key)
+
+
+async def test_refund_webhook_is_delivered_signed(runtime: Runtime, hook: HookServer) -> None:
+    """`order.refunded` reaches the channel's receiver like `order.delivered`: signed with the
+    channel's secret, through the same outbox and dispatcher, never with a key."""
+    channel, secret = await make_channel(runtime, webhook_url=hook.url)
+    sale, codes = await make_sale(runtime, keys=2)
+    order = await buy_and_confirm(runtime, sale, channel)
+    await Worker(runtime, sale_ids=[sale]).run_burst()  # delivered, order.delivered queued
+    assert await refund_order(runtime, order, channel, actor="channel:test") == "refunded"
+    await Worker(runtime, sale_ids=[sale]).run_burst()  # settled, order.refunded queued
+    async with httpx.AsyncClient(trust_env=False) as http:
+        dispatcher = Dispatcher(runtime.pool, runtime.keyring, runtime.settings, http,
+                                channel_ids=[channel])
+        assert await dispatcher.dispatch_once() == 2
+    events = {}
+    for headers, body in hook.requests:
+        assert verify_webhook(secret, body, headers[SIGNATURE_HEADER.lower()])
+        doc = msgspec.json.decode(body)
+        events[doc["event"]] = doc
+        assert not any(code.encode() in body for code in codes)
+    assert set(events) == {"order.delivered", "order.refunded"}
+    refunded = events["order.refunded"]
+    assert (refunded["order_id"], refunded["sale_id"], refunded["keys_voided"]) == \
+        (order, sale, 1)
+    assert all(r["delivered_at"] is not None for r in await outbox(runtime, order))
