@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import msgspec
@@ -38,6 +39,11 @@ BUCKET_FIELDS = (*STOCK_FIELDS, "transit")
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    """A ledger time (ms since the epoch, the scripts' clock) as an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 _ERRORS: dict[ReturnCode, type[errors.FlashgateError]] = {

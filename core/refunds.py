@@ -31,14 +31,14 @@ idempotent), so a gateway dying between the steps leaves nothing half-done.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import asyncpg
 import msgspec
 
 from core.ids import sale_of_order
-from core.ledger import now_ms
+from core.ledger import from_ms, now_ms
 from core.scripts import ReturnCode
 
 if TYPE_CHECKING:
@@ -61,10 +61,6 @@ class OrderRefundedHook(msgspec.Struct, frozen=True):
 
 
 _encode = msgspec.json.Encoder().encode
-
-
-def from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 @dataclass(frozen=True, slots=True)

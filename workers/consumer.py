@@ -21,7 +21,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from core.keys import WORKER_GROUP
-from core.ledger import now_ms
+from core.ledger import from_ms, now_ms
 from core.refunds import RefundTarget, settle
 from core.runtime import Runtime
 from workers import metrics as worker_metrics
@@ -31,7 +31,6 @@ from workers.events import (
     MalformedEvent,
     OrderEvent,
     fold,
-    from_ms,
     parse_event,
 )
 from workers.persist import BatchOutcome, persist_batch

@@ -10,9 +10,10 @@ Anything else is malformed and goes to the dead-letter stream, never into Postgr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from core.ids import parse_order_id
+from core.ledger import from_ms
 
 REFUND_REQUESTED = "refund"
 EVENT_TYPES = frozenset({"reserved", "confirmed", "cancelled", "expired", "refunded",
@@ -79,10 +80,6 @@ def parse_event(sale_id: str, entry_id: str, fields: dict[str, str]) -> OrderEve
         raise MalformedEvent("event time out of range")
     return OrderEvent(entry_id, kind, order_id, channel_id, user_id, quantity, at_ms,
                       fields.get("pay", ""))
-
-
-def from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 @dataclass(slots=True)

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import asyncpg
 import msgspec
 from starlette.requests import Request
@@ -24,6 +22,7 @@ from core.ids import is_sale_id, new_order_id
 from core.ledger import now_ms
 from gateway.models import PurchaseBody, PurchaseOut
 from gateway.responses import JSONResponse
+from gateway.routes.storefront import rfc3339_ms
 from gateway.state import decode, path_id, state
 
 
@@ -36,11 +35,6 @@ _PONG = Pong()
 
 async def ping(request: Request) -> Response:
     return JSONResponse(_PONG)
-
-
-def _rfc3339_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
 
 
 async def naive_purchase(request: Request) -> Response:
@@ -57,7 +51,7 @@ async def naive_purchase(request: Request) -> Response:
             "SELECT order_id, expires_at FROM bench_naive.orders"
             " WHERE channel_id = $1 AND idempotency_key = $2", channel_id, idem)
         if prev is not None:
-            out = PurchaseOut(prev["order_id"], "reserved", _rfc3339_ms(prev["expires_at"]))
+            out = PurchaseOut(prev["order_id"], "reserved", rfc3339_ms(prev["expires_at"]))
             return JSONResponse(out, status_code=201, headers={"Idempotent-Replayed": "true"})
         sale = await conn.fetchrow(
             "UPDATE bench_naive.stock SET available = available - $2"
@@ -79,7 +73,7 @@ async def naive_purchase(request: Request) -> Response:
                 order_id, sale_id, channel_id, idem, body.user_id, body.quantity, expires_at)
         except asyncpg.UniqueViolationError:
             raise errors.IdempotencyMismatch() from None  # a concurrent twin won
-    return JSONResponse(PurchaseOut(order_id, "reserved", _rfc3339_ms(expires_at)),
+    return JSONResponse(PurchaseOut(order_id, "reserved", rfc3339_ms(expires_at)),
                         status_code=201)
 
 
