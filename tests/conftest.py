@@ -8,10 +8,12 @@ and under a Redis key prefix of its own that it deletes at the end; it never flu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
@@ -158,6 +160,15 @@ def channel_headers(channel: dict[str, str], idempotency_key: str | None = None,
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
     return headers
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Wait for an async condition, polling every 10 ms; TimeoutError past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)
 
 
 def purchase_body(user_id: str, **extra: object) -> dict[str, object]:

@@ -37,6 +37,7 @@ from risk import config as risk_config
 from risk.engine import AllowAll, RiskContext, RiskPlan, Verdict
 from risk.lists import RiskLists, load_datacenter_ranges
 from risk.scoring import ScoringEngine
+from tests.conftest import until
 from tests.test_ledger import T0, TTL_MS, attempt, request
 from tests.test_workers_delivery import HookServer
 from tests.workers_fixtures import (
@@ -388,13 +389,6 @@ async def test_workers_deliver_on_a_cluster(
         await rt.close()
 
 
-async def _until(check: Any, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.05)
-
-
 async def test_long_running_worker_and_metrics_on_a_cluster(
         cluster: EmbeddedRedisCluster, settings: Settings) -> None:
     """`Worker.run()` as `flashgate worker` runs it (sale discovery, consumers, expiry sweeper,
@@ -422,7 +416,7 @@ async def test_long_running_worker_and_metrics_on_a_cluster(
             stock = await rt.ledger.stock(sale_id) or {}
             return stock.get("delivered") == 3 and stock.get("expired") == 2 \
                 and len(hook.requests) >= 3
-        await _until(settled)
+        await until(settled, timeout_s=20)
         rows = await order_rows(rt, sale_id)
         assert {o for o in paid if rows[o]["status"] == "delivered"} == set(paid)
         assert [(await rt.ledger.order(o) or {}).get("status") for o in abandoned] == \
@@ -436,7 +430,7 @@ async def test_long_running_worker_and_metrics_on_a_cluster(
 
         async def beating() -> bool:
             return worker.name in await worker_metrics.alive_workers(rt.redis, rt.keys)
-        await _until(beating)
+        await until(beating, timeout_s=20)
 
         app = create_app(cluster_settings, risk=AllowAll())
         async with app.router.lifespan_context(app), httpx.AsyncClient(

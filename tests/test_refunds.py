@@ -9,8 +9,6 @@ keys = voided units, free keys = units not yet keyed; every order has one status
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -24,6 +22,7 @@ from core.ledger import now_ms
 from core.refunds import RETURNED, VOIDED, RefundTarget, from_ms, refund_order, settle
 from core.runtime import Runtime
 from core.scripts import ReturnCode
+from tests.conftest import until
 from tests.workers_fixtures import buy, buy_and_confirm, make_channel, make_sale, order_rows
 from workers import persist
 from workers.runner import Worker
@@ -71,14 +70,6 @@ async def lock_waiters(rt: Runtime) -> int:
     return int(await rt.pool.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
         " AND datname = current_database()"))
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def voided_keys(rt: Runtime, order_id: str) -> list[asyncpg.Record]:
