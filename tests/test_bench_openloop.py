@@ -103,13 +103,13 @@ async def test_open_loop_counts_queueing_from_the_due_time(slow_server: int) -> 
     res = await run(url, "/p", "k", Plan(rate=200, duration_s=0.2, warmup_s=0),
                     connections=1, timeout_s=5)
     assert (res.planned, res.sent, res.ok, res.errors) == (40, 40, 40, 0)
-    assert 18 <= res.service_p99_ms < 60
+    assert 18 <= res.service_p99_ms < 300  # generous: a busy machine delays answers too
     assert res.p99_ms > 500  # the 40th waited for 39 answers: ~0.8 s after it was due
     # enough connections: every request answered ~20 ms after it was due
     res = await run(url, "/p", "k", Plan(rate=200, duration_s=0.2, warmup_s=0.05),
                     connections=16, timeout_s=5)
     assert (res.planned, res.ok, res.errors) == (40, 40, 0)
-    assert 18 <= res.p50_ms < 60
+    assert 18 <= res.p50_ms < 300
     # `held` is the generator's own verdict on its lag; a busy CI machine may delay the
     # sender, so check the rule, not the machine's mood.
     assert res.held == (res.sent == res.planned and res.lag_p99_ms <= LAG_LIMIT_MS)
