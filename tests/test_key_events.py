@@ -89,19 +89,28 @@ async def test_key_lifecycle_is_logged_and_reveals_are_audited(
     assert not any(code in dump for code in codes)
 
 
-@pytest.mark.parametrize("statement", [
-    "UPDATE key_events SET actor = 'someone else'",
-    "DELETE FROM key_events",
-    "TRUNCATE key_events",
+@pytest.mark.parametrize(("statement", "message"), [
+    ("UPDATE key_events SET actor = 'someone else'", "append-only"),
+    ("DELETE FROM key_events", "append-only"),
+    ("TRUNCATE key_events", "append-only"),
+    # key_events.key_id has no foreign key (migration 0004): keys are never deleted instead,
+    # so no event can be left pointing at nothing.
+    ("DELETE FROM card_keys", "never deleted"),
+    ("TRUNCATE card_keys CASCADE", "never deleted"),
 ])
 async def test_key_events_refuse_update_delete_truncate(runtime: Runtime, client: httpx.AsyncClient,
-                                                        statement: str) -> None:
+                                                        statement: str, message: str) -> None:
     await create_sale(client, keys=1)  # at least one row
     before = await runtime.pool.fetchval("SELECT count(*) FROM key_events")
-    assert before > 0
-    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+    keys = await runtime.pool.fetchval("SELECT count(*) FROM card_keys")
+    assert before > 0 and keys > 0
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match=message):
         await runtime.pool.execute(statement)
     assert await runtime.pool.fetchval("SELECT count(*) FROM key_events") == before
+    assert await runtime.pool.fetchval("SELECT count(*) FROM card_keys") == keys
+    assert await runtime.pool.fetchval(
+        "SELECT count(*) FROM key_events e WHERE NOT EXISTS"
+        " (SELECT 1 FROM card_keys k WHERE k.key_id = e.key_id)") == 0
 
 
 async def test_admin_sale_shows_refund_counters(client: httpx.AsyncClient) -> None:

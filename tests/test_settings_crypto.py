@@ -18,7 +18,7 @@ BASE = {"FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
 
 def test_defaults_and_secrets_never_print() -> None:
     s = Settings.from_env(BASE)
-    assert s.worker_batch_size == 500 and s.key_prefix == "fg"
+    assert s.worker_batch_size == 1000 and s.key_prefix == "fg"
     text = repr(s) + str(s.database_url) + str(s.admin_token)
     assert "secret-pw" not in text and "admin-secret" not in text and KEY not in text
 

@@ -132,7 +132,7 @@ def test_consumers_per_sale_setting() -> None:
            "FLASHGATE_DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
            "FLASHGATE_ADMIN_TOKEN": "t" * 32,
            "FLASHGATE_MASTER_KEY": "A" * 43 + "="}
-    assert Settings.from_env(env).worker_consumers_per_sale == 2
+    assert Settings.from_env(env).worker_consumers_per_sale == 3
     assert Settings.from_env(
         {**env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE": "1"}).worker_consumers_per_sale == 1
     with pytest.raises(ConfigError, match="FLASHGATE_WORKER_CONSUMERS_PER_SALE"):
