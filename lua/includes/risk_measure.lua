@@ -38,9 +38,27 @@ local function admit(sale_adm_key, channel_adm_key, now, sale_rate, sale_burst,
   return 0
 end
 
+-- One fixed-bucket pair of a sliding window after a hit in bucket b (frac: how far into b):
+-- returns idx, count, prev and the estimate, which weights the previous bucket by the part of
+-- it still inside the window. Concurrent requests reach Redis slightly out of their `now`
+-- order, so a hit from the bucket before the stored one is a late arrival: it is counted in
+-- that bucket and never rolls the window back (rolling back would wipe the newer counts and
+-- let a burst through at every boundary); its estimate is both buckets, whole.
+local function slide(idx, count, prev, b, frac)
+  if b == idx then
+    count = count + 1
+  elseif b > idx then
+    prev = (idx == b - 1) and count or 0
+    idx, count = b, 1
+  else
+    if b == idx - 1 then prev = prev + 1 end  -- older still: outside every window kept
+    return idx, count, prev, count + prev
+  end
+  return idx, count, prev, math.floor(count + prev * (1 - frac))
+end
+
 -- Sliding windows (1 s and 60 s): each counter is one string "<s idx>,<s count>,<s prev>,
--- <m idx>,<m count>,<m prev>": the current and previous fixed bucket of each window; the
--- estimate weights the previous bucket by the part of it still inside the window.
+-- <m idx>,<m count>,<m prev>": the current and previous fixed bucket of each window.
 local function hit(key, now)
   local si, sc, sp, mi, mc, mp = 0, 0, 0, 0, 0, 0
   local raw = rcall("GET", key)
@@ -50,19 +68,12 @@ local function hit(key, now)
                              tonumber(mc), tonumber(mp)
   end
   local s_bucket, m_bucket = math.floor(now / 1000), math.floor(now / 60000)
-  if si ~= s_bucket then
-    sp = (si == s_bucket - 1) and sc or 0
-    sc = 0
-  end
-  if mi ~= m_bucket then
-    mp = (mi == m_bucket - 1) and mc or 0
-    mc = 0
-  end
-  sc, mc = sc + 1, mc + 1
-  rcall("SET", key, s_bucket .. "," .. sc .. "," .. sp .. "," .. m_bucket .. "," .. mc .. "," .. mp,
+  local s_est, m_est
+  si, sc, sp, s_est = slide(si, sc, sp, s_bucket, (now - s_bucket * 1000) / 1000)
+  mi, mc, mp, m_est = slide(mi, mc, mp, m_bucket, (now - m_bucket * 60000) / 60000)
+  rcall("SET", key, si .. "," .. sc .. "," .. sp .. "," .. mi .. "," .. mc .. "," .. mp,
         "PX", 120000)
-  return math.floor(sc + sp * (1 - (now - s_bucket * 1000) / 1000)),
-         math.floor(mc + mp * (1 - (now - m_bucket * 60000) / 60000))
+  return s_est, m_est
 end
 
 -- Distinct users during the sale: HyperLogLog, so a shared ip with thousands of users stays a
