@@ -27,6 +27,10 @@ from gateway.models import Problem
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 10.0
+# After an error answer the connection is half-closed and what the client still sends is read
+# and dropped for up to this long ("lingering close", as nginx does): closing a socket with
+# unread input sends a RST, which can make the client's kernel discard the answer unread.
+LINGER_S = 2.0
 
 
 def configure(*, body_timeout_s: float) -> None:
@@ -52,6 +56,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _in_head = True  # a head has begun (or the connection is new) and is not complete yet
     _in_body = False  # a head is complete, its body is not
+    _lingering = False  # an error was answered: input is dropped until the close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -63,6 +68,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         super().data_received(data)
         if self._in_head:
             if self._head_timer is None and not self.transport.is_closing():
@@ -136,7 +143,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         head.append(b"content-type: application/problem+json\r\ncontent-length: %d\r\n"
                     b"connection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Send the answer and a FIN, drop the client's input, close within LINGER_S (or
+        when the client closes: eof_received's default closes the transport)."""
+        self._cancel_head_timer()
+        self._cancel_body_timer()
+        transport = self.transport
+        if transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()
+        transport.resume_reading()  # uvicorn may have paused reading on a large body
+        self.loop.call_later(LINGER_S, transport.close)
 
     def _count(self, n: int) -> None:
         self._head_bytes += n
