@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ import asyncpg
 import httpx
 
 from core.embedded import stop_process
+from loadtest import where
 from loadtest.audit import SLA, SLA_FILE, Verdict, judge, read_stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,25 +92,26 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)  # unwind like Ctrl-C: stop what we started
     try:
-        with _gateway(args) as (url, token, database_url):
+        with _gateway(args) as (url, token, database_url, pids):
             print(f"loadtest: gateway {url}; results in {out}", flush=True)
-            verdict = _session(args, sla, url, token, database_url, out)
+            verdict = _session(args, sla, url, token, database_url, pids, out)
     except (SetupError, RuntimeError) as exc:
         print(f"loadtest: set-up failed: {exc}", file=sys.stderr)
         return 2
     print(_report(args, sla, verdict))
     (out / "verdict.json").write_text(json.dumps(
-        {"ok": verdict.ok, "checks": verdict.checks, **verdict.figures}, indent=2, default=str))
+        {"ok": verdict.ok, "checks": verdict.checks, **verdict.figures}, indent=2, default=_jsonable))
     print(json.dumps({"ok": verdict.ok, "results": str(out)}), flush=True)
     return 0 if verdict.ok else 1
 
 
 @contextlib.contextmanager
-def _gateway(args: argparse.Namespace) -> Iterator[tuple[str, str, str]]:
+def _gateway(args: argparse.Namespace) -> Iterator[tuple[str, str, str, dict[str, int]]]:
+    """(gateway URL, admin token, database URL or "", our stack's pids: none with --url)."""
     if args.url:
         if not args.admin_token:
             raise SetupError("--url needs --admin-token or FLASHGATE_ADMIN_TOKEN")
-        yield args.url.rstrip("/"), args.admin_token, args.database_url
+        yield args.url.rstrip("/"), args.admin_token, args.database_url, {}
         return
     from cli.stack import running_stack
 
@@ -116,14 +119,14 @@ def _gateway(args: argparse.Namespace) -> Iterator[tuple[str, str, str]]:
         assert stack.gateway_url is not None
         print("loadtest: pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
               flush=True)
-        yield stack.gateway_url, stack.admin_token, stack.urls.database_url
+        yield stack.gateway_url, stack.admin_token, stack.urls.database_url, stack.pids
         dead = stack.dead()
         if dead:
             raise SetupError(", ".join(f"{c.name} died: {c.tail(10)}" for c in dead))
 
 
 def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_url: str,
-             out: Path) -> Verdict:
+             pids: dict[str, int], out: Path) -> Verdict:
     admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     with admin:
         channel = _ok(admin.post("/v1/admin/channels", json={"name": "loadtest"}), 201)
@@ -141,8 +144,12 @@ def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_
               f"{args.shape} shape, {args.users} users, {args.duration_s:.0f} s", flush=True)
 
         records_file = out / "records.jsonl"
-        _run_locust(args, url, sale_id, channel["api_key"], opens.timestamp(), records_file,
-                    out)
+        buckets_before = where.scrape_purchase_buckets(url)
+        with where.CpuSampler(dict(pids)) as cpu:
+            _run_locust(args, url, sale_id, channel["api_key"], opens.timestamp(),
+                        records_file, out, cpu)
+        latency = where.gateway_latency(buckets_before, where.scrape_purchase_buckets(url),
+                                        sla.purchase_p99_ms)
         records = [json.loads(line) for line in records_file.read_text().splitlines()
                    ] if records_file.exists() else []
         _settle(admin, sale_id, time.monotonic() + sla.delivery_grace_s,
@@ -154,9 +161,13 @@ def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_
     stats_csv = out / "locust_stats.csv"
     if not stats_csv.exists():
         raise SetupError(f"Locust wrote no stats; see {out / 'locust.log'}")
-    return judge(sla, read_stats(stats_csv), records, orders, stock, stock_total=args.keys,
-                 imported=set(codes), per_user_limit=args.per_user_limit,
-                 delivery_ms=delivery_ms)
+    verdict = judge(sla, read_stats(stats_csv), records, orders, stock, stock_total=args.keys,
+                    imported=set(codes), per_user_limit=args.per_user_limit,
+                    delivery_ms=delivery_ms)
+    # Not part of the gate: where the time went (loadtest/where.py).
+    verdict.figures["where"] = {"gateway_latency": latency, "cpu_whole_run": cpu.whole(),
+                                "cpu_busiest_second": cpu.busiest()}
+    return verdict
 
 
 def _settle(admin: httpx.Client, sale_id: str, delivered_by: float, expired_by: float) -> None:
@@ -175,7 +186,7 @@ def _settle(admin: httpx.Client, sale_id: str, delivered_by: float, expired_by: 
 
 
 def _run_locust(args: argparse.Namespace, url: str, sale_id: str, api_key: str,
-                opens_at: float, records: Path, out: Path) -> None:
+                opens_at: float, records: Path, out: Path, cpu: where.CpuSampler) -> None:
     env = {**os.environ, "FG_SALE_ID": sale_id, "FG_API_KEY": api_key,
            "FG_OPENS_AT": str(opens_at), "FG_SHAPE": args.shape, "FG_USERS": str(args.users),
            "FG_DURATION_S": str(args.duration_s), "FG_RECORDS": str(records),
@@ -193,6 +204,7 @@ def _run_locust(args: argparse.Namespace, url: str, sale_id: str, api_key: str,
     with open(out / "locust.out", "wb") as log:
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        cpu.add("locust", proc.pid)
         try:
             proc.wait(args.duration_s + args.opens_in_s + 60)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
@@ -241,6 +253,11 @@ def _delivery_ms(database_url: str, sale_id: str, records: list[dict[str, Any]],
             and orders.get(r.get("order_id", ""), {}).get("status") == "delivered"]
 
 
+def _jsonable(o: object) -> object:
+    return dataclasses.asdict(o) if dataclasses.is_dataclass(o) and not isinstance(o, type) \
+        else str(o)
+
+
 def _ok(r: httpx.Response, status: int) -> Any:
     if r.status_code != status:
         raise SetupError(f"{r.request.method} {r.request.url.path} -> {r.status_code}: "
@@ -271,7 +288,13 @@ def _report(args: argparse.Namespace, sla: SLA, v: Verdict) -> str:
               f"second tries (new key after a confirmed order) {f.get('second_tries')}",
               f"delivery  {f.get('delivered')} of {f.get('confirmed')} confirmed; p50 "
               f"{f.get('delivery_p50_ms')} ms, p99 {f.get('delivery_p99_ms')} ms",
-              f"ledger    {f.get('ledger')}", v.render()]
+              f"ledger    {f.get('ledger')}"]
+    w = f.get("where", {})
+    client_p99 = max((s["p99_ms"] for n, s in f.get("requests", {}).items()
+                      if n.startswith("purchase")), default=None)
+    lines += where.render(w.get("gateway_latency"), w.get("cpu_whole_run"),
+                          w.get("cpu_busiest_second"), sla.purchase_p99_ms, client_p99)
+    lines.append(v.render())
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from core.embedded import ServiceURLs
 from loadtest.audit import SLA, RequestStats, judge
 from loadtest.profiles import Spike, Steady, schedule
 from loadtest.run import _settle
+from loadtest.where import SAMPLE_S, TICKS, CpuSampler, Sample, gateway_latency
 from tests.conftest import scratch_database
 from tests.test_cli import _alive
 
@@ -50,9 +51,49 @@ def test_smoke_load_test_passes_its_gate(service_urls: ServiceURLs, loadtest_dat
     assert verdict["ok"] and verdict["delivered"] == verdict["confirmed"] > 0
     assert verdict["requests"]["purchase"]["count"] > 0
     assert (results / "report.html").exists() and (results / "locust_stats.csv").exists()
+    # Where the time went: the gateway's own histogram and CPU per process, in the report.
+    where_ = verdict["where"]
+    assert where_["gateway_latency"]["count"] >= verdict["requests"]["purchase"]["count"]
+    # (Redis and PostgreSQL are the suite's, started before the run: counted in "rest")
+    assert {"gateway", "worker", "locust", "rest"} <= set(where_["cpu_whole_run"]["cores"])
+    assert where_["cpu_whole_run"]["cores"]["locust"] > 0
+    assert "by the gateway itself" in r.stdout and "busiest second" in r.stdout
     pids = next(line for line in r.stdout.splitlines() if line.startswith("loadtest: pids "))
     for pid in (int(p.split("=")[1]) for p in pids.split()[2:]):
         assert not _alive(pid), f"pid {pid} left running"
+
+
+def test_gateway_latency_from_histogram_deltas() -> None:
+    before = {0.002: 10.0, 0.05: 20.0, 0.1: 20.0, float("inf"): 20.0}
+    after = {0.002: 510.0, 0.05: 1005.0, 0.1: 1019.0, float("inf"): 1020.0}
+    lat = gateway_latency(before, after, sla_ms=50)
+    assert lat is not None
+    assert (lat.count, lat.sla_edge_ms, lat.p99_bucket_ms) == (1000, 50.0, 100.0)
+    assert lat.within_sla == pytest.approx(0.985)
+    # The SLA between two edges: read at the edge below it (never flattering).
+    assert gateway_latency(before, after, sla_ms=75).sla_edge_ms == 50.0  # type: ignore[union-attr]
+    assert gateway_latency(after, after, sla_ms=50) is None  # nothing answered in the run
+    assert gateway_latency(before, None, sla_ms=50) is None  # /metrics unreadable
+
+
+def test_cpu_windows_split_the_machine_by_process() -> None:
+    tick = float(TICKS)
+    sampler = CpuSampler({}, discover=False)
+    sampler.samples = [
+        Sample(0.0, busy=0, total=0, procs={"gateway": 0.0}),
+        Sample(1.0, busy=int(1.5 * tick), total=2 * int(tick),
+               procs={"gateway": 0.5 * tick, "locust": 0.25 * tick}),  # locust born since
+        Sample(2.0, busy=int(1.6 * tick), total=4 * int(tick),
+               procs={"gateway": 0.6 * tick, "locust": 0.3 * tick, "worker-1": 0.1 * tick}),
+    ]
+    busiest = sampler.busiest(seconds=SAMPLE_S)
+    assert busiest is not None and busiest.start == 0.0
+    assert busiest.cores == pytest.approx({"gateway": 0.5, "locust": 0.25, "rest": 0.75})
+    assert busiest.idle == pytest.approx(0.25)
+    whole = sampler.whole()
+    assert whole is not None and whole.idle == pytest.approx(0.6)
+    assert whole.cores == pytest.approx({"gateway": 0.3, "locust": 0.15, "worker": 0.05,
+                                         "rest": 0.3})
 
 
 def _stats(p99: float, failures: int = 0) -> list[RequestStats]:
