@@ -136,6 +136,11 @@ class Settings:
     worker_batch_size: int = 1000
     worker_consumers_per_sale: int = 3
     worker_block_ms: int = 1000
+    # A read that finds less than a batch waits this long for more before its transaction: at
+    # a sale's opening the stream fills a few entries at a time, and each PostgreSQL
+    # transaction has a fixed cost (~14 statements), so tiny batches spent the CPU the gateway
+    # needed (docs/PERFORMANCE.md, "Load test"). 0 = off.
+    worker_linger_ms: int = 50
     worker_claim_idle_ms: int = 30_000
     worker_max_deliveries: int = 5
     worker_metrics_port: int = 0        # Prometheus endpoint of a worker process; 0 = off
@@ -202,6 +207,7 @@ class Settings:
             worker_consumers_per_sale=_number(
                 env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE", 3, 1, 64),
             worker_block_ms=_number(env, "FLASHGATE_WORKER_BLOCK_MS", 1000, 1, 60_000),
+            worker_linger_ms=_number(env, "FLASHGATE_WORKER_LINGER_MS", 50, 0, 1000),
             worker_claim_idle_ms=_number(
                 env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000),
             worker_max_deliveries=_number(env, "FLASHGATE_WORKER_MAX_DELIVERIES", 5, 1, 1000),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.workers_fixtures import (
     order_rows,
     redis_statuses,
 )
+from workers.consumer import SaleConsumer
 from workers.runner import Worker
 
 
@@ -137,3 +139,22 @@ def test_consumers_per_sale_setting() -> None:
         {**env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE": "1"}).worker_consumers_per_sale == 1
     with pytest.raises(ConfigError, match="FLASHGATE_WORKER_CONSUMERS_PER_SALE"):
         Settings.from_env({**env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE": "0"})
+
+
+async def test_a_partial_batch_lingers_for_more_entries(runtime: Runtime) -> None:
+    """worker_linger_ms: a read that finds less than a batch waits, then takes what arrived
+    meanwhile into the same PostgreSQL transaction (fewer, larger batches at an opening)."""
+    rt = dataclasses.replace(runtime, settings=dataclasses.replace(
+        runtime.settings, worker_linger_ms=300, worker_batch_size=100))
+    channel, _ = await make_channel(rt)
+    sale, _ = await make_sale(rt, keys=5)
+    c = SaleConsumer(rt, sale, "linger")
+    await c.ensure_group()
+    assert await c.step(None) == 0  # nothing pending yet; from now on, new entries
+    first = await buy(rt, sale, channel, qty=1, pay="pay-1")
+    step = asyncio.create_task(c.step(1000))
+    await asyncio.sleep(0.1)  # the step has read the first order and lingers
+    second = await buy(rt, sale, channel, qty=1, pay="pay-2")
+    assert await step == 2  # one batch, both orders
+    assert set(await keys_by_order(rt, sale)) == {first, second}
+    assert await pending(rt, sale) == 0

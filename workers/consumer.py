@@ -13,6 +13,7 @@ with XAUTOCLAIM; an entry delivered too often is dead-lettered, never dropped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -83,6 +84,11 @@ class SaleConsumer:
                 return len(entries)
             self.cursor = NEW
         entries = await self._read(NEW, size, block_ms)
+        linger_ms = self.rt.settings.worker_linger_ms
+        if entries and len(entries) < size and linger_ms:
+            # Fewer, larger transactions: a partial batch waits a moment for more entries.
+            await asyncio.sleep(linger_ms / 1000)
+            entries += await self._read(NEW, size - len(entries), None)
         if entries:
             await self.handle(entries, redelivered=False)
         return len(entries)
