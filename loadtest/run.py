@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(_report(args, sla, verdict))
     (out / "verdict.json").write_text(json.dumps(
-        {"ok": verdict.ok, "checks": verdict.checks, **verdict.figures}, indent=2, default=_jsonable))
+        {"ok": verdict.ok, "checks": verdict.checks, **verdict.figures}, indent=2,
+        default=_jsonable))
     print(json.dumps({"ok": verdict.ok, "results": str(out)}), flush=True)
     return 0 if verdict.ok else 1
 

@@ -186,7 +186,7 @@ class CpuSampler:
 
     def window(self, a: Sample, b: Sample) -> CpuWindow:
         seconds = max(b.at - a.at, 1e-9)
-        cores = {}
+        cores: dict[str, float] = {}
         for name in sorted(b.procs):
             group = name.split(":")[0].split("-")[0]  # worker-1 -> worker, redis:123 -> redis
             used = (b.procs[name] - a.procs.get(name, 0.0)) / TICKS / seconds  # born since: 0
