@@ -413,10 +413,11 @@ def _redis(args: argparse.Namespace, settings: Settings, sale_id: str,
 
 
 async def _quiesce(settings: Settings) -> None:
-    """After the HTTP cases, before the workers': the naive design left ~10^5 dead row versions
-    and a WAL's worth of dirty pages in the stack's PostgreSQL, and their autovacuum and
-    checkpoint would otherwise run inside the workers' timing (17.5k orders/s there against
-    21.8k-22.6k alone, same machine). Do that work now, untimed."""
+    """After the HTTP cases, before the workers': the naive design leaves ~10^5 dead row
+    versions and a WAL's worth of dirty pages in the stack's PostgreSQL; their autovacuum and
+    checkpoint are done here, untimed, rather than inside the workers' timing. (The workers
+    still measure less after the HTTP cases than alone: 17.5k-18.2k against 21.8k-22.6k
+    orders/s on one machine; the rest of that gap is not explained.)"""
     conn = await asyncpg.connect(settings.database_url.reveal())
     try:
         await conn.execute("VACUUM (ANALYZE)")

@@ -294,7 +294,8 @@ def _report(args: argparse.Namespace, sla: SLA, v: Verdict) -> str:
     client_p99 = max((s["p99_ms"] for n, s in f.get("requests", {}).items()
                       if n.startswith("purchase")), default=None)
     lines += where.render(w.get("gateway_latency"), w.get("cpu_whole_run"),
-                          w.get("cpu_busiest_second"), sla.purchase_p99_ms, client_p99)
+                          w.get("cpu_busiest_second"), sla.purchase_p99_ms, client_p99,
+                          f.get("requests", {}).get("Aggregated", {}).get("count", 0))
     lines.append(v.render())
     return "\n".join(lines)
 

@@ -212,7 +212,10 @@ class CpuSampler:
 
 
 def render(latency: GatewayLatency | None, whole: CpuWindow | None,
-           busiest: CpuWindow | None, sla_ms: float, client_p99_ms: float | None) -> list[str]:
+           busiest: CpuWindow | None, sla_ms: float, client_p99_ms: float | None,
+           requests: int = 0) -> list[str]:
+    """The report's lines. `requests`: all requests Locust made, for its CPU per request (at
+    an opening, N users pressing at once wait up to N x that for Locust alone)."""
     lines = []
     if latency is None:
         lines.append("gateway   its /metrics could not be read: no server-side latency")
@@ -229,6 +232,10 @@ def render(latency: GatewayLatency | None, whole: CpuWindow | None,
 
     if whole is not None:
         lines.append(f"cpu       whole run: {cores(whole)}")
+        locust = whole.cores.get("locust", 0.0) * whole.seconds
+        if requests and locust:
+            lines.append(f"          Locust: {locust / requests * 1e6:.0f} us of CPU per request "
+                         f"({requests} requests)")
     if busiest is not None:
         stamp = time.strftime("%H:%M:%S", time.gmtime(busiest.start))
         lines.append(f"          busiest second ({stamp} UTC): {cores(busiest)}")

@@ -58,6 +58,7 @@ def test_smoke_load_test_passes_its_gate(service_urls: ServiceURLs, loadtest_dat
     assert {"gateway", "worker", "locust", "rest"} <= set(where_["cpu_whole_run"]["cores"])
     assert where_["cpu_whole_run"]["cores"]["locust"] > 0
     assert "by the gateway itself" in r.stdout and "busiest second" in r.stdout
+    assert "us of CPU per request" in r.stdout
     pids = next(line for line in r.stdout.splitlines() if line.startswith("loadtest: pids "))
     for pid in (int(p.split("=")[1]) for p in pids.split()[2:]):
         assert not _alive(pid), f"pid {pid} left running"
