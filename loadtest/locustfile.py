@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
 from locust import (
     FastHttpUser,
     LoadTestShape,
@@ -74,9 +75,12 @@ def _wait_for_opening() -> None:
 
 
 def _doc(resp: Any) -> dict[str, Any]:
+    """The JSON body, decoded from its bytes: JSON is UTF-8 (RFC 8259), and Locust's
+    `resp.json()` goes through `resp.text`, which runs charset detection on every answer
+    without a charset parameter (~6% of Locust's CPU in a py-spy profile)."""
     try:
-        doc = resp.json()
-    except (ValueError, TypeError):
+        doc = msgspec.json.decode(resp.content or b"")
+    except (msgspec.DecodeError, TypeError):
         return {}
     return doc if isinstance(doc, dict) else {}
 
