@@ -123,16 +123,25 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     from core.reconcile import ReconcileError, reconcile
     from core.runtime import Runtime
+    from risk import durable
 
     settings = Settings.from_env()
 
     async def run() -> dict[str, object]:
         rt = await Runtime.open(settings, run_migrations=False)
         try:
-            report = await reconcile(rt.ledger, rt.pool, args.sale_id, write=not args.check)
+            write = not args.check
+            report = await reconcile(rt.ledger, rt.pool, args.sale_id, write=write)
+            # The risk lists and the sale's override (risk/durable.py): Redis made PostgreSQL's
+            # copy unless --check; "risk" is the drift found before any restore.
+            risk = await durable.sync(rt.pool, rt.redis, rt.keys, args.sale_id, write=write)
         finally:
             await rt.close()
-        return report.as_dict()
+        out = report.as_dict()
+        out["risk"] = risk
+        out["risk_restored"] = write and any(risk.values())
+        out["ok"] = report.ok and (write or not any(risk.values()))
+        return out
 
     try:
         out = asyncio.run(run())

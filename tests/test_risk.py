@@ -256,3 +256,49 @@ async def test_sale_override_is_validated(rc: httpx.AsyncClient) -> None:
     assert r.json()["effective"]["thresholds"] == {"challenge": 40, "deny": 101}
     assert r.json()["override"] == {"thresholds": {"deny": 101}}
     assert (await rc.get(url)).status_code == 401
+
+
+async def test_lists_and_overrides_are_kept_in_postgres_and_restored(
+        rc: httpx.AsyncClient, runtime) -> None:  # type: ignore[no-untyped-def]
+    """risk/durable.py: every admin change is in PostgreSQL too, so a Redis that lost its data
+    gets the lists and the override back from `flashgate reconcile` (durable.sync)."""
+    from risk import durable
+
+    sale_id, _ = await create_sale(rc, keys=5)
+    t = tag()
+    lists = "/v1/admin/risk/lists"
+    await rc.post(f"{lists}/block/device", json={"entries": [f"d1-{t}", f"d2-{t}"]},
+                  headers=ADMIN)
+    await rc.request("DELETE", f"{lists}/block/device", json={"entries": [f"d2-{t}"]},
+                     headers=ADMIN)
+    await rc.post(f"{lists}/allow/cidr", json={"entries": ["100.99.0.7/16"]}, headers=ADMIN)
+    override = {"rules": {"user_burst": {"limit": 9}}}
+    assert (await rc.put(f"/v1/admin/sales/{sale_id}/risk", json=override,
+                         headers=ADMIN)).status_code == 200
+    rows = {tuple(r) for r in await runtime.pool.fetch(
+        "SELECT action, kind, entry FROM risk_list_entries WHERE entry LIKE $1"
+        " OR entry = '100.99.0.0/16'", f"%-{t}")}
+    assert rows == {("block", "device", f"d1-{t}"), ("allow", "cidr", "100.99.0.0/16")}
+    assert await durable.sync(runtime.pool, runtime.redis, runtime.keys, sale_id,
+                              write=False) == {"risk_list_entries": 0, "risk_override": 0}
+
+    # Redis loses the lists and the override (the test's own key prefix only).
+    k = runtime.keys
+    await runtime.redis.delete(k.risk_list("block", "device"), k.risk_list("allow", "cidr"),
+                               k.risk_config(sale_id))
+    drift = await durable.sync(runtime.pool, runtime.redis, runtime.keys, sale_id, write=False)
+    assert drift["risk_list_entries"] >= 2 and drift["risk_override"] == 1
+    assert f"d1-{t}" not in (await rc.get(f"{lists}/block/device", headers=ADMIN)).json()[
+        "entries"]
+    await durable.sync(runtime.pool, runtime.redis, runtime.keys, sale_id, write=True)
+    assert await durable.sync(runtime.pool, runtime.redis, runtime.keys, sale_id,
+                              write=False) == {"risk_list_entries": 0, "risk_override": 0}
+    assert f"d1-{t}" in (await rc.get(f"{lists}/block/device", headers=ADMIN)).json()["entries"]
+    got = (await rc.get(f"/v1/admin/sales/{sale_id}/risk", headers=ADMIN)).json()
+    assert got["override"] == override and got["effective"]["rules"]["user_burst"]["limit"] == 9
+    # An empty override removes the sale's row too.
+    await rc.put(f"/v1/admin/sales/{sale_id}/risk", json={}, headers=ADMIN)
+    assert await runtime.pool.fetchval(
+        "SELECT count(*) FROM risk_overrides WHERE sale_id = $1", sale_id) == 0
+    await rc.request("DELETE", f"{lists}/allow/cidr", json={"entries": ["100.99.0.0/16"]},
+                     headers=ADMIN)

@@ -23,8 +23,9 @@ from gateway.auth import require_admin
 from gateway.models import ListChangeOut, ListEntriesBody, ListEntriesOut
 from gateway.responses import JSONResponse
 from gateway.state import decode, path_id, state
-from risk.config import ConfigInvalid
-from risk.lists import ACTIONS, KINDS, ListEntryInvalid
+from risk import durable
+from risk.config import ConfigInvalid, with_override
+from risk.lists import ACTIONS, KINDS, ListEntryInvalid, normalize
 from risk.scoring import ScoringEngine
 
 
@@ -54,11 +55,14 @@ async def change_list(request: Request) -> Response:
     engine = _engine(request)
     action, kind = _list_path(request)
     body = await decode(request, ListEntriesBody)
+    add = request.method == "POST"
     try:
-        changed = await engine.lists.change(action, kind, body.entries,
-                                            add=request.method == "POST")
+        entries = [normalize(kind, v) for v in body.entries]
     except ListEntryInvalid as exc:
         raise errors.InvalidRequest(str(exc)) from None
+    # PostgreSQL first: it is what `flashgate reconcile` restores Redis from (risk/durable.py).
+    await durable.save_list_change(state(request).runtime.pool, action, kind, entries, add=add)
+    changed = await engine.lists.change(action, kind, entries, add=add)
     return JSONResponse(ListChangeOut(action, kind, changed))
 
 
@@ -96,9 +100,11 @@ async def put_sale_risk(request: Request) -> Response:
     if _depth(override) > _MAX_DEPTH:  # merging would recurse as deep (RecursionError, a 500)
         raise errors.InvalidRequest(f"the override is nested deeper than {_MAX_DEPTH} levels")
     try:
-        await engine.configs.set_override(sale_id, override)
+        with_override(engine.configs.base, override)  # validated before anything is stored
     except ConfigInvalid as exc:
         raise errors.InvalidRequest(str(exc)) from None
+    await durable.save_override(state(request).runtime.pool, sale_id, override)
+    await engine.configs.set_override(sale_id, override)
     return JSONResponse(await _config_out(engine, sale_id))
 
 

@@ -65,13 +65,14 @@ async def frt(service_urls: ServiceURLs, faults_database: str) -> AsyncIterator[
     await rt.close()
 
 
-async def app_client(settings: Settings, rt: Runtime | None = None,
+async def app_client(settings: Settings, rt: Runtime | None = None, *, risk: bool = False,
                      ) -> tuple[object, httpx.AsyncClient]:
-    """An in-process gateway (risk off) and a client of it; the caller enters the lifespan."""
+    """An in-process gateway (risk off unless `risk`) and a client of it; the caller enters
+    the lifespan."""
     from gateway.app import create_app
     from risk.engine import AllowAll
 
-    app = create_app(settings, risk=AllowAll())
+    app = create_app(settings) if risk else create_app(settings, risk=AllowAll())
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                base_url="http://flashgate.test")
     return app, client

@@ -9,6 +9,7 @@ goes on, and the audit holds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -24,7 +25,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from core.embedded import EmbeddedRedis, stop_process
 from core.runtime import Runtime
 from core.settings import Settings
-from tests.conftest import ADMIN, channel_headers, create_channel, create_sale, purchase_body
+from tests.conftest import (
+    ADMIN,
+    channel_headers,
+    create_channel,
+    create_sale,
+    purchase_body,
+    until,
+)
 from tests.faults.conftest import app_client, fault_settings
 from tests.faults.support import ROOT, audit, child_env
 from workers.runner import Worker
@@ -142,6 +150,28 @@ async def test_redis_lost_pauses_the_sale_until_reconciled(stage: Stage) -> None
     await deliver_all(rt)  # PostgreSQL has these 25
     unpersisted = await buy(c, channel, sale, "lost", "lost")  # its event dies with Redis
     assert unpersisted.status_code == 201
+    # Risk state set through the admin API of a gateway with the risk engine on: in
+    # PostgreSQL too (risk/durable.py).
+    risk_app, rc = await app_client(stage.settings, risk=True)
+    async with contextlib.AsyncExitStack() as on_exit:
+        await on_exit.enter_async_context(risk_app.router.lifespan_context(risk_app))  # type: ignore[attr-defined]
+        on_exit.push_async_callback(rc.aclose)
+        await _redis_lost_and_reconciled(stage, rc, channel, sale, codes, paid, held,
+                                         unpersisted)
+
+
+async def _redis_lost_and_reconciled(
+        stage: Stage, rc: httpx.AsyncClient, channel: dict[str, str], sale: str,
+        codes: list[str], paid: dict[str, httpx.Response], held: dict[str, httpx.Response],
+        unpersisted: httpx.Response) -> None:
+    c, rt = stage.client, stage.rt
+    banned = f"banned-{sale}"
+    r = await rc.post("/v1/admin/risk/lists/block/user", json={"entries": [banned]},
+                      headers=ADMIN)
+    assert r.status_code == 200 and r.json()["changed"] == 1
+    override = {"thresholds": {"challenge": 45}}
+    r = await rc.put(f"/v1/admin/sales/{sale}/risk", json=override, headers=ADMIN)
+    assert r.status_code == 200
 
     stage.crash_redis()
     await stage.restart_redis(wipe=True)
@@ -158,14 +188,18 @@ async def test_redis_lost_pauses_the_sale_until_reconciled(stage: Stage) -> None
     assert r.status_code == 503 and r.json()["code"] == "sale_not_ready"
     checked = reconcile_cli(stage.settings, sale, "--check")
     assert checked.returncode == 1, checked.stderr
-    assert json.loads(checked.stdout)["drift"]["missing_ledger"] == 1
+    found = json.loads(checked.stdout)
+    assert found["drift"]["missing_ledger"] == 1
+    assert found["risk"]["risk_list_entries"] >= 1 and found["risk"]["risk_override"] == 1
+    assert not found["risk_restored"]
 
     rebuilt = reconcile_cli(stage.settings, sale)
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     report = json.loads(rebuilt.stdout)
-    assert report["rebuilt"] and report["ok"], report
+    assert report["rebuilt"] and report["ok"] and report["risk_restored"], report
     again = reconcile_cli(stage.settings, sale)  # never twice: the ledger exists now
     assert again.returncode == 0 and not json.loads(again.stdout)["rebuilt"]
+    assert json.loads(again.stdout)["risk"] == {"risk_list_entries": 0, "risk_override": 0}
     stock = await rt.ledger.stock(sale)
     assert stock is not None and stock["total"] == 60 and stock["delivered"] == 20
     assert stock["reserved"] == 5 and stock["available"] == 35
@@ -181,6 +215,22 @@ async def test_redis_lost_pauses_the_sale_until_reconciled(stage: Stage) -> None
     lost = await c.get(f"/v1/orders/{unpersisted.json()['order_id']}",
                        headers=channel_headers(channel))
     assert lost.status_code == 404  # never reached PostgreSQL: why production runs AOF
+    # The block list and the override came back with the reconcile (the gateway reloads its
+    # copy of the lists within cache_ttl_s).
+    answers: list[httpx.Response] = []
+
+    async def read_back() -> bool:  # its first call may meet a connection of the old Redis
+        answers.append(await rc.get(f"/v1/admin/sales/{sale}/risk", headers=ADMIN))
+        return answers[-1].status_code == 200
+    await until(read_back, timeout_s=10)
+    assert answers[-1].json()["override"] == override
+    blocked: list[httpx.Response] = []
+
+    async def banned_refused() -> bool:
+        blocked.append(await buy(rc, channel, sale, banned, f"{banned}-{len(blocked)}"))
+        return blocked[-1].status_code == 403
+    await until(banned_refused, timeout_s=10)
+    assert blocked[-1].json()["reasons"] == ["block_list_user"]
     await deliver_all(rt)
     confirmed = {r.json()["order_id"]: 1 for r in [*paid.values(), *won]}
     confirmed[held_order] = 1
