@@ -136,10 +136,11 @@ class Settings:
     worker_batch_size: int = 1000
     worker_consumers_per_sale: int = 3
     worker_block_ms: int = 1000
-    # A read that finds less than a batch waits this long for more before its transaction: at
-    # a sale's opening the stream fills a few entries at a time, and each PostgreSQL
-    # transaction has a fixed cost (~14 statements), so tiny batches spent the CPU the gateway
-    # needed (docs/PERFORMANCE.md, "Load test"). 0 = off.
+    # A busy consumer's read of less than a batch waits this long for more before its
+    # transaction (workers/consumer.py): at a sale's opening the stream fills a few entries at
+    # a time, and each PostgreSQL transaction has a fixed cost (~14 statements), so tiny
+    # batches spent the CPU the gateway needed (docs/PERFORMANCE.md, "Load test"). An idle
+    # consumer handles the first entry at once. 0 = off.
     worker_linger_ms: int = 50
     worker_claim_idle_ms: int = 30_000
     worker_max_deliveries: int = 5

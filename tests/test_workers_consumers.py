@@ -142,8 +142,9 @@ def test_consumers_per_sale_setting() -> None:
 
 
 async def test_a_partial_batch_lingers_for_more_entries(runtime: Runtime) -> None:
-    """worker_linger_ms: a read that finds less than a batch waits, then takes what arrived
-    meanwhile into the same PostgreSQL transaction (fewer, larger batches at an opening)."""
+    """worker_linger_ms: a busy consumer's read that finds less than a batch waits, then takes
+    what arrived meanwhile into the same PostgreSQL transaction (fewer, larger batches at an
+    opening); an idle consumer handles the first entry at once."""
     rt = dataclasses.replace(runtime, settings=dataclasses.replace(
         runtime.settings, worker_linger_ms=300, worker_batch_size=100))
     channel, _ = await make_channel(rt)
@@ -151,10 +152,16 @@ async def test_a_partial_batch_lingers_for_more_entries(runtime: Runtime) -> Non
     c = SaleConsumer(rt, sale, "linger")
     await c.ensure_group()
     assert await c.step(None) == 0  # nothing pending yet; from now on, new entries
+    # Idle: the first order is handled at once, no lingering.
+    started = asyncio.get_running_loop().time()
+    idle = await buy(rt, sale, channel, qty=1, pay="pay-0")
+    assert await c.step(1000) == 1
+    assert asyncio.get_running_loop().time() - started < 0.25
+    # Busy now (a batch just handled): a partial read waits for more.
     first = await buy(rt, sale, channel, qty=1, pay="pay-1")
     step = asyncio.create_task(c.step(1000))
     await asyncio.sleep(0.1)  # the step has read the first order and lingers
     second = await buy(rt, sale, channel, qty=1, pay="pay-2")
     assert await step == 2  # one batch, both orders
-    assert set(await keys_by_order(rt, sale)) == {first, second}
+    assert set(await keys_by_order(rt, sale)) == {idle, first, second}
     assert await pending(rt, sale) == 0

@@ -43,6 +43,7 @@ AfterCommit = Callable[[str, BatchOutcome], Awaitable[None]]
 """Test hook: called after a batch's commit and before its ack (a crash there changes nothing)."""
 
 NEW = ">"
+BUSY_S = 1.0  # a consumer that handled new entries this recently lingers on a partial read
 TOO_MANY_DELIVERIES = "delivered too many times"
 
 
@@ -58,6 +59,7 @@ class SaleConsumer:
         self.after_commit = after_commit
         self.stream = rt.keys.events(self.shard)
         self.cursor = "0"  # own pending entries first; NEW once they are all handled
+        self._last_batch_at = float("-inf")  # when this consumer last handled new entries
 
     async def ensure_group(self) -> None:
         try:
@@ -85,12 +87,16 @@ class SaleConsumer:
             self.cursor = NEW
         entries = await self._read(NEW, size, block_ms)
         linger_ms = self.rt.settings.worker_linger_ms
-        if entries and len(entries) < size and linger_ms:
-            # Fewer, larger transactions: a partial batch waits a moment for more entries.
+        if (entries and len(entries) < size and linger_ms
+                and time.monotonic() - self._last_batch_at < BUSY_S):
+            # Busy (a batch handled within BUSY_S): a partial batch waits a moment for more
+            # entries, so a burst makes fewer, larger transactions. An idle consumer handles
+            # the first entry at once, as Nagle's algorithm sends the first segment.
             await asyncio.sleep(linger_ms / 1000)
             entries += await self._read(NEW, size - len(entries), None)
         if entries:
             await self.handle(entries, redelivered=False)
+            self._last_batch_at = time.monotonic()
         return len(entries)
 
     async def _read(self, cursor: str, count: int, block_ms: int | None) -> list[Entry]:
