@@ -26,6 +26,7 @@ import random
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 from locust import (
@@ -57,6 +58,18 @@ RISK_REFUSALS = {"risk_denied", "challenge_required", "rate_limited"}
 
 RECORDS: list[dict[str, Any]] = []  # one per order seen (or per refused buyer), updated in place
 _ids = itertools.count()
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@events.init.add_listener
+def _loopback_only(environment: Any, **_kwargs: Any) -> None:
+    """Load only ever goes to this machine's loopback (a deployment: through a tunnel)."""
+    host = urlsplit(environment.host or "").hostname
+    if environment.host and host not in LOOPBACK:
+        raise SystemExit(f"loadtest: --host must be a loopback address ({', '.join(LOOPBACK)}),"
+                         f" got {environment.host!r}")
 
 
 @events.quitting.add_listener

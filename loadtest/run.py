@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -43,6 +44,7 @@ from loadtest.audit import SLA, SLA_FILE, Verdict, judge, read_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SWEEP_MARGIN_S = 5.0  # past a reservation's deadline, the sweeper's interval and a batch
 
 
@@ -112,6 +114,11 @@ def _gateway(args: argparse.Namespace) -> Iterator[tuple[str, str, str, dict[str
     if args.url:
         if not args.admin_token:
             raise SetupError("--url needs --admin-token or FLASHGATE_ADMIN_TOKEN")
+        if urlsplit(args.url).hostname not in LOOPBACK:
+            # Load only ever goes to this machine's loopback; a deployment is reached through
+            # a tunnel to it (`kubectl port-forward svc/flashgate-gateway 8000:80`).
+            raise SetupError(f"--url must be a loopback address ({', '.join(LOOPBACK)}), "
+                             f"got {args.url!r}")
         yield args.url.rstrip("/"), args.admin_token, args.database_url, {}
         return
     from cli.stack import running_stack

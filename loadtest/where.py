@@ -245,6 +245,6 @@ def render(latency: GatewayLatency | None, whole: CpuWindow | None,
             "note      the app answered >= 99% of purchases within the SLA but the clients' p99 "
             "did not, on a machine with no idle CPU left: the difference is queueing in front "
             "of the app (requests waiting in sockets for the gateway's event loop, and for "
-            "Locust's own CPU). Give the gateway more cores or processes, or run Locust from "
-            "another machine (--url) to tell them apart; the gate judges the clients' view.")
+            "Locust's own CPU). Give the gateway and Locust cores of their own to tell them "
+            "apart; the gate judges the clients' view.")
     return lines

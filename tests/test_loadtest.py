@@ -167,3 +167,10 @@ def test_audit_waits_for_open_reservations_to_settle() -> None:
         reads.clear()
         _settle(admin, "s", time.monotonic(), time.monotonic())
         assert len(reads) == 1
+
+
+def test_load_goes_only_to_loopback(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "loadtest.run", "--url", "http://example.com:8000",
+                        "--admin-token", "t", "--results-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "loopback" in r.stderr, r.stderr
