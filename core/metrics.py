@@ -151,7 +151,7 @@ AUDIT_LAST_RUN = Gauge(
 # Reconciliation (core/reconcile.py), run by every worker for the current sales (at most
 # core.reconcile.CURRENT_SALES_LIMIT of them: the sale label stays bounded).
 RECONCILE_KINDS = ("missing_ledger", "ledger_balance", "stock_total", "oversold", "keys",
-                   "delivered_ahead", "orders")
+                   "delivered_ahead", "orders", "risk_list_entries", "risk_override")
 RECONCILE_DRIFT = Gauge(
     "flashgate_reconcile_drift_units", "Redis ledger vs PostgreSQL vs card keys, by kind of "
     "drift (units, or ledgers for missing_ledger); must be 0.", ["sale", "kind"],

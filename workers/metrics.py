@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 from core import metrics
 from core.keys import WORKER_GROUP
 from core.reconcile import check, current_sales
+from risk import durable
 from workers import lowstock
 
 if TYPE_CHECKING:
@@ -127,13 +128,15 @@ async def reconcile_current(redis: Any, keys: Any, pool: Any) -> dict[str, dict[
     found: dict[str, dict[str, int]] = {}
     for sale_id in await current_sales(pool):
         report = await check(redis, keys, pool, sale_id, orders=False)
-        found[sale_id] = report.drift
+        # The risk lists and the sale's override, compared only (risk/durable.py).
+        risk = await durable.sync(pool, redis, keys, sale_id, write=False)
+        found[sale_id] = {**report.drift, **risk}
         if report.drift.get("missing_ledger"):
             log.error("sale %s: PostgreSQL knows it, Redis has no ledger: paused until "
                       "`flashgate reconcile %s`", sale_id, sale_id)
-        elif not report.ok:
+        elif not report.ok or any(risk.values()):
             log.error("sale %s: reconciliation drift %s", sale_id,
-                      {k: v for k, v in report.drift.items() if v})
+                      {k: v for k, v in found[sale_id].items() if v})
     metrics.RECONCILE_DRIFT.clear()  # sales no longer current leave the gauge
     for sale_id, drift in found.items():
         for kind in metrics.RECONCILE_KINDS:

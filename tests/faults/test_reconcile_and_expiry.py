@@ -67,6 +67,21 @@ async def test_reconcile_reports_drift_as_command_and_gauge(frt: Runtime) -> Non
     assert metrics.RECONCILE_LAST_RUN._value.get() > before  # noqa: SLF001
     assert _drift_gauge(sale, "stock_total") == 0
 
+    # A block-list entry PostgreSQL has and Redis lacks (its Redis write failed): the periodic
+    # job exports it as drift; `flashgate reconcile` (durable.sync) repairs it.
+    from risk import durable
+
+    await durable.sync(frt.pool, frt.redis, frt.keys, sale, write=True)  # start level
+    await reconcile_current(frt.redis, frt.keys, frt.pool)
+    assert _drift_gauge(sale, "risk_list_entries") == 0
+    await durable.save_list_change(frt.pool, "block", "device", [f"lost-{sale}"], add=True)
+    await reconcile_current(frt.redis, frt.keys, frt.pool)
+    assert _drift_gauge(sale, "risk_list_entries") == 1
+    await durable.sync(frt.pool, frt.redis, frt.keys, sale, write=True)
+    await reconcile_current(frt.redis, frt.keys, frt.pool)
+    assert _drift_gauge(sale, "risk_list_entries") == 0
+    assert f"lost-{sale}" in await frt.redis.smembers(frt.keys.risk_list("block", "device"))
+
 
 @pytest.mark.timeout(60)
 async def test_sale_end_with_open_reservations_returns_stock_once(frt: Runtime) -> None:
