@@ -110,8 +110,8 @@ def test_datacenter_file_format() -> None:
 async def test_late_arrival_at_a_second_boundary_keeps_the_window(runtime: Runtime) -> None:
     """Concurrent requests reach Redis a little out of their `now` order. A hit stamped just
     before a second boundary that lands after hits stamped just after it must not roll the
-    1 s window back: that wiped the newer counts and let a subnet burst through (seen in a full local test run:
-    105 of a 200-request /24 farm admitted against a limit of 50)."""
+    1 s window back: that wiped the newer counts and let a subnet burst through (seen in a
+    full local test run: 105 of a 200-request /24 farm admitted against a limit of 50)."""
     now = [T0 - 0.01]
     scoring = engine(runtime)
     scoring.clock = lambda: now[0]
