@@ -49,6 +49,10 @@ class Keys:
     def _tag(self, sale_id: str) -> str:
         return f"{self.prefix}:{{s:{sale_id}}}"
 
+    def sale_pattern(self, shard: str) -> str:
+        """SCAN MATCH pattern of every key of one sale's ledger shard (bench clean-up only)."""
+        return f"{self._tag(shard)}:*"
+
     def sale(self, sale_id: str) -> str:
         """HASH: window, limits and the stock ledger (total/available/reserved/confirmed/...)."""
         return f"{self._tag(sale_id)}:sale"

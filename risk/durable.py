@@ -5,8 +5,9 @@ that survives Redis. An admin change is written to PostgreSQL first, then to Red
 whose Redis write fails after the commit is answered with an error and, retried, is a no-op in
 PostgreSQL that applies in Redis. After Redis lost its data (a restart without persistence, a
 failover that lost writes), `flashgate reconcile` compares the two and writes PostgreSQL's
-state back (`restore`): a block list that vanished with Redis would let a banned farm back in
-at the next sale.
+state back (`sync`): a block list that vanished with Redis would let a banned farm back in
+at the next sale. While PostgreSQL is unreachable a change is refused (503, nothing written),
+rather than held by Redis alone.
 """
 
 from __future__ import annotations
