@@ -26,7 +26,6 @@ import random
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 from locust import (
@@ -40,6 +39,7 @@ from locust import (
 )
 
 from loadtest.profiles import schedule
+from loadtest.target import require_loopback
 from risk.solver import SOLUTION_HEADER, Unsolvable, solve
 
 SALE_ID = os.environ.get("FG_SALE_ID", "")
@@ -60,16 +60,14 @@ RECORDS: list[dict[str, Any]] = []  # one per order seen (or per refused buyer),
 _ids = itertools.count()
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 @events.init.add_listener
 def _loopback_only(environment: Any, **_kwargs: Any) -> None:
-    """Load only ever goes to this machine's loopback (a deployment: through a tunnel)."""
-    host = urlsplit(environment.host or "").hostname
-    if environment.host and host not in LOOPBACK:
-        raise SystemExit(f"loadtest: --host must be a loopback address ({', '.join(LOOPBACK)}),"
-                         f" got {environment.host!r}")
+    """Load only ever goes to this machine's loopback (loadtest/target.py)."""
+    if environment.host:
+        try:
+            require_loopback(environment.host, "--host")
+        except ValueError as exc:
+            raise SystemExit(f"loadtest: {exc}") from None
 
 
 @events.quitting.add_listener

@@ -33,7 +33,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -41,10 +40,10 @@ import httpx
 from core.embedded import stop_process
 from loadtest import where
 from loadtest.audit import SLA, SLA_FILE, Verdict, judge, read_stats
+from loadtest.target import require_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SWEEP_MARGIN_S = 5.0  # past a reservation's deadline, the sweeper's interval and a batch
 
 
@@ -114,11 +113,10 @@ def _gateway(args: argparse.Namespace) -> Iterator[tuple[str, str, str, dict[str
     if args.url:
         if not args.admin_token:
             raise SetupError("--url needs --admin-token or FLASHGATE_ADMIN_TOKEN")
-        if urlsplit(args.url).hostname not in LOOPBACK:
-            # Load only ever goes to this machine's loopback; a deployment is reached through
-            # a tunnel to it (`kubectl port-forward svc/flashgate-gateway 8000:80`).
-            raise SetupError(f"--url must be a loopback address ({', '.join(LOOPBACK)}), "
-                             f"got {args.url!r}")
+        try:  # a deployment: `kubectl port-forward svc/flashgate-gateway 8000:80`
+            require_loopback(args.url, "--url")
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
         yield args.url.rstrip("/"), args.admin_token, args.database_url, {}
         return
     from cli.stack import running_stack
