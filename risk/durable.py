@@ -64,24 +64,18 @@ async def _override(pool: asyncpg.Pool, sale_id: str) -> dict[str, Any]:
     return doc
 
 
-async def sync(pool: asyncpg.Pool, redis: Redis, keys: Keys, sale_id: str, *,
-               write: bool) -> dict[str, int]:
-    """Compare Redis with PostgreSQL: every list, and this sale's override. Returns the drift
-    {"risk_list_entries": entries missing from or extra in Redis, "risk_override": 0 | 1};
-    with `write`, Redis is first made PostgreSQL's copy (lists replaced whole, one MULTI each,
-    and the lists' version bumped so every gateway reloads them)."""
+async def sync_lists(pool: asyncpg.Pool, redis: Redis, keys: Keys, *, write: bool) -> int:
+    """Compare every list in Redis with PostgreSQL: returns the entries missing from or extra
+    in Redis; with `write`, Redis is first made PostgreSQL's copy (the stale lists replaced
+    whole in one MULTI, and the lists' version bumped so every gateway reloads them). The
+    lists are global: a periodic job compares them once, not once per sale."""
     wanted = await _lists(pool)
     async with redis.pipeline(transaction=False) as pipe:  # one slot: the {risk} tag
         for action, kind in wanted:
             pipe.smembers(keys.risk_list(action, kind))
         members = await pipe.execute()
-    raw_override = await redis.get(keys.risk_config(sale_id))  # the sale's slot
     have = {pair: {str(m) for m in got} for pair, got in zip(wanted, members, strict=True)}
     stale = [pair for pair in wanted if have[pair] != wanted[pair]]
-    entries = sum(len(have[p] ^ wanted[p]) for p in stale)
-    override = await _override(pool, sale_id)
-    current = msgspec.json.decode(raw_override) if raw_override else {}
-    override_drift = int(current != override)
     if write and stale:
         async with redis.pipeline(transaction=True) as tx:
             for action, kind in stale:
@@ -91,9 +85,29 @@ async def sync(pool: asyncpg.Pool, redis: Redis, keys: Keys, sale_id: str, *,
                     tx.sadd(key, *sorted(wanted[(action, kind)]))
             tx.incr(keys.risk_lists_version())
             await tx.execute()
-    if write and override_drift:
+    return sum(len(have[p] ^ wanted[p]) for p in stale)
+
+
+async def sync_override(pool: asyncpg.Pool, redis: Redis, keys: Keys, sale_id: str, *,
+                        write: bool) -> int:
+    """Compare one sale's override in Redis with PostgreSQL: 1 if they differ, else 0; with
+    `write`, Redis is first set to PostgreSQL's."""
+    raw = await redis.get(keys.risk_config(sale_id))  # the sale's slot
+    current = msgspec.json.decode(raw) if raw else {}
+    override = await _override(pool, sale_id)
+    if current == override:
+        return 0
+    if write:
         if override:
             await redis.set(keys.risk_config(sale_id), msgspec.json.encode(override))
         else:
             await redis.delete(keys.risk_config(sale_id))
-    return {"risk_list_entries": entries, "risk_override": override_drift}
+    return 1
+
+
+async def sync(pool: asyncpg.Pool, redis: Redis, keys: Keys, sale_id: str, *,
+               write: bool) -> dict[str, int]:
+    """Both, for `flashgate reconcile SALE`: {"risk_list_entries": n, "risk_override": 0 | 1},
+    the drift found before any write."""
+    return {"risk_list_entries": await sync_lists(pool, redis, keys, write=write),
+            "risk_override": await sync_override(pool, redis, keys, sale_id, write=write)}

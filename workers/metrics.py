@@ -126,10 +126,15 @@ async def reconcile_current(redis: Any, keys: Any, pool: Any) -> dict[str, dict[
     """Reconcile the current sales (core/reconcile.py, without the per-order pass) and export
     the drift (flashgate_reconcile_drift_units); returns it per sale."""
     found: dict[str, dict[str, int]] = {}
-    for sale_id in await current_sales(pool):
+    sales = await current_sales(pool)
+    # The risk lists (global: compared once) and each sale's override, compared only
+    # (risk/durable.py).
+    list_drift = await durable.sync_lists(pool, redis, keys, write=False) if sales else 0
+    for sale_id in sales:
         report = await check(redis, keys, pool, sale_id, orders=False)
-        # The risk lists and the sale's override, compared only (risk/durable.py).
-        risk = await durable.sync(pool, redis, keys, sale_id, write=False)
+        risk = {"risk_list_entries": list_drift,
+                "risk_override": await durable.sync_override(pool, redis, keys, sale_id,
+                                                             write=False)}
         found[sale_id] = {**report.drift, **risk}
         if report.drift.get("missing_ledger"):
             log.error("sale %s: PostgreSQL knows it, Redis has no ledger: paused until "
