@@ -110,12 +110,13 @@ def _started_after(since_ticks: int) -> dict[str, float]:
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as f:
-                comm, fields = _stat_fields(f.read())
+                text = f.read()
         except OSError:
             continue
+        comm, fields = _stat_fields(text)
         group = BY_COMMAND.get(comm)
         if group is not None and int(fields[19]) >= since_ticks:
-            found[f"{group}:{entry.name}"] = float(int(fields[11]) + int(fields[12]))
+            found[f"{group}:{entry.name}"] = cpu_seconds(text)
     return found
 
 
