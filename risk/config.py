@@ -157,10 +157,14 @@ class SaleConfigs:
     async def set_override(self, sale_id: str, override: dict[str, Any]) -> RiskConfig:
         """Validate and store a sale's override (an empty one removes it)."""
         cfg = with_override(self.base, override)
+        await self.store_override(sale_id, override)
+        return cfg
+
+    async def store_override(self, sale_id: str, override: dict[str, Any]) -> None:
+        """Store an override already validated (with_override) in Redis."""
         key = self.keys.risk_config(sale_id)
         if override:
             await self.redis.set(key, msgspec.json.encode(override))
         else:
             await self.redis.delete(key)
         self._cache.pop(sale_id, None)
-        return cfg

@@ -165,7 +165,11 @@ class RiskLists:
         """Add or remove entries (validated first); returns how many changed."""
         if action not in ACTIONS:
             raise ListEntryInvalid(f"unknown list {action!r} (allow or block)")
-        clean = [normalize(kind, v) for v in values]
+        return await self.apply(action, kind, [normalize(kind, v) for v in values], add=add)
+
+    async def apply(self, action: str, kind: str, clean: list[str], *, add: bool) -> int:
+        """`change` for entries already normalized (the admin API records them in PostgreSQL
+        between the two: risk/durable.py)."""
         if not clean:
             return 0
         key = self.keys.risk_list(action, kind)

@@ -62,7 +62,7 @@ async def change_list(request: Request) -> Response:
         raise errors.InvalidRequest(str(exc)) from None
     # PostgreSQL first: it is what `flashgate reconcile` restores Redis from (risk/durable.py).
     await durable.save_list_change(state(request).runtime.pool, action, kind, entries, add=add)
-    changed = await engine.lists.change(action, kind, entries, add=add)
+    changed = await engine.lists.apply(action, kind, entries, add=add)
     return JSONResponse(ListChangeOut(action, kind, changed))
 
 
@@ -104,7 +104,7 @@ async def put_sale_risk(request: Request) -> Response:
     except ConfigInvalid as exc:
         raise errors.InvalidRequest(str(exc)) from None
     await durable.save_override(state(request).runtime.pool, sale_id, override)
-    await engine.configs.set_override(sale_id, override)
+    await engine.configs.store_override(sale_id, override)
     return JSONResponse(await _config_out(engine, sale_id))
 
 
