@@ -2,30 +2,41 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo up test chaos lint clean loadtest bench tools audit lock
-
-$(STAMP): pyproject.toml
+## Installs exactly what the lock files pin (every version with its sha256), then the project
+## itself without dependencies: what `make up`/`make demo` run and what `make test` tests is what
+## ships. requirements-run.lock: runtime + the embedded servers; requirements.lock adds the dev
+## tools (pytest, locust, mypy, ruff, schemathesis, ...), which only `make test`/`lint` need.
+$(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
 
-install: $(STAMP)
+$(RUN_STAMP): requirements-run.lock pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q --require-hashes -r requirements-run.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(DEV_STAMP): requirements.lock $(RUN_STAMP)
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	touch $@
+
+install: $(RUN_STAMP)
+install-dev: $(DEV_STAMP)
 
 ## The main job: a demo flash sale on embedded Redis + PostgreSQL.
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/flashgate demo
 
 ## The same stack in the foreground, for manual use.
-up: $(STAMP)
+up: $(RUN_STAMP)
 	$(BIN)/flashgate up
 
 ## Tools the ops tests need beside the Python dev extras (kubectl comes from a wheel):
 ## promtool, from Debian's `prometheus` package, unpacked into the venv (no daemon, no service).
 PROMTOOL := $(BIN)/promtool
-$(PROMTOOL): | $(STAMP)
+$(PROMTOOL): | $(DEV_STAMP)
 	@if command -v promtool >/dev/null; then ln -sf "$$(command -v promtool)" $@; else \
 	  echo "installing promtool (Debian package prometheus, unpacked into $(BIN))"; \
 	  d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && cd "$$d" && \
@@ -38,21 +49,21 @@ tools: $(PROMTOOL)
 
 ## The whole test suite (starts its own Redis and PostgreSQL on free ports).
 ## FLASHGATE_REQUIRE_TOOLS: the ops tests fail, instead of skipping, when promtool is missing.
-test: $(STAMP) $(PROMTOOL)
+test: $(DEV_STAMP) $(PROMTOOL)
 	FLASHGATE_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -q
 
 ## The long fault runs (tests/faults, marker `chaos`; a short version of each is in `test`).
 ## FLASHGATE_CHAOS_S sets the length of a run (default 60 s).
-chaos: $(STAMP)
+chaos: $(DEV_STAMP)
 	FLASHGATE_CHAOS=1 $(BIN)/python -m pytest -q -s -m chaos tests/faults
 
 ## A flash sale under Locust, gated by loadtest/sla.toml and audited (not part of `test`).
 ## Reports under loadtest/results/. ARGS="--url http://127.0.0.1:8000" for a running gateway.
-loadtest: $(STAMP)
+loadtest: $(DEV_STAMP)
 	$(BIN)/python -m loadtest.run $(ARGS)
 
 ## Throughput and latency beside the baselines; writes docs/PERFORMANCE.md (not part of `test`).
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	@command -v wrk >/dev/null || { echo "bench: installing wrk (Debian package)"; \
 	  (apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk)) \
 	  >/dev/null 2>&1 || sudo -n apt-get install -y -qq wrk >/dev/null 2>&1 || \
@@ -76,6 +87,8 @@ $(TOOLS)/.installed:
 lock: $(TOOLS)/.installed
 	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --universal \
 	  --python-version 3.11 -o $(LOCK)
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra embedded --generate-hashes --universal \
+	  --python-version 3.11 -o requirements-run.lock
 
 ## Known vulnerabilities of the pins in requirements.lock (pip-audit, PyPI's vulnerability data;
 ## needs the network). Fails, never passes silently, when the service can't be reached or a pin
@@ -87,7 +100,7 @@ audit: $(TOOLS)/.installed
 	  $(TOOLS)/audit.log; then echo "audit: FAILED: the vulnerability service was unreachable or \
 	did not know some pins; the lock file was NOT audited"; exit 2; fi; exit $$rc
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy core gateway workers risk cli
 
