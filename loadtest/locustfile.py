@@ -9,7 +9,9 @@ Environment: FG_SALE_ID, FG_API_KEY (a channel key), FG_OPENS_AT (unix seconds; 
 it), FG_SHAPE (`none`: use -u/-r/-t; `spike` or `steady`: loadtest/profiles.py with FG_USERS and
 FG_DURATION_S), FG_BOTS / FG_SOLVERS (fixed counts), FG_BOT_RATE (purchases/s per bot, 0 =
 unpaced), FG_RECORDS (JSON-lines file: every order
-seen, written when Locust quits, for the audit), FG_RUN (prefix of user ids).
+seen, written when Locust quits, for the audit), FG_RUN (prefix of user ids), FG_PROGRESS
+(JSON-lines file: a snapshot of users, requests, req/s, p99 so far and failures every
+FG_PROGRESS_S seconds, which `loadtest/run.py` prints while the run goes on).
 
 Every answer is checked for its business content, not only its status: a 409 sold_out is a
 correct answer; a 201 without an order id of this sale, or a 409 with an unexpected code, is a
@@ -48,6 +50,8 @@ OPENS_AT = float(os.environ.get("FG_OPENS_AT", "0"))
 RUN = os.environ.get("FG_RUN", uuid.uuid4().hex[:6])
 SHAPE = os.environ.get("FG_SHAPE", "none")
 RECORDS_FILE = os.environ.get("FG_RECORDS", "")
+PROGRESS_FILE = os.environ.get("FG_PROGRESS", "")
+PROGRESS_S = float(os.environ.get("FG_PROGRESS_S", "3"))
 DELIVERY_WAIT_S = float(os.environ.get("FG_DELIVERY_WAIT_S", "10"))
 POLL_S = 0.2
 MAX_TRIES = 3  # a timeout, connection error or 5xx is retried with the same Idempotency-Key
@@ -68,6 +72,35 @@ def _loopback_only(environment: Any, **_kwargs: Any) -> None:
             require_loopback(environment.host, "--host")
         except ValueError as exc:
             raise SystemExit(f"loadtest: {exc}") from None
+
+
+@events.test_start.add_listener
+def _report_progress(environment: Any, **_kwargs: Any) -> None:
+    """Every PROGRESS_S, one JSON line: the run as far as it went (cumulative p99)."""
+    if not PROGRESS_FILE:
+        return
+    import gevent
+
+    started = time.monotonic()
+
+    def loop() -> None:
+        with open(PROGRESS_FILE, "a", buffering=1) as out:
+            while True:
+                gevent.sleep(PROGRESS_S)
+                runner, total = environment.runner, environment.stats.total
+                purchases = [e for (name, _), e in environment.stats.entries.items()
+                             if name.startswith("purchase")]
+                out.write(json.dumps({
+                    "t_s": round(time.monotonic() - started, 1),
+                    "users": runner.user_count if runner else 0,
+                    "requests": total.num_requests, "failures": total.num_failures,
+                    "rps": round(total.current_rps, 1),
+                    "purchases": sum(e.num_requests for e in purchases),
+                    "purchase_p99_ms": max((e.get_response_time_percentile(0.99) or 0
+                                            for e in purchases), default=0),
+                }) + "\n")
+
+    gevent.spawn(loop)
 
 
 @events.quitting.add_listener

@@ -38,7 +38,7 @@ import asyncpg
 import httpx
 
 from core.embedded import stop_process
-from loadtest import where
+from loadtest import progress, where
 from loadtest.audit import SLA, SLA_FILE, Verdict, judge, read_stats
 from loadtest.target import require_loopback
 
@@ -51,34 +51,55 @@ class SetupError(RuntimeError):
     pass
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """The module's docstring as written, and every option's default in --help."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="loadtest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=("spike", "steady", "none"), default="spike")
-    p.add_argument("--users", type=int, default=1000, help="peak users (spike) / users")
-    p.add_argument("--spawn-rate", type=float, default=0, help="with --shape none; default "
-                   "all users at once")
-    p.add_argument("--duration-s", type=float, default=30)
+                                epilog="What each shape does and what --users controls: "
+                                "loadtest/README.md.", formatter_class=_HelpFormatter)
+    p.add_argument("--shape", choices=("spike", "steady", "none"), default="spike",
+                   help="spike: a flash-sale opening (all users within 2 s of it, then a tail); "
+                   "steady: a constant population; none: Locust's -u/-r/-t "
+                   "(loadtest/profiles.py)")
+    p.add_argument("--users", type=int, default=1000, help="honest buyers at the peak (spike) "
+                   "or throughout (steady, none); bots and solvers are extra (--bots, --solvers)")
+    p.add_argument("--spawn-rate", type=float, default=0, help="users started per second, with "
+                   "--shape none; 0 = all users at once")
+    p.add_argument("--duration-s", type=float, default=30, help="length of the Locust run")
     p.add_argument("--keys", type=int, default=2000, help="card keys in the sale")
     p.add_argument("--opens-in-s", type=float, default=5, help="the sale opens this long "
                    "after Locust starts")
-    p.add_argument("--reservation-ttl-s", type=int, default=10)
-    p.add_argument("--per-user-limit", type=int, default=1)
-    p.add_argument("--bots", type=int, default=3)
+    p.add_argument("--reservation-ttl-s", type=int, default=10, help="the sale's reservation "
+                   "deadline: unconfirmed reservations come back after it")
+    p.add_argument("--per-user-limit", type=int, default=1, help="the sale's units per buyer")
+    p.add_argument("--bots", type=int, default=3, help="bot users (one farm: rotating user "
+                   "ids on few devices and one /24), a fixed count whatever --users is")
     p.add_argument("--bot-rate", type=float, default=200, help="purchases per second of each "
                    "bot (no think time, paced so the load is a stated one); 0 = as fast as "
                    "the load generator can")
-    p.add_argument("--solvers", type=int, default=2)
+    p.add_argument("--solvers", type=int, default=2, help="buyers from a datacenter range who "
+                   "get a proof-of-work challenge and solve it")
     p.add_argument("--workers", type=int, default=2, help="worker processes (own stack only)")
-    p.add_argument("--url", help="an already running gateway (default: start a stack)")
-    p.add_argument("--admin-token", default=os.environ.get("FLASHGATE_ADMIN_TOKEN", ""))
+    p.add_argument("--url", help="an already running gateway on loopback (default: start a "
+                   "stack)%(default).0s")
+    # never shown in --help: the default is read from the environment after parsing
+    p.add_argument("--admin-token", default=None, help="with --url (default: "
+                   "$FLASHGATE_ADMIN_TOKEN)%(default).0s")
     p.add_argument("--database-url", default="", help="with --url: PostgreSQL of that "
                    "gateway, for server-side delivery times (else measured by polling)")
-    p.add_argument("--results-dir", default=str(ROOT / "loadtest" / "results"))
-    p.add_argument("--sla", default=str(SLA_FILE))
+    p.add_argument("--results-dir", default=str(ROOT / "loadtest" / "results"),
+                   help="each run writes a folder <time>/ here (report.html, verdict.json, ...)")
+    p.add_argument("--sla", default=str(SLA_FILE), help="the gate's values")
+    p.add_argument("--progress-s", type=float, default=3, help="seconds between progress lines")
     p.add_argument("--sla-set", action="append", default=[], metavar="NAME=VALUE",
                    help="override one SLA value (e.g. purchase_p99_ms=200)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.admin_token is None:
+        args.admin_token = os.environ.get("FLASHGATE_ADMIN_TOKEN", "")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest: set-up failed: {exc}", file=sys.stderr)
         return 2
     print(_report(args, sla, verdict))
-    (out / "verdict.json").write_text(json.dumps(
-        {"ok": verdict.ok, "checks": verdict.checks, **verdict.figures}, indent=2,
-        default=_jsonable))
+    (out / "verdict.json").write_text(json.dumps(verdict.to_json(), indent=2,
+                                                 default=_jsonable))
+    _put_verdict_in_report(out / "report.html", verdict)
     print(json.dumps({"ok": verdict.ok, "results": str(out)}), flush=True)
     return 0 if verdict.ok else 1
 
@@ -158,6 +179,8 @@ def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_
                                         sla.purchase_p99_ms)
         records = [json.loads(line) for line in records_file.read_text().splitlines()
                    ] if records_file.exists() else []
+        print("loadtest: Locust done; waiting for deliveries and expiries to settle, then "
+              "auditing every order", flush=True)
         _settle(admin, sale_id, time.monotonic() + sla.delivery_grace_s,
                 time.monotonic() + args.reservation_ttl_s + SWEEP_MARGIN_S)
         order_ids = sorted({r["order_id"] for r in records if r.get("order_id")})
@@ -169,7 +192,8 @@ def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_
         raise SetupError(f"Locust wrote no stats; see {out / 'locust.log'}")
     verdict = judge(sla, read_stats(stats_csv), records, orders, stock, stock_total=args.keys,
                     imported=set(codes), per_user_limit=args.per_user_limit,
-                    delivery_ms=delivery_ms)
+                    delivery_ms=delivery_ms, gateway=None if latency is None else
+                    (latency.count, latency.p99_bucket_ms))
     # Not part of the gate: where the time went (loadtest/where.py).
     verdict.figures["where"] = {"gateway_latency": latency, "cpu_whole_run": cpu.whole(),
                                 "cpu_busiest_second": cpu.busiest()}
@@ -197,8 +221,8 @@ def _run_locust(args: argparse.Namespace, url: str, sale_id: str, api_key: str,
            "FG_OPENS_AT": str(opens_at), "FG_SHAPE": args.shape, "FG_USERS": str(args.users),
            "FG_DURATION_S": str(args.duration_s), "FG_RECORDS": str(records),
            "FG_BOTS": str(args.bots), "FG_BOT_RATE": str(args.bot_rate),
-           "FG_SOLVERS": str(args.solvers),
-           "PYTHONPATH": str(ROOT)}
+           "FG_SOLVERS": str(args.solvers), "FG_PROGRESS": str(out / "progress.jsonl"),
+           "FG_PROGRESS_S": str(args.progress_s), "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
             "--host", url, "--csv", str(out / "locust"), "--html", str(out / "report.html"),
             "--only-summary", "--logfile", str(out / "locust.log"), "--loglevel", "WARNING",
@@ -211,8 +235,15 @@ def _run_locust(args: argparse.Namespace, url: str, sale_id: str, api_key: str,
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         cpu.add("locust", proc.pid)
+        follower = progress.Follower(out / "progress.jsonl")
+        deadline = time.monotonic() + args.duration_s + args.opens_in_s + 60
         try:
-            proc.wait(args.duration_s + args.opens_in_s + 60)
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(argv, args.duration_s)
+                time.sleep(0.5)
+                for snap in follower.new():
+                    print(progress.describe(snap), flush=True)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             stop_process(proc, timeout=15)
             raise
@@ -257,6 +288,17 @@ def _delivery_ms(database_url: str, sale_id: str, records: list[dict[str, Any]],
     return [(r["delivered_seen_at"] - r["confirmed_at"]) * 1000 for r in records
             if r.get("delivered_seen_at") and r.get("confirmed_at")
             and orders.get(r.get("order_id", ""), {}).get("status") == "delivered"]
+
+
+def _put_verdict_in_report(report: Path, verdict: Verdict) -> None:
+    """The SLA verdict at the top of Locust's report.html, so the page alone tells the
+    outcome."""
+    if not report.exists():
+        return
+    html = report.read_text(errors="replace")
+    at = html.find("<body")
+    at = html.find(">", at) + 1 if at >= 0 else 0
+    report.write_text(html[:at] + verdict.to_html() + html[at:])
 
 
 def _jsonable(o: object) -> object:
