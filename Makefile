@@ -100,9 +100,11 @@ audit: $(TOOLS)/.installed
 	  $(TOOLS)/audit.log; then echo "audit: FAILED: the vulnerability service was unreachable or \
 	did not know some pins; the lock file was NOT audited"; exit 2; fi; exit $$rc
 
+## ruff (lint and format) and mypy --strict (pyproject's [tool.mypy]) on every package; CI runs it.
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy core gateway workers risk cli
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy core gateway workers risk cli loadtest bench ops
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .run .pytest_cache

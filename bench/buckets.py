@@ -51,7 +51,8 @@ def old_reserve_source() -> str:
 
 def slot_ports(client: redis_sync.Redis) -> dict[int, int]:
     owner: dict[int, int] = {}
-    for lo, hi, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+    slots: Any = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+    for lo, hi, master, *_ in slots:
         owner.update(dict.fromkeys(range(int(lo), int(hi) + 1), int(master[1])))
     return owner
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             old_sha = node.script_load(old_reserve_source())
 
         def slot_of(key: str) -> int:
-            return int(seed.execute_command("CLUSTER", "KEYSLOT", key))
+            return int(seed.execute_command("CLUSTER", "KEYSLOT", key))  # type: ignore[no-untyped-call]
 
         def make_sale(buckets: int) -> tuple[str, list[int]]:
             """A sale whose buckets are on distinct masters; returns (id, port per bucket)."""

@@ -38,7 +38,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 def _pack(args: tuple[Any, ...]) -> bytes:
     """RESP for one command, packed in C (str, bytes, int and float arguments)."""
-    return hiredis.pack_command(cast(Any, args))
+    packed: bytes = hiredis.pack_command(cast(Any, args))
+    return packed
 
 
 def _reply_error(message: str) -> ResponseError:

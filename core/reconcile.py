@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
@@ -218,7 +218,7 @@ async def _status_mismatches(redis: Redis, keys: Keys, statuses: dict[str, str])
         async with redis.pipeline(transaction=False) as pipe:
             for order_id in chunk:
                 pipe.hget(keys.order(order_id), "status")
-            live = cast(list[Any], await pipe.execute())
+            live: list[Any] = await pipe.execute()
         wrong += sum(1 for order_id, s in zip(chunk, live, strict=True)
                      if s != statuses[order_id])
     return wrong

@@ -173,9 +173,11 @@ async def warm_up(redis: Redis, connections: int) -> None:
         await _warm_up_cluster(redis, connections)
         return
     pool = redis.connection_pool
-    conns = [await pool.get_connection() for _ in range(connections)]
+    # redis-py leaves these two untyped
+    get_connection: Callable[[], Awaitable[Any]] = pool.get_connection
+    conns = [await get_connection() for _ in range(connections)]
     try:
-        await asyncio.gather(*(c.connect() for c in conns))
+        await asyncio.gather(*(cast(Any, c).connect() for c in conns))
     finally:
         for c in conns:
             await pool.release(c)
@@ -188,7 +190,7 @@ async def _warm_up_cluster(cluster: RedisCluster, connections: int) -> None:
         conns = [node.acquire_connection()
                  for _ in range(min(connections, node.max_connections))]
         try:
-            await asyncio.gather(*(c.connect() for c in conns))
+            await asyncio.gather(*(cast(Any, c).connect() for c in conns))
         finally:
             for c in conns:
                 node.release(c)

@@ -33,7 +33,8 @@ def prometheus_rule() -> str:
         "metadata": {"name": "flashgate", "labels": {"role": "alert-rules"}},
         "spec": {"groups": groups},
     }
-    return HEADER + yaml.safe_dump(doc, sort_keys=False, width=200)
+    rendered: str = yaml.safe_dump(doc, sort_keys=False, width=200)
+    return HEADER + rendered
 
 
 def generated() -> dict[Path, str]:
