@@ -17,6 +17,15 @@ ConnectionError; a reply that doesn't come within `timeout_s` fails the connecti
 flight with TimeoutError and drops the connection (a stalled server must not hang requests);
 the next call reconnects. As with any client, a failed call may or may not have run: the
 purchase path's Idempotency-Key makes a retry safe.
+
+Replicas (`wait_replicas` > 0): Redis replicates asynchronously, so a promoted replica can miss
+the last writes its primary acknowledged. Each flushed buffer is followed by one
+`WAIT <replicas> <timeout>` on the same connection, and the buffer's replies are held until
+it answers: a caller learns its script's result only once the script's writes are on that many
+replicas. When fewer acknowledge in time, every call of the buffer fails with
+`NotReplicated` (the scripts did run on the primary: a retry with the same Idempotency-Key
+gets the same order, and waits for its replication again). One WAIT per buffer, not per call:
+concurrent purchases share it.
 """
 
 from __future__ import annotations
@@ -34,6 +43,15 @@ import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# A waiter of the connection's FIFO: the caller's future, or None for the WAIT that closes a
+# buffer; and when it was sent.
+_Waiter = tuple["asyncio.Future[Any] | None", float]
+
+
+class NotReplicated(RedisTimeoutError):
+    """The command ran on the primary, but fewer replicas than required acknowledged its
+    writes within the wait: answered as 503 with Retry-After; retry with the same key."""
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
@@ -53,10 +71,13 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
+        self.wait = b""  # the packed WAIT that closes each buffer, once replicas are required
+        self.wait_replicas = 0
+        self.held: list[tuple[asyncio.Future[Any], Any]] = []  # replies waiting for their WAIT
         self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader(encoding="utf-8", replyError=_reply_error)
         self.transport: asyncio.Transport | None = None
-        self.waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.waiters: deque[_Waiter] = deque()
         self.buffer: list[bytes] = []
         self.flush_scheduled = False
         self.timer: asyncio.TimerHandle | None = None
@@ -82,11 +103,23 @@ class _Connection(asyncio.Protocol):
                 self._fail(RedisConnectionError("unexpected reply from Redis"))
                 return
             future, _ = waiters.popleft()
-            if not future.done():  # its caller may have been cancelled
-                if isinstance(reply, ResponseError):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+            if future is None:  # the WAIT that closes a buffer: release its replies
+                self._release(reply)
+            elif self.wait:
+                self.held.append((future, reply))
+            else:
+                _resolve(future, reply)
+
+    def _release(self, acked: Any) -> None:
+        held, self.held = self.held, []
+        if isinstance(acked, int) and acked >= self.wait_replicas:
+            for future, reply in held:
+                _resolve(future, reply)
+            return
+        exc = NotReplicated(f"{acked} of {self.wait_replicas} replicas acknowledged in time")
+        for future, _ in held:
+            if not future.done():
+                future.set_exception(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisConnectionError("Connection closed by server."))
@@ -110,6 +143,9 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:
             self._fail(RedisConnectionError("Not connected."))
             return
+        if self.wait:
+            self.buffer.append(self.wait)
+            self.waiters.append((None, self.loop.time()))
         self.transport.write(b"".join(self.buffer))
         self.buffer.clear()
         self.writes += 1
@@ -132,13 +168,31 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        while self.waiters:
-            future, _ = self.waiters.popleft()
+        pending = [f for f, _ in self.held] + [f for f, _ in self.waiters if f is not None]
+        self.held.clear()
+        self.waiters.clear()
+        for future in pending:
             if not future.done():
                 future.set_exception(exc)
         self.buffer.clear()
         if self.transport is not None and not was_closed:
             self.transport.abort()
+
+
+def _connected_replicas(info: str) -> int:
+    for line in info.splitlines():
+        if line.startswith("connected_slaves:"):
+            return int(line.split(":", 1)[1])
+    return 0
+
+
+def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
+    if future.done():  # its caller may have been cancelled
+        return
+    if isinstance(reply, ResponseError):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)
 
 
 class AutoPipeline:
@@ -150,8 +204,13 @@ class AutoPipeline:
 
     def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
                  password: str | None = None, ssl_context: ssl.SSLContext | None = None,
-                 timeout_s: float = 2.0, connections: int = 2) -> None:
+                 timeout_s: float = 2.0, connections: int = 2,
+                 wait_replicas: int | None = 0, wait_timeout_ms: int = 100) -> None:
+        """`wait_replicas`: replicas that must acknowledge each buffer's writes before its
+        replies are released (0: none; None: 1 when the server has a replica connected as this
+        connection opens, else 0)."""
         self.host, self.port, self.db = host, port, db
+        self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
         self.username, self.password = username, password
         self.ssl_context = ssl_context
         self.timeout_s = timeout_s
@@ -160,7 +219,8 @@ class AutoPipeline:
         self._turn = itertools.cycle(range(len(self._slots)))
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float, connections: int) -> AutoPipeline:
+    def from_url(cls, url: str, *, timeout_s: float, connections: int,
+                 wait_replicas: int | None = 0, wait_timeout_ms: int = 100) -> AutoPipeline:
         """redis:// or rediss:// URLs (host, port, /db, user:password), as redis-py reads them."""
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
@@ -171,7 +231,8 @@ class AutoPipeline:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             ssl_context=ssl.create_default_context() if parts.scheme == "rediss" else None,
-            timeout_s=timeout_s, connections=connections,
+            timeout_s=timeout_s, connections=connections, wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
         )
 
     async def execute(self, *args: Any) -> Any:
@@ -210,9 +271,16 @@ class AutoPipeline:
             greeting.append(conn.call(_pack(("SELECT", self.db))))
         try:
             await asyncio.gather(*greeting)
+            replicas = self.wait_replicas
+            if replicas is None:  # auto: wait for one replica wherever the primary has one
+                info = await conn.call(_pack(("INFO", "replication")))
+                replicas = 1 if _connected_replicas(str(info)) > 0 else 0
         except BaseException:  # refused AUTH, a lost connection: nothing half-open stays
             conn._fail(RedisConnectionError("Connection closed."))
             raise
+        if replicas:
+            conn.wait = _pack(("WAIT", replicas, self.wait_timeout_ms))
+            conn.wait_replicas = replicas
         return conn
 
     @property

@@ -91,10 +91,13 @@ class EmbeddedRedis:
     without). A restart after `stop()` reuses the port (and the data directory)."""
 
     def __init__(self, run_dir: Path, *, appendonly: bool = False,
-                 appendfsync: str = "everysec") -> None:
-        self.dir = run_dir / "redis"
+                 appendfsync: str = "everysec", replica_of: int | None = None,
+                 name: str = "redis") -> None:
+        """`replica_of`: the port of a primary on 127.0.0.1 this server replicates."""
+        self.dir = run_dir / name
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.replica_of = replica_of
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -122,6 +125,8 @@ class EmbeddedRedis:
                 "--appendonly", "yes" if self.appendonly else "no",
                 "--appendfsync", self.appendfsync, "--maxmemory-policy", "noeviction",
                 "--logfile", str(log), "--protected-mode", "yes",
+                *(("--replicaof", "127.0.0.1", str(self.replica_of))
+                  if self.replica_of else ()),
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=CHILD_SETUP,
         )

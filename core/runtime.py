@@ -23,7 +23,7 @@ from core.crypto import Keyring
 from core.db import create_pool, migrate
 from core.keys import Keys
 from core.ledger import Ledger
-from core.settings import Settings
+from core.settings import ConfigError, Settings
 
 T = TypeVar("T")
 
@@ -159,11 +159,16 @@ def script_pipeline(settings: Settings) -> AutoPipeline | None:
     unless FLASHGATE_REDIS_PIPELINE_CONNECTIONS is 0 (a cluster routes scripts by slot through
     redis-py's cluster client)."""
     if settings.redis_pipeline_connections == 0 or is_cluster_url(settings.redis_url):
+        if settings.redis_wait_replicas:  # the WAIT rides on the auto-pipelined buffers
+            raise ConfigError("FLASHGATE_REDIS_WAIT_REPLICAS needs auto-pipelining on a "
+                              "single-node URL (FLASHGATE_REDIS_PIPELINE_CONNECTIONS > 0)")
         return None
     if settings.redis_url.partition("://")[0].lower() not in ("redis", "rediss"):
         return None  # unix:// sockets: redis-py's pool
     return AutoPipeline.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s,
-                                 connections=settings.redis_pipeline_connections)
+                                 connections=settings.redis_pipeline_connections,
+                                 wait_replicas=settings.redis_wait_replicas,
+                                 wait_timeout_ms=settings.redis_wait_timeout_ms)
 
 
 async def warm_up(redis: Redis, connections: int) -> None:

@@ -128,6 +128,11 @@ class Settings:
     # Multiplexed connections the Lua scripts share (core/autopipeline.py); 0 = redis-py's pool.
     # Single-node Redis only: on a cluster URL the scripts always go through the cluster client.
     redis_pipeline_connections: int = 2
+    # Replicas that must hold a script's writes before its caller hears the result (one WAIT
+    # per auto-pipelined buffer, core/autopipeline.py): None = auto (1 wherever the primary has
+    # a replica connected), 0 = never. Past the timeout: 503, retry with the same key.
+    redis_wait_replicas: int | None = None
+    redis_wait_timeout_ms: int = 100
     # Channel cache on the hot path (an API key revoked in Redis stops working within this time)
     channel_cache_ttl_s: float = 30.0
     # Workers
@@ -203,6 +208,10 @@ class Settings:
             redis_min_connections=_number(env, "FLASHGATE_REDIS_MIN_CONNECTIONS", 16, 0, 10_000),
             redis_pipeline_connections=_number(
                 env, "FLASHGATE_REDIS_PIPELINE_CONNECTIONS", 2, 0, 64),
+            redis_wait_replicas=(
+                None if env.get("FLASHGATE_REDIS_WAIT_REPLICAS", "auto").strip() in ("auto", "")
+                else _number(env, "FLASHGATE_REDIS_WAIT_REPLICAS", 0, 0, 16)),
+            redis_wait_timeout_ms=_number(env, "FLASHGATE_REDIS_WAIT_TIMEOUT_MS", 100, 1, 1000),
             channel_cache_ttl_s=_number(env, "FLASHGATE_CHANNEL_CACHE_TTL_S", 30.0, 0.0, 3600.0),
             worker_batch_size=_number(env, "FLASHGATE_WORKER_BATCH_SIZE", 1000, 1, 10_000),
             worker_consumers_per_sale=_number(
