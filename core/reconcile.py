@@ -17,6 +17,14 @@ each kind of disagreement to a number of units (or orders); every value must be 
 - `voided` (quiescent): Redis's voided units != the voided keys in PostgreSQL;
 - `delivered_ahead`: units Redis calls delivered beyond PostgreSQL's (PostgreSQL commits the
   keys first, so Redis is never ahead);
+- `postgres_ahead` (valid mid-stream): PostgreSQL only ever learns an order, a payment or a
+  refund from Redis' events, so it never holds more units than Redis, in all orders or in paid
+  ones (confirmed + delivered + refunded). More means Redis lost acknowledged writes: a
+  failover to a replica that missed them, or a restore from an old snapshot. Units, plus (with
+  `orders=True`) `postgres_ahead_orders`: orders PostgreSQL has that Redis lacks or holds at
+  an earlier status (PostgreSQL's own legitimate leads excepted: delivered or refunded before
+  Redis hears it, since the keys and the refund settle in PostgreSQL first). Never excused by
+  the streams being busy: it is what a replica's promotion leaves, and it pages at once;
 - once the sale's streams are quiescent (every event read and acked, and nothing new during
   the check), `orders`: units per status that differ between Redis and PostgreSQL, and
   `order_status` (with `orders=True`): orders whose status differs. While events are in
@@ -47,6 +55,17 @@ from core.ledger import STOCK_FIELDS, Ledger, now_ms
 from core.scripts import ReturnCode
 
 LIVE = ("reserved", "confirmed", "delivered")
+PAID = ("confirmed", "delivered", "refunded")
+# PostgreSQL's status -> the Redis statuses that may go with it at any moment (Redis leads,
+# except for delivery and a paid order's refund, which PostgreSQL settles first).
+CONSISTENT = {
+    "reserved": {"reserved", "confirmed", "delivered", "cancelled", "expired", "refunded"},
+    "confirmed": {"confirmed", "delivered", "refunded"},
+    "delivered": {"confirmed", "delivered", "refunded"},
+    "refunded": {"refunded", "confirmed", "delivered"},
+    "cancelled": {"cancelled"},
+    "expired": {"expired"},
+}
 STATUSES = (*LIVE, "cancelled", "expired", "refunded")
 CURRENT_SALES_LIMIT = 20  # sales checked by the periodic job (and their gauge's label values)
 
@@ -202,12 +221,33 @@ async def check(redis: Redis, keys: Keys, pool: asyncpg.Pool, sale_id: str, *,
     d["oversold"] += max(0, ledger["reserved"] + ledger["confirmed"] + ledger["delivered"]
                          + ledger["voided"] - keys_total)
     d["delivered_ahead"] = max(0, ledger["delivered"] - units.get("delivered", 0))
+    d["postgres_ahead"] = (
+        max(0, sum(units.get(s, 0) for s in PAID) - sum(ledger[s] for s in PAID))
+        + max(0, sum(units.get(s, 0) for s in STATUSES) - sum(ledger[s] for s in STATUSES)))
+    if orders:
+        d["postgres_ahead_orders"] = await _orders_behind(redis, keys, statuses)
     if quiescent:
         d["orders"] = sum(abs(ledger[s] - units.get(s, 0)) for s in STATUSES)
         d["voided"] = abs(ledger["voided"] - voided)
         if orders:
             d["order_status"] = await _status_mismatches(redis, keys, statuses)
     return report
+
+
+async def _orders_behind(redis: Redis, keys: Keys, statuses: dict[str, str]) -> int:
+    """Orders PostgreSQL holds that Redis lacks, or holds at a status PostgreSQL can't be
+    ahead of (CONSISTENT)."""
+    ids = list(statuses)
+    behind = 0
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start:start + 1000]
+        async with redis.pipeline(transaction=False) as pipe:
+            for order_id in chunk:
+                pipe.hget(keys.order(order_id), "status")
+            live: list[Any] = await pipe.execute()
+        behind += sum(1 for order_id, s in zip(chunk, live, strict=True)
+                      if s not in CONSISTENT.get(statuses[order_id], ()))
+    return behind
 
 
 async def _status_mismatches(redis: Redis, keys: Keys, statuses: dict[str, str]) -> int:
