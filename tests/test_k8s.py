@@ -268,7 +268,8 @@ def test_the_overlay_image_reaches_every_flashgate_container(
         f":{pin['newTag']}" if "newTag" in pin else f"@{pin['digest']}")
     found = dict(flashgate_containers(render_dir(kust.parent)))
     assert {"Deployment/flashgate-gateway/gateway", "Deployment/flashgate-gateway/migrate",
-            "Deployment/flashgate-worker/worker", "Deployment/flashgate-worker/migrate"} <= set(found)
+            "Deployment/flashgate-worker/worker", "Deployment/flashgate-worker/migrate",
+            } <= set(found)
     assert {where: c["image"] for where, c in found.items()} == dict.fromkeys(found, expected)
 
 
