@@ -66,7 +66,14 @@ bench: $(STAMP)
 ## hashes, all platforms, Python 3.11), compiled from pyproject.toml by uv. `make test` still
 ## installs from pyproject.toml; `pip install --require-hashes -r requirements.lock` installs the
 ## pins. The tools live in their own venv, never in the one they audit.
+## The image (Dockerfile) installs only the runtime part: requirements-runtime.lock, the same
+## versions as requirements.lock (-c) without the extras, and requirements-build.lock, the build
+## backend of pyproject.toml's [build-system] (setuptools), both with hashes.
 LOCK := requirements.lock
+RUNTIME_LOCK := requirements-runtime.lock
+BUILD_LOCK := requirements-build.lock
+UV_COMPILE = $(TOOLS)/bin/uv pip compile --generate-hashes --universal --python-version 3.11 \
+  --custom-compile-command "make lock"
 TOOLS := .venv-tools
 $(TOOLS)/.installed:
 	$(PY) -m venv $(TOOLS)
@@ -76,6 +83,9 @@ $(TOOLS)/.installed:
 lock: $(TOOLS)/.installed
 	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --universal \
 	  --python-version 3.11 -o $(LOCK)
+	$(UV_COMPILE) pyproject.toml -c $(LOCK) -o $(RUNTIME_LOCK)
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+	  | $(UV_COMPILE) - -o $(BUILD_LOCK)
 
 ## Known vulnerabilities of the pins in requirements.lock (pip-audit, PyPI's vulnerability data;
 ## needs the network). Fails, never passes silently, when the service can't be reached or a pin
