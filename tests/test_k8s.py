@@ -313,7 +313,8 @@ def test_patches_never_edit_a_list_by_position_unchecked(path: Path) -> None:
     base changes. Positions are allowed only after a `test` op pinning that entry's name;
     appending (`/-`) and strategic merge patches (lists merged by name) are fine."""
     for patch in yaml.safe_load(path.read_text()).get("patches", []):
-        ops = yaml.safe_load(patch.get("patch", "")) if "patch" in patch else None
+        text = patch["patch"] if "patch" in patch else (path.parent / patch["path"]).read_text()
+        ops = yaml.safe_load(text)
         if not isinstance(ops, list):
             continue  # a strategic merge patch
         pinned: set[str] = set()
