@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import secrets
 from datetime import UTC, datetime
 
 import asyncpg
@@ -14,7 +12,8 @@ from starlette.routing import Route
 
 from core import errors
 from core.card_keys import ParseError, import_keys, parse_csv, parse_text
-from core.crypto import hash_api_key, new_api_key, seal
+from core.crypto import hash_api_key, new_api_key, new_webhook_secret, seal, show_webhook_secret
+from core.egress import AllowList, url_problem
 from core.ids import is_sale_id, new_channel_id, ulid
 from core.ledger import Ledger
 from core.logging import REQUEST_ID
@@ -45,21 +44,25 @@ async def create_channel(request: Request) -> Response:
     require_admin(request, gw.runtime.settings.admin_token)
     body = await decode(request, ChannelBody)
     rt = gw.runtime
+    if body.webhook_url is not None and (
+            problem := url_problem(body.webhook_url, AllowList.from_settings(rt.settings))):
+        raise errors.InvalidRequest(f"webhook_url {problem}")
     channel_id, api_key = new_channel_id(), new_api_key()
-    webhook_secret = secrets.token_bytes(32)
+    webhook_secret = new_webhook_secret()
     async with rt.pool.acquire() as conn, conn.transaction():
         dek_id, dek = await rt.keyring.new_dek(conn, "webhook")
         nonce, sealed = seal(dek, webhook_secret, channel_id.encode())
         await conn.execute(
             "INSERT INTO channels (channel_id, name, api_key_hash, webhook_url,"
-            " webhook_secret, webhook_dek_id) VALUES ($1, $2, $3, $4, $5, $6)",
+            " webhook_secret, webhook_dek_id, webhook_secret_form)"
+            " VALUES ($1, $2, $3, $4, $5, $6, 'whsec')",
             channel_id, body.name, hash_api_key(api_key), body.webhook_url, nonce + sealed, dek_id,
         )
     # Only now can the key authenticate: the hot path reads this Redis hash, never PostgreSQL.
     await rt.redis.hset(rt.keys.channels(), hash_api_key(api_key).hex(), channel_id)
     out = ChannelOut(
         channel_id=channel_id, name=body.name, api_key=api_key, webhook_url=body.webhook_url,
-        webhook_secret=base64.urlsafe_b64encode(webhook_secret).decode().rstrip("="),
+        webhook_secret=show_webhook_secret(webhook_secret),
     )
     return JSONResponse(out, status_code=201, headers={"Cache-Control": "no-store"})
 
