@@ -178,7 +178,7 @@ async def pin(url: str, allow: AllowList) -> Target:
         raise Refused(category, "webhook_url " + problem)
     parsed = httpx.URL(url)
     https = parsed.scheme == "https"
-    host = parsed.raw_host.decode("ascii")  # IDNA-encoded, brackets stripped
+    host = _normal_host(parsed.raw_host.decode("ascii"))  # IDNA-encoded, no brackets
     addr = await resolve(host, parsed.port or (443 if https else 80), allow)
     return Target(url=parsed.copy_with(host=str(addr)),
                   host_header=parsed.netloc.decode("ascii"),
