@@ -13,11 +13,18 @@ import contextlib
 import dataclasses
 import ipaddress
 import secrets
+import ssl
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from core import egress
 from core.runtime import Runtime
@@ -232,3 +239,46 @@ def test_allow_list_settings_are_validated() -> None:
 ])
 def test_public_address_rule(addr: str, public: bool) -> None:
     assert egress.is_public(ipaddress.ip_address(addr)) is public
+
+
+def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for DNS name `name` only (no IP SAN), and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+async def test_https_delivery_to_a_pinned_address_keeps_sni_and_certificate_name(
+        runtime: Runtime, listener: Listener, tmp_path: Path) -> None:
+    """The worker connects to the checked IP, yet TLS still names (and verifies) the host the
+    channel registered: the certificate below is valid for `localhost` only, not 127.0.0.1."""
+    cert_file, key_file = _self_signed(tmp_path, "localhost")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert_file, key_file)
+    server = await asyncio.start_server(listener.handle, "127.0.0.1", 0, ssl=server_tls)
+    settings = dataclasses.replace(runtime.settings, webhook_allow_nets=(),
+                                   webhook_allow_hosts=("localhost",))
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        channel, _ = await make_channel(runtime, webhook_url=f"https://localhost:{port}/hook")
+        row_id = await enqueue(runtime, channel)
+        client_tls = ssl.create_default_context(cafile=str(cert_file))
+        async with httpx.AsyncClient(trust_env=False, verify=client_tls) as http:
+            dispatcher = Dispatcher(runtime.pool, runtime.keyring, settings, http,
+                                    channel_ids=[channel])
+            assert await dispatcher.dispatch_once() == 1
+    row = await runtime.pool.fetchrow("SELECT * FROM webhook_outbox WHERE id = $1", row_id)
+    assert row is not None and row["delivered_at"] is not None, row
+    assert listener.hosts == [f"localhost:{port}"]
