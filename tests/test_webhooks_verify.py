@@ -192,3 +192,9 @@ async def test_rotation_refuses_bad_requests(client: httpx.AsyncClient) -> None:
         r = await client.post(url, headers=headers, json=body) if body is not None \
             else await client.post(url, headers=headers)
         assert (r.status_code, r.json()["code"]) == (status, code), (url, body, r.text)
+
+
+def test_docs_carry_the_tested_snippets_verbatim() -> None:
+    doc = (EXAMPLES.parent / "WEBHOOKS.md").read_text()
+    for fence, name in (("python", "verify_webhook.py"), ("js", "verify_webhook.mjs")):
+        assert f"```{fence}\n{(EXAMPLES / name).read_text()}```" in doc, name
