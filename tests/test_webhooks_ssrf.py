@@ -12,8 +12,11 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import json
+import os
 import secrets
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +33,7 @@ from core import egress
 from core.runtime import Runtime
 from core.settings import ConfigError, Settings
 from tests.conftest import ADMIN
+from tests.live_gateway import LiveGateway, live_gateway  # noqa: F401
 from tests.workers_fixtures import make_channel
 from workers.webhooks import Dispatcher
 
@@ -282,3 +286,30 @@ async def test_https_delivery_to_a_pinned_address_keeps_sni_and_certificate_name
     row = await runtime.pool.fetchrow("SELECT * FROM webhook_outbox WHERE id = $1", row_id)
     assert row is not None and row["delivered_at"] is not None, row
     assert listener.hosts == [f"localhost:{port}"]
+
+
+async def test_served_gateway_refuses_ssrf_webhook_urls_and_the_cli_rotates(
+        live_gateway: LiveGateway) -> None:  # noqa: F811
+    """Over a real uvicorn: attack URLs at channel creation are 422 problem+json; then
+    `flashgate channel rotate-secret` gets a new whsec_ secret for a channel."""
+    async with httpx.AsyncClient(base_url=live_gateway.url) as c:
+        for url in ("http://user:pw@shop.example/h", "http://2130706433/h",
+                    "http://[::ffff:169.254.169.254]/latest/meta-data/"):
+            r = await c.post("/v1/admin/channels", headers=live_gateway.admin,
+                             json={"name": "shop", "webhook_url": url})
+            assert (r.status_code, r.json()["code"]) == (422, "invalid_request"), r.text
+        r = await c.post("/v1/admin/channels", json={"name": "shop"}, headers=live_gateway.admin)
+        assert r.status_code == 201, r.text
+    channel = r.json()
+    env = {**os.environ, "FLASHGATE_URL": live_gateway.url,
+           "FLASHGATE_ADMIN_TOKEN": live_gateway.admin["Authorization"].split()[1]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "channel", "rotate-secret", channel["channel_id"],
+        "--overlap-s", "60", env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    rotated = json.loads(out)
+    assert rotated["channel_id"] == channel["channel_id"]
+    assert rotated["webhook_secret"].startswith("whsec_")
+    assert rotated["webhook_secret"] != channel["webhook_secret"]
