@@ -210,7 +210,12 @@ class Dispatcher:
             STANDARD_SIGNATURE_HEADER: sign_standard([s.raw for s in secrets], delivery_id,
                                                      now, body),
         }
-        extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+        extensions = {}
+        if target.sni_hostname:
+            extensions["sni_hostname"] = target.sni_hostname
+            # The pool keys connections by address, not by server name: a kept-alive TLS
+            # connection to a shared address (a CDN) must not carry another host's webhook.
+            headers["Connection"] = "close"
         try:
             # No redirects (a 3xx is a failure): the channel registered this exact URL. The
             # response body is never read.
