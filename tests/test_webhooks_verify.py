@@ -19,13 +19,16 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from core.crypto import SIGNATURE_HEADER, show_webhook_secret, sign_webhook, verify_webhook
+from core.db import migration_files
+from core.embedded import ServiceURLs
 from core.runtime import Runtime
-from tests.conftest import ADMIN, create_channel
+from tests.conftest import ADMIN, create_channel, scratch_database
 from tests.test_workers_delivery import HookServer
 from tests.workers_fixtures import buy_and_confirm, make_channel, make_sale
 from workers.runner import Worker
@@ -198,3 +201,26 @@ def test_docs_carry_the_tested_snippets_verbatim() -> None:
     doc = (EXAMPLES.parent / "WEBHOOKS.md").read_text()
     for fence, name in (("python", "verify_webhook.py"), ("js", "verify_webhook.mjs")):
         assert f"```{fence}\n{(EXAMPLES / name).read_text()}```" in doc, name
+
+
+async def test_migration_keeps_existing_channels_on_their_shown_secret(
+        service_urls: ServiceURLs) -> None:
+    """Rows that exist when 0006 runs were shown base64url and stay 'b64url'; rows inserted
+    afterwards without naming the form (bench, fixtures) are 'whsec'."""
+    async with scratch_database(service_urls.database_url, "flashgate_wh_") as url:
+        conn = await asyncpg.connect(url)
+        try:
+            for version, sql in migration_files():
+                if version.startswith("0006_webhook_secrets"):
+                    await conn.execute(
+                        "INSERT INTO channels (channel_id, name, api_key_hash, webhook_secret,"
+                        " webhook_dek_id) VALUES ('ch_old', 'old', '\\x01', '\\x02', 'dek_x')")
+                await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO channels (channel_id, name, api_key_hash, webhook_secret,"
+                " webhook_dek_id) VALUES ('ch_new', 'new', '\\x03', '\\x04', 'dek_x')")
+            forms = dict(await conn.fetch(
+                "SELECT channel_id, webhook_secret_form FROM channels ORDER BY 1"))
+        finally:
+            await conn.close()
+    assert forms == {"ch_new": "whsec", "ch_old": "b64url"}
