@@ -160,7 +160,7 @@ async def resolve(host: str, port: int, allow: AllowList) -> Address:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
+        except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
             raise Refused(DNS_FAILED, "host does not resolve") from exc
         addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     if not addrs:
