@@ -103,6 +103,10 @@ def _dispatch(client: httpx.Client, args: argparse.Namespace) -> Any:
             if args.webhook_url:
                 body["webhook_url"] = args.webhook_url
             return call(client, "POST", "/v1/admin/channels", json=body)
+        case ("channel", "rotate-secret"):
+            rotate = {} if args.overlap_s is None else {"json": {"overlap_s": args.overlap_s}}
+            return call(client, "POST",
+                        f"/v1/admin/channels/{args.channel_id}/webhook-secret/rotate", **rotate)
         case ("sale", "create"):
             body = {"sku": args.sku, "name": args.name, "starts_at": args.starts_at,
                     "ends_at": args.ends_at}
@@ -150,6 +154,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                            "key once)")
     p.add_argument("name")
     p.add_argument("--webhook-url")
+    p = channel.add_parser("rotate-secret", parents=[common], help="new webhook secret (printed "
+                           "once); the old one keeps signing for the overlap (docs/WEBHOOKS.md)")
+    p.add_argument("channel_id")
+    p.add_argument("--overlap-s", type=int,
+                   help="seconds the old secret still signs (0 = none; default: the server's "
+                        "FLASHGATE_WEBHOOK_SECRET_OVERLAP_S)")
 
     sale = sub.add_parser("sale", help="flash sales").add_subparsers(dest="action", required=True)
     p = sale.add_parser("create", parents=[common], help="create a sale")

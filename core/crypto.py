@@ -7,17 +7,21 @@
 - Duplicates are found by HMAC-SHA256 under a dedicated fingerprint DEK, never by plaintext.
 - API keys are random 256-bit tokens stored as SHA-256 (a fast hash is right for a token with
   that much entropy); the admin token is compared in constant time.
+- Webhooks are signed with the channel's secret (HMAC-SHA256), in Flashgate's header and in
+  the Standard Webhooks headers (docs/WEBHOOKS.md).
 
 `cryptography` (pyca) provides the primitives: AESGCM is its audited AEAD API.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
 import secrets
 import time
+from collections.abc import Sequence
 
 import asyncpg
 from cryptography.exceptions import InvalidTag
@@ -125,29 +129,75 @@ def tokens_equal(given: str, expected: str) -> bool:
 
 
 # -- webhook signatures -------------------------------------------------------------------
+# Two schemes, both HMAC-SHA256 over the same delivery (docs/WEBHOOKS.md):
+# - Flashgate-Signature: `t=<unix s>,v1=<hex>[,v1=<hex>...]` over "<t>." + body, keyed with the
+#   webhook_secret string exactly as the API showed it (its UTF-8 bytes);
+# - Standard Webhooks (standardwebhooks.com): webhook-id, webhook-timestamp and
+#   `webhook-signature: v1,<base64>[ v1,<base64>...]` over "<id>.<t>." + body, keyed with the
+#   bytes after `whsec_` (base64-decoded), as that spec's libraries do.
+# Several v1 values: one per secret that is valid now (a rotated-out secret signs beside the
+# new one during the overlap). The channel keeps 32 random bytes; both keys come from them.
 SIGNATURE_HEADER = "Flashgate-Signature"
+EVENT_HEADER = "Flashgate-Event"
+DELIVERY_HEADER = "Flashgate-Delivery"
+STANDARD_ID_HEADER = "webhook-id"
+STANDARD_TIMESTAMP_HEADER = "webhook-timestamp"
+STANDARD_SIGNATURE_HEADER = "webhook-signature"
 REPLAY_WINDOW_S = 300
+SECRET_PREFIX = "whsec_"
+# How a channel's secret was shown: `whsec` (`whsec_` + base64) since the Standard Webhooks
+# headers; `b64url` (base64url, unpadded) for channels created before. Stored per channel.
+SECRET_FORMS = ("whsec", "b64url")
 
 
-def sign_webhook(secret: bytes, body: bytes, timestamp: int | None = None) -> str:
-    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + body>` (the Stripe scheme)."""
+def new_webhook_secret() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def show_webhook_secret(raw: bytes, form: str = "whsec") -> str:
+    """The webhook_secret string the API shows for the stored bytes."""
+    if form == "b64url":
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return SECRET_PREFIX + base64.b64encode(raw).decode()
+
+
+def sign_webhook(secret: str | Sequence[str], body: bytes, timestamp: int | None = None) -> str:
+    """The Flashgate-Signature value: one `v1=` per secret (each as the API showed it)."""
+    keys = [secret] if isinstance(secret, str) else list(secret)
     ts = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret, f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={ts},v1={mac}"
+    signed = f"{ts}.".encode() + body
+    macs = (hmac.new(k.encode(), signed, hashlib.sha256).hexdigest() for k in keys)
+    return ",".join([f"t={ts}", *(f"v1={mac}" for mac in macs)])
 
 
 def verify_webhook(
-    secret: bytes, body: bytes, header: str, *, now: int | None = None,
+    secret: str | bytes, body: bytes, header: str, *, now: int | None = None,
     window_s: int = REPLAY_WINDOW_S,
 ) -> bool:
-    """For receivers: signature matches and the timestamp is within the replay window."""
-    try:
-        parts = dict(p.split("=", 1) for p in header.split(","))
-        ts = int(parts["t"])
-    except (KeyError, ValueError):
+    """For receivers: one of the header's v1 signatures matches the webhook_secret (the string
+    as shown, or its UTF-8 bytes) and its timestamp is within `window_s` of now."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    stamps, sigs = [], []
+    for item in header.split(","):
+        name, _, value = item.strip().partition("=")
+        if name == "t":
+            stamps.append(value)
+        elif name == "v1":
+            sigs.append(value)
+    if len(stamps) != 1 or not stamps[0].isascii() or not stamps[0].isdigit():
         return False
+    ts = int(stamps[0])
     now = int(time.time()) if now is None else now
     if abs(now - ts) > window_s:
         return False
-    expected = sign_webhook(secret, body, ts).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
+    expected = hmac.new(key, f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    # Every candidate compared (no early exit), each in constant time.
+    return sum(hmac.compare_digest(expected, sig) for sig in sigs) > 0
+
+
+def sign_standard(raw_secrets: Sequence[bytes], msg_id: str, timestamp: int,
+                  body: bytes) -> str:
+    """The Standard Webhooks `webhook-signature` value: `v1,<base64>` per secret, spaced."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join("v1," + base64.b64encode(hmac.new(k, signed, hashlib.sha256).digest())
+                    .decode() for k in raw_secrets)

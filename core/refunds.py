@@ -40,24 +40,12 @@ import msgspec
 from core.ids import sale_of_order
 from core.ledger import from_ms, now_ms
 from core.scripts import ReturnCode
+from core.webhook_events import REFUNDED_EVENT, OrderRefundedHook
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
 
 RETURNED, VOIDED = "returned", "voided"
-REFUNDED_EVENT = "order.refunded"
-
-
-class OrderRefundedHook(msgspec.Struct, frozen=True):
-    """The webhook body (`order.refunded`). Never carries card keys."""
-
-    order_id: str
-    sale_id: str
-    user_id: str
-    quantity: int
-    refunded_at: datetime
-    keys_voided: int
-    event: str = REFUNDED_EVENT
 
 
 _encode = msgspec.json.Encoder().encode

@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 N = TypeVar("N", int, float)
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -103,6 +105,34 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {raw!r}")
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[Network, ...]:
+    """A comma-separated list of CIDRs (`10.0.0.0/8,fd00::/8`); host bits set are an error."""
+    nets: list[Network] = []
+    for part in (p.strip() for p in env.get(name, "").split(",")):
+        if not part:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(part))
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {part!r} is not a network in CIDR form ({exc})") from exc
+    return tuple(nets)
+
+
+def _host_names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of DNS names, compared case-insensitively, without a final dot."""
+    hosts: list[str] = []
+    for part in (p.strip().lower().rstrip(".") for p in env.get(name, "").split(",")):
+        if not part:
+            continue
+        labels = part.split(".")
+        if len(part) > 253 or not all(
+                0 < len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
+                for label in labels):
+            raise ConfigError(f"{name}: {part!r} is not a host name")
+        hosts.append(part)
+    return tuple(hosts)
+
+
 def _required(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "")
     if not value:
@@ -153,6 +183,14 @@ class Settings:
     sweep_interval_s: float = 0.5
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 8
+    # Webhooks go to public addresses only (core/egress.py, docs/WEBHOOKS.md); these let an
+    # operator allow private targets: CIDRs (FLASHGATE_WEBHOOK_ALLOW_NETS, e.g. an in-cluster
+    # 10.0.0.0/8) and exact host names (FLASHGATE_WEBHOOK_ALLOW_HOSTS). Cloud metadata
+    # addresses stay refused whatever these say.
+    webhook_allow_nets: tuple[Network, ...] = ()
+    webhook_allow_hosts: tuple[str, ...] = ()
+    # How long a rotated-out webhook secret still signs beside the new one
+    webhook_secret_overlap_s: int = 86_400
     db_pool_max: int = 10
     # PostgreSQL: a query (or a stalled connection) past this fails instead of hanging
     db_timeout_s: float = 30.0
@@ -225,6 +263,10 @@ class Settings:
             sweep_interval_s=_number(env, "FLASHGATE_SWEEP_INTERVAL_S", 0.5, 0.01, 60.0),
             webhook_timeout_s=_number(env, "FLASHGATE_WEBHOOK_TIMEOUT_S", 5.0, 0.1, 60.0),
             webhook_max_attempts=_number(env, "FLASHGATE_WEBHOOK_MAX_ATTEMPTS", 8, 1, 50),
+            webhook_allow_nets=_networks(env, "FLASHGATE_WEBHOOK_ALLOW_NETS"),
+            webhook_allow_hosts=_host_names(env, "FLASHGATE_WEBHOOK_ALLOW_HOSTS"),
+            webhook_secret_overlap_s=_number(
+                env, "FLASHGATE_WEBHOOK_SECRET_OVERLAP_S", 86_400, 0, 30 * 86_400),
             db_pool_max=_number(env, "FLASHGATE_DB_POOL_MAX", 10, 1, 200),
             db_timeout_s=_number(env, "FLASHGATE_DB_TIMEOUT_S", 30.0, 0.1, 600.0),
             reconcile_interval_s=_number(

@@ -77,6 +77,18 @@ class ChannelOut(Out):
     webhook_url: str | None = None
 
 
+class RotateSecretBody(Body):
+    # How long the old secret keeps signing beside the new one; 0 = stop at once (a leak).
+    # Absent: FLASHGATE_WEBHOOK_SECRET_OVERLAP_S.
+    overlap_s: Annotated[int, Meta(ge=0, le=30 * 86_400)] | None = None
+
+
+class RotatedSecretOut(Out):
+    channel_id: str
+    webhook_secret: str
+    previous_valid_until: datetime
+
+
 class SaleBody(Body):
     sku: Text
     name: Text

@@ -103,6 +103,11 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/admin/channels"): Op(
         "Create a channel (API key and webhook secret shown once)", "admin", 201,
         models.ChannelOut, body=models.ChannelBody, security="admin", errors=(*ADMIN, *BODY)),
+    ("POST", "/v1/admin/channels/{channel_id}/webhook-secret/rotate"): Op(
+        "Rotate a channel's webhook secret (the new one shown once; the old one keeps signing "
+        "beside it for overlap_s, body optional)", "admin", 200, models.RotatedSecretOut,
+        body=models.RotateSecretBody, security="admin",
+        errors=(*ADMIN, *BODY, errors.NotFound)),
     ("POST", "/v1/admin/sales"): Op(
         "Create a sale (the same body again is a retry)", "admin", 201, models.SaleOut,
         body=models.SaleBody, security="admin", errors=(*ADMIN, *BODY, errors.SaleExists)),

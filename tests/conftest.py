@@ -71,6 +71,9 @@ def settings(service_urls: ServiceURLs, database_url: str) -> Settings:
         "FLASHGATE_KEY_PREFIX": "fgt" + secrets.token_hex(4),
         "FLASHGATE_WORKER_BLOCK_MS": "50",
         "FLASHGATE_WORKER_CLAIM_IDLE_MS": "200",
+        # Webhook tests deliver to receivers on 127.0.0.1, which production refuses (the SSRF
+        # tests in test_webhooks_ssrf.py take this allow-list away again).
+        "FLASHGATE_WEBHOOK_ALLOW_NETS": "127.0.0.0/8",
     })
 
 

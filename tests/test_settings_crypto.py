@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 
 import pytest
 
-from core.crypto import Keyring, open_sealed, seal, sign_webhook, verify_webhook
+from core.crypto import (
+    Keyring,
+    open_sealed,
+    seal,
+    show_webhook_secret,
+    sign_webhook,
+    verify_webhook,
+)
 from core.settings import ConfigError, Settings, parse_master_keys
 
 KEY = base64.b64encode(b"k" * 32).decode()
@@ -57,10 +66,34 @@ def test_sealed_values_are_bound_to_their_sale() -> None:
 
 
 def test_webhook_signature_and_replay_window() -> None:
-    secret, body = os.urandom(32), b'{"event":"order.delivered"}'
+    secret, body = show_webhook_secret(os.urandom(32)), b'{"event":"order.delivered"}'
     header = sign_webhook(secret, body, timestamp=1_000)
     assert verify_webhook(secret, body, header, now=1_100)
+    assert verify_webhook(secret.encode(), body, header, now=1_100)
     assert not verify_webhook(secret, body, header, now=1_000 + 301)  # replayed too late
     assert not verify_webhook(secret, body + b" ", header, now=1_000)
-    assert not verify_webhook(os.urandom(32), body, header, now=1_000)
+    assert not verify_webhook(show_webhook_secret(os.urandom(32)), body, header, now=1_000)
     assert not verify_webhook(secret, body, "garbage", now=1_000)
+
+
+def test_webhook_secret_is_the_hmac_key_as_shown() -> None:
+    """#10.4: HMAC-SHA256 keyed with the webhook_secret string the API shows, as documented."""
+    secret, body = show_webhook_secret(os.urandom(32)), b'{"event":"order.delivered"}'
+    mac = hmac.new(secret.encode(), b"1000." + body, hashlib.sha256).hexdigest()
+    assert sign_webhook(secret, body, timestamp=1_000) == f"t=1000,v1={mac}"
+    assert verify_webhook(secret, body, f"t=1000,v1={mac}", now=1_000)
+    # A channel created before the whsec_ form keeps its base64url string as its key.
+    legacy = show_webhook_secret(os.urandom(32), "b64url")
+    assert verify_webhook(legacy, body, sign_webhook(legacy, body), now=None)
+
+
+def test_webhook_signatures_of_a_rotation_all_verify() -> None:
+    """Both secrets sign during a rotation's overlap; either one verifies, whatever order."""
+    old, new = (show_webhook_secret(os.urandom(32)) for _ in range(2))
+    body = b'{"event":"order.refunded"}'
+    header = sign_webhook([new, old], body, timestamp=1_000)
+    assert header.count("v1=") == 2
+    for secret in (old, new):
+        assert verify_webhook(secret, body, header, now=1_000)
+    assert not verify_webhook(show_webhook_secret(os.urandom(32)), body, header, now=1_000)
+    assert not verify_webhook(new, body, header.replace("t=1000", "t=1000,t=1001"), now=1_000)

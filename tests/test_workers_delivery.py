@@ -94,7 +94,7 @@ async def test_webhook_is_signed_and_retried_after_a_500(runtime: Runtime,
         hook.statuses = [500]
         assert await dispatcher.dispatch_once() == 1
         (row,) = await outbox(runtime, order)
-        assert (row["attempts"], row["last_error"], row["delivered_at"]) == (1, "HTTP 500", None)
+        assert (row["attempts"], row["last_error"], row["delivered_at"]) == (1, "http_500", None)
         assert await dispatcher.dispatch_once() == 0  # backing off
         await asyncio.sleep(0.1)
         assert await dispatcher.dispatch_due() == 1
@@ -104,7 +104,7 @@ async def test_webhook_is_signed_and_retried_after_a_500(runtime: Runtime,
     assert len(hook.requests) == 2
     for headers, body in hook.requests:
         assert verify_webhook(secret, body, headers[SIGNATURE_HEADER.lower()])
-        assert not verify_webhook(b"x" * 32, body, headers[SIGNATURE_HEADER.lower()])
+        assert not verify_webhook("whsec_" + "x" * 44, body, headers[SIGNATURE_HEADER.lower()])
         assert headers["content-type"] == "application/json"
     payload = msgspec.json.decode(hook.requests[-1][1])
     delivered_at = (await order_rows(runtime, sale))[order]["delivered_at"]
@@ -133,7 +133,7 @@ async def test_webhook_gives_up_after_max_attempts(runtime: Runtime, hook: HookS
         assert await dispatcher.dispatch_due() == 0  # failed for good: not retried
     (row,) = await outbox(runtime, order)
     assert row["attempts"] == 2 and row["failed_at"] is not None and row["delivered_at"] is None
-    assert row["last_error"] == "HTTP 503"
+    assert row["last_error"] == "http_503"
 
 
 # -- a real worker process ---------------------------------------------------------------------

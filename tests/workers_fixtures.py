@@ -11,7 +11,7 @@ import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from core.crypto import fingerprint, open_sealed, seal
+from core.crypto import fingerprint, open_sealed, seal, show_webhook_secret
 from core.ids import new_channel_id
 from core.ledger import PurchaseRequest
 from core.runtime import Runtime
@@ -21,8 +21,8 @@ def new_sale_id() -> str:
     return "w-" + uuid.uuid4().hex[:16]
 
 
-async def make_channel(rt: Runtime, webhook_url: str | None = None) -> tuple[str, bytes]:
-    """A channel row; returns (channel id, webhook signing secret)."""
+async def make_channel(rt: Runtime, webhook_url: str | None = None) -> tuple[str, str]:
+    """A channel row; returns (channel id, webhook_secret as the API shows it)."""
     channel_id, secret = new_channel_id(), secrets.token_bytes(32)
     async with rt.pool.acquire() as conn:
         dek_id, dek = await rt.keyring.new_dek(conn, "webhook")
@@ -32,7 +32,7 @@ async def make_channel(rt: Runtime, webhook_url: str | None = None) -> tuple[str
             " webhook_dek_id) VALUES ($1, 'shop', $2, $3, $4, $5)",
             channel_id, secrets.token_bytes(32), webhook_url, nonce + sealed, dek_id,
         )
-    return channel_id, secret
+    return channel_id, show_webhook_secret(secret)
 
 
 async def make_sale(rt: Runtime, *, keys: int = 0, per_user_limit: int = 10,

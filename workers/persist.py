@@ -20,25 +20,14 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from core.refunds import OrderRefundedHook, enqueue_refunded
+from core.refunds import enqueue_refunded
+from core.webhook_events import DELIVERED_EVENT, OrderDelivered, OrderRefundedHook
 from workers.events import OrderRow
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_SALE = "unknown sale"
 UNKNOWN_CHANNEL = "unknown channel"
-DELIVERED_EVENT = "order.delivered"
-
-
-class OrderDelivered(msgspec.Struct, frozen=True):
-    """The webhook body. Never carries card keys: the buyer reveals those through the API."""
-
-    order_id: str
-    sale_id: str
-    user_id: str
-    quantity: int
-    delivered_at: datetime
-    event: str = DELIVERED_EVENT
 
 
 _encode = msgspec.json.Encoder().encode

@@ -3,10 +3,16 @@
 Rows are leased, not held: a short transaction takes due rows with FOR UPDATE SKIP LOCKED and
 pushes their next_attempt_at past the HTTP timeout, so no transaction stays open during a
 POST and a worker that dies mid-delivery only delays the row by one lease. Delivery is at
-least once; receivers dedupe on (order_id, event).
+least once; receivers dedupe on the delivery id (or on (order_id, event)).
 
-The signing secret is stored sealed (nonce + AES-GCM ciphertext, aad = channel id) under a
-data key; it is opened here, per channel, and never logged.
+Each POST goes to the address core.egress checked, resolved once, never to a re-resolved
+host (no SSRF through the channel's URL, no DNS rebinding); redirects are not followed and the
+response body is never read. `last_error` holds a coarse category (`timeout`,
+`connect_failed`, `http_503`, `blocked_address`...), never exception text: it must not tell a
+channel what answers on a port.
+
+The signing secrets are stored sealed (nonce + AES-GCM ciphertext, aad = channel id) under a
+data key; they are opened here, per channel, and never logged.
 """
 
 from __future__ import annotations
@@ -14,18 +20,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import asyncpg
 import httpx
 
+from core import egress
 from core.crypto import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
     NONCE_BYTES,
     SIGNATURE_HEADER,
+    STANDARD_ID_HEADER,
+    STANDARD_SIGNATURE_HEADER,
+    STANDARD_TIMESTAMP_HEADER,
     DecryptionError,
     Keyring,
     open_sealed,
+    show_webhook_secret,
+    sign_standard,
     sign_webhook,
 )
 from core.settings import Settings
@@ -49,7 +64,10 @@ WHERE w.id IN (
     FOR UPDATE SKIP LOCKED
 ) AND c.channel_id = w.channel_id
 RETURNING w.id, w.order_id, w.event, w.payload, w.attempts,
-          c.channel_id, c.webhook_url, c.webhook_secret, c.webhook_dek_id
+          c.channel_id, c.webhook_url, c.webhook_secret, c.webhook_dek_id,
+          c.webhook_secret_form,
+          CASE WHEN c.webhook_prev_until > now() THEN c.webhook_prev_secret END AS prev_secret,
+          c.webhook_prev_form
 """
 
 RECORD_SUCCESS = """
@@ -66,16 +84,37 @@ WHERE id = $1
 """
 
 
+# `last_error` categories (besides core.egress' blocked_url, blocked_address, dns_failed, and
+# http_<status>): coarse on purpose, see the module doc.
+NO_URL = "no_webhook_url"
+NO_SECRET = "secret_unavailable"
+TIMEOUT = "timeout"
+CONNECT_FAILED = "connect_failed"
+
+
 @dataclass(frozen=True, slots=True)
 class Attempt:
     row_id: int
     ok: bool
     error: str | None = None
+    detail: str | None = None  # for the operator's log only (an exception's class name)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSecret:
+    """A secret that signs now: the raw bytes and the form the API showed them in."""
+
+    raw: bytes
+    form: str
+
+    @property
+    def shown(self) -> str:
+        return show_webhook_secret(self.raw, self.form)
 
 
 def backoff_s(attempts: int, base_s: float) -> float:
     """Delay before retry number `attempts` (1-based): base * 2^(n-1), capped, with jitter."""
-    delay = min(base_s * 2 ** (attempts - 1), BACKOFF_CAP_S)
+    delay = min(base_s * 2.0 ** (attempts - 1), BACKOFF_CAP_S)
     # Jitter: receivers that failed together (an outage) must not be retried in lockstep.
     return delay * random.uniform(0.8, 1.2)
 
@@ -88,6 +127,7 @@ class Dispatcher:
         self.keyring = keyring
         self.settings = settings
         self.http = http
+        self.allow = egress.AllowList.from_settings(settings)
         self.channel_ids = sorted(channel_ids) if channel_ids is not None else None
         self.backoff_base_s = backoff_base_s
         self.batch = batch
@@ -97,7 +137,7 @@ class Dispatcher:
         lease_s = self.settings.webhook_timeout_s * 2 + 5
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(CLAIM_DUE, self.batch, lease_s, self.channel_ids)
-            secrets = {}
+            secrets: dict[str, list[ChannelSecret] | None] = {}
             for row in rows:
                 if row["channel_id"] not in secrets:
                     secrets[row["channel_id"]] = await self._secret(conn, row)
@@ -116,9 +156,10 @@ class Dispatcher:
                     await conn.execute(RECORD_FAILURE, result.row_id, result.error,
                                        backoff_s(attempts, self.backoff_base_s),
                                        self.settings.webhook_max_attempts)
-                    log.warning("webhook %s for order %s to channel %s failed (attempt %d): %s",
-                                row["event"], row["order_id"], row["channel_id"], attempts,
-                                result.error)
+                    log.warning("webhook %s for order %s to channel %s failed (attempt %d): "
+                                "%s%s", row["event"], row["order_id"], row["channel_id"],
+                                attempts, result.error,
+                                f" ({result.detail})" if result.detail else "")
         return len(rows)
 
     async def dispatch_due(self) -> int:
@@ -128,34 +169,64 @@ class Dispatcher:
             total += n
         return total
 
-    async def _secret(self, conn: asyncpg.Connection, row: asyncpg.Record) -> bytes | None:
-        sealed: bytes = row["webhook_secret"]
+    async def _secret(self, conn: asyncpg.Connection,
+                      row: asyncpg.Record) -> list[ChannelSecret] | None:
+        """The channel's current secret, then the rotated-out one while it still signs."""
+        sealed = [(row["webhook_secret"], row["webhook_secret_form"])]
+        if row["prev_secret"] is not None:
+            sealed.append((row["prev_secret"], row["webhook_prev_form"]))
+        aad = row["channel_id"].encode()
         try:
             dek = await self.keyring.dek(conn, row["webhook_dek_id"])
-            return open_sealed(dek, sealed[:NONCE_BYTES], sealed[NONCE_BYTES:],
-                               row["channel_id"].encode())
+            return [ChannelSecret(open_sealed(dek, s[:NONCE_BYTES], s[NONCE_BYTES:], aad), form)
+                    for s, form in sealed]
         except DecryptionError as exc:
             log.error("channel %s: webhook secret does not open: %s", row["channel_id"], exc)
             return None
 
-    async def _post(self, row: asyncpg.Record, secret: bytes | None) -> Attempt:
+    async def _post(self, row: asyncpg.Record, secrets: list[ChannelSecret] | None) -> Attempt:
         if row["webhook_url"] is None:
-            return Attempt(row["id"], False, "channel has no webhook_url")
-        if secret is None:
-            return Attempt(row["id"], False, "webhook secret unavailable")
-        body: bytes = row["payload"]
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign_webhook(secret, body),
-            "Flashgate-Event": row["event"],
-            "Flashgate-Delivery": str(row["id"]),
-        }
+            return Attempt(row["id"], False, NO_URL)
+        if not secrets:
+            return Attempt(row["id"], False, NO_SECRET)
+        timeout = self.settings.webhook_timeout_s
         try:
-            # No redirects: the channel registered this exact URL.
-            response = await self.http.post(row["webhook_url"], content=body, headers=headers,
-                                            timeout=self.settings.webhook_timeout_s)
+            async with asyncio.timeout(timeout):
+                target = await egress.pin(row["webhook_url"], self.allow)
+        except egress.Refused as exc:
+            return Attempt(row["id"], False, exc.category, str(exc))
+        except TimeoutError:
+            return Attempt(row["id"], False, TIMEOUT, "DNS")
+        body: bytes = row["payload"]
+        delivery_id, now = str(row["id"]), int(time.time())
+        headers = {
+            "Host": target.host_header,
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign_webhook([s.shown for s in secrets], body, now),
+            EVENT_HEADER: row["event"],
+            DELIVERY_HEADER: delivery_id,
+            STANDARD_ID_HEADER: delivery_id,
+            STANDARD_TIMESTAMP_HEADER: str(now),
+            STANDARD_SIGNATURE_HEADER: sign_standard([s.raw for s in secrets], delivery_id,
+                                                     now, body),
+        }
+        extensions = {}
+        if target.sni_hostname:
+            extensions["sni_hostname"] = target.sni_hostname
+            # The pool keys connections by address, not by server name: a kept-alive TLS
+            # connection to a shared address (a CDN) must not carry another host's webhook.
+            headers["Connection"] = "close"
+        try:
+            # No redirects (a 3xx is a failure): the channel registered this exact URL. The
+            # response body is never read.
+            async with self.http.stream("POST", target.url, content=body, headers=headers,
+                                        timeout=timeout, follow_redirects=False,
+                                        extensions=extensions) as response:
+                status = response.status_code
+        except httpx.TimeoutException as exc:
+            return Attempt(row["id"], False, TIMEOUT, type(exc).__name__)
         except httpx.HTTPError as exc:
-            return Attempt(row["id"], False, type(exc).__name__)
-        if 200 <= response.status_code < 300:
+            return Attempt(row["id"], False, CONNECT_FAILED, type(exc).__name__)
+        if 200 <= status < 300:
             return Attempt(row["id"], True)
-        return Attempt(row["id"], False, f"HTTP {response.status_code}")
+        return Attempt(row["id"], False, f"http_{status}")

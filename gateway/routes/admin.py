@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import secrets
 from datetime import UTC, datetime
 
 import asyncpg
@@ -12,14 +10,25 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import errors
+from core import errors, webhook_secrets
 from core.card_keys import ParseError, import_keys, parse_csv, parse_text
-from core.crypto import hash_api_key, new_api_key, seal
+from core.crypto import hash_api_key, new_api_key, new_webhook_secret, seal, show_webhook_secret
+from core.egress import AllowList, url_problem
 from core.ids import is_sale_id, new_channel_id, ulid
 from core.ledger import Ledger
 from core.logging import REQUEST_ID
 from gateway.auth import require_admin
-from gateway.models import ChannelBody, ChannelOut, ImportOut, KeysBody, SaleBody, SaleOut, StockOut
+from gateway.models import (
+    ChannelBody,
+    ChannelOut,
+    ImportOut,
+    KeysBody,
+    RotatedSecretOut,
+    RotateSecretBody,
+    SaleBody,
+    SaleOut,
+    StockOut,
+)
 from gateway.responses import JSONResponse
 from gateway.sale_guard import refuse_if_paused
 from gateway.state import decode, path_id, state
@@ -45,23 +54,51 @@ async def create_channel(request: Request) -> Response:
     require_admin(request, gw.runtime.settings.admin_token)
     body = await decode(request, ChannelBody)
     rt = gw.runtime
+    if body.webhook_url is not None and (
+            problem := url_problem(body.webhook_url, AllowList.from_settings(rt.settings))):
+        raise errors.InvalidRequest(f"webhook_url {problem}")
     channel_id, api_key = new_channel_id(), new_api_key()
-    webhook_secret = secrets.token_bytes(32)
+    webhook_secret = new_webhook_secret()
     async with rt.pool.acquire() as conn, conn.transaction():
         dek_id, dek = await rt.keyring.new_dek(conn, "webhook")
         nonce, sealed = seal(dek, webhook_secret, channel_id.encode())
         await conn.execute(
             "INSERT INTO channels (channel_id, name, api_key_hash, webhook_url,"
-            " webhook_secret, webhook_dek_id) VALUES ($1, $2, $3, $4, $5, $6)",
+            " webhook_secret, webhook_dek_id, webhook_secret_form)"
+            " VALUES ($1, $2, $3, $4, $5, $6, 'whsec')",
             channel_id, body.name, hash_api_key(api_key), body.webhook_url, nonce + sealed, dek_id,
         )
     # Only now can the key authenticate: the hot path reads this Redis hash, never PostgreSQL.
     await rt.redis.hset(rt.keys.channels(), hash_api_key(api_key).hex(), channel_id)
     out = ChannelOut(
         channel_id=channel_id, name=body.name, api_key=api_key, webhook_url=body.webhook_url,
-        webhook_secret=base64.urlsafe_b64encode(webhook_secret).decode().rstrip("="),
+        webhook_secret=show_webhook_secret(webhook_secret),
     )
     return JSONResponse(out, status_code=201, headers={"Cache-Control": "no-store"})
+
+
+def _is_channel_id(value: str) -> bool:
+    return value.startswith("ch_") and len(value) <= 64 and value[3:].isalnum() \
+        and value.isascii()
+
+
+async def rotate_webhook_secret(request: Request) -> Response:
+    """A new webhook secret, shown once; the old one signs beside it for the overlap."""
+    gw = state(request)
+    require_admin(request, gw.runtime.settings.admin_token)
+    channel_id = path_id(request, "channel_id", _is_channel_id, "channel")
+    body = await decode(request, RotateSecretBody) if await request.body() \
+        else RotateSecretBody()
+    rt = gw.runtime
+    overlap_s = rt.settings.webhook_secret_overlap_s if body.overlap_s is None \
+        else body.overlap_s
+    async with rt.pool.acquire() as conn:
+        rotated = await webhook_secrets.rotate(conn, rt.keyring, channel_id, overlap_s)
+    if rotated is None:
+        raise errors.NotFound("no such channel")
+    out = RotatedSecretOut(channel_id=channel_id, webhook_secret=rotated.webhook_secret,
+                           previous_valid_until=rotated.previous_valid_until)
+    return JSONResponse(out, headers={"Cache-Control": "no-store"})
 
 
 async def _sale_out(ledger: Ledger, row: asyncpg.Record) -> SaleOut:
@@ -172,6 +209,8 @@ async def import_sale_keys(request: Request) -> Response:
 
 routes = [
     Route("/v1/admin/channels", create_channel, methods=["POST"]),
+    Route("/v1/admin/channels/{channel_id}/webhook-secret/rotate", rotate_webhook_secret,
+          methods=["POST"]),
     Route("/v1/admin/sales", create_sale, methods=["POST"]),
     Route("/v1/admin/sales/{sale_id}", get_sale, methods=["GET"]),
     Route("/v1/admin/sales/{sale_id}/keys", import_sale_keys, methods=["POST"]),
