@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 from typing import Any
 
 import httpx
 import jsonschema
+import msgspec
 import pytest
 from openapi_spec_validator import validate
 from starlette.routing import Route
@@ -19,6 +21,8 @@ from gateway import models
 from gateway.app import create_app
 from gateway.openapi import OPERATIONS, document, operations
 from gateway.routes import admin, health, metrics, openapi, risk_admin, storefront
+from risk.challenge import Challenges
+from risk.signals import Signals
 
 ROUTES = [*health.routes, *metrics.routes, *openapi.routes, *storefront.routes, *admin.routes,
           *risk_admin.routes]
@@ -200,3 +204,17 @@ def test_webhooks_are_described(event: str) -> None:
     body = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert body["properties"]["event"] == {"type": "string", "const": event}
     assert set(body["required"]) == set(body["properties"])  # the worker sends every field
+
+
+def test_a_real_challenge_fits_the_challenge_schema() -> None:
+    """A 428's `challenge` is the dict risk/challenge.py issues (ALTCHA v2): typed, not `{}`."""
+    sig = Signals(sale_id="s-1", channel_id="ch", user_id="u-42", device_id="d-9",
+                  ip="203.0.113.7", subnet="203.0.113.0/24", address=None, user_agent=None)
+    issued = Challenges(b"k" * 32).issue(sig, work=1000, ttl_s=60, now_s=time.time())
+    doc = document(ROUTES)
+    _check(doc, {"$ref": "#/components/schemas/Challenge"}, issued)
+    problem = msgspec.json.decode(msgspec.json.encode(models.Problem(
+        type="t", title="t", status=428, code="challenge_required", challenge=issued)))
+    _check(doc, {"$ref": "#/components/schemas/Problem"}, problem)
+    params = doc["components"]["schemas"]["ChallengeParameters"]
+    assert set(params["required"]) <= set(issued["parameters"])
