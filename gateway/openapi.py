@@ -105,6 +105,8 @@ _SALE_OUT = models.SaleOut(
     per_user_limit=1, reservation_ttl_s=300, stock=_STOCK)
 _LIST = {"action": "block", "kind": "ip"}
 _RISK_EXAMPLE = {"effective": RiskConfig(version=1, rules={}), "override": {}}
+_TEXT_EXAMPLES = {"text/plain": "GC100-7QX2-K9LM-44TZ\nGC100-8RT3-N2PQ-51WA\n",
+                  "text/csv": "code\nGC100-7QX2-K9LM-44TZ\nGC100-8RT3-N2PQ-51WA\n"}
 _ORDER_STATUS = models.OrderStatusOut(order_id=_ORDER, status="confirmed")
 
 OPERATIONS: dict[tuple[str, str], Op] = {
@@ -292,7 +294,8 @@ def _operation(method: str, path: str, op: Op, refs: dict[Any, Any]) -> dict[str
         content: dict[str, Any] = {JSON: {"schema": refs[op.body]}}
         if op.example_in is not None:
             content[JSON]["example"] = _json(op.example_in)
-        content.update({t: {"schema": {"type": "string"}} for t in op.body_types})
+        content.update({t: {"schema": {"type": "string"}, "example": _TEXT_EXAMPLES[t]}
+                        for t in op.body_types})
         doc["requestBody"] = {"required": True, "content": content}
     schema = op.out_schema if op.out_schema is not None else refs[op.out]
     ok: dict[str, Any] = {"description": "OK", "content": {JSON: {"schema": schema}}}
