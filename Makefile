@@ -48,7 +48,8 @@ $(PROMTOOL): | $(DEV_STAMP)
 tools: $(PROMTOOL)
 
 ## The whole test suite (starts its own Redis and PostgreSQL on free ports).
-## FLASHGATE_REQUIRE_TOOLS: the ops tests fail, instead of skipping, when promtool is missing.
+## FLASHGATE_REQUIRE_TOOLS: the ops tests fail, instead of skipping, when promtool is missing,
+## and the generated-client test when node/npm are (Node.js 20+; it runs npm ci itself).
 test: $(DEV_STAMP) $(PROMTOOL)
 	FLASHGATE_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -q
 

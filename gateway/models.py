@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -18,6 +18,13 @@ Ident = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]
 Text = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+\Z")]
 SaleId = Annotated[str, Meta(pattern=SALE_ID_PATTERN.removesuffix("$") + r"\Z")]
 Url = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s\x00-\x1f\x7f]+\Z")]
+# Times the routes format themselves (rfc3339_ms): RFC 3339 strings, described as such.
+Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+# An order's status as the API shows it (core/reconcile.py STATUSES; the orders table's CHECK).
+# A titled schema: gateway/openapi.py makes it one named enum (#/components/schemas/OrderStatus).
+ORDER_STATUSES = ("reserved", "confirmed", "delivered", "cancelled", "expired", "refunded")
+OrderStatus = Annotated[str, Meta(title="OrderStatus",
+                                  extra_json_schema={"enum": list(ORDER_STATUSES)})]
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -44,13 +51,13 @@ class ConfirmBody(Body):
 
 class PurchaseOut(Out):
     order_id: str
-    status: str
-    expires_at: str
+    status: OrderStatus
+    expires_at: Timestamp
 
 
 class OrderStatusOut(Out):
     order_id: str
-    status: str
+    status: OrderStatus
 
 
 class OrderOut(Out):
@@ -58,8 +65,8 @@ class OrderOut(Out):
     sale_id: str
     user_id: str
     quantity: int
-    status: str
-    expires_at: str | None = None
+    status: OrderStatus
+    expires_at: Timestamp | None = None
     card_keys: list[str] | None = None
 
 
@@ -141,6 +148,30 @@ class ImportOut(Out):
     rejected_lines: list[int] = []
 
 
+class ChallengeParameters(Out, rename="camel"):
+    """ALTCHA v2 challenge parameters (the `altcha` library's ChallengeParameters.to_dict())."""
+
+    algorithm: str
+    cost: int
+    key_length: int
+    key_prefix: str
+    nonce: str
+    salt: str
+    key_signature: str | None = None
+    memory_cost: int | None = None
+    parallelism: int | None = None
+    expires_at: int | None = None  # unix seconds
+    data: dict[str, str] | None = None
+
+
+class Challenge(Out):
+    """A proof-of-work challenge (ALTCHA v2): solve it, send the base64 solution payload in
+    Flashgate-Challenge-Solution."""
+
+    parameters: ChallengeParameters
+    signature: str | None = None
+
+
 class Problem(Out):
     type: str
     title: str
@@ -150,7 +181,8 @@ class Problem(Out):
     instance: str | None = None
     errors: list[str] | None = None
     reasons: list[str] | None = None          # risk_denied / challenge_required: rule names
-    challenge: dict[str, Any] | None = None   # challenge_required: ALTCHA v2 challenge
+    # challenge_required: the ALTCHA v2 challenge (sent as the dict risk/challenge.py builds)
+    challenge: Challenge | None = None
 
 
 # -- admin: risk ----------------------------------------------------------------------------
