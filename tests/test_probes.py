@@ -174,3 +174,36 @@ async def test_worker_liveness_survives_a_redis_outage_but_not_a_stuck_loop(
         await server.stop()
         await rt.close()
         await proxy.close()
+
+
+def test_up_serves_gateway_and_worker_metrics_on_private_ports(tmp_path: Path) -> None:
+    """`flashgate up`'s stack: the gateway's metrics port and one per worker, chosen free, on
+    the Stack for the banner; the API port has no /metrics."""
+    from cli.stack import running_stack
+
+    with running_stack(run_dir=tmp_path / "run", workers=1) as stack, \
+            httpx.Client(timeout=5) as client:
+        assert stack.gateway_url and stack.metrics_url and len(stack.worker_metrics_urls) == 1
+        assert client.get(stack.gateway_url + "/metrics").status_code == 404
+        r = client.get(stack.metrics_url)
+        assert r.status_code == 200 and "flashgate_http_requests_total" in r.text
+        worker_url = stack.worker_metrics_urls[0]
+        deadline = time.monotonic() + 20
+        while True:  # the worker starts its port after its clients are open
+            try:
+                r = client.get(worker_url)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "worker metrics port never answered"
+                time.sleep(0.1)
+        assert r.status_code == 200 and "flashgate_worker_last_loop_timestamp_seconds" in r.text
+        alive = client.get(worker_url.removesuffix("/metrics") + "/healthz")
+        assert alive.status_code == 200 and alive.json()["status"] == "ok"
+
+
+def test_gateway_command_takes_a_metrics_port() -> None:
+    from cli.main import build_parser
+
+    args = build_parser().parse_args(["gateway", "--host", "0.0.0.0", "--metrics-port", "9100"])
+    assert (args.host, args.port, args.metrics_port) == ("0.0.0.0", 8000, 9100)
+    assert build_parser().parse_args(["gateway"]).metrics_port is None  # the setting decides
