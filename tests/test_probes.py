@@ -163,7 +163,7 @@ async def test_worker_liveness_survives_a_redis_outage_but_not_a_stuck_loop(
             async def wedged(_sales: object, now: int | None = None) -> int:
                 await stuck.wait()  # an await that never returns: a wedged loop
                 return 0
-            worker.sweeper.sweep = wedged  # type: ignore[method-assign]
+            worker.sweeper.sweep = wedged  # type: ignore[method-assign,assignment]
             await asyncio.sleep(STALL_S + 1.0)
             r = await client.get("/healthz")
             assert r.status_code == 503 and r.json()["stalled"] == ["sweeper"], r.text
