@@ -136,12 +136,12 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         dict[str, int], security="admin", errors=(*ADMIN, errors.NotFound)),
     # -- operations ----------------------------------------------------------------------
     ("GET", "/healthz"): Op("Liveness", "health", 200, out_schema=_STATUS_OK),
-    ("GET", "/readyz"): Op("Readiness: Redis, scripts, PostgreSQL, migrations", "health", 200,
-                           out_schema=_READY,
+    # Ready = Redis and its scripts; PostgreSQL and migrations are reported, not required.
+    # (Prometheus metrics are on the private metrics port, not in this API.)
+    ("GET", "/readyz"): Op("Readiness: Redis and scripts (PostgreSQL, migrations reported)",
+                           "health", 200, out_schema=_READY,
                            extra={503: {"description": "Not ready",
                                         "content": {JSON: {"schema": _READY}}}}),
-    ("GET", "/metrics"): Op("Prometheus metrics", "health", 200,
-                            out_schema={"type": "string"}, out_type="text/plain"),
     ("GET", "/openapi.json"): Op("This document", "health", 200,
                                  out_schema={"type": "object"}),
     # -- benchmark-only (FLASHGATE_BENCH_ENDPOINTS) --------------------------------------
