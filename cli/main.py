@@ -97,8 +97,15 @@ def cmd_worker_check(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
+    # The app factory reads the environment: --metrics-port overrides FLASHGATE_METRICS_PORT,
+    # and the metrics port listens on the API's host unless FLASHGATE_METRICS_HOST says.
+    if args.metrics_port is not None:
+        os.environ["FLASHGATE_METRICS_PORT"] = str(args.metrics_port)
+    os.environ.setdefault("FLASHGATE_METRICS_HOST", args.host)
     Settings.from_env()  # fail fast, with the variable's name, before uvicorn starts
     uvicorn.run("gateway.app:create_app", factory=True, host=args.host, port=args.port,
                 loop="uvloop", http="gateway.server:BoundedHttpToolsProtocol",
@@ -218,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="run the HTTP gateway (uvicorn, uvloop, httptools)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="private Prometheus port, /metrics (default FLASHGATE_METRICS_PORT; "
+                   "0 = off); never served on --port")
     p.set_defaults(handler=cmd_gateway)
 
     p = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")

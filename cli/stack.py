@@ -66,6 +66,8 @@ class Stack:
     env: dict[str, str]
     run_dir: Path
     gateway_url: str | None = None
+    metrics_url: str | None = None  # the gateway's private /metrics (its own port)
+    worker_metrics_urls: list[str] = field(default_factory=list)  # each worker's /metrics
     children: list[Child] = field(default_factory=list)
 
     @property
@@ -195,9 +197,17 @@ def running_stack(*, run_dir: Path | None = None, workers: int = 2, gateway: boo
         if gateway:
             port = port or free_port()
             stack.gateway_url = f"http://{host}:{port}"
-            children.append(spawn("gateway", gateway_argv(host, port), env, logs))
+            metrics_port = free_port()
+            stack.metrics_url = f"http://{host}:{metrics_port}/metrics"
+            children.append(spawn("gateway", gateway_argv(host, port), {
+                **env, "FLASHGATE_METRICS_PORT": str(metrics_port),
+                "FLASHGATE_METRICS_HOST": host}, logs))
         for i in range(workers):
-            children.append(spawn(f"worker-{i + 1}", worker_argv(), env, logs))
+            worker_port = free_port()
+            stack.worker_metrics_urls.append(f"http://{host}:{worker_port}/metrics")
+            children.append(spawn(f"worker-{i + 1}", worker_argv(), {
+                **env, "FLASHGATE_WORKER_METRICS_PORT": str(worker_port),
+                "FLASHGATE_METRICS_HOST": host}, logs))
         if stack.gateway_url is not None:
             wait_healthy(children[0], stack.gateway_url)
         yield stack

@@ -9,7 +9,10 @@ One server process per pod: metrics live in this process's default registry. Sev
 on one host need PROMETHEUS_MULTIPROC_DIR (docs/OPERATIONS.md); `exposition()` honours it.
 
 Gauges read from Redis (stock, streams, ledger invariant) are refreshed on scrape by
-`LedgerSnapshot.refresh()`, with a short deadline, for at most MAX_SALES active sales.
+`LedgerSnapshot.refresh()`, with a short deadline, for at most MAX_SALES active sales, and at
+most once per FLASHGATE_METRICS_REFRESH_S however many scrapes arrive. A sale whose window has
+not opened yet is exported by count only (`flashgate_sales_upcoming`), never by id: its id and
+stock are not announced through metrics before the sale starts.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from core.ids import shard_id
@@ -88,6 +91,12 @@ STREAM_PENDING = "flashgate_stream_pending_entries"
 STREAM_LAG = "flashgate_stream_lag_entries"
 DEAD_LETTERS = "flashgate_dead_letters_entries"
 SALES_ACTIVE = "flashgate_sales_active"
+SALES_UPCOMING = "flashgate_sales_upcoming"
+# Units whose reservation ended, by outcome, from the ledger's own counts: `expired` and
+# `cancelled` exactly; `confirmed` = confirmed + delivered + refunded, every unit ever
+# confirmed, purchases paid at once included (so the expired share is a lower bound).
+SALE_SETTLED = "flashgate_sale_settled_units"
+SETTLED_OUTCOMES = ("confirmed", "expired", "cancelled")
 LEDGER_SCRAPE_OK = "flashgate_ledger_scrape_success"
 
 # -- risk engine (risk/scoring.py keeps its counts in a RiskCounts) ---------------------------
@@ -233,6 +242,8 @@ class LedgerSnapshot:
 
     `refresh()` is awaited by the /metrics handler (or the worker's metrics loop) with a short
     deadline; LedgerCollector exports the last good reading (and success=0 when a read failed).
+    With `max_age_s`, a reading (or a failed try) younger than that is kept: concurrent scrapes
+    wait for the one read in flight, so a scrape storm costs one Redis read per `max_age_s`.
     """
 
     def __init__(self) -> None:
@@ -240,15 +251,30 @@ class LedgerSnapshot:
         self.active = 0
         self.ok = 0
         self.at = 0.0
+        self.reads = 0  # Redis reads done (tests count them)
+        self._tried = -float("inf")
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+
+    def _turn(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()  # one lock per loop: tests run several loops
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     async def refresh(self, redis: Any, keys: Any, group: str,
-                      timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
-        try:
-            async with asyncio.timeout(timeout_s):
-                self.sales, self.active = await _read_sales(redis, keys, group)
-            self.ok, self.at = 1, time.time()
-        except Exception:  # noqa: BLE001 - a scrape must answer; success=0 says it failed
-            self.ok = 0
+                      timeout_s: float = SCRAPE_TIMEOUT_S, max_age_s: float = 0.0) -> None:
+        async with self._turn():
+            if max_age_s > 0 and time.monotonic() - self._tried < max_age_s:
+                return
+            self._tried = time.monotonic()
+            self.reads += 1
+            try:
+                async with asyncio.timeout(timeout_s):
+                    self.sales, self.active = await _read_sales(redis, keys, group)
+                self.ok, self.at = 1, time.time()
+            except Exception:  # noqa: BLE001 - a scrape must answer; success=0 says it failed
+                self.ok = 0
 
 
 MAX_SALES_SCANNED = 500  # active sales whose window is read to pick the MAX_SALES exported
@@ -277,7 +303,7 @@ async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
                       ) -> tuple[dict[str, int], int]:
     """One ledger shard (a sale, or one stock bucket of it): its row and its bucket count."""
     async with redis.pipeline(transaction=False) as pipe:  # one shard's keys share a slot
-        pipe.hmget(keys.sale(shard), [*STOCK_STATES, "buckets"])
+        pipe.hmget(keys.sale(shard), [*STOCK_STATES, "buckets", "start"])
         pipe.xlen(keys.events(shard))
         pipe.xlen(keys.dead_letters(shard))
         pipe.xinfo_groups(keys.events(shard))
@@ -285,8 +311,10 @@ async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
     buckets = 1
     row: dict[str, int] = {}
     if isinstance(stock, list):
-        row = {s: int(v or 0) for s, v in zip(STOCK_STATES, stock[:-1], strict=True)}
-        buckets = int(stock[-1] or 1)
+        row = {s: int(v or 0) for s, v in zip(STOCK_STATES, stock[:-2], strict=True)}
+        buckets = int(stock[-2] or 1)
+        if stock[-1] is not None:
+            row["start"] = int(float(stock[-1]))
         if stock[0] is not None:
             held = sum(row[s] for s in ("available", "reserved", "confirmed", "delivered",
                                         "voided"))
@@ -309,10 +337,17 @@ async def _read_sales(redis: Any, keys: Any, group: str) -> tuple[dict[str, dict
         row, buckets = await _read_shard(redis, keys, group, sale)
         for b in range(1, buckets):  # stock buckets: summed, drift per bucket summed too
             more, _ = await _read_shard(redis, keys, group, shard_id(sale, b))
+            more.pop("start", None)  # the sale's window is on its own hash only
             for name, value in more.items():
                 row[name] = row.get(name, 0) + value
         out[sale] = row
     return out, len(active)
+
+
+def settled_units(row: dict[str, int]) -> dict[str, int]:
+    """A ledger row's units by how their reservation ended (SALE_SETTLED)."""
+    return {"confirmed": sum(row.get(s, 0) for s in ("confirmed", "delivered", "refunded")),
+            "expired": row.get("expired", 0), "cancelled": row.get("cancelled", 0)}
 
 
 class LedgerCollector(Collector):
@@ -322,7 +357,7 @@ class LedgerCollector(Collector):
     def describe(self) -> list[Any]:
         return []  # collected only on scrape: nothing read at registration
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snap = self.snapshot
         stock = GaugeMetricFamily(SALE_STOCK, "Units per ledger state (Redis).",
                                   labels=["sale", "state"])
@@ -337,19 +372,31 @@ class LedgerCollector(Collector):
                                 labels=["sale"])
         dead = GaugeMetricFamily(DEAD_LETTERS, "Entries in the sale's dead-letter stream.",
                                  labels=["sale"])
+        settled = CounterMetricFamily(SALE_SETTLED, "Units whose reservation ended, by outcome "
+                                      "(confirmed counts purchases paid at once too).",
+                                      labels=["sale", "outcome"])
+        now_ms = time.time() * 1000
+        upcoming = 0
         for sale, row in snap.sales.items():
+            if row.get("start", 0) > now_ms:  # not open yet: no series names it
+                upcoming += 1
+                continue
             if row.get("total") is not None and "available" in row:
                 for state in STOCK_STATES:
                     stock.add_metric([sale, state], row.get(state, 0))
                 drift.add_metric([sale], row.get("drift", 0))
+                for outcome, value in settled_units(row).items():
+                    settled.add_metric([sale, outcome], value)
             length.add_metric([sale], row["stream_length"])
             dead.add_metric([sale], row["dead_letters"])
             if "pending" in row:
                 pending.add_metric([sale], row["pending"])
                 lag.add_metric([sale], row["lag"])
-        yield from (stock, drift, length, pending, lag, dead)
+        yield from (stock, drift, length, pending, lag, dead, settled)
         yield GaugeMetricFamily(SALES_ACTIVE, "Active sales (the first MAX_SALES are exported).",
                                 value=snap.active)
+        yield GaugeMetricFamily(SALES_UPCOMING, "Sales read whose window has not opened: "
+                                "counted, not named.", value=upcoming)
         yield GaugeMetricFamily(LEDGER_SCRAPE_OK, "1 if the last ledger read succeeded.",
                                 value=snap.ok)
 
@@ -360,7 +407,8 @@ with contextlib.suppress(ValueError):  # a re-import (tests reloading) must not 
 
 # Every metric name this module exports (the dashboard/alerts test checks against it).
 LEDGER_METRICS = (SALE_STOCK, SALE_INVARIANT, STREAM_LENGTH, STREAM_PENDING, STREAM_LAG,
-                  DEAD_LETTERS, SALES_ACTIVE, LEDGER_SCRAPE_OK)
+                  DEAD_LETTERS, SALES_ACTIVE, SALES_UPCOMING, f"{SALE_SETTLED}_total",
+                  LEDGER_SCRAPE_OK)
 
 
 def exposition() -> tuple[bytes, str]:

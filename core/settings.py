@@ -180,6 +180,9 @@ class Settings:
     worker_claim_idle_ms: int = 30_000
     worker_max_deliveries: int = 5
     worker_metrics_port: int = 0        # Prometheus endpoint of a worker process; 0 = off
+    # Liveness of a worker (GET /healthz on its metrics port): every loop of it ran an
+    # iteration (or is waiting on a dependency that is down) within this many seconds.
+    worker_stall_s: float = 120.0
     sweep_interval_s: float = 0.5
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 8
@@ -208,6 +211,13 @@ class Settings:
     risk_timeout_ms: int = 50           # split mode's features call; past it on_error acts
     risk_cache_ttl_s: float = 2.0       # per-sale config and lists, cached in process
     risk_challenge_secret: Secret | None = None  # None: derived from the active master key
+    # The gateway's Prometheus endpoint: a second, private port (gateway/routes/metrics.py);
+    # 0 = off. The host defaults to the API's (`flashgate gateway --host`), else 127.0.0.1.
+    metrics_port: int = 0
+    metrics_host: str = ""
+    # A scrape reads stock and streams from Redis at most once per this many seconds
+    # (a scrape storm costs one Redis read per interval).
+    metrics_refresh_s: float = 5.0
     # Benchmark-only routes (gateway/routes/bench.py): never on in production
     bench_endpoints: bool = False
     # A sale is low on stock under this share of its total (workers/lowstock.py; the
@@ -260,6 +270,7 @@ class Settings:
                 env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000),
             worker_max_deliveries=_number(env, "FLASHGATE_WORKER_MAX_DELIVERIES", 5, 1, 1000),
             worker_metrics_port=_number(env, "FLASHGATE_WORKER_METRICS_PORT", 0, 0, 65535),
+            worker_stall_s=_number(env, "FLASHGATE_WORKER_STALL_S", 120.0, 1.0, 86_400.0),
             sweep_interval_s=_number(env, "FLASHGATE_SWEEP_INTERVAL_S", 0.5, 0.01, 60.0),
             webhook_timeout_s=_number(env, "FLASHGATE_WEBHOOK_TIMEOUT_S", 5.0, 0.1, 60.0),
             webhook_max_attempts=_number(env, "FLASHGATE_WEBHOOK_MAX_ATTEMPTS", 8, 1, 50),
@@ -282,6 +293,9 @@ class Settings:
             risk_cache_ttl_s=_number(env, "FLASHGATE_RISK_CACHE_TTL_S", 2.0, 0.0, 300.0),
             risk_challenge_secret=Secret(env["FLASHGATE_RISK_CHALLENGE_SECRET"])
             if env.get("FLASHGATE_RISK_CHALLENGE_SECRET") else None,
+            metrics_port=_number(env, "FLASHGATE_METRICS_PORT", 0, 0, 65535),
+            metrics_host=env.get("FLASHGATE_METRICS_HOST", "").strip(),
+            metrics_refresh_s=_number(env, "FLASHGATE_METRICS_REFRESH_S", 5.0, 0.0, 300.0),
             bench_endpoints=_flag(env, "FLASHGATE_BENCH_ENDPOINTS", False),
             low_stock_fraction=_number(env, "FLASHGATE_LOW_STOCK_FRACTION", 0.1, 0.0, 1.0),
         )

@@ -16,13 +16,15 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from core import logging as fglog
+from core.metrics_http import MetricsServer
 from core.runtime import Runtime
 from core.settings import Settings
 from gateway import server
 from gateway.auth import ChannelAuth
 from gateway.middleware import BodyLimit, HttpMetrics
 from gateway.problems import exception_handlers
-from gateway.routes import admin, bench, health, metrics, openapi, risk_admin, storefront
+from gateway.routes import admin, bench, health, openapi, risk_admin, storefront
+from gateway.routes.metrics import metrics_app
 from gateway.state import GatewayState
 from risk.engine import AllowAll, RiskEngine
 from risk.scoring import ScoringEngine
@@ -59,16 +61,26 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
                                  runtime.pool),
             risk=engine,
         )
-        freeze_heap()
-        log.info("gateway ready")
+        # /metrics: its own app, on its own port when FLASHGATE_METRICS_PORT is set (never on
+        # the API's); kept on app.state for in-process tests.
+        app.state.metrics_app = metrics_app(runtime, settings.metrics_refresh_s)
+        exporter = None
         try:
+            if settings.metrics_port:
+                exporter = await MetricsServer.start(app.state.metrics_app,
+                                                     settings.metrics_host or "127.0.0.1",
+                                                     settings.metrics_port)
+            freeze_heap()
+            log.info("gateway ready")
             yield
         finally:
+            if exporter is not None:
+                await exporter.stop()
             await runtime.close()
 
     server.configure(body_timeout_s=settings.body_timeout_s)  # served by gateway/server.py
     return Starlette(
-        routes=[*health.routes, *metrics.routes, *openapi.routes, *storefront.routes, *admin.routes,
+        routes=[*health.routes, *openapi.routes, *storefront.routes, *admin.routes,
                 *risk_admin.routes, *(bench.routes if settings.bench_endpoints else [])],
         middleware=[Middleware(HttpMetrics),
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes,

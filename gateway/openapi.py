@@ -199,8 +199,10 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     # -- operations (public) -------------------------------------------------------------
     ("GET", "/healthz"): Op("Liveness", "health", 200, out_schema=_STATUS_OK,
                             example_out={"status": "ok"}),
-    ("GET", "/readyz"): Op("Readiness: Redis, scripts, PostgreSQL, migrations", "health", 200,
-                           out_schema=_READY,
+    # Ready = Redis and its scripts; PostgreSQL and migrations are reported, not required.
+    # (Prometheus metrics are on the private metrics port, not in this API.)
+    ("GET", "/readyz"): Op("Readiness: Redis and scripts (PostgreSQL, migrations reported)",
+                           "health", 200, out_schema=_READY,
                            extra={503: {"description": "Not ready",
                                         "content": {JSON: {"schema": _READY}}}},
                            example_out={"status": "ready", "checks": {"redis": "ok"}}),

@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # never shown in --help: the default is read from the environment after parsing
     p.add_argument("--admin-token", default=None, help="with --url (default: "
                    "$FLASHGATE_ADMIN_TOKEN)%(default).0s")
+    p.add_argument("--metrics-url", default="", help="with --url: that gateway's private "
+                   "metrics endpoint (http://127.0.0.1:<metrics port>/metrics), for its own view "
+                   "of purchase latency")
     p.add_argument("--database-url", default="", help="with --url: PostgreSQL of that "
                    "gateway, for server-side delivery times (else measured by polling)")
     p.add_argument("--results-dir", default=str(ROOT / "loadtest" / "results"),
@@ -114,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)  # unwind like Ctrl-C: stop what we started
     try:
-        with _gateway(args) as (url, token, database_url, pids):
+        with _gateway(args) as (url, metrics_url, token, database_url, pids):
             print(f"loadtest: gateway {url}; results in {out}", flush=True)
-            verdict = _session(args, sla, url, token, database_url, pids, out)
+            verdict = _session(args, sla, url, metrics_url, token, database_url, pids, out)
     except (SetupError, RuntimeError) as exc:
         print(f"loadtest: set-up failed: {exc}", file=sys.stderr)
         return 2
@@ -129,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _gateway(args: argparse.Namespace) -> Iterator[tuple[str, str, str, dict[str, int]]]:
-    """(gateway URL, admin token, database URL or "", our stack's pids: none with --url)."""
+def _gateway(args: argparse.Namespace,
+             ) -> Iterator[tuple[str, str | None, str, str, dict[str, int]]]:
+    """(gateway URL, its metrics URL or None, admin token, database URL or "", our stack's
+    pids: none with --url)."""
     if args.url:
         if not args.admin_token:
             raise SetupError("--url needs --admin-token or FLASHGATE_ADMIN_TOKEN")
@@ -138,7 +143,8 @@ def _gateway(args: argparse.Namespace) -> Iterator[tuple[str, str, str, dict[str
             require_loopback(args.url, "--url")
         except ValueError as exc:
             raise SetupError(str(exc)) from None
-        yield args.url.rstrip("/"), args.admin_token, args.database_url, {}
+        yield (args.url.rstrip("/"), args.metrics_url or None, args.admin_token,
+               args.database_url, {})
         return
     from cli.stack import running_stack
 
@@ -146,14 +152,15 @@ def _gateway(args: argparse.Namespace) -> Iterator[tuple[str, str, str, dict[str
         assert stack.gateway_url is not None
         print("loadtest: pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
               flush=True)
-        yield stack.gateway_url, stack.admin_token, stack.urls.database_url, stack.pids
+        yield (stack.gateway_url, stack.metrics_url, stack.admin_token,
+               stack.urls.database_url, stack.pids)
         dead = stack.dead()
         if dead:
             raise SetupError(", ".join(f"{c.name} died: {c.tail(10)}" for c in dead))
 
 
-def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_url: str,
-             pids: dict[str, int], out: Path) -> Verdict:
+def _session(args: argparse.Namespace, sla: SLA, url: str, metrics_url: str | None,
+             token: str, database_url: str, pids: dict[str, int], out: Path) -> Verdict:
     admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     with admin:
         channel = _ok(admin.post("/v1/admin/channels", json={"name": "loadtest"}), 201)
@@ -171,11 +178,12 @@ def _session(args: argparse.Namespace, sla: SLA, url: str, token: str, database_
               f"{args.shape} shape, {args.users} users, {args.duration_s:.0f} s", flush=True)
 
         records_file = out / "records.jsonl"
-        buckets_before = where.scrape_purchase_buckets(url)
+        buckets_before = where.scrape_purchase_buckets(metrics_url)
         with where.CpuSampler(dict(pids)) as cpu:
             _run_locust(args, url, sale_id, channel["api_key"], opens.timestamp(),
                         records_file, out, cpu)
-        latency = where.gateway_latency(buckets_before, where.scrape_purchase_buckets(url),
+        latency = where.gateway_latency(buckets_before,
+                                        where.scrape_purchase_buckets(metrics_url),
                                         sla.purchase_p99_ms)
         records = [json.loads(line) for line in records_file.read_text().splitlines()
                    ] if records_file.exists() else []

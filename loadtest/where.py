@@ -6,7 +6,7 @@ shares the machine with the stack, that figure also holds the load generator's o
 (a request waits for Locust's CPU before it is sent and after it is answered). These figures
 tell the two apart without changing the gate:
 - the gateway's histogram (flashgate_http_request_duration_seconds, the purchase route),
-  scraped from /metrics before and after the run: the share of purchases the gateway
+  scraped from its private metrics port before and after the run: the share of purchases the gateway
   answered within the SLA, from the request reaching the app to the end of its response
   (the kernel's queues and uvicorn's parsing are outside it);
 - CPU per process from /proc, sampled every SAMPLE_S, with the machine's idle share: the
@@ -35,13 +35,20 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- the gateway's histogram ----------------------------------------------------------------
-def scrape_purchase_buckets(url: str) -> dict[float, float] | None:
+def scrape_purchase_buckets(metrics_url: str | None) -> dict[float, float] | None:
     """Cumulative purchase-latency bucket counts {upper bound s: count}, or None when the
-    gateway's /metrics can't be read (a gateway behind a proxy, say)."""
+    gateway's metrics can't be read (no metrics port, a gateway behind a proxy, say).
+    `metrics_url`: the full URL of the gateway's private metrics endpoint, as
+    `Stack.metrics_url` gives it (`http://127.0.0.1:<metrics port>/metrics`), never the API's."""
+    if not metrics_url:
+        return None
     try:
-        text = httpx.get(url.rstrip("/") + "/metrics", timeout=10).text
+        r = httpx.get(metrics_url, timeout=10)
     except httpx.HTTPError:
         return None
+    if r.status_code != 200:
+        return None
+    text = r.text
     buckets: dict[float, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

@@ -34,6 +34,7 @@ from core.ledger import Ledger
 from core.runtime import Runtime, redis_client, warm_up
 from core.settings import Settings
 from gateway.app import create_app
+from gateway.routes.metrics import metrics_app
 from risk import config as risk_config
 from risk.engine import AllowAll, RiskContext, RiskPlan, Verdict
 from risk.lists import RiskLists, load_datacenter_ranges
@@ -439,7 +440,8 @@ async def test_long_running_worker_and_metrics_on_a_cluster(
 
         app = create_app(cluster_settings, risk=AllowAll())
         async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://fg.test") as client:
+                transport=httpx.ASGITransport(app=metrics_app(app.state.gateway.runtime, 0.0)),
+                base_url="http://fg.test") as client:  # the metrics port's app
             r = await client.get("/metrics")
         assert r.status_code == 200
         sample = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])

@@ -55,18 +55,21 @@ def test_dead_letter_reasons_are_a_closed_set() -> None:
     assert worker_metrics.dead_letter_reason("no keys left for order x.123") == "rejected"
 
 
-async def test_metrics_port_serves_the_worker_metrics() -> None:
-    server = worker_metrics.serve(free_port(), "127.0.0.1")
+async def test_metrics_port_serves_the_worker_metrics_and_liveness(runtime: Runtime) -> None:
+    worker = Worker(runtime, sale_ids=[])
+    server = await worker_metrics.serve(worker, free_port(), "127.0.0.1")
+    assert server is not None
     try:
-        port = server.server_address[1]
-        async with httpx.AsyncClient() as client:
-            r = await client.get(f"http://127.0.0.1:{port}/metrics")
-        assert r.status_code == 200
-        assert "flashgate_worker_batch_duration_seconds_bucket" in r.text
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            r = await client.get("/metrics")
+            assert r.status_code == 200
+            assert "flashgate_worker_batch_duration_seconds_bucket" in r.text
+            r = await client.get("/healthz")
+            assert r.status_code == 200 and r.json()["status"] == "ok"
+            assert (await client.get("/nope")).status_code == 404
     finally:
-        server.shutdown()
-        server.server_close()
-    assert worker_metrics.serve(0) is None
+        await server.stop()
+    assert await worker_metrics.serve(worker, 0) is None
 
 
 async def test_heartbeat_key_lives_while_the_worker_runs(runtime: Runtime) -> None:

@@ -20,11 +20,11 @@ from core.settings import Settings
 from gateway import models
 from gateway.app import create_app
 from gateway.openapi import OPERATIONS, document, operations
-from gateway.routes import admin, health, metrics, openapi, risk_admin, storefront
+from gateway.routes import admin, health, openapi, risk_admin, storefront
 from risk.challenge import Challenges
 from risk.signals import Signals
 
-ROUTES = [*health.routes, *metrics.routes, *openapi.routes, *storefront.routes, *admin.routes,
+ROUTES = [*health.routes, *openapi.routes, *storefront.routes, *admin.routes,
           *risk_admin.routes]
 
 

@@ -65,8 +65,44 @@ def test_every_alert_is_unit_tested_and_has_a_runbook_entry() -> None:
     assert {a["alert"] for a in alerts} <= tested
     runbook = (ROOT / "docs" / "OPERATIONS.md").read_text()
     for alert in alerts:
-        assert alert["annotations"]["runbook"].endswith("#" + alert["alert"].lower())
+        assert alert["annotations"]["runbook_url"] == RUNBOOK_URL + alert["alert"].lower()
         assert f"### {alert['alert']}" in runbook, alert["alert"]
+
+
+RUNBOOK_URL = "https://github.com/flashgate/flashgate/blob/main/docs/OPERATIONS.md#"
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped but '-' and
+    '_', spaces to '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_every_runbook_url_is_a_real_url_to_a_heading_of_the_runbook() -> None:
+    headings = [line.lstrip("#").strip()
+                for line in (ROOT / "docs" / "OPERATIONS.md").read_text().splitlines()
+                if line.startswith("#")]
+    anchors = {github_anchor(h) for h in headings}
+    doc = yaml.safe_load(ALERTS.read_text())
+    urls = [r["annotations"].get("runbook_url") for g in doc["groups"] for r in g["rules"]
+            if "alert" in r]
+    assert urls and all(urls), "every alert carries a runbook_url"
+    for url in urls:
+        assert url.startswith(RUNBOOK_URL), url
+        assert url.removeprefix(RUNBOOK_URL) in anchors, url
+    assert "runbook:" not in ALERTS.read_text()  # the old relative form is gone
+    assert github_anchor("Probes and shutdown") == "probes-and-shutdown"
+
+
+def test_new_alerts_cover_hoarding_absent_gateways_stale_jobs_and_webhooks() -> None:
+    doc = yaml.safe_load(ALERTS.read_text())
+    exprs = {r["alert"]: r["expr"] for g in doc["groups"] for r in g["rules"] if "alert" in r}
+    assert "flashgate-gateway" in exprs["FlashgateGatewayAbsent"]
+    assert "flashgate_audit_last_run_timestamp_seconds" in exprs["FlashgateAuditStale"]
+    assert "flashgate_reconcile_last_run_timestamp_seconds" in exprs["FlashgateReconcileStale"]
+    assert "flashgate_webhook_deliveries_total" in exprs["FlashgateWebhookDeliveryFailing"]
+    assert 'state="reserved"' in exprs["FlashgateReservationsHoarded"]
 
 
 def test_every_metric_used_by_alerts_and_dashboard_is_declared() -> None:
@@ -89,5 +125,5 @@ def test_dashboard_has_a_stable_uid_and_a_datasource_variable() -> None:
         assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for needed in ("stock left", "by result", "p50 / p99", "delivery latency", "stream lag",
-                   "dead letters", "risk decisions by rule"):
+                   "dead letters", "risk decisions by rule", "share ending expired"):
         assert needed in titles, needed

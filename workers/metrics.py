@@ -1,5 +1,12 @@
-"""The worker's side of core/metrics.py: its own /metrics port, batch and delivery figures,
-and a heartbeat key with a TTL that `flashgate worker-check` reads.
+"""The worker's side of core/metrics.py: its own metrics port (/metrics, and /healthz for the
+liveness probe), batch and delivery figures, and a heartbeat key with a TTL that
+`flashgate worker-check` reads.
+
+Liveness is about a wedged process only: /healthz answers from the worker's event loop (a
+blocked loop answers nothing) and says 503 when one of its loops has not run an iteration for
+FLASHGATE_WORKER_STALL_S, sleeps between iterations and backoffs from a dependency that is
+down (Redis or PostgreSQL away) not counted: only an iteration stuck that long is a stall. A
+Redis outage never restarts the workers.
 
 The hooks here are called from consumer.py, sweeper.py, webhooks.py and runner.py, one line
 each, so that those files keep their flow.
@@ -11,12 +18,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import start_http_server
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from core import metrics
 from core.keys import WORKER_GROUP
+from core.metrics_http import MetricsServer
 from core.reconcile import check, current_sales
 from risk import durable
 from workers import lowstock
@@ -33,14 +45,66 @@ HEARTBEAT_S = 5.0    # how often a live worker refreshes its key (and the stream
 HEARTBEAT_TTL_S = 30  # a worker silent this long is dead to `flashgate worker-check`
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> Any:
-    """Expose this process's metrics on `port` (0: off) from a daemon thread; returns the
-    server (its `shutdown()` stops it) or None."""
+class Liveness:
+    """When each loop of a worker last ran an iteration; `stalled()` names the ones silent
+    for over `stall_s` that are not `waiting()` on a dependency that is down."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self._seen: dict[str, float] = {}
+        self._waiting: dict[str, int] = {}
+
+    def tick(self, loop: str) -> None:
+        self._seen[loop] = time.monotonic()
+
+    def forget(self, loop: str) -> None:
+        self._seen.pop(loop, None)
+
+    @contextlib.contextmanager
+    def waiting(self, loop: str) -> Iterator[None]:
+        """Around a backoff or a wait for a backend to come back: not a stall."""
+        self._waiting[loop] = self._waiting.get(loop, 0) + 1
+        try:
+            yield
+        finally:
+            self._waiting[loop] -= 1
+            if not self._waiting[loop]:
+                del self._waiting[loop]
+            self.tick(loop)
+
+    def stalled(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(loop for loop, at in self._seen.items()
+                      if now - at > self.stall_s and loop not in self._waiting)
+
+    @property
+    def loops(self) -> int:
+        return len(self._seen)
+
+
+def app(worker: Worker) -> Starlette:
+    """The worker's metrics port: GET /metrics, GET /healthz (liveness)."""
+
+    async def prometheus_metrics(request: Request) -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    async def healthz(request: Request) -> Response:
+        stalled = [] if worker.stopping else worker.liveness.stalled()
+        if stalled:
+            return JSONResponse({"status": "stalled", "stalled": stalled}, status_code=503)
+        return JSONResponse({"status": "draining" if worker.stopping else "ok",
+                             "loops": worker.liveness.loops})
+
+    return Starlette(routes=[Route("/metrics", prometheus_metrics, methods=["GET"]),
+                             Route("/healthz", healthz, methods=["GET"])])
+
+
+async def serve(worker: Worker, port: int, host: str = "0.0.0.0") -> MetricsServer | None:
+    """Serve the worker's metrics port on the running loop (0: off); `stop()` it at the end."""
     if not port:
         return None
-    server, _thread = start_http_server(port, addr)
-    log.info("worker metrics on :%d/metrics", port)
-    return server
+    return await MetricsServer.start(app(worker), host, port)
 
 
 def batch_done(events: list[OrderEvent], outcome: BatchOutcome, letters: list[DeadLetter],
@@ -161,6 +225,7 @@ async def heartbeat_loop(worker: Worker) -> None:
     beat = min(HEARTBEAT_S, rt.settings.reconcile_interval_s)
     try:
         while not worker.stopping:
+            worker.liveness.tick("heartbeat")
             try:
                 await rt.redis.set(key, int(time.time()), ex=HEARTBEAT_TTL_S)
                 metrics.WORKER_HEARTBEAT.set(time.time())
@@ -179,7 +244,7 @@ async def heartbeat_loop(worker: Worker) -> None:
                 except Exception as exc:  # noqa: BLE001 - a backend away: the next run retries
                     log.warning("worker %s: reconciliation failed: %s", worker.name,
                                 type(exc).__name__)
-            await worker._sleep(beat)  # noqa: SLF001 - wakes at once on stop
+            await worker._sleep(beat, "heartbeat")  # noqa: SLF001 - wakes at once on stop
     finally:
         with contextlib.suppress(Exception):
             await asyncio.shield(rt.redis.delete(key))

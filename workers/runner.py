@@ -64,6 +64,7 @@ class Worker:
         self.consumers: dict[tuple[str, int], SaleConsumer] = {}  # (shard, index)
         self.per_sale = rt.settings.worker_consumers_per_sale
         self.sweeper = Sweeper(rt.ledger)
+        self.liveness = worker_metrics.Liveness(rt.settings.worker_stall_s)  # GET /healthz
         self._http = http
         self._stop = asyncio.Event()
 
@@ -163,6 +164,7 @@ class Worker:
             consuming: dict[tuple[str, int], asyncio.Task[None]] = {}
             try:
                 while not self.stopping:
+                    self.liveness.tick("main")
                     for sale_id, shard in await self._safe_streams():
                         for i in range(self.per_sale):
                             slot = (shard, i)
@@ -171,7 +173,7 @@ class Worker:
                                     self._consume_loop(sale_id, i, shard),
                                     name=f"consume:{shard}:{i + 1}",
                                 )
-                    await self._sleep(SALES_REFRESH_S)
+                    await self._sleep(SALES_REFRESH_S, "main")
             finally:
                 self.request_stop()
                 everything = tasks | set(consuming.values())
@@ -181,8 +183,10 @@ class Worker:
                 await asyncio.gather(*everything, return_exceptions=True)
         log.info("worker %s: stopped", self.name)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
+    async def _sleep(self, seconds: float, loop: str | None = None) -> None:
+        """Wait `seconds` (less if stopped); for `loop`, a deliberate wait, not a stall."""
+        with contextlib.suppress(TimeoutError), \
+                self.liveness.waiting(loop) if loop else contextlib.nullcontext():
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _safe_streams(self) -> list[tuple[str, str]]:
@@ -198,7 +202,9 @@ class Worker:
         reclaim_every = settings.worker_claim_idle_ms / 2000
         last_reclaim, failures = 0.0, 0
         c: SaleConsumer | None = None
+        loop = f"consume:{shard or sale_id}:{index + 1}"
         while not self.stopping:
+            self.liveness.tick(loop)
             try:
                 c = c or await self.consumer(sale_id, index, shard)
                 if time.monotonic() - last_reclaim >= reclaim_every:
@@ -213,12 +219,15 @@ class Worker:
                 log.exception("sale %s: batch failed (%d in a row)", shard or sale_id, failures)
                 if c is not None:
                     c.restart_from_pending()
-                await self._sleep(min(0.1 * 2 ** failures, 5.0))
-                if isinstance(exc, POSTGRES_DOWN):
-                    # Each re-read of the batch counts as a delivery, and worker_max_deliveries
-                    # of them dead-letter it: while PostgreSQL is away, wait for it instead of
-                    # burning the orders' deliveries (they would reach buyers only by hand).
-                    await self._until_postgres_answers()
+                with self.liveness.waiting(loop):  # backing off from a backend: not wedged
+                    await self._sleep(min(0.1 * 2 ** failures, 5.0))
+                    if isinstance(exc, POSTGRES_DOWN):
+                        # Each re-read of the batch counts as a delivery, and
+                        # worker_max_deliveries of them dead-letter it: while PostgreSQL is
+                        # away, wait for it instead of burning the orders' deliveries (they
+                        # would reach buyers only by hand).
+                        await self._until_postgres_answers()
+        self.liveness.forget(loop)
 
     async def _until_postgres_answers(self) -> None:
         """Probe PostgreSQL with backoff until it answers (or the worker stops)."""
@@ -236,22 +245,24 @@ class Worker:
 
     async def _sweep_loop(self) -> None:
         while not self.stopping:
+            self.liveness.tick("sweeper")
             try:
                 await self.sweeper.sweep(await self.sale_ids())
             except Exception:
                 log.exception("worker %s: sweep failed", self.name)
-            await self._sleep(self.rt.settings.sweep_interval_s)
+            await self._sleep(self.rt.settings.sweep_interval_s, "sweeper")
 
     async def _webhook_loop(self, http: httpx.AsyncClient) -> None:
         dispatcher = self.dispatcher(http)
         while not self.stopping:
+            self.liveness.tick("webhooks")
             try:
                 busy = await dispatcher.dispatch_once()
             except Exception:
                 log.exception("worker %s: webhook delivery failed", self.name)
                 busy = 0
             if not busy:
-                await self._sleep(WEBHOOK_POLL_S)
+                await self._sleep(WEBHOOK_POLL_S, "webhooks")
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -261,9 +272,15 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
+    exporter = None
     try:
+        # /metrics and /healthz (liveness) on the worker's own loop: a wedged loop answers none
+        exporter = await worker_metrics.serve(worker, settings.worker_metrics_port,
+                                              settings.metrics_host or "0.0.0.0")
         await worker.run()
     finally:
+        if exporter is not None:
+            await exporter.stop()
         await rt.close()
 
 
@@ -274,7 +291,6 @@ def main(settings: Settings | None = None) -> None:
     if not logging.getLogger().handlers:
         fglog.configure()  # JSON lines (FLASHGATE_LOG_FORMAT=text for a terminal)
     settings = settings or Settings.from_env()
-    worker_metrics.serve(settings.worker_metrics_port)
     uvloop.run(serve(settings))
 
 

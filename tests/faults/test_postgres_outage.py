@@ -1,6 +1,7 @@
 """Fault 3: PostgreSQL stopped for a few seconds during a sale, then started again. The gateway
-keeps selling (orders wait in the streams), /readyz says postgres is down meanwhile, the
-workers' batches fail and back off, then catch up: nothing lost."""
+keeps selling (orders wait in the streams), /readyz says postgres is down meanwhile (and stays
+200: readiness needs Redis only), the workers' batches fail and back off, then catch up: nothing
+lost."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ async def test_postgres_stopped_mid_sale_loses_nothing(service_urls: ServiceURLs
 
             pg.stop()  # fast shutdown: every connection of the pool is gone
             down_at = time.monotonic()
-            r = await client.get("/readyz")
-            assert r.status_code == 503 and r.json()["checks"]["postgres"] != "ok", r.text
+            r = await client.get("/readyz")  # still ready: purchases need only Redis
+            assert r.status_code == 200 and r.json()["checks"]["postgres"] != "ok", r.text
             during = [await buy(i) for i in range(30, 120)]  # sold from Redis alone
             confirmed.update(dict.fromkeys(during, 1))
             await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - down_at)))
