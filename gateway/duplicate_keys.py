@@ -5,7 +5,7 @@ it; a body that two parsers read differently (a proxy or a log reader keeps the 
 refused with 422 `invalid_request` naming the key.
 
 The check costs the usual body almost nothing: a repeat is only possible when a field's quoted
-name occurs twice in the raw bytes, or when the body has a `\\u` escape (a key can be spelled
+name occurs twice in the raw bytes, or when the body has a backslash (a key can be spelled
 `"user\\u005fid"`). Only then is the body parsed a second time, with the standard library's
 `json` and an `object_pairs_hook` that sees every key of every object. Bodies that hold objects
 with keys of any name (a `dict`, `Any`, nested Structs) are always parsed twice: admin bodies.
@@ -24,6 +24,7 @@ from core.errors import InvalidRequest
 _OBJECTS = (mi.AnyType, mi.DictType, mi.StructType, mi.TypedDictType, mi.DataclassType,
             mi.CustomType)
 _tokens: dict[Any, tuple[bytes, ...] | None] = {}
+_UNSEEN: Any = object()
 
 
 class _Repeated(Exception):
@@ -34,15 +35,22 @@ class _Repeated(Exception):
 def refuse_duplicate_keys(raw: bytes, body_type: Any) -> None:
     """Raise InvalidRequest if an object in `raw` (already decoded as `body_type`) repeats a
     key."""
-    if body_type in _tokens:
-        tokens = _tokens[body_type]
-    else:
+    tokens = _tokens.get(body_type, _UNSEEN)
+    if tokens is _UNSEEN:
         tokens = _tokens[body_type] = field_tokens(body_type)
-    if tokens is not None and b"\\u" not in raw and not any(raw.count(t) > 1 for t in tokens):
+    if tokens is not None and b"\\" not in raw and not _repeats_a_token(raw, tokens):
         return
     key = repeated_key(raw)
     if key is not None:
         raise InvalidRequest(f"duplicate key {json.dumps(key)[:80]}: each key may appear once")
+
+
+def _repeats_a_token(raw: bytes, tokens: tuple[bytes, ...]) -> bool:
+    # A plain loop: any() over a generator cost ~1.7x, one regex of all names ~1.2x (measured).
+    for token in tokens:  # noqa: SIM110
+        if raw.count(token) > 1:
+            return True
+    return False
 
 
 def field_tokens(body_type: Any) -> tuple[bytes, ...] | None:

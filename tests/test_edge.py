@@ -21,13 +21,13 @@ CHUNKED_GARBAGE = (b"POST /v1/sales/x/purchase HTTP/1.1\r\nHost: x\r\n"
                    b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n")
 
 
-async def read_all(port: int, data: bytes, timeout: float = 10) -> bytes:
+async def read_all(port: int, data: bytes, read_timeout: float = 10) -> bytes:
     """Send `data`, then read everything until the server closes (it must, and in time)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(data)
         await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
+        return await asyncio.wait_for(reader.read(), read_timeout)
     finally:
         writer.close()
 
