@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from asyncio import TimerHandle
+from collections.abc import Callable
 
 import httptools
 import msgspec
@@ -58,20 +59,23 @@ class HeadTooLarge(Exception):
 
 class CycleTransport:
     """The transport as a request's cycle (uvicorn's RequestResponseCycle) sees it: a close
-    while the request's body is still arriving lingers, and writes after an error answer are
-    dropped (the app may still be running when the protocol answered for it). One per
-    connection; the cycle uses only write, close and is_closing."""
+    while the request's body is still arriving lingers, and after an error answer the app's
+    writes are dropped (it may still be running when the protocol answered for it). One per
+    connection; the cycle uses only write, close and is_closing, and write and is_closing are
+    the transport's own bound methods (write until an error answer): no wrapper on the hot
+    path."""
 
-    __slots__ = ("_protocol", "_transport", "is_closing")
+    __slots__ = ("_protocol", "_transport", "is_closing", "write")
+    write: Callable[[bytes | bytearray | memoryview], None]
 
     def __init__(self, protocol: BoundedHttpToolsProtocol, transport: asyncio.Transport) -> None:
         self._protocol = protocol
         self._transport = transport
+        self.write = transport.write
         self.is_closing = transport.is_closing
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._protocol._lingering:
-            self._transport.write(data)
+    def mute(self) -> None:
+        self.write = _dropped
 
     def close(self) -> None:
         protocol = self._protocol
@@ -81,6 +85,10 @@ class CycleTransport:
             protocol._linger()  # answered before the body was read (413): don't RST it
         else:
             self._transport.close()
+
+
+def _dropped(data: bytes | bytearray | memoryview) -> None:
+    pass
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -227,6 +235,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
             return
         self._lingering = True
+        self._cycle_transport.mute()
         transport.write_eof()
         transport.resume_reading()  # uvicorn may have paused reading on a large body
         self.loop.call_later(LINGER_S, transport.close)

@@ -57,7 +57,7 @@ async def decode(request: Request, body_type: type[T]) -> T:
     JSON, 422 with the failing path if invalid or if an object repeats a key."""
     if not is_json(request.headers.get("content-type")):
         raise UnsupportedMediaType(
-            "send the body as JSON: Content-Type: application/json (or none)")
+            "the body must be JSON: send Content-Type: application/json, or no Content-Type")
     decoder = _decoders.get(body_type)
     if decoder is None:
         decoder = _decoders[body_type] = msgspec.json.Decoder(body_type)

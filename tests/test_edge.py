@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -101,6 +102,14 @@ async def test_413_reaches_an_httpx_client(live_gateway: LiveGateway, size: int)
                              headers={**headers, "Content-Type": "application/json"})
             assert r.status_code == 413, r.text
             assert r.json()["code"] == "payload_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+            for i in range(0, len(body), 64 * 1024):
+                yield body[i:i + 64 * 1024]
+
+        r = await c.post(f"/v1/sales/{sale_id}/purchase", content=chunks(), headers={
+            **gw.channel, "Idempotency-Key": "big-chunked", "Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["code"] == "payload_too_large", r.text
         assert (await c.get("/healthz")).status_code == 200
 
 
