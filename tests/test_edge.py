@@ -14,7 +14,15 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from tests.conftest import purchase_body, rfc3339
+from core.runtime import Runtime
+from tests.conftest import (
+    ADMIN,
+    channel_headers,
+    create_channel,
+    create_sale,
+    purchase_body,
+    rfc3339,
+)
 from tests.live_gateway import LiveGateway, live_gateway  # noqa: F401
 from tests.test_limits import live_state
 
@@ -209,3 +217,22 @@ async def test_every_log_line_is_json(live_gateway: LiveGateway) -> None:  # noq
         doc = json.loads(line)
         assert {"ts", "level", "logger", "msg"} <= set(doc), line
         assert "color_message" not in doc, line
+
+
+async def test_order_read_with_card_keys_is_not_stored(client: httpx.AsyncClient,
+                                                       runtime: Runtime) -> None:
+    """#10.5, the answer that matters most: a delivered order's read, with its card keys."""
+    from workers.runner import Worker
+
+    ch = await create_channel(client)
+    sale_id, _ = await create_sale(client, keys=1)
+    r = await client.post(f"/v1/sales/{sale_id}/purchase",
+                          json=purchase_body("u-keys", payment_ref="pay-1"),
+                          headers=channel_headers(ch, "ns-keys"))
+    assert r.status_code == 201, r.text
+    await Worker(runtime, sale_ids=[sale_id]).run_burst()
+    r = await client.get(f"/v1/orders/{r.json()['order_id']}", headers=channel_headers(ch))
+    assert r.json()["card_keys"] and r.headers["cache-control"] == "no-store"
+    assert r.headers.get_list("cache-control") == ["no-store"]
+    r = await client.post("/v1/admin/channels", json={"name": "ns2"}, headers=ADMIN)
+    assert r.status_code == 201 and r.headers.get_list("cache-control") == ["no-store"]
