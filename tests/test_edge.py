@@ -236,3 +236,40 @@ async def test_order_read_with_card_keys_is_not_stored(client: httpx.AsyncClient
     assert r.headers.get_list("cache-control") == ["no-store"]
     r = await client.post("/v1/admin/channels", json={"name": "ns2"}, headers=ADMIN)
     assert r.status_code == 201 and r.headers.get_list("cache-control") == ["no-store"]
+
+
+def test_uvicorn_access_log_when_on_is_json_too() -> None:
+    """configure() after uvicorn's own log config: uvicorn's loggers lose their plain handlers
+    and propagate to the JSON one; its access log stays off when it was off."""
+    import io
+    import logging
+    import logging.config
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    from core import logging as fglog
+
+    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+    saved = [(lg, lg.handlers[:], lg.propagate, lg.level)
+             for lg in map(logging.getLogger, names)]
+    try:
+        for access_on in (True, False):
+            logging.config.dictConfig(LOGGING_CONFIG)
+            access = logging.getLogger("uvicorn.access")
+            if not access_on:  # what uvicorn does for --no-access-log
+                access.handlers, access.propagate = [], False
+            fglog.configure()
+            out = io.StringIO()
+            logging.getLogger().handlers[0].setStream(out)  # type: ignore[attr-defined]
+            logging.getLogger("uvicorn.error").info("Started server process [%d]", 1,
+                                                    extra={"color_message": "\x1b[1m"})
+            access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", "/healthz", "1.1", 200)
+            lines = out.getvalue().splitlines()
+            assert len(lines) == (2 if access_on else 1), lines
+            docs = [json.loads(line) for line in lines]
+            assert docs[0]["msg"] == "Started server process [1]" and "color_message" not in docs[0]
+            assert access.hasHandlers() is access_on  # what uvicorn reads to log access or not
+    finally:
+        for lg, handlers, propagate, level in saved:
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(level)
