@@ -134,7 +134,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
-            return
         if self._in_head:
             if self._head_timer is None and not self.transport.is_closing():
                 self._arm_head_timer()  # half a head so far: it has HEAD_TIMEOUT_S to finish

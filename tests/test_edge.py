@@ -95,6 +95,15 @@ async def test_protocol_errors_are_answered_once_and_logged_in_one_line(
         assert doc["level"] == "info" and "exc" not in doc, line
     assert "Traceback" not in "\n".join(lines)
 
+    # An Upgrade we don't serve (h2c) is served as HTTP/1.1, without uvicorn's two warnings.
+    before = log_size(gw)
+    for _ in range(5):
+        answer = await read_all(gw.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: "
+                                         b"Upgrade, close\r\nUpgrade: h2c\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    await asyncio.sleep(0.2)
+    assert log_since(gw, before) == []
+
 
 @pytest.mark.parametrize("size", [1 << 20, 2 << 20])
 async def test_413_reaches_an_httpx_client(live_gateway: LiveGateway, size: int) -> None:  # noqa: F811
