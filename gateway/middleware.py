@@ -51,8 +51,10 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"body over {limit} bytes")
+                if received > limit:  # the rest is not read: close (lingering, server.py)
+                    err = PayloadTooLarge(f"body over {limit} bytes")
+                    err.headers = {"Connection": "close"}
+                    raise err
             return message
 
         await self.app(scope, limited_receive, send)

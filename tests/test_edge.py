@@ -127,6 +127,7 @@ async def test_413_reaches_an_httpx_client(live_gateway: LiveGateway, size: int)
         r = await c.post(f"/v1/sales/{sale_id}/purchase", content=chunks(), headers={
             **gw.channel, "Idempotency-Key": "big-chunked", "Content-Type": "application/json"})
         assert r.status_code == 413 and r.json()["code"] == "payload_too_large", r.text
+        assert r.headers["connection"] == "close"  # not kept reading an endless stream
         assert (await c.get("/healthz")).status_code == 200
 
 
