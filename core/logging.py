@@ -94,6 +94,7 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     else:
         handler.setFormatter(JsonFormatter())
+    handler.setLevel(level.upper())  # also for uvicorn's loggers, which set their own level
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

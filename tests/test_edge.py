@@ -279,6 +279,11 @@ def test_uvicorn_access_log_when_on_is_json_too() -> None:
             docs = [json.loads(line) for line in lines]
             assert docs[0]["msg"] == "Started server process [1]" and "color_message" not in docs[0]
             assert access.hasHandlers() is access_on  # what uvicorn reads to log access or not
+        fglog.configure(level="WARNING")  # FLASHGATE_LOG_LEVEL holds for uvicorn's lines too
+        out = io.StringIO()
+        logging.getLogger().handlers[0].setStream(out)  # type: ignore[attr-defined]
+        logging.getLogger("uvicorn.error").info("Uvicorn running on ...")
+        assert out.getvalue() == ""
     finally:
         for lg, handlers, propagate, level in saved:
             lg.handlers[:], lg.propagate = handlers, propagate
