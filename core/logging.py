@@ -4,10 +4,11 @@
 points call it; FLASHGATE_LOG_FORMAT=text keeps the plain format for a terminal), and sends
 uvicorn's own loggers (`uvicorn`, `uvicorn.error`, and `uvicorn.access` when the access log is
 on) through it instead of the plain handlers uvicorn's default log config gives them: one
-format for every line of the gateway's output. Every line
-carries `ts`, `level`, `logger`, `msg`, and the `request_id` of the HTTP request being handled
-(gateway/middleware.py sets it from X-Request-Id or generates one). Extra fields given with
-`log.info(..., extra={"sale_id": ...})` are added as keys.
+format for every line of the gateway's output; FLASHGATE_LOG_LEVEL holds for all of them.
+
+Every line carries `ts`, `level`, `logger`, `msg`, and the `request_id` of the HTTP request
+being handled (gateway/middleware.py sets it from X-Request-Id or generates one). Extra fields
+given with `log.info(..., extra={"sale_id": ...})` are added as keys.
 
 Secrets never reach a line: API keys (`fgk_…`), bearer tokens and `key=`/`secret=`/`token=`
 pairs are masked by the formatter as a last line of defence; card keys and master keys are
