@@ -4,10 +4,12 @@ msgspec, like most parsers, keeps the last value of a repeated key and has no op
 it; a body that two parsers read differently (a proxy or a log reader keeps the first) is
 refused with 422 `invalid_request` naming the key.
 
-The check costs the usual body almost nothing: a repeat is only possible when a field's quoted
-name occurs twice in the raw bytes, or when the body has a backslash (a key can be spelled
-`"user\\u005fid"`). Only then is the body parsed a second time, with the standard library's
-`json` and an `object_pairs_hook` that sees every key of every object. Bodies that hold objects
+A pre-check keeps the usual body off the slow path: a repeat is only possible when a field's
+quoted name occurs twice in the raw bytes, or when the body has a backslash (a key can be
+spelled `"user\\u005fid"`). Only then is the body parsed a second time, with the standard
+library's `json` and an `object_pairs_hook` that sees every key of every object. Measured by
+bench/edge.py on a purchase body: the pre-check costs about what msgspec's decode of it does
+(~1 us, ~1% of a purchase's gateway CPU), the slow path ~4x that. Bodies that hold objects
 with keys of any name (a `dict`, `Any`, nested Structs) are always parsed twice: admin bodies.
 """
 
