@@ -1,10 +1,14 @@
 """Structured logs: one JSON object per line, on the standard `logging` module.
 
 `configure()` installs the JSON formatter on the root logger (the gateway and worker entry
-points call it; FLASHGATE_LOG_FORMAT=text keeps the plain format for a terminal). Every line
-carries `ts`, `level`, `logger`, `msg`, and the `request_id` of the HTTP request being handled
-(gateway/middleware.py sets it from X-Request-Id or generates one). Extra fields given with
-`log.info(..., extra={"sale_id": ...})` are added as keys.
+points call it; FLASHGATE_LOG_FORMAT=text keeps the plain format for a terminal), and sends
+uvicorn's own loggers (`uvicorn`, `uvicorn.error`, and `uvicorn.access` when the access log is
+on) through it instead of the plain handlers uvicorn's default log config gives them: one
+format for every line of the gateway's output; FLASHGATE_LOG_LEVEL holds for all of them.
+
+Every line carries `ts`, `level`, `logger`, `msg`, and the `request_id` of the HTTP request
+being handled (gateway/middleware.py sets it from X-Request-Id or generates one). Extra fields
+given with `log.info(..., extra={"sale_id": ...})` are added as keys.
 
 Secrets never reach a line: API keys (`fgk_…`), bearer tokens and `key=`/`secret=`/`token=`
 pairs are masked by the formatter as a last line of defence; card keys and master keys are
@@ -32,7 +36,9 @@ _SECRETS = re.compile(
     re.IGNORECASE,
 )
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message", "asctime", "taskName"}
+    "message", "asctime", "taskName", "color_message"}  # uvicorn's ANSI copy of `msg`
+# uvicorn's loggers with handlers of their own in its default config (propagate=False).
+_UVICORN = ("uvicorn", "uvicorn.access")
 
 
 def new_request_id() -> str:
@@ -89,6 +95,12 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     else:
         handler.setFormatter(JsonFormatter())
+    handler.setLevel(level.upper())  # also for uvicorn's loggers, which set their own level
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in _UVICORN:
+        logger = logging.getLogger(name)
+        if logger.handlers:  # uvicorn's plain handler; none on uvicorn.access = access log off
+            logger.handlers[:] = []
+            logger.propagate = True

@@ -51,8 +51,10 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"body over {limit} bytes")
+                if received > limit:  # the rest is not read: close (lingering, server.py)
+                    err = PayloadTooLarge(f"body over {limit} bytes")
+                    err.headers = {"Connection": "close"}
+                    raise err
             return message
 
         await self.app(scope, limited_receive, send)
@@ -68,6 +70,7 @@ class BodyLimit:
 
 
 UNMATCHED = "unmatched"
+NO_STORE = (b"cache-control", b"no-store")
 
 
 class HttpMetrics:
@@ -79,6 +82,10 @@ class HttpMetrics:
 
     Each request gets an id (header X-Request-Id if sane, else generated), echoed in the
     response and put in the log context (core.logging) for every line logged while it runs.
+
+    Every /v1 answer says `Cache-Control: no-store` unless it sets its own: order reads carry
+    card keys, channel creation its API key and webhook secret, and nothing under /v1 is
+    meant to be cached (errors and 413s included), so no route can forget it.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -93,12 +100,20 @@ class HttpMetrics:
         request_id = fglog.request_id_from(scope["headers"])
         token = fglog.REQUEST_ID.set(request_id)
         header = (b"x-request-id", request_id.encode())
+        no_store = scope["path"].startswith("/v1/")
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
+                headers = [*message.get("headers", []), header]
+                if no_store:  # a loop: any() over a generator cost twice as much (~0.9 us)
+                    for name, _ in headers:
+                        if name == b"cache-control":
+                            break
+                    else:
+                        headers.append(NO_STORE)
+                message["headers"] = headers
             await send(message)
 
         metrics.HTTP_IN_FLIGHT.inc()

@@ -66,9 +66,10 @@ async def on_backend_error(request: Request, exc: Exception) -> Response:
 
 
 async def on_client_gone(request: Request, exc: Exception) -> Response:
-    # The client left, or gateway/server.py closed a connection whose body never came (408):
-    # nobody reads this answer, and it is not the server's failure.
-    log.info("client gone during %s %s", request.method, request.url.path)
+    # The client left, or gateway/server.py answered for the request (a 400 on a broken
+    # body, a 408) and logged that once: nobody reads this answer, it is not the server's
+    # failure, and a line per request at info would let anyone flood the log.
+    log.debug("client gone during %s %s", request.method, request.url.path)
     return Response(status_code=400)
 
 

@@ -10,14 +10,27 @@ the connection) closes the connection. A body not complete within `body_timeout_
 response has started, and the connection closed: uvicorn has no body-read timeout of its own.
 Timers are armed only while a head or a body is incomplete after a read.
 
+Every error answered here (400, 408, 431) and every app answer that closes the connection while
+the request's body is still arriving (BodyLimit's 413) closes with a "lingering close": FIN
+after the answer, the client's remaining input read and dropped for up to LINGER_S. A plain
+close() with unread input sends a RST, and the client's kernel may then drop the answer unread
+(httpx got ECONNRESET instead of the 413 for a 1 MiB body: issue #11.4).
+
+A protocol error is answered once and logged once, at info, in one line (logger
+`flashgate.http`): the request's app task, if one started, sees a disconnect and its writes are
+dropped (it used to write after the FIN and log two tracebacks per request: issue #11.3).
+
 Run with: uvicorn ... --http gateway.server:BoundedHttpToolsProtocol (cli/main.py, cli/stack.py)
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from asyncio import TimerHandle
+from collections.abc import Callable
 
+import httptools
 import msgspec
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -32,6 +45,8 @@ BODY_TIMEOUT_S = 10.0
 # unread input sends a RST, which can make the client's kernel discard the answer unread.
 LINGER_S = 2.0
 
+log = logging.getLogger("flashgate.http")
+
 
 def configure(*, body_timeout_s: float) -> None:
     """The app's settings for the protocol (uvicorn builds the app before serving)."""
@@ -40,6 +55,40 @@ def configure(*, body_timeout_s: float) -> None:
 
 class HeadTooLarge(Exception):
     """Raised in a parser callback: httptools turns it into the 400-and-close path."""
+
+
+class CycleTransport:
+    """The transport as a request's cycle (uvicorn's RequestResponseCycle) sees it: a close
+    while the request's body is still arriving lingers, and after an error answer the app's
+    writes are dropped (it may still be running when the protocol answered for it). One per
+    connection; the cycle uses only write, close and is_closing, and write and is_closing are
+    the transport's own bound methods (write until an error answer): no wrapper on the hot
+    path."""
+
+    __slots__ = ("_protocol", "_transport", "is_closing", "write")
+    write: Callable[[bytes | bytearray | memoryview], None]
+
+    def __init__(self, protocol: BoundedHttpToolsProtocol, transport: asyncio.Transport) -> None:
+        self._protocol = protocol
+        self._transport = transport
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+
+    def mute(self) -> None:
+        self.write = _dropped
+
+    def close(self) -> None:
+        protocol = self._protocol
+        if protocol._lingering:
+            return  # closes at the end of the linger
+        if protocol._in_body and not self._transport.is_closing():
+            protocol._linger()  # answered before the body was read (413): don't RST it
+        else:
+            self._transport.close()
+
+
+def _dropped(data: bytes | bytearray | memoryview) -> None:
+    pass
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -57,9 +106,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _in_head = True  # a head has begun (or the connection is new) and is not complete yet
     _in_body = False  # a head is complete, its body is not
     _lingering = False  # an error was answered: input is dropped until the close
+    _cycle_transport: CycleTransport
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._cycle_transport = CycleTransport(self, transport)
         self._arm_head_timer()  # a client that connects and sends nothing
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -68,9 +119,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        """uvicorn's, except that a parse error is logged once at info (by the answer), not
+        as a warning plus the answer."""
         if self._lingering:
             return
-        super().data_received(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.send_400_response(str(exc))
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
         if self._in_head:
             if self._head_timer is None and not self.transport.is_closing():
                 self._arm_head_timer()  # half a head so far: it has HEAD_TIMEOUT_S to finish
@@ -96,6 +159,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._cancel_head_timer()
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = self._cycle_transport  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -111,7 +176,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             err = errors.HeadersTooLarge(f"over {self.max_head_bytes} bytes")
         else:
             err = errors.MalformedRequest("the request is not valid HTTP/1.1")
-        self._send_problem_and_close(err)
+        self._send_problem_and_close(err, msg)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """An `Upgrade:` we don't serve (h2c, ...) is served as plain HTTP/1.1: not worth a
+        warning per request (uvicorn logs two), which anyone could flood the log with."""
+        log.debug("upgrade request ignored")
 
     def _body_timed_out(self) -> None:
         self._body_timer = None
@@ -133,7 +203,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
 
-    def _send_problem_and_close(self, err: errors.FlashgateError) -> None:
+    def _send_problem_and_close(self, err: errors.FlashgateError, why: str = "") -> None:
+        """Answer `err`, log it in one line, and close lingering. The request's app task, if
+        one runs, now reads a disconnect and its writes are dropped (CycleTransport)."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        log.info("refused at the protocol: %d %s%s", err.status, err.code,
+                 f" ({why[:120]})" if why else "",
+                 extra={"client": self.client[0] if self.client else None})
         body = msgspec.json.encode(Problem(
             type=f"https://flashgate.dev/problems/{err.code}", title=err.title,
             status=err.status, code=err.code, detail=err.detail))
@@ -155,6 +234,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
             return
         self._lingering = True
+        self._cycle_transport.mute()
         transport.write_eof()
         transport.resume_reading()  # uvicorn may have paused reading on a large body
         self.loop.call_later(LINGER_S, transport.close)

@@ -61,6 +61,13 @@ def cases(w: dict[str, Any]) -> list[tuple[str, str, dict[str, str], Any, int, s
         ("POST", buy, store, {**good, "user_agent": "u" * 600}, 422, "invalid_request"),
         ("POST", buy, store, "[" * 5000 + "]" * 5000, 422, "invalid_request"),  # deep nesting
         ("POST", buy, store, "x" * (70 * 1024), 413, "payload_too_large"),
+        ("POST", buy, {**store, "Content-Type": "application/x-www-form-urlencoded"},
+         "user_id=a&client_ip=1.2.3.4&device_id=d", 415, "unsupported_media_type"),
+        ("POST", buy, {**store, "Content-Type": "text/plain"}, '{"user_id":"a"}', 415,
+         "unsupported_media_type"),
+        ("POST", buy, store, '{"user_id":"a","client_ip":"1.2.3.4","device_id":"d",'
+         '"user_id":"b"}', 422, "invalid_request"),
+        ("POST", "/v1/admin/channels", ADMIN, '{"name":"a","name":"b"}', 422, "invalid_request"),
         ("POST", "/v1/sales/NO%20SUCH/purchase", store, good, 404, "not_found"),
         ("POST", "/v1/sales/t-missing-sale/purchase", store, good, 404, "not_found"),
         ("GET", buy, store, None, 405, "method_not_allowed"),

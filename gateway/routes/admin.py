@@ -31,7 +31,7 @@ from gateway.models import (
 )
 from gateway.responses import JSONResponse
 from gateway.sale_guard import refuse_if_paused
-from gateway.state import decode, path_id, state
+from gateway.state import decode, is_json, path_id, state
 
 _SALE_COLUMNS = ("sale_id, sku, name, starts_at, ends_at, per_user_limit, reservation_ttl_s,"
                  " stock_buckets")
@@ -169,9 +169,10 @@ _keys_decoder = msgspec.json.Decoder(KeysBody)
 
 async def _import_lines(request: Request) -> tuple[list[str], bool]:
     """The codes to import, and whether blank entries are padding (text) or errors."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/json":
+    header = request.headers.get("content-type")
+    if is_json(header):  # none, application/json or +json: the rule of every JSON body
         return (await decode(request, KeysBody)).keys, False
+    content_type = (header or "").split(";")[0].strip().lower()
     raw = await request.body()
     try:
         text = raw.decode("utf-8-sig")
