@@ -139,6 +139,8 @@ class Problem(Out):
     errors: list[str] | None = None
     reasons: list[str] | None = None          # risk_denied / challenge_required: rule names
     challenge: dict[str, Any] | None = None   # challenge_required: ALTCHA v2 challenge
+    starts_at: str | None = None              # sale_not_active: the sale's window (RFC 3339)
+    ends_at: str | None = None
 
 
 # -- admin: risk ----------------------------------------------------------------------------
