@@ -73,11 +73,10 @@ async def test_challenged_key_reused_with_another_body_is_idempotency_mismatch(
 
 
 # -- item 2: challenges can't be banked before the opening, solved retries are admitted ------
-async def test_banked_challenges_get_no_head_start(rc: httpx.AsyncClient) -> None:
-    """Before the opening a farm collected 428 challenges under many keys; at the opening their
-    solved retries skipped admission (201) while honest first tries got 429 from a burst-1
-    limit. Now a sale that is not open answers 409 before risk runs (nothing to bank), and a
-    solved retry passes admission like any request."""
+async def test_no_challenge_is_issued_before_the_opening(rc: httpx.AsyncClient) -> None:
+    """Before the opening a farm collected 428 challenges under many keys, to solve them at
+    leisure and retry at the opening. Now a sale that is not open answers 409 (when it opens,
+    Retry-After) before risk runs: nothing is admitted, counted or challenged."""
     ch = await create_channel(rc)
     sale_id, _ = await create_sale(rc, keys=10, starts_in_s=1.5)
     opens_at = time.time() + 1.5
@@ -93,14 +92,27 @@ async def test_banked_challenges_get_no_head_start(rc: httpx.AsyncClient) -> Non
         assert f"sale {sale_id} opens at " in problem["detail"]
         assert 1 <= int(r.headers["Retry-After"]) <= 2
     await asyncio.sleep(max(0.0, opens_at - time.time()) + 0.1)
-
-    # The farm's keys hold nothing: retried now, the first one is admitted and challenged...
+    # The farm's keys hold nothing: retried now, the first one is admitted and challenged.
     bot = await buy(rc, ch, sale_id, f"farm-{t}-0", ip=DC, key=f"farm-{t}-0")
     assert bot.status_code == 428, bot.text
-    # ...which used the sale's burst of 1: the next first try waits, as does the solved retry.
+    assert (await buy(rc, ch, sale_id, f"farm-{t}-1", ip=DC,
+                      key=f"farm-{t}-1")).status_code == 429
+
+
+async def test_solved_retry_passes_admission(rc: httpx.AsyncClient) -> None:
+    """A challenged key retried with its solution used to skip admission: under a burst-1 sale
+    limit it got 201 while the honest first try before it got 429."""
+    ch = await create_channel(rc)
+    sale_id, _ = await create_sale(rc, keys=10)
+    await override(rc, sale_id, {**EASY_POW,
+                                 "admission": {"sale_rate": 0.5, "sale_burst": 1}})
+    t = tag()
+    bot = await buy(rc, ch, sale_id, f"bot-{t}", ip=DC, key=f"bot-{t}")
+    assert bot.status_code == 428, bot.text
+    # That used the sale's burst of 1: the next first try waits, as does the solved retry.
     honest = await buy(rc, ch, sale_id, f"h-{t}", ip=honest_ip(7000))
     assert honest.status_code == 429 and honest.headers["Retry-After"] == "2"
-    solved = await buy(rc, ch, sale_id, f"farm-{t}-0", ip=DC, key=f"farm-{t}-0",
+    solved = await buy(rc, ch, sale_id, f"bot-{t}", ip=DC, key=f"bot-{t}",
                        solution=solve(bot.json()["challenge"]))
     assert solved.status_code == 429, solved.text
     assert int(solved.headers["Retry-After"]) <= 2
@@ -176,9 +188,9 @@ async def test_gateway_refuses_to_start_with_an_out_of_range_config_file(
 
     doc = Path(risk_config.__file__).with_name("rules.json").read_text()
     bad = tmp_path / "rules.json"
-    bad.write_text(doc.replace('"channel_burst": 10000', '"channel_burst": 0'))
+    bad.write_text(doc.replace('"channel_rate": 10000', '"channel_rate": 1e-12'))
     application = create_app(replace(settings, risk_config_file=str(bad)))
-    with pytest.raises(risk_config.ConfigInvalid, match=r"`\$\.admission\.channel_burst`"):
+    with pytest.raises(risk_config.ConfigInvalid, match=r"`\$\.admission\.channel_rate`"):
         async with application.router.lifespan_context(application):
             pass
 
