@@ -2,9 +2,10 @@
 
 A challenge is stateless: its parameters (random nonce and salt, expiry, and `data` naming the
 sale, channel, user and device it was issued for) are HMAC-signed, so any gateway holding the
-secret can verify a solution without storing the challenge. It is issued in ALTCHA's deterministic mode:
-the server picks the counter below `work`, the client must find it (on average work/2 SHA-256
-hashes), and the server verifies with one HMAC (`keySignature`), whatever the work was.
+secret can verify a solution without storing the challenge. It is issued in ALTCHA's
+deterministic mode: the server picks the counter below `work`, the client must find it (on
+average work/2 SHA-256 hashes), and the server verifies with one HMAC (`keySignature`),
+whatever the work was.
 Because the format is ALTCHA's, a storefront page can show the ALTCHA widget instead of a
 bespoke solver; risk/solver.py solves it in Python for tests, the demo and load tests.
 

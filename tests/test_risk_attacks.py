@@ -175,7 +175,8 @@ def test_config_file_out_of_range_fails_at_start(tmp_path: Path) -> None:
     doc = Path(risk_config.__file__).with_name("rules.json").read_text()
     bad = tmp_path / "rules.json"
     bad.write_text(doc.replace('"sale_rate": 20000', '"sale_rate": 1e-300'))
-    with pytest.raises(risk_config.ConfigInvalid, match=r"rules\.json: .*`\$\.admission\.sale_rate`"):
+    with pytest.raises(risk_config.ConfigInvalid,
+                       match=r"rules\.json: .*`\$\.admission\.sale_rate`"):
         risk_config.load(bad)
     bad.write_text(doc.replace('"limit": 5}', '"limit": 100000000000}', 1))
     with pytest.raises(risk_config.ConfigInvalid, match=r"`\$\.rules\.user_burst\.limit`"):
