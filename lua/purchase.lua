@@ -13,7 +13,10 @@
   of that key with the same body (a double click, a retry) gets the same verdict without being
   counted again, except that a challenged key retried with a genuine, unused solution passes
   admission like any request and goes on to the reservation; a repeat with another body is
-  -5 (the key was used for another request).
+  -5 (the key was used for another request). Users are namespaced by channel: the user's
+  counter key (KEYS[9]) is built for <channel>:<user id>, and the buyers hash and the
+  distinct-user sketches count <channel>:<user id> (buyer_field).
+  Verdicts hash values: "<code>|<score>|<fired>|<shadow>|<fingerprint>".
 
   KEYS[1] sale hash        KEYS[2] buyers hash      KEYS[3] idempotency hash
   KEYS[4] deadlines zset   KEYS[5] events stream    KEYS[6] the new order's hash
@@ -121,10 +124,13 @@ if code then
     return {-5, "", "", 0, 0, "", "", 0}
   end
   if code == "-14" then
-    -- A solved retry is a request like any other: admitted (or not) now, never banked.
-    local wait = admitted()
-    if wait > 0 then
-      return {-12, "", "", wait, 0, "", "", 0}
+    -- A retry with a genuine solution is a request like any other that may reach the
+    -- reservation: admitted (or not) now, never banked. Without one it is refused again as is.
+    if tonumber(ARGV[13]) > 0 then
+      local wait = admitted()
+      if wait > 0 then
+        return {-12, "", "", wait, 0, "", "", 0}
+      end
     end
     return go_on(tonumber(score), fired_s, shadow_s, true)
   end
