@@ -213,8 +213,18 @@ async def test_user_ids_are_per_channel_and_devices_global(rc: httpx.AsyncClient
     order = r.json()["order_id"]
     assert (await rc.post(f"/v1/orders/{order}/cancel",
                           headers=channel_headers(b))).status_code == 200
-    assert (await buy(rc, b, sale_id, user, ip=honest_ip(7303))).status_code == 201
+    r = await buy(rc, b, sale_id, user, ip=honest_ip(7303))
+    assert r.status_code == 201
     assert (await buy(rc, a, sale_id, user, ip=honest_ip(7304))).status_code == 409
+    # So does a refund of a confirmed order (refund_finish.lua).
+    order = r.json()["order_id"]
+    confirm = await rc.post(f"/v1/orders/{order}/confirm", json={"payment_ref": "p-1"},
+                            headers=channel_headers(b))
+    assert confirm.status_code == 202, confirm.text
+    refund = await rc.post(f"/v1/orders/{order}/refund", headers=channel_headers(b))
+    assert refund.status_code == 200 and refund.json()["status"] == "refunded", refund.text
+    assert (await buy(rc, b, sale_id, user, ip=honest_ip(7305))).status_code == 201
+    assert (await buy(rc, a, sale_id, user, ip=honest_ip(7306))).status_code == 409
 
     # One device, one user id, five storefronts: five users on the device (limit 3).
     shops = [await create_channel(rc, f"farm{i}") for i in range(5)]
