@@ -13,11 +13,14 @@ real one; `AllowAll` lets every request through (risk switched off).
 from __future__ import annotations
 
 import enum
+import ipaddress
 from typing import Any, Protocol
 
 import msgspec
 
 from core.ledger import RiskArgs, RiskOutcome
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Verdict(enum.Enum):
@@ -42,6 +45,9 @@ class RiskContext(msgspec.Struct, frozen=True):
     # The request's fingerprint (the sale and whole body, as the ledger's idempotency keeps
     # it): a verdict stored under a key is honoured only for the same request.
     fingerprint: str = ""
+    # client_ip as the gateway parsed it (risk.signals.parse_ip) when it checked it: parsed once
+    # per purchase. None: parsed by Signals.of.
+    address: IPAddress | None = None
     # A sale of several stock buckets (core/buckets.py): the buyer's home bucket's ledger shard
     # ("" = the sale itself) and the bucket count. Risk keys then live in that shard, so that
     # the inline purchase script's keys share its slot; the sale's and channels' admission

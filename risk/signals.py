@@ -10,9 +10,9 @@ import ipaddress
 
 import msgspec
 
-from risk.engine import RiskContext
+from risk.engine import IPAddress, RiskContext
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = ["IPAddress", "Signals", "parse_ip", "subnet_of"]
 
 
 
@@ -81,13 +81,13 @@ class Signals(msgspec.Struct, frozen=True):
     @classmethod
     def of(cls, ctx: RiskContext) -> Signals:
         text = ctx.client_ip  # never trimmed: the gateway refuses what isn't an address
-        v4 = _ipv4(text)
-        if v4 is not None:  # canonical already: the text is its own str()
+        v4 = ctx.address if ctx.address is not None and ":" not in text else _ipv4(text)
+        if v4 is not None:  # canonical already (_ipv4 takes nothing else): its own str()
             return cls(sale_id=ctx.sale_id, channel_id=ctx.channel_id, user_id=ctx.user_id,
                        device_id=ctx.device_id, ip=text,
                        subnet=text.rpartition(".")[0] + ".0/24", address=v4,
                        user_agent=ctx.user_agent or None)
-        address = parse_ip(text)
+        address = ctx.address if ctx.address is not None else parse_ip(text)
         return cls(
             sale_id=ctx.sale_id, channel_id=ctx.channel_id, user_id=ctx.user_id,
             device_id=ctx.device_id,
