@@ -143,8 +143,8 @@ if wait > 0 then
 end
 -- Users are namespaced by channel (buyer_field): the user's counter key is built so by the
 -- caller; the distinct-user sketches of a device or ip count <channel>:<user>.
-local features = measure(now, buyer_field(ARGV[5], user), KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14],
-                         buyers_key, keep_until)
+local features = measure(now, buyer_field(ARGV[5], user), KEYS[9], KEYS[10], KEYS[11],
+                         KEYS[12], KEYS[13], KEYS[14], buyers_key, keep_until)
 
 local fired, shadow, position = {}, {}, 0
 score = tonumber(ARGV[14])
