@@ -69,6 +69,47 @@ def raise_for(code: ReturnCode) -> None:
         raise _ERRORS[code]()
 
 
+def _rfc3339(ms: int) -> str:
+    spec = "seconds" if ms % 1000 == 0 else "milliseconds"
+    return from_ms(ms).isoformat(timespec=spec).replace("+00:00", "Z")
+
+
+def _span(ms: int) -> str:
+    """A duration for people: its two largest units from the first one that isn't zero
+    ("3 h 2 min", "45 s", "2 d 1 h")."""
+    seconds = max(0, ms + 999) // 1000
+    days, rest = divmod(seconds, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    units = [(days, "d"), (hours, "h"), (minutes, "min"), (secs, "s")]
+    first = next((i for i, (v, _) in enumerate(units) if v), 3)
+    return " ".join(f"{v} {u}" for v, u in units[first:first + 2] if v) or "0 s"
+
+
+def sale_not_active(sale_id: str, start_ms: int, end_ms: int, now: int) -> errors.SaleNotActive:
+    """409 `sale_not_active` that says whether the sale opens later or has ended, and when
+    (also as `starts_at` / `ends_at`, and a Retry-After until the opening). Error path only:
+    the window comes back in the script's own reply, no extra round trip."""
+    starts_at, ends_at = _rfc3339(start_ms), _rfc3339(end_ms)
+    if now < start_ms:
+        detail = f"sale {sale_id} opens at {starts_at} (in {_span(start_ms - now)})"
+    elif now >= end_ms:
+        detail = f"sale {sale_id} ended at {ends_at} ({_span(now - end_ms)} ago)"
+    else:
+        detail = f"sale {sale_id} is paused"
+    exc = errors.SaleNotActive(detail, starts_at=starts_at, ends_at=ends_at)
+    if now < start_ms:
+        exc.headers = {"Retry-After": str(max(1, math.ceil((start_ms - now) / 1000)))}
+    return exc
+
+
+def _refuse(rc: ReturnCode, second: str, third: str, sale_id: str, now: int) -> None:
+    """raise_for a reservation's reply: {-3, start ms, end ms} names the sale's window."""
+    if rc is ReturnCode.SALE_NOT_ACTIVE and second and third:
+        raise sale_not_active(sale_id, int(second), int(third), now)
+    raise_for(rc)
+
+
 class WrongBuckets(Exception):  # noqa: N818 - a routing signal, not a domain error
     """A purchase was routed by a stale bucket count; the right one is now known to the ledger
     (`Ledger.route`): plan again (risk keys are the home bucket's) and retry. Nothing was done."""
@@ -213,7 +254,7 @@ class Ledger:
             self.buckets.learn(req.sale_id, value)
         if rc is ReturnCode.BUCKET_SHORT:
             return await self._refill_and_reserve(req, now, buckets, home)
-        raise_for(rc)
+        _refuse(rc, order_id, status, req.sale_id, now)
         return Reservation(order_id, status, value, rc is ReturnCode.REPLAYED)
 
     async def _reserve(self, req: PurchaseRequest, now: int, buckets: int, home: int,
@@ -247,7 +288,7 @@ class Ledger:
                 break
             rc, order_id, status, value = await self._reserve(req, now, buckets, home)
             if rc is not ReturnCode.BUCKET_SHORT:  # reserved, replayed, or a refusal
-                raise_for(rc)
+                _refuse(rc, order_id, status, req.sale_id, now)
                 return Reservation(order_id, status, value, rc is ReturnCode.REPLAYED)
         # Every unit seen was taken by others first, or units stayed in transit: nothing was
         # reserved, so a retry with the same Idempotency-Key is safe.
@@ -296,7 +337,7 @@ class Ledger:
             # Risk allowed it (and counted it); the retries after the refill are plain
             # reservations, so that the attempt is not scored twice.
             return await self._refill_and_reserve(req, now, buckets, home), outcome
-        raise_for(rc)
+        _refuse(rc, order_id, status, sale, now)
         return Reservation(order_id, status, int(value), rc is ReturnCode.REPLAYED), outcome
 
     def _order_keys(self, order_id: str) -> list[str]:

@@ -332,16 +332,19 @@ async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
 async def _read_sales(redis: Any, keys: Any, group: str) -> tuple[dict[str, dict[str, int]], int]:
     active = sorted(str(s) for s in await redis.smembers(keys.active_sales()))
     sales = await _pick_sales(redis, keys, active)
-    out: dict[str, dict[str, int]] = {}
-    for sale in sales:
-        row, buckets = await _read_shard(redis, keys, group, sale)
-        for b in range(1, buckets):  # stock buckets: summed, drift per bucket summed too
-            more, _ = await _read_shard(redis, keys, group, shard_id(sale, b))
-            more.pop("start", None)  # the sale's window is on its own hash only
-            for name, value in more.items():
-                row[name] = row.get(name, 0) + value
-        out[sale] = row
-    return out, len(active)
+    return {sale: await read_sale(redis, keys, group, sale) for sale in sales}, len(active)
+
+
+async def read_sale(redis: Any, keys: Any, group: str, sale: str) -> dict[str, int]:
+    """One sale's row of the stock and stream gauges: its stock buckets summed (their drift
+    too)."""
+    row, buckets = await _read_shard(redis, keys, group, sale)
+    for b in range(1, buckets):
+        more, _ = await _read_shard(redis, keys, group, shard_id(sale, b))
+        more.pop("start", None)  # the sale's window is on its own hash only
+        for name, value in more.items():
+            row[name] = row.get(name, 0) + value
+    return row
 
 
 def settled_units(row: dict[str, int]) -> dict[str, int]:

@@ -278,7 +278,7 @@ def _plan_shard(sale: asyncpg.Record, bucket: int, buckets: int, orders: list[as
         if status == "refunded" and o["refund_outcome"] == "voided":
             counters["voided"] += qty  # its keys are gone: never back in `available`
         if status in LIVE:
-            buyers[o["user_id"]] += qty
+            buyers[f'{o["channel_id"]}:{o["user_id"]}'] += qty  # per channel, as reserve_order
         created = _ms(o["reserved_at"])
         confirmed_at = _ms(o["confirmed_at"]) if o["confirmed_at"] is not None else created
         rows.append([o["order_id"], o["channel_id"], o["user_id"], str(qty), status,

@@ -53,8 +53,12 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
         runtime = await Runtime.open(settings)
         engine = risk
         if engine is None:
-            engine = (ScoringEngine.from_settings(runtime.redis, runtime.keys, settings)
-                      if settings.risk_enabled else AllowAll())
+            try:  # an invalid risk config file fails the start, with the clients closed
+                engine = (ScoringEngine.from_settings(runtime.redis, runtime.keys, settings)
+                          if settings.risk_enabled else AllowAll())
+            except BaseException:
+                await runtime.close()
+                raise
         app.state.gateway = GatewayState(
             runtime=runtime,
             channels=ChannelAuth(runtime.redis, runtime.keys, settings.channel_cache_ttl_s,

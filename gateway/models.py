@@ -38,7 +38,10 @@ class Out(msgspec.Struct, omit_defaults=True):
 # -- storefront ---------------------------------------------------------------------------
 class PurchaseBody(Body):
     user_id: Ident
-    client_ip: Annotated[str, Meta(min_length=2, max_length=45)]
+    # Checked exactly by the route (risk.signals.parse_ip: 422 naming `$.client_ip`); the
+    # schema says so for clients and schemathesis.
+    client_ip: Annotated[str, Meta(min_length=2, max_length=45, extra_json_schema={
+        "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]})]
     device_id: Ident
     quantity: Annotated[int, Meta(ge=1, le=100)] = 1
     user_agent: Annotated[str, Meta(max_length=512)] | None = None
@@ -183,6 +186,8 @@ class Problem(Out):
     reasons: list[str] | None = None          # risk_denied / challenge_required: rule names
     # challenge_required: the ALTCHA v2 challenge (sent as the dict risk/challenge.py builds)
     challenge: Challenge | None = None
+    starts_at: Timestamp | None = None        # sale_not_active: the sale's window (RFC 3339)
+    ends_at: Timestamp | None = None
 
 
 # -- admin: risk ----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ def problem(exc: errors.FlashgateError, request: Request) -> Response:
         code=exc.code, detail=exc.detail if exc.detail != exc.title else None,
         instance=request.url.path, errors=exc.extra.get("errors"),
         reasons=exc.extra.get("reasons"), challenge=exc.extra.get("challenge"),
+        starts_at=exc.extra.get("starts_at"), ends_at=exc.extra.get("ends_at"),
     )
     route = request.scope.get("route")
     if getattr(route, "path", None) == metrics.PURCHASE_ROUTE:

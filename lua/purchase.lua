@@ -4,12 +4,19 @@
   risk features, the score of the feature rules and the verdict.
 
   Order: no sale -> -4; an answered Idempotency-Key -> its answer (never refused by risk);
-  admission -> -12; features recorded; score = base + weights of fired rules;
-  score >= deny -> -13; score >= challenge -> -14 unless a genuine solution is presented and
-  unused (then it is marked used and the purchase goes on); then the reservation.
-  A refusal is remembered under its Idempotency-Key: a repeat of that key (a double click, a
-  retry) gets the same verdict without being counted again, except that a challenged key
-  retried with a genuine, unused solution goes on to the reservation.
+  the sale window -> -3 (before anything is counted: no challenge is ever issued for a sale
+  that is not open, so none can be banked before the opening); admission -> -12; features
+  recorded; score = base + weights of fired rules; score >= deny -> -13; score >= challenge ->
+  -14 unless a genuine solution is presented and unused (then it is marked used and the
+  purchase goes on); then the reservation.
+  A refusal is remembered under its Idempotency-Key with the request's fingerprint: a repeat
+  of that key with the same body (a double click, a retry) gets the same verdict without being
+  counted again, except that a challenged key retried with a genuine, unused solution passes
+  admission like any request and goes on to the reservation; a repeat with another body is
+  -5 (the key was used for another request). Users are namespaced by channel: the user's
+  counter key (KEYS[9]) is built for <channel>:<user id>, and the buyers hash and the
+  distinct-user sketches count <channel>:<user id> (buyer_field).
+  Verdicts hash values: "<code>|<score>|<fired>|<shadow>|<fingerprint>".
 
   KEYS[1] sale hash        KEYS[2] buyers hash      KEYS[3] idempotency hash
   KEYS[4] deadlines zset   KEYS[5] events stream    KEYS[6] the new order's hash
@@ -32,8 +39,8 @@
   Returns {code, order_id, status, expires_at_ms | retry_after_ms, score, fired, shadow, solution}
     fired, shadow: the positions (1-based) in ARGV[17] of the rules that fired, "," joined
     solution: 0 = none used, 1 = a fresh solution was used, 2 = the solution was already used
-    code  as reserve.lua (0, 1, -1 .. -6, -15 and -17 after risk allowed it, -16 before
-         anything), and
+    code  as reserve.lua (0, 1, -1, -2, -6, -15 and -17 after risk allowed it; -3, -4, -5
+         and -16 before anything is counted), and
          -12 = rate limited (4th value: retry after, ms; nothing recorded)
          -13 = denied by risk   -14 = challenge required (features recorded, nothing reserved)
   (mirrored by core.scripts.ReturnCode)
@@ -61,12 +68,18 @@ if replay then
   replay[5], replay[6], replay[7], replay[8] = 0, "", "", 0
   return replay
 end
+local closed = closed_window(sale, now)
+if closed then
+  closed[5], closed[6], closed[7], closed[8] = 0, "", "", 0
+  return closed
+end
 
 local keep_until = math.max(tonumber(sale[2]), now) + 3600000  -- risk state outlives the sale
 local verdicts_key = KEYS[16]
 
 local function refuse(code, score, fired_s, shadow_s, solution)
-  rcall("HSET", verdicts_key, idem_field, code .. "|" .. score .. "|" .. fired_s .. "|" .. shadow_s)
+  rcall("HSET", verdicts_key, idem_field,
+        code .. "|" .. score .. "|" .. fired_s .. "|" .. shadow_s .. "|" .. fingerprint)
   rcall("PEXPIREAT", verdicts_key, keep_until)
   return {code, "", "", 0, score, fired_s, shadow_s, solution}
 end
@@ -91,24 +104,50 @@ local function go_on(score, fired_s, shadow_s, challenged)
   return out
 end
 
+local function admitted()
+  return admit(KEYS[7], KEYS[8], now, tonumber(ARGV[9]), tonumber(ARGV[10]),
+               tonumber(ARGV[11]), tonumber(ARGV[12]))
+end
+
+-- A verdict is honoured only for the request it was given to (its fingerprint): a challenge
+-- answered for one body never lets another body through under the same key.
+-- (A verdict stored before fingerprints were, "code|score|fired|shadow", is not honoured: the
+-- key is scored afresh.)
 local verdict = rcall("HGET", verdicts_key, idem_field)
+local code, score, fired_s, shadow_s, fp
 if verdict then
-  local code, score, fired_s, shadow_s = string.match(verdict, "^(-?%d+)|(%d+)|([^|]*)|([^|]*)$")
+  code, score, fired_s, shadow_s, fp =
+    string.match(verdict, "^(-?%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)$")
+end
+if code then
+  if fp ~= fingerprint then
+    return {-5, "", "", 0, 0, "", "", 0}
+  end
   if code == "-14" then
+    -- A retry with a genuine solution is a request like any other that may reach the
+    -- reservation: admitted (or not) now, never banked. Without one it is refused again as is.
+    if tonumber(ARGV[13]) > 0 then
+      local wait = admitted()
+      if wait > 0 then
+        return {-12, "", "", wait, 0, "", "", 0}
+      end
+    end
     return go_on(tonumber(score), fired_s, shadow_s, true)
   end
   return {tonumber(code), "", "", 0, tonumber(score), fired_s, shadow_s, 0}
 end
 
-local wait = admit(KEYS[7], KEYS[8], now, tonumber(ARGV[9]), tonumber(ARGV[10]),
-                   tonumber(ARGV[11]), tonumber(ARGV[12]))
+local wait = admitted()
 if wait > 0 then
   return {-12, "", "", wait, 0, "", "", 0}
 end
-local features = measure(now, user, KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14],
-                         buyers_key, keep_until)
+-- Users are namespaced by channel (buyer_field): the user's counter key is built so by the
+-- caller; the distinct-user sketches of a device or ip count <channel>:<user>.
+local features = measure(now, buyer_field(ARGV[5], user), KEYS[9], KEYS[10], KEYS[11],
+                         KEYS[12], KEYS[13], KEYS[14], buyers_key, keep_until)
 
-local score, fired, shadow, position = tonumber(ARGV[14]), {}, {}, 0
+local fired, shadow, position = {}, {}, 0
+score = tonumber(ARGV[14])
 for index, limit, weight, mode in string.gmatch(ARGV[17], "(%d+):(%d+):(%d+):(%d+)") do
   position = position + 1
   if features[tonumber(index)] > tonumber(limit) then
@@ -121,7 +160,7 @@ for index, limit, weight, mode in string.gmatch(ARGV[17], "(%d+):(%d+):(%d+):(%d
   end
 end
 score = math.min(score, 100)
-local fired_s, shadow_s = table.concat(fired, ","), table.concat(shadow, ",")
+fired_s, shadow_s = table.concat(fired, ","), table.concat(shadow, ",")
 
 if score >= tonumber(ARGV[16]) then
   return refuse(-13, score, fired_s, shadow_s, 0)

@@ -21,7 +21,7 @@ local rcall = redis.call
 local sale_key, order_key, buyers_key = KEYS[1], KEYS[2], KEYS[3]
 local now, outcome = tonumber(ARGV[1]), ARGV[2]
 
-local order = rcall("HMGET", order_key, "status", "qty", "user", "rfo")
+local order = rcall("HMGET", order_key, "status", "qty", "user", "rfo", "ch")
 local status = order[1]
 if not status then
   return {-7, ""}
@@ -44,8 +44,9 @@ else
   rcall("HINCRBY", sale_key, "voided", qty)
 end
 rcall("HINCRBY", sale_key, "refunded", qty)
-if tonumber(rcall("HINCRBY", buyers_key, order[3], -qty)) <= 0 then
-  rcall("HDEL", buyers_key, order[3])
+local buyer = order[5] .. ":" .. order[3]  -- users are namespaced by channel (reserve_order)
+if tonumber(rcall("HINCRBY", buyers_key, buyer, -qty)) <= 0 then
+  rcall("HDEL", buyers_key, buyer)
 end
 rcall("HSET", order_key, "status", "refunded", "rfo", outcome, "ended", now)
 rcall("HDEL", order_key, "rf")

@@ -7,13 +7,15 @@
   KEYS[4] deadlines zset   KEYS[5] events stream    KEYS[6] the new order's hash
   ARGV[1] now (ms)         ARGV[2] order id         ARGV[3] idempotency field (<channel>:<key>)
   ARGV[4] request fingerprint                       ARGV[5] channel id
-  ARGV[6] user id          ARGV[7] quantity         ARGV[8] payment ref ("" = reserve only)
+  ARGV[6] user id (the channel's own: the buyers hash keys it as <channel>:<user id>)
+  ARGV[7] quantity         ARGV[8] payment ref ("" = reserve only)
   ARGV[9] the caller's stock bucket count of the sale (absent = 1; the keys are the user's
           home bucket's, core.ids.home_bucket)
   Returns {code, order_id, status, expires_at_ms}
     code  0 = new order (status "reserved", or "confirmed" with a payment ref)
           1 = idempotent replay: the original order's answer
-         -1 = sold out   -2 = per-user limit   -3 = sale not active (window or paused)
+         -1 = sold out   -2 = per-user limit
+         -3 = sale not active (window or paused): 2nd value its start, 3rd its end (ms)
          -4 = no such sale   -5 = idempotency key reused with another request
          -6 = fewer units left than asked for
          -17 = the quantity is not a whole number >= 1 (nothing done)

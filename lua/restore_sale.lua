@@ -8,7 +8,7 @@
   KEYS[5] set of applied import ids        KEYS[6..n] order hashes, in the order of ARGV[1].orders
   ARGV[1] JSON (every value a string): {
             "sale": [field, value, ...]   the sale hash (window, limits, counters, state),
-            "imports": [import id, ...],  "buyers": [user, units, ...],
+            "imports": [import id, ...],  "buyers": [<channel>:<user>, units, ...],
             "orders": [[id, channel, user, qty, status, created, exp, pay, confirmed_at], ...] }
           status "reserved" gets its deadline back (the sweeper expires it if it passed);
           "confirmed" is announced again on the stream, so that the workers deliver it.

@@ -1,10 +1,11 @@
 """Proof-of-work challenges in the ALTCHA v2 format (the `altcha` library), bound to a request.
 
 A challenge is stateless: its parameters (random nonce and salt, expiry, and `data` naming the
-sale, user and device it was issued for) are HMAC-signed, so any gateway holding the secret can
-verify a solution without storing the challenge. It is issued in ALTCHA's deterministic mode:
-the server picks the counter below `work`, the client must find it (on average work/2 SHA-256
-hashes), and the server verifies with one HMAC (`keySignature`), whatever the work was.
+sale, channel, user and device it was issued for) are HMAC-signed, so any gateway holding the
+secret can verify a solution without storing the challenge. It is issued in ALTCHA's
+deterministic mode: the server picks the counter below `work`, the client must find it (on
+average work/2 SHA-256 hashes), and the server verifies with one HMAC (`keySignature`),
+whatever the work was.
 Because the format is ALTCHA's, a storefront page can show the ALTCHA widget instead of a
 bespoke solver; risk/solver.py solves it in Python for tests, the demo and load tests.
 
@@ -37,7 +38,9 @@ class Verified(msgspec.Struct, frozen=True):
 
 
 def _binding(sig: Signals) -> dict[str, str]:
-    return {"sale": sig.sale_id, "user": sig.user_id, "device": sig.device_id}
+    # The channel too: user ids are namespaced per channel (channel B's "u-1" is another user).
+    return {"sale": sig.sale_id, "channel": sig.channel_id, "user": sig.user_id,
+            "device": sig.device_id}
 
 
 class Challenges:
@@ -47,7 +50,7 @@ class Challenges:
         self._answer_key = hmac.new(secret, b"flashgate/pow/answer", hashlib.sha256).digest()
 
     def issue(self, sig: Signals, work: int, ttl_s: int, now_s: float) -> dict[str, Any]:
-        """A challenge (ALTCHA v2 JSON) for this sale, user and device."""
+        """A challenge (ALTCHA v2 JSON) for this sale, channel, user and device."""
         challenge = altcha.create_challenge(
             ALGORITHM, 1, counter=secrets.randbelow(max(1, work)), counter_mode="uint32",
             expires_at=int(now_s) + ttl_s, data=_binding(sig),

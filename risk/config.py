@@ -22,6 +22,14 @@ from core.keys import Keys
 from risk.rules import RULES
 
 Percent = Annotated[int, Meta(ge=0, le=100)]
+# Bounds that keep every value meaningful and the Lua arithmetic exact (GCRA in microseconds
+# as integers in a double): a rate is 0 (unlimited) or MIN_RATE..MAX_RATE requests per second,
+# so one emission interval lies between 1 us and 100 s; a burst is 1..MAX_BURST intervals.
+MIN_RATE, MAX_RATE = 0.01, 1_000_000.0
+MAX_BURST = 1_000_000
+Rate = Annotated[float, Meta(ge=0, le=MAX_RATE)]
+Burst = Annotated[int, Meta(ge=1, le=MAX_BURST)]
+MAX_LIMIT = 1_000_000  # a rule's limit (requests in a window, distinct users, units held)
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -30,7 +38,7 @@ class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class RuleConfig(_Base, frozen=True):
     weight: Percent
-    limit: Annotated[int, Meta(ge=0)] = 0
+    limit: Annotated[int, Meta(ge=0, le=MAX_LIMIT)] = 0
     mode: Literal["on", "shadow", "off"] = "on"       # shadow: counted, never acts
     on_error: Literal["open", "closed"] = "open"     # features unreadable: skip / fire
 
@@ -41,12 +49,13 @@ class Thresholds(_Base, frozen=True):
 
 
 class Admission(_Base, frozen=True):
-    """GCRA limits, requests per second with a burst; a rate of 0 means unlimited."""
+    """GCRA limits, requests per second with a burst; a rate of 0 means unlimited, any other
+    is MIN_RATE..MAX_RATE."""
 
-    sale_rate: Annotated[float, Meta(ge=0)] = 0
-    sale_burst: Annotated[int, Meta(ge=1)] = 1
-    channel_rate: Annotated[float, Meta(ge=0)] = 0
-    channel_burst: Annotated[int, Meta(ge=1)] = 1
+    sale_rate: Rate = 0
+    sale_burst: Burst = 1
+    channel_rate: Rate = 0
+    channel_burst: Burst = 1
 
 
 class ChallengeConfig(_Base, frozen=True):
@@ -59,7 +68,7 @@ class ChallengeConfig(_Base, frozen=True):
 
 
 class RiskConfig(_Base, frozen=True):
-    version: Annotated[int, Meta(ge=1)]
+    version: Annotated[int, Meta(ge=1, le=1)]  # the only format so far
     rules: dict[str, RuleConfig]
     thresholds: Thresholds = Thresholds()
     admission: Admission = Admission()
@@ -70,7 +79,24 @@ class ConfigInvalid(ValueError):
     """The config or an override does not validate; the message names the path."""
 
 
+def _check_rules(doc: Any) -> None:
+    """Each rule on its own first, so that an error names it (`$.rules.user_burst.limit`, not
+    msgspec's `$.rules[...].limit`)."""
+    rules = doc.get("rules") if isinstance(doc, dict) else None
+    if not isinstance(rules, dict):
+        return
+    for name, rule in rules.items():
+        try:
+            msgspec.convert(rule, RuleConfig)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            text = (text.replace("`$", f"`$.rules.{name}") if " - at `$" in text
+                    else f"{text} - at `$.rules.{name}`")
+            raise ConfigInvalid(text) from None
+
+
 def parse(doc: Any) -> RiskConfig:
+    _check_rules(doc)
     try:
         cfg = msgspec.convert(doc, RiskConfig)
     except msgspec.ValidationError as exc:
@@ -82,6 +108,11 @@ def parse(doc: Any) -> RiskConfig:
         raise ConfigInvalid("thresholds.challenge must not exceed thresholds.deny")
     if cfg.challenge.min_work > cfg.challenge.max_work:
         raise ConfigInvalid("challenge.min_work must not exceed challenge.max_work")
+    for name in ("sale_rate", "channel_rate"):
+        rate = getattr(cfg.admission, name)
+        if 0 < rate < MIN_RATE:
+            raise ConfigInvalid(f"Expected `float` of 0 (unlimited) or >= {MIN_RATE}"
+                                f" - at `$.admission.{name}`")
     return cfg
 
 
@@ -91,11 +122,15 @@ def load(path: str | Path | None = None) -> RiskConfig:
         raw = Path(path).read_bytes()
     else:
         raw = resources.files("risk").joinpath("rules.json").read_bytes()
+    name = path or "risk/rules.json"
     try:
         doc = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
-        raise ConfigInvalid(f"{path or 'risk/rules.json'}: not valid JSON: {exc}") from None
-    return parse(doc)
+        raise ConfigInvalid(f"{name}: not valid JSON: {exc}") from None
+    try:
+        return parse(doc)
+    except ConfigInvalid as exc:  # at start-up: say which file
+        raise ConfigInvalid(f"{name}: {exc}") from None
 
 
 def _merge(base: Any, override: Any) -> Any:

@@ -13,11 +13,14 @@ real one; `AllowAll` lets every request through (risk switched off).
 from __future__ import annotations
 
 import enum
+import ipaddress
 from typing import Any, Protocol
 
 import msgspec
 
 from core.ledger import RiskArgs, RiskOutcome
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Verdict(enum.Enum):
@@ -27,6 +30,9 @@ class Verdict(enum.Enum):
 
 
 class RiskContext(msgspec.Struct, frozen=True):
+    """One purchase as risk sees it. `user_id` is the storefront's own id: users are namespaced
+    by channel (`Signals.buyer`), devices and addresses are global."""
+
     sale_id: str
     channel_id: str
     user_id: str
@@ -36,6 +42,12 @@ class RiskContext(msgspec.Struct, frozen=True):
     quantity: int
     challenge_solution: str | None = None  # header Flashgate-Challenge-Solution, if sent
     idempotency_key: str = ""  # a retry of an answered key is never refused by risk
+    # The request's fingerprint (the sale and whole body, as the ledger's idempotency keeps
+    # it): a verdict stored under a key is honoured only for the same request.
+    fingerprint: str = ""
+    # client_ip as the gateway parsed it (risk.signals.parse_ip) when it checked it: parsed once
+    # per purchase. None: parsed by Signals.of.
+    address: IPAddress | None = None
     # A sale of several stock buckets (core/buckets.py): the buyer's home bucket's ledger shard
     # ("" = the sale itself) and the bucket count. Risk keys then live in that shard, so that
     # the inline purchase script's keys share its slot; the sale's and channels' admission

@@ -162,7 +162,7 @@ class ScoringEngine:
         script = RiskArgs(
             keys=(
                 k.risk_admission(sale), k.risk_admission(sale, sig.channel_id),
-                k.risk_counter(sale, "u", sig.user_id), k.risk_counter(sale, "d", sig.device_id),
+                k.risk_counter(sale, "u", sig.buyer), k.risk_counter(sale, "d", sig.device_id),
                 k.risk_counter(sale, "i", sig.ip), k.risk_counter(sale, "s", sig.subnet),
                 k.risk_distinct_users(sale, "d", sig.device_id),
                 k.risk_distinct_users(sale, "i", sig.ip), k.risk_solution(sale, challenge_id),
@@ -245,10 +245,11 @@ class ScoringEngine:
             return prelude
         sig, cfg, now_s, verified = prelude
         features, score_it = await self._features(sig, cfg, now_s, verified,
-                                                  ctx.idempotency_key, ctx.shard, ctx.buckets)
+                                                  ctx.idempotency_key, ctx.shard, ctx.buckets,
+                                                  ctx.fingerprint)
         if not score_it:
             self.counts["passed:replay_or_unknown_sale"] += 1
-            return ALLOW  # the reservation replays its answer, or answers 404
+            return ALLOW  # the reservation replays its answer, or answers 404 or 409
         inputs = Inputs(sig, features, sig.address is not None and sig.address in self.datacenter)
         score, reasons, shadow = self._score(cfg, inputs)
 
@@ -293,9 +294,12 @@ class ScoringEngine:
 
     async def _features(self, sig: Signals, cfg: RiskConfig, now_s: float,
                         verified: Verified | None, idempotency_key: str, shard: str = "",
-                        buckets: int = 1) -> tuple[Features | None, bool]:
-        """(features, whether to score): not for an unknown sale or an idempotent replay, which
-        the reservation script answers. Raises RateLimited; features None when unreadable."""
+                        buckets: int = 1, fingerprint: str = "",
+                        ) -> tuple[Features | None, bool]:
+        """(features, whether to score): not for an unknown sale, a sale not open now or an
+        idempotent replay, which the reservation script answers. Raises RateLimited, and
+        IdempotencyMismatch for a key first seen with another request; features None when
+        unreadable."""
         k, sale = self.keys, shard or sig.sale_id
         challenge_id, solution_ttl_ms = _solution_marker(verified, now_s)
         adm = _per_bucket(cfg.admission, buckets)
@@ -305,7 +309,7 @@ class ScoringEngine:
                     keys=[
                         k.sale(sale), k.risk_admission(sale),
                         k.risk_admission(sale, sig.channel_id),
-                        k.risk_counter(sale, "u", sig.user_id),
+                        k.risk_counter(sale, "u", sig.buyer),
                         k.risk_counter(sale, "d", sig.device_id),
                         k.risk_counter(sale, "i", sig.ip),
                         k.risk_counter(sale, "s", sig.subnet),
@@ -314,16 +318,19 @@ class ScoringEngine:
                         k.buyers(sale), k.risk_solution(sale, challenge_id),
                         k.idempotency(sale), k.risk_memo(sale),
                     ],
-                    args=[int(now_s * 1000), sig.user_id, adm.sale_rate, adm.sale_burst,
+                    args=[int(now_s * 1000), sig.buyer, adm.sale_rate, adm.sale_burst,
                           adm.channel_rate, adm.channel_burst, solution_ttl_ms,
-                          f"{sig.channel_id}:{idempotency_key}" if idempotency_key else ""],
+                          f"{sig.channel_id}:{idempotency_key}" if idempotency_key else "",
+                          fingerprint],
                 )
         except _FEATURE_ERRORS:
             self.counts["features:unavailable"] += 1
             return None, True
         code = ReturnCode(int(result[0]))
-        if code in (ReturnCode.NO_SALE, ReturnCode.REPLAYED):
+        if code in (ReturnCode.NO_SALE, ReturnCode.REPLAYED, ReturnCode.SALE_NOT_ACTIVE):
             return None, False
+        if code is ReturnCode.IDEMPOTENCY_MISMATCH:
+            raise errors.IdempotencyMismatch()
         if code is ReturnCode.RATE_LIMITED:
             self.counts["rate_limited"] += 1
             raise errors.RateLimited(math.ceil(int(result[1]) / 1000))

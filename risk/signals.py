@@ -10,9 +10,9 @@ import ipaddress
 
 import msgspec
 
-from risk.engine import RiskContext
+from risk.engine import IPAddress, RiskContext
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = ["IPAddress", "Signals", "parse_ip", "subnet_of"]
 
 
 
@@ -34,6 +34,24 @@ def _ipv4(text: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(value)
 
 
+def parse_ip(text: str) -> IPAddress | None:
+    """An IPv4 or IPv6 address written exactly (no spaces or control characters around it, no
+    IPv6 zone `%eth0`, no leading zeros in IPv4), IPv4-mapped IPv6 as its IPv4; None otherwise.
+    The gateway answers 422 for None (gateway/routes/storefront.py)."""
+    v4 = _ipv4(text)
+    if v4 is not None:
+        return v4
+    if "%" in text or not text.isascii() or not text.isprintable() or text != text.strip():
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def subnet_of(ip: IPAddress) -> str:
     """The /24 (IPv4) or /64 (IPv6) around an address, as CIDR text."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -53,21 +71,23 @@ class Signals(msgspec.Struct, frozen=True):
     address: IPAddress | None
     user_agent: str | None
 
+    @property
+    def buyer(self) -> str:
+        """The user as the ledger and the user counters know it: each storefront has a user id
+        space of its own, so a user id is namespaced by its channel (the ledger's buyers hash
+        field, lua/includes/reserve_order.lua). Device, ip and subnet signals stay global."""
+        return f"{self.channel_id}:{self.user_id}"
+
     @classmethod
     def of(cls, ctx: RiskContext) -> Signals:
-        text = ctx.client_ip.strip()
-        v4 = _ipv4(text)
-        if v4 is not None:  # canonical already: the text is its own str()
+        text = ctx.client_ip  # never trimmed: the gateway refuses what isn't an address
+        v4 = ctx.address if ctx.address is not None and ":" not in text else _ipv4(text)
+        if v4 is not None:  # canonical already (_ipv4 takes nothing else): its own str()
             return cls(sale_id=ctx.sale_id, channel_id=ctx.channel_id, user_id=ctx.user_id,
                        device_id=ctx.device_id, ip=text,
                        subnet=text.rpartition(".")[0] + ".0/24", address=v4,
                        user_agent=ctx.user_agent or None)
-        try:
-            address: IPAddress | None = ipaddress.ip_address(text)
-        except ValueError:
-            address = None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        address = ctx.address if ctx.address is not None else parse_ip(text)
         return cls(
             sale_id=ctx.sale_id, channel_id=ctx.channel_id, user_id=ctx.user_id,
             device_id=ctx.device_id,

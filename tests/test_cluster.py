@@ -212,7 +212,7 @@ async def test_per_user_limit_holds_under_concurrency(
     assert results.count("reserved") == 4  # 2 per sale: the limit is per sale
     assert results.count("purchase_limit_exceeded") == 76
     for sale_id, _ in sales:
-        assert await rc.hget(ledger.keys.buyers(sale_id), "greedy") == "2"
+        assert await rc.hget(ledger.keys.buyers(sale_id), "ch_test:greedy") == "2"
         assert await attempt(ledger, request(sale_id, "bulk", qty=3)) == \
             "purchase_limit_exceeded"
 
@@ -298,7 +298,7 @@ async def test_inline_risk_purchase(ledger: Ledger, rc: Redis) -> None:
     assert results.count("reserved") == 25 and results.count("sold_out") == 35
     # A datacenter ip is challenged by the script, and nothing is reserved for it.
     assert await buy("bot", "198.51.100.200") == Verdict.CHALLENGE.value
-    assert await rc.hget(ledger.keys.buyers(sale_id), "bot") is None
+    assert await rc.hget(ledger.keys.buyers(sale_id), "ch_test:bot") is None
     stock = await ledger.stock(sale_id)
     assert stock is not None and stock["reserved"] == 25 and stock["available"] == 0
 

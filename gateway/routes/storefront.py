@@ -24,7 +24,8 @@ from gateway.models import ConfirmBody, OrderOut, OrderStatusOut, PurchaseBody, 
 from gateway.responses import JSONResponse
 from gateway.sale_guard import paused_is_not_found
 from gateway.state import GatewayState, decode, path_id, state
-from risk.engine import Decision, RiskContext, Verdict
+from risk.engine import Decision, IPAddress, RiskContext, Verdict
+from risk.signals import parse_ip
 from risk.solver import SOLUTION_HEADER
 
 _IDEMPOTENCY_KEY_MAX = 128
@@ -69,15 +70,19 @@ async def purchase(request: Request) -> Response:
     sale_id = path_id(request, "sale_id", is_sale_id, "sale")
     idem = idempotency_key(request)
     body = await decode(request, PurchaseBody)
+    address = parse_ip(body.client_ip)
+    if address is None:  # a client's mistake: never scored as a risk signal
+        raise errors.InvalidRequest("Expected an IPv4 or IPv6 address, with nothing around it"
+                                    " - at `$.client_ip`")
     req = PurchaseRequest(
         sale_id=sale_id, channel_id=channel_id, idempotency_key=idem,
         fingerprint=request_fingerprint(sale_id, body), user_id=body.user_id,
         quantity=body.quantity, payment_ref=body.payment_ref or "",
     )
     try:
-        reservation = await _reserve(gw, request, req, body)
+        reservation = await _reserve(gw, request, req, body, address)
     except WrongBuckets:  # the sale has stock buckets this process didn't know of: now it does
-        reservation = await _reserve(gw, request, req, body)
+        reservation = await _reserve(gw, request, req, body, address)
     out = PurchaseOut(reservation.order_id, reservation.status,
                       rfc3339_ms(reservation.expires_at_ms))
     headers = {"Idempotent-Replayed": "true"} if reservation.replayed else None
@@ -86,7 +91,7 @@ async def purchase(request: Request) -> Response:
 
 
 async def _reserve(gw: GatewayState, request: Request, req: PurchaseRequest,
-                   body: PurchaseBody) -> Reservation:
+                   body: PurchaseBody, address: IPAddress) -> Reservation:
     """Risk, then the reservation on the buyer's home bucket (the sale itself, unless the sale
     has several stock buckets)."""
     ledger = gw.runtime.ledger
@@ -96,7 +101,7 @@ async def _reserve(gw: GatewayState, request: Request, req: PurchaseRequest,
         sale_id=req.sale_id, channel_id=req.channel_id, user_id=body.user_id,
         device_id=body.device_id, client_ip=body.client_ip, user_agent=body.user_agent,
         quantity=body.quantity, challenge_solution=request.headers.get(SOLUTION_HEADER) or None,
-        idempotency_key=req.idempotency_key,
+        idempotency_key=req.idempotency_key, fingerprint=req.fingerprint, address=address,
         shard=shard_id(req.sale_id, home) if buckets > 1 else "", buckets=buckets,
     ))
     if isinstance(plan, Decision):  # decided before the ledger: lists, risk off, split mode

@@ -6,17 +6,18 @@
 local function release_reservation(sale_key, order_key, deadlines_key, events_key, buyers_key,
                                    order_id, new_status, now)
   local qty = tonumber(rcall("HGET", order_key, "qty"))
-  local user = rcall("HGET", order_key, "user")
+  local user, channel = rcall("HGET", order_key, "user"), rcall("HGET", order_key, "ch")
+  local buyer = channel .. ":" .. user  -- buyer_field of includes/reserve_order.lua
   rcall("HSET", order_key, "status", new_status, "ended", now)
   rcall("HINCRBY", sale_key, "available", qty)
   rcall("HINCRBY", sale_key, "reserved", -qty)
   rcall("HINCRBY", sale_key, new_status, qty)
   rcall("HINCRBY", sale_key, "restocks", 1)
   rcall("HDEL", sale_key, "drained_until")
-  if tonumber(rcall("HINCRBY", buyers_key, user, -qty)) <= 0 then
-    rcall("HDEL", buyers_key, user)
+  if tonumber(rcall("HINCRBY", buyers_key, buyer, -qty)) <= 0 then
+    rcall("HDEL", buyers_key, buyer)
   end
   rcall("ZREM", deadlines_key, order_id)
   rcall("XADD", events_key, "*", "t", new_status, "o", order_id,
-        "ch", rcall("HGET", order_key, "ch"), "u", user, "q", qty, "at", now)
+        "ch", channel, "u", user, "q", qty, "at", now)
 end

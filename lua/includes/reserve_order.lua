@@ -28,6 +28,21 @@ local function wrong_buckets(sale, caller_buckets)
   return nil
 end
 
+-- The refusal of a purchase outside the sale's window (nil while it is open):
+-- {-3, start ms, end ms, 0}, so that the caller can say when it opens or when it ended.
+local function closed_window(sale, now)
+  if now < tonumber(sale[1]) or now >= tonumber(sale[2]) or sale[6] ~= "open" then
+    return {-3, sale[1], sale[2], 0}
+  end
+  return nil
+end
+
+-- The buyers hash's field of a user: user ids are namespaced by channel, since each storefront
+-- has a user id space of its own (channel B's "u-1" is not channel A's).
+local function buyer_field(channel, user)
+  return channel .. ":" .. user
+end
+
 -- Quantity, window, per-user limit, stock, then the reservation (or confirmation, with a payment ref),
 -- its deadline, the idempotency answer and the stream event.
 -- `sale` is HMGET sale_key unpack(SALE_FIELDS). In a sale of several stock buckets, a bucket
@@ -41,10 +56,12 @@ local function reserve_order(sale_key, buyers_key, idem_key, deadlines_key, even
   if not qty or qty < 1 or qty ~= math.floor(qty) or qty > 1e9 then
     return {-17, "", "", 0}
   end
-  if now < tonumber(sale[1]) or now >= tonumber(sale[2]) or sale[6] ~= "open" then
-    return {-3, "", "", 0}
+  local closed = closed_window(sale, now)
+  if closed then
+    return closed
   end
-  local held = tonumber(rcall("HGET", buyers_key, user) or "0")
+  local buyer = buyer_field(channel, user)
+  local held = tonumber(rcall("HGET", buyers_key, buyer) or "0")
   if held + qty > tonumber(sale[3]) then
     return {-2, "", "", 0}
   end
@@ -62,7 +79,7 @@ local function reserve_order(sale_key, buyers_key, idem_key, deadlines_key, even
 
   local status, expires_at = "reserved", now + tonumber(sale[4])
   rcall("HINCRBY", sale_key, "available", -qty)
-  rcall("HINCRBY", buyers_key, user, qty)
+  rcall("HINCRBY", buyers_key, buyer, qty)
   if payment_ref == "" then
     rcall("HINCRBY", sale_key, "reserved", qty)
     rcall("ZADD", deadlines_key, expires_at, order_id)

@@ -3,6 +3,12 @@
 -- GCRA in microseconds (integers, exact in a double): a request is admitted when the
 -- theoretical arrival time, pushed one emission interval on, is within burst intervals of now.
 -- Returns the wait in ms (0 = admitted) and the new TAT to store.
+-- A stored TAT beyond now + burst intervals (a full bucket) can't come from the current config:
+-- it was left by an earlier, slower one (an admin override since reverted, a smaller burst).
+-- It is clamped to a full bucket less one interval, so the new config takes effect at once
+-- (this request is admitted and stores a full bucket; the next ones wait at most one interval
+-- of the current config) and a Retry-After never exceeds what the current config allows.
+-- (risk/config.py bounds rates and bursts, so the values stay exact integers in a double.)
 local function gcra(key, now, rate, burst)
   if rate <= 0 then
     return 0, nil
@@ -12,6 +18,9 @@ local function gcra(key, now, rate, burst)
   local tat = tonumber(rcall("GET", key) or now_us)
   if tat < now_us then
     tat = now_us
+  end
+  if tat > now_us + burst * interval then
+    tat = now_us + (burst - 1) * interval
   end
   local new_tat = tat + interval
   local allow_at = new_tat - burst * interval
@@ -85,6 +94,7 @@ local function distinct(key, user, keep_until)
   return rcall("PFCOUNT", key)
 end
 
+-- `user` is the user as the ledger's buyers hash knows it: <channel>:<user id>.
 -- The features of one request (this request included), in the order of risk.rules.Features:
 -- {user_1s, user_60s, device_1s, device_60s, ip_1s, ip_60s, subnet_1s, subnet_60s,
 --  device_users, ip_users, user_held}

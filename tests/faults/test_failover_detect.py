@@ -1,10 +1,11 @@
 """A failover to a replica that missed acknowledged writes (#12): PostgreSQL then leads Redis,
 and reconcile must say so, mid-stream or not, instead of a false all-clear.
 
-Real servers: a Valkey primary and its replica; the replica is stopped (SIGSTOP) and its link cut so the last
-purchases never reach it, the workers persist them to PostgreSQL, the primary is killed and
-the replica promoted (REPLICAOF NO ONE), as an operator or Sentinel would. The gateway here
-runs with FLASHGATE_REDIS_WAIT_REPLICAS=0: the unprotected configuration, to show detection."""
+Real servers: a Valkey primary and its replica; the replica is stopped (SIGSTOP) and its link
+cut so the last purchases never reach it, the workers persist them to PostgreSQL, the primary
+is killed and the replica promoted (REPLICAOF NO ONE), as an operator or Sentinel would. The
+gateway here runs with FLASHGATE_REDIS_WAIT_REPLICAS=0: the unprotected configuration, to show
+detection."""
 
 from __future__ import annotations
 
