@@ -249,6 +249,7 @@ class LedgerSnapshot:
     def __init__(self) -> None:
         self.sales: dict[str, dict[str, int]] = {}
         self.active = 0
+        self.upcoming = 0
         self.ok = 0
         self.at = 0.0
         self.reads = 0  # Redis reads done (tests count them)
@@ -271,7 +272,8 @@ class LedgerSnapshot:
             self.reads += 1
             try:
                 async with asyncio.timeout(timeout_s):
-                    self.sales, self.active = await _read_sales(redis, keys, group)
+                    self.sales, self.active, self.upcoming = await _read_sales(
+                        redis, keys, group)
                 self.ok, self.at = 1, time.time()
             except Exception:  # noqa: BLE001 - a scrape must answer; success=0 says it failed
                 self.ok = 0
@@ -280,10 +282,12 @@ class LedgerSnapshot:
 MAX_SALES_SCANNED = 500  # active sales whose window is read to pick the MAX_SALES exported
 
 
-async def _pick_sales(redis: Any, keys: Any, active: list[str]) -> list[str]:
-    """The MAX_SALES sales that matter now: open ones first, then the latest to start."""
+async def _pick_sales(redis: Any, keys: Any, active: list[str]) -> tuple[list[str], int | None]:
+    """The MAX_SALES sales that matter now: open ones first, then the latest to start; and,
+    when there were more to choose from, how many of those scanned have not opened yet (None:
+    every active sale is picked, the rows tell)."""
     if len(active) <= MAX_SALES:
-        return active
+        return active, None
     scanned = active[:MAX_SALES_SCANNED]
     async with redis.pipeline(transaction=False) as pipe:
         for sale in scanned:
@@ -296,7 +300,8 @@ async def _pick_sales(redis: Any, keys: Any, active: list[str]) -> list[str]:
         return (start <= now_ms < end, start)
 
     ranked = sorted(zip(scanned, windows, strict=True), key=rank, reverse=True)
-    return sorted(sale for sale, _ in ranked[:MAX_SALES])
+    upcoming = sum(1 for _, (start, _end) in ranked if float(start or 0) > now_ms)
+    return sorted(sale for sale, _ in ranked[:MAX_SALES]), upcoming
 
 
 async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
@@ -329,10 +334,17 @@ async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
     return row, buckets
 
 
-async def _read_sales(redis: Any, keys: Any, group: str) -> tuple[dict[str, dict[str, int]], int]:
+async def _read_sales(redis: Any, keys: Any, group: str,
+                      ) -> tuple[dict[str, dict[str, int]], int, int]:
+    """The exported sales' rows, how many sales are active, and how many of them (as far as
+    MAX_SALES_SCANNED reach) have not opened yet."""
     active = sorted(str(s) for s in await redis.smembers(keys.active_sales()))
-    sales = await _pick_sales(redis, keys, active)
-    return {sale: await read_sale(redis, keys, group, sale) for sale in sales}, len(active)
+    sales, upcoming = await _pick_sales(redis, keys, active)
+    rows = {sale: await read_sale(redis, keys, group, sale) for sale in sales}
+    if upcoming is None:
+        now_ms = time.time() * 1000
+        upcoming = sum(1 for row in rows.values() if row.get("start", 0) > now_ms)
+    return rows, len(active), upcoming
 
 
 async def read_sale(redis: Any, keys: Any, group: str, sale: str) -> dict[str, int]:
@@ -379,10 +391,8 @@ class LedgerCollector(Collector):
                                       "(confirmed counts purchases paid at once too).",
                                       labels=["sale", "outcome"])
         now_ms = time.time() * 1000
-        upcoming = 0
         for sale, row in snap.sales.items():
             if row.get("start", 0) > now_ms:  # not open yet: no series names it
-                upcoming += 1
                 continue
             if row.get("total") is not None and "available" in row:
                 for state in STOCK_STATES:
@@ -398,8 +408,8 @@ class LedgerCollector(Collector):
         yield from (stock, drift, length, pending, lag, dead, settled)
         yield GaugeMetricFamily(SALES_ACTIVE, "Active sales (the first MAX_SALES are exported).",
                                 value=snap.active)
-        yield GaugeMetricFamily(SALES_UPCOMING, "Sales read whose window has not opened: "
-                                "counted, not named.", value=upcoming)
+        yield GaugeMetricFamily(SALES_UPCOMING, "Active sales whose window has not opened: "
+                                "counted, not named.", value=snap.upcoming)
         yield GaugeMetricFamily(LEDGER_SCRAPE_OK, "1 if the last ledger read succeeded.",
                                 value=snap.ok)
 
@@ -421,7 +431,7 @@ def exposition() -> tuple[bytes, str]:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         registry.register(LedgerCollector(LEDGER))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

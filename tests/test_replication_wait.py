@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from core.autopipeline import AutoPipeline, NotReplicated
 from core.embedded import EmbeddedRedis
+from core.settings import Settings
 from tests.conftest import until
 
 
@@ -122,33 +123,28 @@ async def test_no_replica_no_wait(pair: Pair, tmp_path: Path) -> None:
 
 
 async def test_a_purchase_is_acknowledged_only_once_replicated(linked: Pair,
-                                                               database_url: str) -> None:
+                                                               settings: Settings) -> None:
     """Through the gateway: with the replica stalled a purchase answers 503 with Retry-After
     (its reservation did happen on the primary); the storefront's retry with the same
     Idempotency-Key, once the replica is back, gets that same order with 201."""
-    import base64
+    import dataclasses
     import secrets
 
     import httpx
 
-    from core.settings import Settings
     from gateway.app import create_app
     from risk.engine import AllowAll
     from tests.conftest import (
-        ADMIN_TOKEN,
         channel_headers,
         create_channel,
         create_sale,
         purchase_body,
     )
 
-    settings = Settings.from_env({
-        "FLASHGATE_REDIS_URL": linked.primary.url, "FLASHGATE_DATABASE_URL": database_url,
-        "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "FLASHGATE_KEY_PREFIX": "fgr" + secrets.token_hex(4),
-        "FLASHGATE_REDIS_WAIT_TIMEOUT_MS": "100",
-    })
+    # the session's database and keyring (its data keys are wrapped under that master key)
+    settings = dataclasses.replace(settings, redis_url=linked.primary.url,
+                                   key_prefix="fgr" + secrets.token_hex(4),
+                                   redis_wait_replicas=None, redis_wait_timeout_ms=100)
     app = create_app(settings, risk=AllowAll())
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -230,8 +230,11 @@ async def heartbeat_loop(worker: Worker) -> None:
                 await rt.redis.set(key, int(time.time()), ex=HEARTBEAT_TTL_S)
                 metrics.WORKER_HEARTBEAT.set(time.time())
                 await metrics.LEDGER.refresh(rt.redis, rt.keys, WORKER_GROUP)
-                await lowstock.check(rt.redis, rt.keys, metrics.LEDGER.sales,
-                                     rt.settings.low_stock_fraction)
+                rows = dict(metrics.LEDGER.sales)
+                for sale in sorted((worker.only or frozenset()) - rows.keys()):
+                    # a worker limited to some sales watches those, exported or not
+                    rows[sale] = await metrics.read_sale(rt.redis, rt.keys, WORKER_GROUP, sale)
+                await lowstock.check(rt.redis, rt.keys, rows, rt.settings.low_stock_fraction)
                 if time.monotonic() - audited >= AUDIT_EVERY_S:
                     audited = time.monotonic()
                     await audit(rt.pool, sorted(metrics.LEDGER.sales))
