@@ -42,7 +42,7 @@ def _sale_id(request: Request) -> str:
 
 async def create_channel(request: Request) -> Response:
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     body = await decode(request, ChannelBody)
     rt = gw.runtime
     channel_id, api_key = new_channel_id(), new_api_key()
@@ -82,7 +82,7 @@ async def _sale_out(ledger: Ledger, row: asyncpg.Record) -> SaleOut:
 
 async def create_sale(request: Request) -> Response:
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     body = await decode(request, SaleBody)
     if body.starts_at.tzinfo is None or body.ends_at.tzinfo is None:
         raise errors.InvalidRequest("starts_at and ends_at need a time zone (RFC 3339)")
@@ -117,7 +117,7 @@ async def create_sale(request: Request) -> Response:
 
 async def get_sale(request: Request) -> Response:
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     sale_id = _sale_id(request)
     row = await gw.runtime.pool.fetchrow(
         f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id = $1", sale_id
@@ -152,7 +152,7 @@ async def _import_lines(request: Request) -> tuple[list[str], bool]:
 
 async def import_sale_keys(request: Request) -> Response:
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     sale_id = _sale_id(request)
     rt = gw.runtime
     if await rt.pool.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id) is None:

@@ -31,7 +31,7 @@ from risk.scoring import ScoringEngine
 
 def _engine(request: Request) -> ScoringEngine:
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     if not isinstance(gw.risk, ScoringEngine):
         raise errors.NotFound("the risk engine is switched off (FLASHGATE_RISK_ENABLED)")
     return gw.risk
