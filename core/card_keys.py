@@ -122,6 +122,10 @@ class _Staged:
     valid: int
     rejected_lines: list[int]
 
+    def columns(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        fps, nonces, cts = zip(*self.rows, strict=True)
+        return list(fps), list(nonces), list(cts)
+
 
 def _seal_batch(entries: Sequence[str], start: int, skip_blank: bool, rules: Sequence[str],
                 fp_key: bytes, dek: bytes, aad: bytes, seen: set[bytes]) -> _Staged:
@@ -153,19 +157,15 @@ INSERT INTO key_imports (sale_id, imported, duplicates, rejected, status, normal
 VALUES ($1, 0, 0, 0, 'running', $2, $3) RETURNING import_id
 """
 PROGRESS = "UPDATE key_imports SET read_lines = $2, updated_at = now() WHERE import_id = $1"
-STAGE = """
-CREATE TEMPORARY TABLE import_stage (fingerprint bytea, nonce bytea, ciphertext bytea)
-ON COMMIT DROP
-"""
-INSERT_STAGED = """
+INSERT_BATCH = """
 WITH ins AS (
     INSERT INTO card_keys (sale_id, import_id, fingerprint, dek_id, nonce, ciphertext)
-    SELECT $1, $2, fingerprint, $3, nonce, ciphertext FROM import_stage
+    SELECT $1, $2, f, $3, n, c FROM unnest($4::bytea[], $5::bytea[], $6::bytea[]) AS t(f, n, c)
     ON CONFLICT (fingerprint) DO NOTHING
     RETURNING key_id
 ), events AS (
     INSERT INTO key_events (key_id, event, actor, request_id, client_request_id)
-    SELECT key_id, 'imported', $4, $5, $6 FROM ins
+    SELECT key_id, 'imported', $7, $8, $9 FROM ins
 ) SELECT count(*) FROM ins
 """
 FINISHED = """
@@ -222,10 +222,10 @@ async def _land(pool: asyncpg.Pool, keyring: Keyring, import_id: int, sale_id: s
     seen: set[bytes] = set()
     rejected: list[int] = []
     valid = 0
+    imported = 0
     async with pool.acquire() as conn, conn.transaction():
         fp_key = await keyring.fingerprint_key(conn)
         dek_id, dek = await keyring.new_dek(conn, "card_keys")
-        await conn.execute(STAGE)
         reported = time.monotonic()
         for start in range(0, len(entries), BATCH):
             staged = await asyncio.to_thread(_seal_batch, entries, start, skip_blank, rules,
@@ -233,14 +233,12 @@ async def _land(pool: asyncpg.Pool, keyring: Keyring, import_id: int, sale_id: s
             valid += staged.valid
             rejected += staged.rejected_lines
             if staged.rows:
-                await conn.copy_records_to_table(
-                    "import_stage", records=staged.rows,
-                    columns=["fingerprint", "nonce", "ciphertext"])
+                imported += await conn.fetchval(
+                    INSERT_BATCH, sale_id, import_id, dek_id, *staged.columns(),
+                    actor, request_id, client_request_id)
             if time.monotonic() - reported >= PROGRESS_EVERY_S:
                 await pool.execute(PROGRESS, import_id, min(start + BATCH, len(entries)))
                 reported = time.monotonic()
-        imported: int = await conn.fetchval(INSERT_STAGED, sale_id, import_id, dek_id, actor,
-                                            request_id, client_request_id)
         await conn.execute(FINISHED, import_id, imported, valid - imported, len(rejected),
                            rejected[:MAX_REJECTED_LINES])
     return imported, valid, rejected

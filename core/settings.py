@@ -94,6 +94,13 @@ def estimated_bits(token: str) -> float:
     return sum(c * math.log2(n / c) for c in counts)
 
 
+def _repetitive(token: str) -> bool:
+    """A repeated pattern ('0123456789' * 4) that a per-character estimate can't see: fewer
+    than 3 in 4 of its 3-character windows are distinct (a random token: ~all of them)."""
+    windows = [token[i:i + 3] for i in range(len(token) - 2)]
+    return len(set(windows)) < 0.75 * len(windows)
+
+
 def parse_admin_tokens(raw: str, var: str = "FLASHGATE_ADMIN_TOKEN") -> tuple[Secret, ...]:
     """`token[,token...]`: every listed token is accepted (several during a rotation). Each
     must be at least 32 characters of printable ASCII and carry at least 128 estimated bits."""
@@ -108,7 +115,7 @@ def parse_admin_tokens(raw: str, var: str = "FLASHGATE_ADMIN_TOKEN") -> tuple[Se
         if len(token) < ADMIN_TOKEN_MIN_LENGTH:
             raise ConfigError(f"{which} is too short ({len(token)} characters, at least "
                               f"{ADMIN_TOKEN_MIN_LENGTH}); generate one with: {_GENERATE_TOKEN}")
-        if estimated_bits(token) < ADMIN_TOKEN_MIN_BITS:
+        if estimated_bits(token) < ADMIN_TOKEN_MIN_BITS or _repetitive(token):
             raise ConfigError(f"{which} is too predictable (repeated or patterned characters: "
                               f"~{estimated_bits(token):.0f} bits, at least "
                               f"{ADMIN_TOKEN_MIN_BITS}); generate one with: {_GENERATE_TOKEN}")
