@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+from collections.abc import Callable
 
 import asyncpg
 import httpx
@@ -51,8 +52,10 @@ def test_weak_admin_tokens_are_refused(token: str, why: str) -> None:
 def test_generated_tokens_pass_and_several_rotate() -> None:
     # What `flashgate up` and the docs generate passes with room to spare: the rule is
     # >= 32 characters and >= 128 estimated bits (token_urlsafe(32): ~190-230).
-    for make in (lambda: secrets.token_urlsafe(32), lambda: secrets.token_hex(32),
-                 lambda: "fg-admin-" + secrets.token_urlsafe(24)):
+    makers: list[Callable[[], str]] = [lambda: secrets.token_urlsafe(32),
+                                       lambda: secrets.token_hex(32),
+                                       lambda: "fg-admin-" + secrets.token_urlsafe(24)]
+    for make in makers:
         assert min(estimated_bits(make()) for _ in range(2000)) > 150
     old, new = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     s = Settings.from_env({**BASE, "FLASHGATE_ADMIN_TOKEN": f"{new}, {old}"})
@@ -108,7 +111,7 @@ async def test_admin_brute_force_is_locked_out_per_address(
             r = await admin.get("/v1/admin/risk/stats", headers=live_gateway.admin)
             assert r.status_code == 200
             # The state lives in Redis (shared by every gateway process), with the window's TTL.
-            assert int(await redis.get(key)) == 10 and 0 < await redis.ttl(key) <= 300
+            assert int(await redis.get(key) or 0) == 10 and 0 < await redis.ttl(key) <= 300
             await redis.delete(key)
             r = await attacker.get("/v1/admin/risk/stats", headers=live_gateway.admin)
             assert r.status_code == 200
@@ -152,18 +155,19 @@ async def test_forged_request_id_is_not_the_audit_id_of_a_reveal(
     assert r.status_code == 201, r.text
     order = r.json()["order_id"]
     await Worker(runtime, sale_ids=[sale_id]).run_burst()
-    forged = ["admin-maintenance-job", ("x" * 300 + "\u00e9 <script>").encode("latin-1")]
+    forged = [b"admin-maintenance-job", ("x" * 300 + "\u00e9 <script>").encode("latin-1")]
     returned = []
     for request_id in forged:
+        headers = [(k.encode(), v.encode()) for k, v in channel_headers(ch).items()]
         r = await client.get(f"/v1/orders/{order}",
-                             headers={**channel_headers(ch), "X-Request-Id": request_id})
+                             headers=[*headers, (b"X-Request-Id", request_id)])
         assert len(r.json()["card_keys"]) == 1
         returned.append(r.headers["x-request-id"])
     rows = await runtime.pool.fetch(
         "SELECT e.request_id, e.client_request_id FROM key_events e JOIN card_keys k"
         " USING (key_id) WHERE k.sale_id = $1 AND e.event = 'revealed' ORDER BY e.id", sale_id)
     assert [r["request_id"] for r in rows] == returned
-    assert all(len(i) == 16 and i != forged[0] for i in returned)
+    assert all(len(i) == 16 and i != "admin-maintenance-job" for i in returned)
     # The client's own, apart: sanitized and bounded (64 characters of [A-Za-z0-9._:-]).
     assert [r["client_request_id"] for r in rows] == ["admin-maintenance-job", "x" * 64]
     with pytest.raises(asyncpg.CheckViolationError):
