@@ -29,7 +29,7 @@ _REF = "#/components/schemas/{name}"
 
 # Errors that whole kinds of operation share.
 CHANNEL = (errors.Unauthorized, errors.ServiceUnavailable)
-ADMIN = (errors.Unauthorized, errors.ServiceUnavailable)
+ADMIN = (errors.Unauthorized, errors.ServiceUnavailable, errors.RateLimited)  # 429: lockout
 BODY = (errors.MalformedRequest, errors.InvalidRequest, errors.PayloadTooLarge,
         errors.UnsupportedMediaType, errors.RequestTimeout)
 PURCHASE = (errors.NotFound, errors.IdempotencyMismatch, errors.SoldOut,
@@ -76,6 +76,21 @@ _READY = {"type": "object", "required": ["status", "checks"], "properties": {
     "checks": {"type": "object", "additionalProperties": {"type": "string"}}}}
 _STATUS_OK = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
 
+_NORMALIZE = {
+    "name": "normalize", "in": "query", "required": False,
+    "description": "What duplicates ignore (the key delivered is the code as given).",
+    "schema": {"type": "string", "enum": ["none", "ignore_case", "ignore_separators",
+                                          "ignore_case,ignore_separators"]}}
+_ASYNC = {
+    "name": "async", "in": "query", "required": False,
+    "description": "true: answer 202 at once; false: answer when done; absent: by size.",
+    "schema": {"type": "string", "enum": ["true", "false"]}}
+_IMPORT_ACCEPTED = {
+    "description": "Accepted: the import runs as a job", "content": {JSON: {"schema": {
+        "$ref": _REF.format(name="ImportJobOut")}}},
+    "headers": {"Location": {"description": "The job: GET /v1/admin/imports/{import_id}",
+                             "schema": {"type": "string"}}}}
+
 OPERATIONS: dict[tuple[str, str], Op] = {
     # -- storefront (channel API key) ----------------------------------------------------
     ("POST", "/v1/sales/{sale_id}/purchase"): Op(
@@ -110,10 +125,15 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "A sale and its ledger", "admin", 200, models.SaleOut, security="admin",
         errors=(*ADMIN, errors.NotFound)),
     ("POST", "/v1/admin/sales/{sale_id}/keys"): Op(
-        "Import card keys: JSON {keys}, text/plain (one a line) or text/csv (`code` column)",
+        "Import card keys: JSON {keys}, text/plain (one a line) or text/csv (`code` column); "
+        "a large body (or ?async=true) runs as a job: 202 and its Location",
         "admin", 200, models.ImportOut, body=models.KeysBody, body_types=("text/plain",
                                                                          "text/csv"),
-        security="admin", errors=(*ADMIN, *BODY, errors.NotFound)),
+        security="admin", errors=(*ADMIN, *BODY, errors.NotFound),
+        headers=(_NORMALIZE, _ASYNC), extra={202: _IMPORT_ACCEPTED}),
+    ("GET", "/v1/admin/imports/{import_id}"): Op(
+        "A key import job: status and progress", "admin", 200, models.ImportJobOut,
+        security="admin", errors=(*ADMIN, errors.NotFound)),
     # -- admin: risk -------------------------------------------------------------------
     ("GET", "/v1/admin/risk/lists/{action}/{kind}"): Op(
         "The entries of a block/allow list", "risk admin", 200, models.ListEntriesOut,
@@ -158,6 +178,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
 PATH_PARAMS: dict[str, dict[str, Any]] = {
     "sale_id": {"type": "string", "pattern": SALE_ID_PATTERN},
     "order_id": {"type": "string", "pattern": ORDER_ID_PATTERN},
+    "import_id": {"type": "string", "pattern": "^[0-9]{1,18}$"},
     "action": {"type": "string", "enum": list(ACTIONS)},
     "kind": {"type": "string", "enum": list(KINDS)},
 }
