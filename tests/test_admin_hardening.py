@@ -18,8 +18,7 @@ from cli.stack import gateway_argv
 from core.embedded import ServiceURLs, free_port
 from core.keys import Keys
 from core.runtime import Runtime
-from core.settings import ConfigError, Settings, estimated_bits, parse_admin_tokens
-from gateway.auth import admin_token_matches
+from core.settings import ConfigError, Settings
 from tests.conftest import channel_headers, create_channel, create_sale, purchase_body
 from tests.live_gateway import LiveGateway, live_gateway  # noqa: F401 - the fixture
 from workers.runner import Worker
@@ -50,6 +49,8 @@ def test_weak_admin_tokens_are_refused(token: str, why: str) -> None:
 
 
 def test_generated_tokens_pass_and_several_rotate() -> None:
+    from core.settings import estimated_bits, parse_admin_tokens
+    from gateway.auth import admin_token_matches
     # What `flashgate up` and the docs generate passes with room to spare: the rule is
     # >= 32 characters and >= 128 estimated bits (token_urlsafe(32): ~190-230).
     makers: list[Callable[[], str]] = [lambda: secrets.token_urlsafe(32),
@@ -88,7 +89,7 @@ async def test_admin_brute_force_is_locked_out_per_address(
         live_gateway: LiveGateway) -> None:  # noqa: F811
     address = f"127.0.0.{2 + secrets.randbelow(200)}"
     redis = Redis.from_url(live_gateway.redis_url)
-    key = Keys(live_gateway.key_prefix).admin_auth_failures(address)
+    keys = Keys(live_gateway.key_prefix)
     try:
         async with _from(address, live_gateway.url) as attacker, \
                 httpx.AsyncClient(base_url=live_gateway.url) as admin:
@@ -111,12 +112,13 @@ async def test_admin_brute_force_is_locked_out_per_address(
             r = await admin.get("/v1/admin/risk/stats", headers=live_gateway.admin)
             assert r.status_code == 200
             # The state lives in Redis (shared by every gateway process), with the window's TTL.
+            key = keys.admin_auth_failures(address)
             assert int(await redis.get(key) or 0) == 10 and 0 < await redis.ttl(key) <= 300
             await redis.delete(key)
             r = await attacker.get("/v1/admin/risk/stats", headers=live_gateway.admin)
             assert r.status_code == 200
     finally:
-        await redis.delete(key)
+        await redis.delete(keys.admin_auth_failures(address))
         await redis.aclose()
 
 
