@@ -16,7 +16,7 @@ from cli.main import build_parser
 from core.card_keys import import_job, run_import, start_import
 from core.crypto import open_sealed
 from core.runtime import Runtime
-from tests.conftest import ADMIN, create_sale
+from tests.conftest import ADMIN, create_sale, until
 from tests.live_gateway import LiveGateway, live_gateway  # noqa: F401 - the fixture
 
 
@@ -172,3 +172,24 @@ async def test_cli_imports_as_a_job_and_waits(
     out = json.loads(capsys.readouterr().out)
     assert (out["status"], out["imported"], out["duplicates"]) == ("done", 2, 1)
     assert out["normalize"] == "ignore_case"
+
+
+async def test_running_imports_are_capped_per_process(client: httpx.AsyncClient,
+                                                      runtime: Runtime) -> None:
+    running_max = max(1, runtime.settings.db_pool_max // 3)
+    sale_id, _ = await create_sale(client)
+    accepted = []
+    for n in range(running_max):
+        body = "".join(f"CAP-{n}-{secrets.token_hex(6)}\n" for _ in range(40_000))
+        r = await _import(client, sale_id, body, **{"async": "true"})
+        assert r.status_code == 202, r.text
+        accepted.append(r.headers["location"])
+    r = await _import(client, sale_id, "CAP-ONE-MORE\n")
+    assert (r.status_code, r.json()["code"]) == (429, "rate_limited")
+    assert r.headers["retry-after"] == "5"
+    for location in accepted:  # wait for them: the app is shared with the next tests
+        async def done(location: str = location) -> bool:
+            r = await client.get(location, headers=ADMIN)
+            return bool(r.json()["status"] != "running")
+        await until(done, timeout_s=60)
+    assert _counts(await _import(client, sale_id, "CAP-ONE-MORE\n")) == (1, 0, 0)

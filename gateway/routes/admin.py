@@ -192,6 +192,15 @@ def _import_options(request: Request) -> tuple[tuple[str, ...], bool | None]:
     return rules, None if raw == "" else raw == "true"
 
 
+def _refuse_if_busy(rt: Runtime) -> None:
+    """Each running import holds a PostgreSQL connection: a third of the pool at most, so
+    reveals and the rest of the admin API keep theirs (429, retry in a few seconds)."""
+    running_max = max(1, rt.settings.db_pool_max // 3)
+    if len(_jobs) >= running_max:
+        raise errors.RateLimited(5, f"{running_max} key imports are already running in this "
+                                    "gateway process")
+
+
 async def import_sale_keys(request: Request) -> Response:
     """200 with the counts once the keys landed; 202 and a Location to poll for a large body
     (over FLASHGATE_IMPORT_ASYNC_BYTES) or `?async=true`. Both run the same job."""
@@ -204,7 +213,9 @@ async def import_sale_keys(request: Request) -> Response:
         raise errors.NotFound("no such sale")
     # Stock added to a lost ledger would be lost again.
     await refuse_if_paused(rt, sale_id, cached=False)
+    _refuse_if_busy(rt)
     lines, skip_blank, size = await _import_lines(request)
+    _refuse_if_busy(rt)  # others may have started while this body was parsed
     import_id = await start_import(rt.pool, sale_id, rules, len(lines))
     job = asyncio.create_task(run_import(
         rt.pool, rt.keyring, rt.ledger, import_id, sale_id, lines, skip_blank=skip_blank,
