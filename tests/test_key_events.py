@@ -81,7 +81,7 @@ async def test_key_lifecycle_is_logged_and_reveals_are_audited(
         ("delivered", order, "worker", None),
         ("revealed", order, actor, "req-one"),
         ("revealed", order, actor, "req-two"),
-        ("voided", order, actor, None),
+        ("voided", order, actor, "req-refund"),
     ]
     ids = [e["request_id"] for e in events if e["key_id"] == key_id]
     assert ids[1:3] == [None, None] and all(len(i) == 16 for i in ids[:1] + ids[3:])

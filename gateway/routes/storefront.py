@@ -143,7 +143,8 @@ async def refund(request: Request) -> Response:
     channel_id = await gw.channels.channel_of(request)
     order_id = _order_id(request)
     status = await refund_order(gw.runtime, order_id, channel_id,
-                                actor=f"channel:{channel_id}", request_id=REQUEST_ID.get() or None)
+                                actor=f"channel:{channel_id}", request_id=REQUEST_ID.get() or None,
+                                client_request_id=CLIENT_REQUEST_ID.get() or None)
     return JSONResponse(OrderStatusOut(order_id, status))
 
 
