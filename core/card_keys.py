@@ -38,7 +38,7 @@ from core.crypto import Keyring, fingerprint, open_sealed, seal
 from core.ledger import Ledger
 
 MAX_CODE_LENGTH = 512
-BATCH = 5_000               # codes per thread hand-off and per COPY
+BATCH = 5_000               # codes per thread hand-off and per INSERT
 MAX_REJECTED_LINES = 100    # line numbers kept (and returned) per import
 PROGRESS_EVERY_S = 0.5      # the job's row is updated at most this often while it runs
 YIELD_EVERY = 100           # codes the sealing thread handles between offers of the GIL
