@@ -12,6 +12,8 @@ import json
 import os
 import re
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,27 @@ def key_import_request(path: Path) -> dict[str, Any]:
     return {"content": data, "headers": {"Content-Type": "text/plain; charset=utf-8"}}
 
 
+def import_params(normalize: str | None, run_async: bool | None) -> dict[str, str]:
+    """The query of a key import: its dedup rules, and sync/async (None: the gateway decides
+    by the body's size)."""
+    params = {"normalize": normalize} if normalize else {}
+    if run_async is not None:
+        params["async"] = "true" if run_async else "false"
+    return params
+
+
+def wait_for_import(client: httpx.Client, out: Any, poll_s: float = 0.5,
+                    sleep: Callable[[float], None] = time.sleep) -> Any:
+    """An import answered as a job (`status` running) is polled until it is done or failed;
+    a failed one is an error. A finished answer passes through."""
+    while isinstance(out, dict) and out.get("status") == "running":
+        sleep(poll_s)
+        out = call(client, "GET", f"/v1/admin/imports/{out['import_id']}")
+    if isinstance(out, dict) and out.get("status") == "failed":
+        raise AdminError(json.dumps(out, indent=2))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         with admin_client(args.url) as client:
@@ -121,7 +144,12 @@ def _dispatch(client: httpx.Client, args: argparse.Namespace) -> Any:
                 request = key_import_request(Path(args.file))
             except (OSError, ValueError) as exc:
                 raise AdminError(f"{args.file}: {exc}") from exc
-            return call(client, "POST", f"/v1/admin/sales/{args.sale_id}/keys", **request)
+            params = import_params(args.normalize, args.run_async)
+            out = call(client, "POST", f"/v1/admin/sales/{args.sale_id}/keys", params=params,
+                       **request)
+            return out if args.no_wait else wait_for_import(client, out)
+        case ("keys", "import-status"):
+            return call(client, "GET", f"/v1/admin/imports/{args.import_id}")
         case ("risk", "list"):
             return call(client, "GET", f"/v1/admin/risk/lists/{args.list}/{args.kind}")
         case ("risk", "add" | "remove"):
@@ -182,6 +210,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                         "(.txt one per line, .csv with a 'code' column, .json)")
     p.add_argument("sale_id")
     p.add_argument("file")
+    p.add_argument("--normalize", metavar="RULES",
+                   help="what duplicates ignore: none (default), ignore_case, "
+                        "ignore_separators, or both comma-separated (the key delivered is "
+                        "always the code as given)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--async", dest="run_async", action="store_true", default=None,
+                      help="run as a job (202) whatever the size; waits for it unless "
+                           "--no-wait")
+    mode.add_argument("--sync", dest="run_async", action="store_false",
+                      help="answer only once done, whatever the size")
+    p.add_argument("--no-wait", action="store_true",
+                   help="print the job as accepted instead of polling it to the end "
+                        "(then: flashgate keys import-status ID)")
+    p = keys.add_parser("import-status", parents=[common], help="an import job's progress")
+    p.add_argument("import_id", type=int)
 
     risk = sub.add_parser("risk", help="risk engine: lists, per-sale config, counts"
                           ).add_subparsers(dest="action", required=True)

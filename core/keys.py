@@ -45,6 +45,11 @@ class Keys:
         """STRING counter bumped on every list change; gateways reload their copy when it moves."""
         return f"{self.prefix}:{{risk}}:lists:v"
 
+    def admin_auth_failures(self, client: str) -> str:
+        """STRING counter with a TTL: failed admin authentications of one client address in the
+        current window (gateway/auth.py). `client` is an IP address (bounded, no braces)."""
+        return f"{self.prefix}:{{admin}}:authfail:{client}"
+
     # -- per sale --------------------------------------------------------------------------
     def _tag(self, sale_id: str) -> str:
         return f"{self.prefix}:{{s:{sale_id}}}"

@@ -7,8 +7,10 @@ on) through it instead of the plain handlers uvicorn's default log config gives 
 format for every line of the gateway's output; FLASHGATE_LOG_LEVEL holds for all of them.
 
 Every line carries `ts`, `level`, `logger`, `msg`, and the `request_id` of the HTTP request
-being handled (gateway/middleware.py sets it from X-Request-Id or generates one). Extra fields
-given with `log.info(..., extra={"sale_id": ...})` are added as keys.
+being handled: always the server's own (gateway/middleware.py generates it and returns it as
+X-Request-Id). A caller's X-Request-Id is kept apart, sanitized, as `client_request_id`: a
+client can correlate with it but never choose the id an audit row or a log line is filed
+under. Extra fields given with `log.info(..., extra={"sale_id": ...})` are added as keys.
 
 Secrets never reach a line: API keys (`fgk_…`), bearer tokens and `key=`/`secret=`/`token=`
 pairs are masked by the formatter as a last line of defence; card keys and master keys are
@@ -28,8 +30,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+CLIENT_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "client_request_id", default="")
 
-_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+CLIENT_REQUEST_ID_MAX = 64
+_REQUEST_ID_BAD = re.compile(r"[^A-Za-z0-9._:-]")
 _SECRETS = re.compile(
     r"(fgk_[A-Za-z0-9_\-]+)|(Bearer\s+\S+)|((?:api_key|master_key|secret|token|card_key)"
     r"[\"']?\s*[=:]\s*[\"']?)[^\s,\"'}]+",
@@ -45,15 +50,14 @@ def new_request_id() -> str:
     return secrets.token_hex(8)
 
 
-def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
-    """The caller's X-Request-Id when it is short and plain, else a new one."""
+def client_request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    """The caller's X-Request-Id, sanitized: at most 64 characters of [A-Za-z0-9._:-], any
+    other character replaced by '_'; "" without one. Only ever stored beside the server's id."""
     for name, value in headers:
         if name == b"x-request-id":
-            text = value.decode("latin-1")
-            if _REQUEST_ID_OK.fullmatch(text):
-                return text
-            break
-    return new_request_id()
+            text = value[:CLIENT_REQUEST_ID_MAX].decode("latin-1")
+            return _REQUEST_ID_BAD.sub("_", text)
+    return ""
 
 
 def redact(text: str) -> str:
@@ -78,6 +82,9 @@ class JsonFormatter(logging.Formatter):
         rid = REQUEST_ID.get()
         if rid:
             out["request_id"] = rid
+        client_rid = CLIENT_REQUEST_ID.get()
+        if client_rid:
+            out["client_request_id"] = client_rid
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = redact(value) if isinstance(value, str) else value

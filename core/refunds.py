@@ -84,8 +84,8 @@ WITH v AS (
     UPDATE card_keys SET voided_at = $2 WHERE order_id = $1 AND voided_at IS NULL
     RETURNING key_id
 )
-INSERT INTO key_events (key_id, order_id, event, actor, request_id, at)
-SELECT key_id, $1, 'voided', $3, $4, $2 FROM v
+INSERT INTO key_events (key_id, order_id, event, actor, request_id, client_request_id, at)
+SELECT key_id, $1, 'voided', $3, $4, $5, $2 FROM v
 """
 
 MARK_REFUNDED = """
@@ -117,7 +117,8 @@ async def enqueue_refunded(conn: asyncpg.Connection, hooks: list[tuple[str, Orde
 
 
 async def settle(conn: asyncpg.Connection, target: RefundTarget, now: datetime, *,
-                 actor: str, request_id: str | None = None) -> str:
+                 actor: str, request_id: str | None = None,
+                 client_request_id: str | None = None) -> str:
     """Decide a requested refund in PostgreSQL, once: RETURNED or VOIDED (an order already
     refunded answers what was decided then). One transaction, under the order's row lock."""
     async with conn.transaction():
@@ -137,7 +138,8 @@ async def settle(conn: asyncpg.Connection, target: RefundTarget, now: datetime, 
         keys = await conn.fetch(LOCK_KEYS, target.order_id)
         outcome = VOIDED if keys else RETURNED
         if keys:
-            await conn.execute(VOID_KEYS, target.order_id, now, actor, request_id)
+            await conn.execute(VOID_KEYS, target.order_id, now, actor, request_id,
+                               client_request_id)
         await conn.execute(MARK_REFUNDED, target.order_id, outcome, now)
         await enqueue_refunded(conn, [(target.channel_id, _hook(target, now, len(keys)))])
     return outcome
@@ -149,7 +151,8 @@ def _hook(target: RefundTarget, now: datetime, voided: int) -> OrderRefundedHook
 
 
 async def refund_order(rt: Runtime, order_id: str, channel_id: str, *, actor: str,
-                       request_id: str | None = None, now: int | None = None) -> str:
+                       request_id: str | None = None, client_request_id: str | None = None,
+                       now: int | None = None) -> str:
     """The whole refund (the gateway's endpoint): request, settle, finish. Returns the status
     ("refunded"); raises NotFound / OrderNotRefundable from the ledger. Idempotent."""
     at = now_ms() if now is None else now
@@ -159,7 +162,7 @@ async def refund_order(rt: Runtime, order_id: str, channel_id: str, *, actor: st
                               from_ms(req.created_ms or at))
         async with rt.pool.acquire() as conn:
             outcome = await settle(conn, target, from_ms(at), actor=actor,
-                                   request_id=request_id)
+                                   request_id=request_id, client_request_id=client_request_id)
         code, _ = await rt.ledger.finish_refund(order_id, outcome, at)
         if code not in (ReturnCode.OK, ReturnCode.REPLAYED):
             raise RefundConflict(f"order {order_id}: refund_finish answered {code.name}")

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,53 @@ def parse_master_keys(raw: str, var: str = "FLASHGATE_MASTER_KEY") -> tuple[Mast
     if len({k.key_id for k in keys}) != len(keys):
         raise ConfigError(f"{var}: duplicate key ids")
     return tuple(keys)
+
+
+ADMIN_TOKEN_MIN_LENGTH = 32
+ADMIN_TOKEN_MIN_BITS = 128
+_GENERATE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def estimated_bits(token: str) -> float:
+    """A token's entropy as its length times the Shannon entropy of its characters.
+
+    A conservative estimate for a random token (secrets.token_urlsafe(32): ~200 bits;
+    secrets.token_hex(32): ~240), and near 0 for a repeated or patterned one ('a' * 40: 0;
+    'abcd' * 10: 80).
+    """
+    n = len(token)
+    counts = [token.count(ch) for ch in set(token)]
+    return sum(c * math.log2(n / c) for c in counts)
+
+
+def _repetitive(token: str) -> bool:
+    """A repeated pattern ('0123456789' * 4) that a per-character estimate can't see: fewer
+    than 3 in 4 of its 3-character windows are distinct (a random token: ~all of them)."""
+    windows = [token[i:i + 3] for i in range(len(token) - 2)]
+    return len(set(windows)) < 0.75 * len(windows)
+
+
+def parse_admin_tokens(raw: str, var: str = "FLASHGATE_ADMIN_TOKEN") -> tuple[Secret, ...]:
+    """`token[,token...]`: every listed token is accepted (several during a rotation). Each
+    must be at least 32 characters of printable ASCII and carry at least 128 estimated bits."""
+    tokens = [t.strip() for t in raw.split(",") if t.strip()]
+    if not tokens:
+        raise ConfigError(f"{var} is required; generate one with: {_GENERATE_TOKEN}")
+    for i, token in enumerate(tokens, start=1):
+        which = f"{var} (token {i} of {len(tokens)})" if len(tokens) > 1 else var
+        if not all("!" <= ch <= "~" for ch in token):
+            raise ConfigError(f"{which}: printable ASCII only, no spaces; generate one with: "
+                              f"{_GENERATE_TOKEN}")
+        if len(token) < ADMIN_TOKEN_MIN_LENGTH:
+            raise ConfigError(f"{which} is too short ({len(token)} characters, at least "
+                              f"{ADMIN_TOKEN_MIN_LENGTH}); generate one with: {_GENERATE_TOKEN}")
+        if estimated_bits(token) < ADMIN_TOKEN_MIN_BITS or _repetitive(token):
+            raise ConfigError(f"{which} is too predictable (repeated or patterned characters: "
+                              f"~{estimated_bits(token):.0f} bits, at least "
+                              f"{ADMIN_TOKEN_MIN_BITS}); generate one with: {_GENERATE_TOKEN}")
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError(f"{var}: the same token is listed twice")
+    return tuple(Secret(t) for t in tokens)
 
 
 def _number(env: Mapping[str, str], name: str, default: N, lo: N, hi: N) -> N:
@@ -144,12 +192,19 @@ def _required(env: Mapping[str, str], name: str) -> str:
 class Settings:
     redis_url: str
     database_url: Secret
-    admin_token: Secret
+    admin_tokens: tuple[Secret, ...] = field(repr=False)
     master_keys: tuple[MasterKey, ...] = field(repr=False)
     key_prefix: str = "fg"
     # HTTP limits
     max_body_bytes: int = 64 * 1024
     max_import_bytes: int = 16 * 1024 * 1024
+    # A key import whose body is larger than this runs as a job: 202 and
+    # GET /v1/admin/imports/{id} (core/card_keys.py); a smaller one answers when it is done.
+    import_async_bytes: int = 1024 * 1024
+    # Failed admin authentications per client address and window before that address gets
+    # 429 for the rest of the window, even with the right token (gateway/auth.py)
+    admin_auth_max_failures: int = 10
+    admin_auth_window_s: int = 300
     body_timeout_s: float = 10.0  # a request's whole body must arrive within this (408)
     # Redis client
     redis_timeout_s: float = 2.0
@@ -233,6 +288,11 @@ class Settings:
             raise ConfigError("FLASHGATE_FAULT_AFTER_COMMIT: '' or 'exit' (a test hook)")
 
     @property
+    def admin_token(self) -> Secret:
+        """The first admin token (what a client of this process, like `flashgate up`, sends)."""
+        return self.admin_tokens[0]
+
+    @property
     def active_master_key(self) -> MasterKey:
         return self.master_keys[0]
 
@@ -245,11 +305,16 @@ class Settings:
         return cls(
             redis_url=_required(env, "FLASHGATE_REDIS_URL"),
             database_url=Secret(_required(env, "FLASHGATE_DATABASE_URL")),
-            admin_token=Secret(_required(env, "FLASHGATE_ADMIN_TOKEN")),
+            admin_tokens=parse_admin_tokens(env.get("FLASHGATE_ADMIN_TOKEN", "")),
             master_keys=parse_master_keys(_required(env, "FLASHGATE_MASTER_KEY")),
             key_prefix=prefix,
             max_body_bytes=_number(env, "FLASHGATE_MAX_BODY_BYTES", 64 * 1024, 1024, 1 << 24),
             max_import_bytes=_number(env, "FLASHGATE_MAX_IMPORT_BYTES", 16 << 20, 1024, 1 << 30),
+            import_async_bytes=_number(
+                env, "FLASHGATE_IMPORT_ASYNC_BYTES", 1 << 20, 0, 1 << 30),
+            admin_auth_max_failures=_number(
+                env, "FLASHGATE_ADMIN_AUTH_MAX_FAILURES", 10, 1, 1_000_000),
+            admin_auth_window_s=_number(env, "FLASHGATE_ADMIN_AUTH_WINDOW_S", 300, 1, 86_400),
             body_timeout_s=_number(env, "FLASHGATE_BODY_TIMEOUT_S", 10.0, 0.1, 600.0),
             redis_timeout_s=_number(env, "FLASHGATE_REDIS_TIMEOUT_S", 2.0, 0.05, 60.0),
             redis_max_connections=_number(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 64, 4, 10_000),

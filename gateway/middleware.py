@@ -80,8 +80,9 @@ class HttpMetrics:
     path; requests that matched no route share the label `unmatched`. The duration runs to the
     last body chunk sent. Outermost of our middleware, so a 413 from BodyLimit is counted too.
 
-    Each request gets an id (header X-Request-Id if sane, else generated), echoed in the
-    response and put in the log context (core.logging) for every line logged while it runs.
+    Each request gets the server's own id, returned as X-Request-Id and put in the log context
+    (core.logging) for every line logged while it runs; a caller's X-Request-Id is kept apart,
+    sanitized, as the client request id (never the id audit rows are filed under: #11.9).
 
     Every /v1 answer says `Cache-Control: no-store` unless it sets its own: order reads carry
     card keys, channel creation its API key and webhook secret, and nothing under /v1 is
@@ -97,8 +98,9 @@ class HttpMetrics:
             return
         start = time.perf_counter()
         status = 500
-        request_id = fglog.request_id_from(scope["headers"])
+        request_id = fglog.new_request_id()
         token = fglog.REQUEST_ID.set(request_id)
+        client_token = fglog.CLIENT_REQUEST_ID.set(fglog.client_request_id_from(scope["headers"]))
         header = (b"x-request-id", request_id.encode())
         no_store = scope["path"].startswith("/v1/")
 
@@ -122,6 +124,7 @@ class HttpMetrics:
         finally:
             metrics.HTTP_IN_FLIGHT.dec()
             fglog.REQUEST_ID.reset(token)
+            fglog.CLIENT_REQUEST_ID.reset(client_token)
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
             method = scope["method"] if scope["method"] in _METHODS else metrics.OTHER

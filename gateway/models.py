@@ -175,6 +175,25 @@ class Challenge(Out):
     signature: str | None = None
 
 
+class ImportJobOut(Out):
+    """An import job (202 from a key import, GET /v1/admin/imports/{import_id})."""
+
+    import_id: int
+    sale_id: str
+    status: str                 # running | done | failed
+    normalize: str              # none, or the rules: ignore_case, ignore_separators
+    total_lines: int            # entries in the body
+    read_lines: int             # entries checked and encrypted so far
+    imported: int
+    duplicates: int
+    rejected: int
+    created_at: datetime
+    rejected_lines: list[int] = []
+    stock_total: int | None = None   # the sale's stock total, once done
+    error: str | None = None         # why it failed: never a code
+    finished_at: datetime | None = None
+
+
 class Problem(Out):
     type: str
     title: str

@@ -39,7 +39,7 @@ _REF = "#/components/schemas/{name}"
 
 # Errors that whole kinds of operation share.
 CHANNEL = (errors.Unauthorized, errors.ServiceUnavailable)
-ADMIN = (errors.Unauthorized, errors.ServiceUnavailable)
+ADMIN = (errors.Unauthorized, errors.ServiceUnavailable, errors.RateLimited)  # 429: lockout
 BODY = (errors.MalformedRequest, errors.InvalidRequest, errors.PayloadTooLarge,
         errors.UnsupportedMediaType, errors.RequestTimeout)
 PAUSED = (errors.SaleNotReady,)  # the sale's ledger was lost with Redis's data (sale_guard.py)
@@ -107,6 +107,20 @@ _RISK_EXAMPLE = {"effective": RiskConfig(version=1, rules={}), "override": {}}
 _TEXT_EXAMPLES = {"text/plain": "GC100-7QX2-K9LM-44TZ\nGC100-8RT3-N2PQ-51WA\n",
                   "text/csv": "code\nGC100-7QX2-K9LM-44TZ\nGC100-8RT3-N2PQ-51WA\n"}
 _ORDER_STATUS = models.OrderStatusOut(order_id=_ORDER, status="confirmed")
+_NORMALIZE = {
+    "name": "normalize", "in": "query", "required": False,
+    "description": "What duplicates ignore (the key delivered is the code as given).",
+    "schema": {"type": "string", "enum": ["none", "ignore_case", "ignore_separators",
+                                          "ignore_case,ignore_separators"]}}
+_ASYNC = {
+    "name": "async", "in": "query", "required": False,
+    "description": "true: answer 202 at once; false: answer when done; absent: by size.",
+    "schema": {"type": "string", "enum": ["true", "false"]}}
+_IMPORT_ACCEPTED = {
+    "description": "Accepted: the import runs as a job", "content": {JSON: {"schema": {
+        "$ref": _REF.format(name="ImportJobOut")}}},
+    "headers": {"Location": {"description": "The job: GET /v1/admin/imports/{import_id}",
+                             "schema": {"type": "string"}}}}
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     # -- storefront (channel API key) ----------------------------------------------------
@@ -164,12 +178,22 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "A sale and its ledger", "admin", 200, models.SaleOut, security="admin",
         errors=(*ADMIN, errors.NotFound), example_out=_SALE_OUT),
     ("POST", "/v1/admin/sales/{sale_id}/keys"): Op(
-        "Import card keys: JSON {keys}, text/plain (one a line) or text/csv (`code` column)",
+        "Import card keys: JSON {keys}, text/plain (one a line) or text/csv (`code` column); "
+        "a large body (or ?async=true) runs as a job: 202 and its Location",
         "admin", 200, models.ImportOut, body=models.KeysBody, body_types=("text/plain",
                                                                          "text/csv"),
         security="admin", errors=(*ADMIN, *BODY, *PAUSED, errors.NotFound),
+        headers=(_NORMALIZE, _ASYNC), extra={202: _IMPORT_ACCEPTED},
         example_in=models.KeysBody(["GC100-7QX2-K9LM-44TZ", "GC100-8RT3-N2PQ-51WA"]),
         example_out=models.ImportOut(1, 2, 0, 0, 2)),
+    ("GET", "/v1/admin/imports/{import_id}"): Op(
+        "A key import job: status and progress", "admin", 200, models.ImportJobOut,
+        security="admin", errors=(*ADMIN, errors.NotFound),
+        example_out=models.ImportJobOut(
+            import_id=7, sale_id=_SALE, status="done", normalize="none", total_lines=600000,
+            read_lines=600000, imported=600000, duplicates=0, rejected=0,
+            created_at=_SALE_OUT.starts_at, stock_total=600000,
+            finished_at=_SALE_OUT.starts_at)),
     # -- admin: risk -------------------------------------------------------------------
     ("GET", "/v1/admin/risk/lists/{action}/{kind}"): Op(
         "The entries of a block/allow list", "risk admin", 200, models.ListEntriesOut,
@@ -226,6 +250,7 @@ PATH_PARAMS: dict[str, dict[str, Any]] = {
     "sale_id": {"type": "string", "pattern": SALE_ID_PATTERN},
     "order_id": {"type": "string", "pattern": ORDER_ID_PATTERN},
     "channel_id": {"type": "string", "pattern": "^ch_[0-9a-z]{26}$"},
+    "import_id": {"type": "string", "pattern": "^[0-9]{1,18}$"},
     "action": {"type": "string", "enum": list(ACTIONS)},
     "kind": {"type": "string", "enum": list(KINDS)},
 }

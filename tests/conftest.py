@@ -27,7 +27,7 @@ from core.embedded import ServiceURLs, backing_services
 from core.runtime import Runtime, redis_client
 from core.settings import Settings
 
-ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
+ADMIN_TOKEN = "test-admin-" + secrets.token_urlsafe(32)
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,7 @@ async def live_gateway(service_urls: ServiceURLs, tmp_path_factory: pytest.TempP
             await migrate(conn)
         finally:
             await conn.close()
-        token, prefix, port = "live-" + secrets.token_hex(8), "fgl" + secrets.token_hex(4), \
+        token, prefix, port = "live-" + secrets.token_urlsafe(32), "fgl" + secrets.token_hex(4), \
             free_port()
         env = {**os.environ, "FLASHGATE_REDIS_URL": service_urls.redis_url,
                "FLASHGATE_DATABASE_URL": db_url, "FLASHGATE_ADMIN_TOKEN": token,

@@ -81,7 +81,7 @@ def cluster_settings(cluster: EmbeddedRedisCluster) -> Settings:
     return Settings.from_env({
         "FLASHGATE_REDIS_URL": cluster.url,
         "FLASHGATE_DATABASE_URL": "postgresql://unused",  # the ledger needs no database
-        "FLASHGATE_ADMIN_TOKEN": "unused",
+        "FLASHGATE_ADMIN_TOKEN": "unused-" + secrets.token_urlsafe(32),
         "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         "FLASHGATE_KEY_PREFIX": "fgc" + secrets.token_hex(4),
         "FLASHGATE_REDIS_MAX_CONNECTIONS": "32",  # fewer than the tests' concurrent buyers

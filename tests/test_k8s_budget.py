@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ DEFAULT_SURGE = "25%"
 SECRET_STANDINS = {
     "FLASHGATE_REDIS_URL": "redis://redis.invalid:6379/0",
     "FLASHGATE_DATABASE_URL": "postgresql://db.invalid/flashgate",
-    "FLASHGATE_ADMIN_TOKEN": "x" * 32,
+    "FLASHGATE_ADMIN_TOKEN": "k8s-budget-" + secrets.token_urlsafe(32),
     "FLASHGATE_MASTER_KEY": base64.b64encode(bytes(32)).decode(),
 }
 # Pool sizes belong to one Deployment each (sized from its autoscaler's maximum).

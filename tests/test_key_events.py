@@ -71,10 +71,11 @@ async def test_key_lifecycle_is_logged_and_reveals_are_audited(
 
     events = await events_of(runtime, sale_id)
     key_id = next(e["key_id"] for e in events if e["event"] == "allocated")
-    life = [(e["event"], e["order_id"], e["actor"], e["request_id"])
+    life = [(e["event"], e["order_id"], e["actor"], e["client_request_id"])
             for e in events if e["key_id"] == key_id]
     actor = f"channel:{ch['channel_id']}"
-    assert life[0][:3] == ("imported", None, "admin") and life[0][3]  # the import's request
+    assert life[0][:3] == ("imported", None, "admin")
+    # request_id: always the server's own (#11.9); the caller's X-Request-Id apart
     assert life[1:] == [
         ("allocated", order, "worker", None),
         ("delivered", order, "worker", None),
@@ -82,6 +83,9 @@ async def test_key_lifecycle_is_logged_and_reveals_are_audited(
         ("revealed", order, actor, "req-two"),
         ("voided", order, actor, "req-refund"),
     ]
+    ids = [e["request_id"] for e in events if e["key_id"] == key_id]
+    assert ids[1:3] == [None, None] and all(len(i) == 16 for i in ids[:1] + ids[3:])
+    assert "req-one" not in ids and "req-refund" not in ids
     assert sorted(e["event"] for e in events if e["key_id"] != key_id) == ["imported"]
     assert [e["at"] for e in events] == sorted(e["at"] for e in events)
     # Never the key itself, in any column.

@@ -157,9 +157,10 @@ def test_json_logs_carry_the_request_id_and_never_a_secret() -> None:
         assert secret not in line["msg"]
 
 
-async def test_request_id_is_echoed_or_generated(client: httpx.AsyncClient) -> None:
+async def test_request_id_is_the_servers_own(client: httpx.AsyncClient) -> None:
+    # A caller's X-Request-Id is kept apart (client_request_id), never echoed as ours (#11.9)
     r = await client.get("/healthz", headers={"X-Request-Id": "trace-abc.1"})
-    assert r.headers["x-request-id"] == "trace-abc.1"
+    assert r.headers["x-request-id"] != "trace-abc.1" and len(r.headers["x-request-id"]) == 16
     r = await client.get("/healthz", headers={"X-Request-Id": "bad id\n with spaces"})
     assert r.headers["x-request-id"] != "bad id\n with spaces" and len(r.headers["x-request-id"])
     r = await client.get("/v1/admin/sales/nope", headers=ADMIN)

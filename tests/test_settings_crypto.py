@@ -22,7 +22,8 @@ from core.settings import ConfigError, Settings, parse_master_keys
 KEY = base64.b64encode(b"k" * 32).decode()
 BASE = {"FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
         "FLASHGATE_DATABASE_URL": "postgresql://u:secret-pw@127.0.0.1:1/db",
-        "FLASHGATE_ADMIN_TOKEN": "admin-secret", "FLASHGATE_MASTER_KEY": KEY}
+        "FLASHGATE_ADMIN_TOKEN": "admin-secret-PzYMKqsw4VRfQBGEqMJsrtniqKJ2Uv8TzQovz_N_1Ms",
+        "FLASHGATE_MASTER_KEY": KEY}
 
 
 def test_defaults_and_secrets_never_print() -> None:

@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 from core import egress
 from core.runtime import Runtime
 from core.settings import ConfigError, Settings
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, ADMIN_TOKEN
 from tests.live_gateway import LiveGateway, live_gateway  # noqa: F401
 from tests.workers_fixtures import make_channel
 from workers.webhooks import Dispatcher
@@ -220,7 +220,7 @@ async def test_public_webhook_url_is_accepted(client: httpx.AsyncClient) -> None
 
 def test_allow_list_settings_are_validated() -> None:
     base = {"FLASHGATE_REDIS_URL": "redis://x", "FLASHGATE_DATABASE_URL": "postgresql://x",
-            "FLASHGATE_ADMIN_TOKEN": "t", "FLASHGATE_MASTER_KEY": "A" * 43 + "="}
+            "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN, "FLASHGATE_MASTER_KEY": "A" * 43 + "="}
     s = Settings.from_env({**base, "FLASHGATE_WEBHOOK_ALLOW_NETS": "10.0.0.0/8, fd00::/8",
                            "FLASHGATE_WEBHOOK_ALLOW_HOSTS": "Hooks.Shop.svc.cluster.local."})
     assert [str(n) for n in s.webhook_allow_nets] == ["10.0.0.0/8", "fd00::/8"]

@@ -132,7 +132,7 @@ async def test_a_restarted_worker_rereads_the_pending_lists_of_all_its_consumers
 def test_consumers_per_sale_setting() -> None:
     env = {"FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
            "FLASHGATE_DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
-           "FLASHGATE_ADMIN_TOKEN": "t" * 32,
+           "FLASHGATE_ADMIN_TOKEN": "hB6eak3fLDwfFu-idEGZvjYlNrYS-1DaDjadJjUAPKA",
            "FLASHGATE_MASTER_KEY": "A" * 43 + "="}
     assert Settings.from_env(env).worker_consumers_per_sale == 3
     assert Settings.from_env(

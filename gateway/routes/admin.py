@@ -1,7 +1,10 @@
-"""Admin API (bearer FLASHGATE_ADMIN_TOKEN): channels, sales, key imports, sale state."""
+"""Admin API (bearer FLASHGATE_ADMIN_TOKEN): channels, sales, key imports and their jobs, sale
+state."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import UTC, datetime
 
 import asyncpg
@@ -11,16 +14,26 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from core import errors, webhook_secrets
-from core.card_keys import ParseError, import_keys, parse_csv, parse_text
+from core.card_keys import (
+    ImportResult,
+    ParseError,
+    import_job,
+    parse_body,
+    parse_normalize,
+    run_import,
+    start_import,
+)
 from core.crypto import hash_api_key, new_api_key, new_webhook_secret, seal, show_webhook_secret
 from core.egress import AllowList, url_problem
 from core.ids import is_sale_id, new_channel_id, ulid
 from core.ledger import Ledger
-from core.logging import REQUEST_ID
+from core.logging import CLIENT_REQUEST_ID, REQUEST_ID
+from core.runtime import Runtime
 from gateway.auth import require_admin
 from gateway.models import (
     ChannelBody,
     ChannelOut,
+    ImportJobOut,
     ImportOut,
     KeysBody,
     RotatedSecretOut,
@@ -32,6 +45,8 @@ from gateway.models import (
 from gateway.responses import JSONResponse
 from gateway.sale_guard import refuse_if_paused
 from gateway.state import decode, is_json, path_id, state
+
+log = logging.getLogger("flashgate.admin")
 
 _SALE_COLUMNS = ("sale_id, sku, name, starts_at, ends_at, per_user_limit, reservation_ttl_s,"
                  " stock_buckets")
@@ -51,7 +66,7 @@ def _sale_id(request: Request) -> str:
 
 async def create_channel(request: Request) -> Response:
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     body = await decode(request, ChannelBody)
     rt = gw.runtime
     if body.webhook_url is not None and (
@@ -85,7 +100,7 @@ def _is_channel_id(value: str) -> bool:
 async def rotate_webhook_secret(request: Request) -> Response:
     """A new webhook secret, shown once; the old one signs beside it for the overlap."""
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     channel_id = path_id(request, "channel_id", _is_channel_id, "channel")
     body = await decode(request, RotateSecretBody) if await request.body() \
         else RotateSecretBody()
@@ -119,7 +134,7 @@ async def _sale_out(ledger: Ledger, row: asyncpg.Record) -> SaleOut:
 
 async def create_sale(request: Request) -> Response:
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     body = await decode(request, SaleBody)
     if body.starts_at.tzinfo is None or body.ends_at.tzinfo is None:
         raise errors.InvalidRequest("starts_at and ends_at need a time zone (RFC 3339)")
@@ -154,7 +169,7 @@ async def create_sale(request: Request) -> Response:
 
 async def get_sale(request: Request) -> Response:
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     sale_id = _sale_id(request)
     row = await gw.runtime.pool.fetchrow(
         f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id = $1", sale_id
@@ -165,47 +180,122 @@ async def get_sale(request: Request) -> Response:
 
 
 _keys_decoder = msgspec.json.Decoder(KeysBody)
+_jobs: set[asyncio.Task[ImportResult]] = set()  # running import jobs, referenced until done
 
 
-async def _import_lines(request: Request) -> tuple[list[str], bool]:
-    """The codes to import, and whether blank entries are padding (text) or errors."""
+def _decode_keys(raw: bytes) -> list[str]:
+    try:
+        return _keys_decoder.decode(raw).keys
+    except msgspec.ValidationError as exc:
+        raise errors.InvalidRequest(str(exc)) from None
+    except msgspec.DecodeError:
+        raise errors.MalformedRequest("the body is not valid JSON") from None
+
+
+async def _import_lines(request: Request) -> tuple[list[str], bool, int]:
+    """The codes to import, whether blank entries are padding (text) or errors, and the
+    body's size. Parsed in a worker thread: a large body never stalls the event loop."""
     header = request.headers.get("content-type")
-    if is_json(header):  # none, application/json or +json: the rule of every JSON body
-        return (await decode(request, KeysBody)).keys, False
-    content_type = (header or "").split(";")[0].strip().lower()
+    # none, application/json or +json: the rule of every JSON body (gateway/state.py)
+    content_type = "application/json" if is_json(header) else \
+        (header or "").split(";")[0].strip().lower()
+    if content_type not in ("application/json", "text/plain", "text/csv"):
+        raise errors.UnsupportedMediaType("send text/plain, text/csv or application/json")
     raw = await request.body()
+    if content_type == "application/json":
+        return await asyncio.to_thread(_decode_keys, raw), False, len(raw)
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise errors.InvalidRequest("the body must be UTF-8") from None
-    try:
-        if content_type == "text/csv":
-            return parse_csv(text), False
-        if content_type == "text/plain":
-            return parse_text(text), True
+        lines = await asyncio.to_thread(parse_body, raw, content_type)
     except ParseError as exc:
         raise errors.InvalidRequest(str(exc)) from None
-    raise errors.UnsupportedMediaType("send text/plain, text/csv or application/json")
+    return lines, content_type == "text/plain", len(raw)
+
+
+def _import_options(request: Request) -> tuple[tuple[str, ...], bool | None]:
+    """?normalize=none|ignore_case[,ignore_separators] and ?async=true|false (absent: by
+    the body's size)."""
+    try:
+        rules = parse_normalize(request.query_params.get("normalize", ""))
+    except ValueError as exc:
+        raise errors.InvalidRequest(str(exc)) from None
+    raw = request.query_params.get("async", "").strip().lower()
+    if raw not in ("", "true", "false"):
+        raise errors.InvalidRequest("async: true or false")
+    return rules, None if raw == "" else raw == "true"
+
+
+def _refuse_if_busy(rt: Runtime) -> None:
+    """Each running import holds a PostgreSQL connection: a third of the pool at most, so
+    reveals and the rest of the admin API keep theirs (429, retry in a few seconds)."""
+    running_max = max(1, rt.settings.db_pool_max // 3)
+    if len(_jobs) >= running_max:
+        raise errors.RateLimited(5, f"{running_max} key imports are already running in this "
+                                    "gateway process")
 
 
 async def import_sale_keys(request: Request) -> Response:
+    """200 with the counts once the keys landed; 202 and a Location to poll for a large body
+    (over FLASHGATE_IMPORT_ASYNC_BYTES) or `?async=true`. Both run the same job."""
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     sale_id = _sale_id(request)
+    rules, run_async = _import_options(request)
     rt = gw.runtime
     if await rt.pool.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id) is None:
         raise errors.NotFound("no such sale")
     # Stock added to a lost ledger would be lost again.
     await refuse_if_paused(rt, sale_id, cached=False)
-    lines, skip_blank = await _import_lines(request)
-    result = await import_keys(rt.pool, rt.keyring, rt.ledger, sale_id, lines,
-                               skip_blank=skip_blank, actor="admin",
-                               request_id=REQUEST_ID.get() or None)
+    _refuse_if_busy(rt)
+    lines, skip_blank, size = await _import_lines(request)
+    _refuse_if_busy(rt)  # others may have started while this body was parsed
+    import_id = await start_import(rt.pool, sale_id, rules, len(lines))
+    job = asyncio.create_task(run_import(
+        rt.pool, rt.keyring, rt.ledger, import_id, sale_id, lines, skip_blank=skip_blank,
+        rules=rules, actor="admin", request_id=REQUEST_ID.get() or None,
+        client_request_id=CLIENT_REQUEST_ID.get() or None))
+    _jobs.add(job)
+    job.add_done_callback(_job_done)
+    if run_async or (run_async is None and size > rt.settings.import_async_bytes):
+        return JSONResponse(await _job_out(rt, import_id), status_code=202,
+                            headers={"Location": f"/v1/admin/imports/{import_id}"})
+    # Shielded: a client that hangs up doesn't cancel an import it may already have landed.
+    result = await asyncio.shield(job)
     return JSONResponse(ImportOut(
         import_id=result.import_id, imported=result.imported, duplicates=result.duplicates,
         rejected=result.rejected, stock_total=result.stock_total,
         rejected_lines=result.rejected_lines,
     ))
+
+
+def _job_done(job: asyncio.Task[ImportResult]) -> None:
+    _jobs.discard(job)
+    if not job.cancelled() and job.exception() is not None:
+        log.error("key import failed", exc_info=job.exception())
+
+
+async def _job_out(rt: Runtime, import_id: int) -> ImportJobOut:
+    stale_after_s = max(60.0, 2 * rt.settings.db_timeout_s)
+    row = await import_job(rt.pool, import_id, stale_after_s)
+    if row is None:
+        raise errors.NotFound("no such import")
+    stock = await rt.ledger.stock(row["sale_id"]) if row["status"] == "done" else None
+    return ImportJobOut(
+        import_id=import_id, sale_id=row["sale_id"], status=row["status"],
+        normalize=row["normalize"], total_lines=row["total_lines"],
+        read_lines=row["read_lines"], imported=row["imported"],
+        duplicates=row["duplicates"], rejected=row["rejected"], created_at=row["created_at"],
+        rejected_lines=list(row["rejected_lines"]),
+        stock_total=stock["total"] if stock is not None else None, error=row["error"],
+        finished_at=row["finished_at"])
+
+
+async def get_import(request: Request) -> Response:
+    gw = state(request)
+    await require_admin(request, gw.runtime)
+    raw = request.path_params["import_id"]
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise errors.NotFound("no such import")
+    return JSONResponse(await _job_out(gw.runtime, int(raw)))
 
 
 routes = [
@@ -215,4 +305,5 @@ routes = [
     Route("/v1/admin/sales", create_sale, methods=["POST"]),
     Route("/v1/admin/sales/{sale_id}", get_sale, methods=["GET"]),
     Route("/v1/admin/sales/{sale_id}/keys", import_sale_keys, methods=["POST"]),
+    Route("/v1/admin/imports/{import_id}", get_import, methods=["GET"]),
 ]

@@ -29,9 +29,9 @@ from risk.lists import ACTIONS, KINDS, ListEntryInvalid, normalize
 from risk.scoring import ScoringEngine
 
 
-def _engine(request: Request) -> ScoringEngine:
+async def _engine(request: Request) -> ScoringEngine:
     gw = state(request)
-    require_admin(request, gw.runtime.settings.admin_token)
+    await require_admin(request, gw.runtime)
     if not isinstance(gw.risk, ScoringEngine):
         raise errors.NotFound("the risk engine is switched off (FLASHGATE_RISK_ENABLED)")
     return gw.risk
@@ -46,13 +46,13 @@ def _list_path(request: Request) -> tuple[str, str]:
 
 
 async def get_list(request: Request) -> Response:
-    engine = _engine(request)
+    engine = await _engine(request)
     action, kind = _list_path(request)
     return JSONResponse(ListEntriesOut(action, kind, await engine.lists.entries(action, kind)))
 
 
 async def change_list(request: Request) -> Response:
-    engine = _engine(request)
+    engine = await _engine(request)
     action, kind = _list_path(request)
     body = await decode(request, ListEntriesBody)
     add = request.method == "POST"
@@ -89,12 +89,12 @@ def _depth(value: Any, level: int = 0) -> int:
 
 
 async def get_sale_risk(request: Request) -> Response:
-    engine = _engine(request)
+    engine = await _engine(request)
     return JSONResponse(await _config_out(engine, _sale(request)))
 
 
 async def put_sale_risk(request: Request) -> Response:
-    engine = _engine(request)
+    engine = await _engine(request)
     sale_id = _sale(request)
     override = await decode(request, dict[str, Any])
     if _depth(override) > _MAX_DEPTH:  # merging would recurse as deep (RecursionError, a 500)
@@ -109,7 +109,7 @@ async def put_sale_risk(request: Request) -> Response:
 
 
 async def stats(request: Request) -> Response:
-    engine = _engine(request)
+    engine = await _engine(request)
     return JSONResponse(dict(sorted(engine.counts.items())))
 
 

@@ -18,7 +18,7 @@ from core import errors, metrics
 from core.card_keys import reveal
 from core.ids import is_order_id, is_sale_id, sale_of_order, shard_id
 from core.ledger import PurchaseRequest, Reservation, WrongBuckets
-from core.logging import REQUEST_ID
+from core.logging import CLIENT_REQUEST_ID, REQUEST_ID
 from core.refunds import refund_order
 from gateway.models import ConfirmBody, OrderOut, OrderStatusOut, PurchaseBody, PurchaseOut
 from gateway.responses import JSONResponse
@@ -148,7 +148,8 @@ async def refund(request: Request) -> Response:
     channel_id = await gw.channels.channel_of(request)
     order_id = _order_id(request)
     status = await refund_order(gw.runtime, order_id, channel_id,
-                                actor=f"channel:{channel_id}", request_id=REQUEST_ID.get() or None)
+                                actor=f"channel:{channel_id}", request_id=REQUEST_ID.get() or None,
+                                client_request_id=CLIENT_REQUEST_ID.get() or None)
     return JSONResponse(OrderStatusOut(order_id, status))
 
 
@@ -193,7 +194,8 @@ async def get_order(request: Request) -> Response:
             out.status = "delivered"
             out.card_keys = await reveal(conn, rt.keyring, order_id,
                                          actor=f"channel:{channel_id}",
-                                         request_id=REQUEST_ID.get() or None)
+                                         request_id=REQUEST_ID.get() or None,
+                                         client_request_id=CLIENT_REQUEST_ID.get() or None)
         elif out.status == "delivered":
             out.status = "confirmed"  # Redis ahead of a rolled-back commit: not delivered yet
     return JSONResponse(out)
