@@ -77,11 +77,16 @@ def connection(args: argparse.Namespace,
     FLASHGATE_ADMIN_TOKEN, else those of a running `flashgate up` (its env file), else
     DEFAULT_URL and no token (an error that says so)."""
     env = dict(os.environ if environ is None else environ)
-    if getattr(args, "url", None) is None:
+    url: str | None = getattr(args, "url", None)
+    token: str | None = getattr(args, "token", None) or env.get("FLASHGATE_ADMIN_TOKEN")
+    if url is None:
         env = stack_env(env)
-    url = getattr(args, "url", None) or env.get("FLASHGATE_URL") or DEFAULT_URL
-    token = getattr(args, "token", None) or env.get("FLASHGATE_ADMIN_TOKEN", "")
-    return url, token
+        token = token or env.get("FLASHGATE_ADMIN_TOKEN")
+    elif not token:  # --url of the running up: its token
+        found = envfile.discover()
+        if found is not None and found[1].get("FLASHGATE_URL") == url.rstrip("/"):
+            token = found[1].get("FLASHGATE_ADMIN_TOKEN")
+    return url or env.get("FLASHGATE_URL") or DEFAULT_URL, token or ""
 
 
 def admin_client(url: str, token: str | None = None, timeout: float = 30.0) -> httpx.Client:
