@@ -2,8 +2,9 @@
 
 `up` writes `<run dir>/flashgate.env` (mode 0600: it holds the admin token and the master key)
 and points `.run/flashgate.env`, in the directory it was started from, at it (a symlink). Both
-go when `up` stops. `source .run/flashgate.env` exports the variables into a shell; the CLI
-reads the file by itself when nothing names a gateway or servers (`discover`).
+go when `up` stops. `source .run/flashgate.env` exports the variables into a shell, and puts
+the venv's `flashgate` first on its PATH; the CLI reads the file by itself when nothing names a
+gateway or servers (`discover`).
 
 The file is shell: one `export NAME=value` a line, values quoted with `shlex.quote`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,15 +32,26 @@ VARIABLES = (
 SERVER_VARIABLES = ("FLASHGATE_URL", "FLASHGATE_REDIS_URL", "FLASHGATE_DATABASE_URL")
 
 
-def render(values: Mapping[str, str]) -> str:
+def render(values: Mapping[str, str], bin_dir: Path | None = None) -> str:
+    """The file's text; `bin_dir` (the venv's bin, where `flashgate` is) goes first on PATH."""
     lines = ["# flashgate up: `source` this file to reach the running stack. It holds secrets",
              "# (admin token, master key) and is deleted when `up` stops."]
     lines += [f"export {name}={shlex.quote(values[name])}" for name in VARIABLES
               if name in values]
+    if bin_dir is not None:
+        lines.append(f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"')
     return "\n".join(lines) + "\n"
 
 
-def write(run_dir: Path, values: Mapping[str, str], pointer: Path | None = POINTER) -> Path:
+def cli_bin_dir() -> Path | None:
+    """The directory of the `flashgate` command that runs us, if it is a venv's."""
+    bin_dir = Path(sys.executable).parent
+    in_venv = sys.prefix != sys.base_prefix
+    return bin_dir if in_venv and (bin_dir / "flashgate").exists() else None
+
+
+def write(run_dir: Path, values: Mapping[str, str], pointer: Path | None = POINTER,
+          bin_dir: Path | None = None) -> Path:
     """Write `<run_dir>/flashgate.env` (0600 from its creation) and point `pointer` at it."""
     path = (run_dir / FILE_NAME).resolve()
     values = {**values, "FLASHGATE_ENV_FILE": str(path)}
@@ -46,7 +59,7 @@ def write(run_dir: Path, values: Mapping[str, str], pointer: Path | None = POINT
         path.unlink()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(render(values))
+        f.write(render(values, bin_dir))
     if pointer is not None:
         pointer.parent.mkdir(parents=True, exist_ok=True)
         tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}")
@@ -69,13 +82,15 @@ def remove(path: Path, pointer: Path | None = POINTER) -> None:
 
 
 def read(path: Path) -> dict[str, str]:
-    """The variables of an env file (`export NAME=value` lines; comments and others ignored)."""
+    """The variables of an env file (its `export NAME=value` lines of VARIABLES; PATH and
+    comments ignored)."""
     values: dict[str, str] = {}
     for line in path.read_text().splitlines():
         words = shlex.split(line, comments=True)
         if len(words) == 2 and words[0] == "export" and "=" in words[1]:
             name, value = words[1].split("=", 1)
-            values[name] = value
+            if name in VARIABLES:
+                values[name] = value
     return values
 
 

@@ -55,7 +55,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         with running_stack(run_dir=run_dir, workers=args.workers, port=port,
                            capture_logs=not args.foreground_logs, base_env=base_env,
                            worker_metrics=True) as stack:
-            env_file = envfile.write(run_dir, up_variables(stack, os.getpid()))
+            env_file = envfile.write(run_dir, up_variables(stack, os.getpid()),
+                                     bin_dir=envfile.cli_bin_dir())
             print(up_banner(stack, run_dir, env_file, redact), flush=True)
             print("pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()), flush=True)
             print("Ctrl-C stops everything.", flush=True)

@@ -106,7 +106,7 @@ def test_env_file_is_private_sourceable_and_removed(tmp_path: Path) -> None:
     run_dir = tmp_path / ".run" / "20300101-000000"
     run_dir.mkdir(parents=True)
     pointer = tmp_path / envfile.POINTER
-    path = envfile.write(run_dir, _up_values(os.getpid()), pointer)
+    path = envfile.write(run_dir, _up_values(os.getpid()), pointer, bin_dir=tmp_path / "b in")
     assert path.stat().st_mode & 0o777 == 0o600
     assert pointer.resolve() == path
     values = envfile.read(pointer)
@@ -114,8 +114,12 @@ def test_env_file_is_private_sourceable_and_removed(tmp_path: Path) -> None:
     assert values["FLASHGATE_ENV_FILE"] == str(path)
     # bash reads it the same way (`source`), quotes and all
     out = subprocess.run(["bash", "-c", f"source {pointer} && printf %s "
-                          '"$FLASHGATE_ADMIN_TOKEN"'], capture_output=True, text=True)
-    assert out.stdout == "tok en'$x\""
+                          '"$FLASHGATE_ADMIN_TOKEN" && echo && printf %s "$PATH"'],
+                         capture_output=True, text=True)
+    token, path_var = out.stdout.split("\n")
+    assert token == "tok en'$x\""
+    assert path_var.startswith(f"{tmp_path / 'b in'}:") and len(path_var) > len(str(tmp_path))
+    assert "PATH" not in values
     envfile.remove(path, pointer)
     assert not path.exists() and not pointer.is_symlink()
 

@@ -2,7 +2,8 @@
 convention: ```sh blocks, `<!-- docs-test: skip (why) -->`, `# →` answers).
 
 `up` runs as a person starts it, in a directory of its own (where the examples run, so
-`.run/flashgate.env` is there), with two differences that keep the test fast and out of other
+`.run/flashgate.env` is there, and `.venv` links to this venv, as in the repository root), with
+two differences that keep the test fast and out of other
 people's way: the harness's Redis and PostgreSQL (a scratch database and a key prefix of its
 own) instead of embedded ones, and `--port 0` (8000 may be taken on a shared machine; the
 examples read the URL from the env file, as they do after `make up`).
@@ -41,6 +42,9 @@ def stack_dir(service_urls: ServiceURLs, docs_database: str,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A directory in which `flashgate up` runs (stopped by PID at the end)."""
     where = tmp_path_factory.mktemp("docs")
+    venv = Path(sys.prefix)
+    if venv != Path(sys.base_prefix):
+        (where / ".venv").symlink_to(venv)  # the repository root has .run/ beside .venv/
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHGATE_")}
     env.update(FLASHGATE_REDIS_URL=service_urls.redis_url, FLASHGATE_DATABASE_URL=docs_database,
                FLASHGATE_KEY_PREFIX="fgdoc" + secrets.token_hex(4),
@@ -71,9 +75,10 @@ def stack_dir(service_urls: ServiceURLs, docs_database: str,
 
 
 def _shell_env(home: Path) -> dict[str, str]:
-    """A newcomer's shell: nothing of Flashgate set, the venv first on PATH."""
-    return {"PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home),
-            "LANG": "C.UTF-8", "TERM": "dumb"}
+    """A newcomer's shell: nothing of Flashgate set, no venv on PATH (`source
+    .run/flashgate.env` or `.venv/bin/activate` puts it there, as the docs say)."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
+            "TERM": "dumb"}
 
 
 @pytest.mark.timeout(150)
