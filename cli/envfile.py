@@ -40,6 +40,10 @@ def render(values: Mapping[str, str], bin_dir: Path | None = None) -> str:
               if name in values]
     if bin_dir is not None:
         lines.append(f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"')
+    pid = values.get("FLASHGATE_UP_PID", "")
+    if pid.isdigit():  # `up` was killed before it could delete this file: say so
+        lines.append(f"kill -0 {pid} 2>/dev/null || echo 'flashgate.env: its flashgate up (pid "
+                     f"{pid}) is not running: stale values' >&2")
     return "\n".join(lines) + "\n"
 
 

@@ -143,6 +143,9 @@ def test_discover_finds_a_live_up_and_skips_a_dead_one(tmp_path: Path) -> None:
     stale_dir.mkdir(parents=True)
     envfile.write(stale_dir, _up_values(dead.pid), tmp_path / envfile.POINTER)
     assert envfile.discover(tmp_path) is None  # its up was killed: not used
+    sourced = subprocess.run(["bash", "-c", f"source {tmp_path / envfile.POINTER}"],
+                             capture_output=True, text=True)
+    assert sourced.returncode == 0 and "not running: stale values" in sourced.stderr
     live_dir = tmp_path / ".run" / "2"
     live_dir.mkdir()
     envfile.write(live_dir, _up_values(os.getpid(), "http://127.0.0.1:9"), pointer=None)
