@@ -24,9 +24,16 @@ POINTER = RUN_ROOT / FILE_NAME  # relative to the directory `up` was started fro
 # What `up` writes, in this order. The last three say which `up` wrote it (discover, and `up`
 # itself ignoring the variables of a previous one that a shell sourced).
 VARIABLES = (
-    "FLASHGATE_URL", "FLASHGATE_ADMIN_TOKEN", "FLASHGATE_MASTER_KEY", "FLASHGATE_REDIS_URL",
-    "FLASHGATE_DATABASE_URL", "FLASHGATE_KEY_PREFIX", "FLASHGATE_METRICS_URL",
-    "FLASHGATE_WORKER_METRICS_URLS", "FLASHGATE_RUN_DIR", "FLASHGATE_UP_PID",
+    "FLASHGATE_URL",
+    "FLASHGATE_ADMIN_TOKEN",
+    "FLASHGATE_MASTER_KEY",
+    "FLASHGATE_REDIS_URL",
+    "FLASHGATE_DATABASE_URL",
+    "FLASHGATE_KEY_PREFIX",
+    "FLASHGATE_METRICS_URL",
+    "FLASHGATE_WORKER_METRICS_URLS",
+    "FLASHGATE_RUN_DIR",
+    "FLASHGATE_UP_PID",
     "FLASHGATE_ENV_FILE",
 )
 SERVER_VARIABLES = ("FLASHGATE_URL", "FLASHGATE_REDIS_URL", "FLASHGATE_DATABASE_URL")
@@ -34,16 +41,19 @@ SERVER_VARIABLES = ("FLASHGATE_URL", "FLASHGATE_REDIS_URL", "FLASHGATE_DATABASE_
 
 def render(values: Mapping[str, str], bin_dir: Path | None = None) -> str:
     """The file's text; `bin_dir` (the venv's bin, where `flashgate` is) goes first on PATH."""
-    lines = ["# flashgate up: `source` this file to reach the running stack. It holds secrets",
-             "# (admin token, master key) and is deleted when `up` stops."]
-    lines += [f"export {name}={shlex.quote(values[name])}" for name in VARIABLES
-              if name in values]
+    lines = [
+        "# flashgate up: `source` this file to reach the running stack. It holds secrets",
+        "# (admin token, master key) and is deleted when `up` stops.",
+    ]
+    lines += [f"export {name}={shlex.quote(values[name])}" for name in VARIABLES if name in values]
     if bin_dir is not None:
         lines.append(f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"')
     pid = values.get("FLASHGATE_UP_PID", "")
     if pid.isdigit():  # `up` was killed before it could delete this file: say so
-        lines.append(f"kill -0 {pid} 2>/dev/null || echo 'flashgate.env: its flashgate up (pid "
-                     f"{pid}) is not running: stale values' >&2")
+        lines.append(
+            f"kill -0 {pid} 2>/dev/null || echo 'flashgate.env: its flashgate up (pid "
+            f"{pid}) is not running: stale values' >&2"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -54,8 +64,12 @@ def cli_bin_dir() -> Path | None:
     return bin_dir if in_venv and (bin_dir / "flashgate").exists() else None
 
 
-def write(run_dir: Path, values: Mapping[str, str], pointer: Path | None = POINTER,
-          bin_dir: Path | None = None) -> Path:
+def write(
+    run_dir: Path,
+    values: Mapping[str, str],
+    pointer: Path | None = POINTER,
+    bin_dir: Path | None = None,
+) -> Path:
     """Write `<run_dir>/flashgate.env` (0600 from its creation) and point `pointer` at it."""
     path = (run_dir / FILE_NAME).resolve()
     values = {**values, "FLASHGATE_ENV_FILE": str(path)}

@@ -34,12 +34,12 @@ ARROW = "# →"
 SKIP = re.compile(r"^<!--\s*docs-test:\s*skip\s*\((.+)\)\s*-->\s*$")
 ELLIPSIS = "…"
 _MORE = "\0more"  # a bare … member or element: others allowed
-_ANY = "\0any"    # a bare … value: anything
+_ANY = "\0any"  # a bare … value: anything
 
 
 @dataclass
 class Step:
-    line: int                 # the doc line of the step's first command (1-based)
+    line: int  # the doc line of the step's first command (1-based)
     code: list[str]
     expect: str | None = None
     expect_line: int = 0
@@ -48,10 +48,10 @@ class Step:
 @dataclass
 class Block:
     path: Path
-    line: int                 # the fence's line
+    line: int  # the fence's line
     lines: list[str]
     skip: str | None = None
-    section: str = ""         # the `## ` heading above it
+    section: str = ""  # the `## ` heading above it
     steps: list[Step] = field(default_factory=list)
 
 
@@ -74,7 +74,7 @@ def blocks(path: Path) -> list[Block]:
             end = next((j for j in range(i + 1, len(text)) if text[j].rstrip() == "```"), None)
             if end is None:
                 raise ValueError(f"{path}:{i + 1}: unclosed ```sh block")
-            block = Block(path, i + 1, text[i + 1:end], m[1] if m else None, section)
+            block = Block(path, i + 1, text[i + 1 : end], m[1] if m else None, section)
             block.steps = _steps(block)
             found.append(block)
             i = end
@@ -86,7 +86,7 @@ def _steps(block: Block) -> list[Step]:
     steps = [Step(block.line + 1, [])]
     for n, line in enumerate(block.lines, start=block.line + 1):
         if line.lstrip().startswith(ARROW):
-            steps[-1].expect = line.lstrip()[len(ARROW):].strip()
+            steps[-1].expect = line.lstrip()[len(ARROW) :].strip()
             steps[-1].expect_line = n
             steps.append(Step(n + 1, []))
         else:
@@ -136,8 +136,7 @@ def script(doc_blocks: list[Block], work: Path) -> str:
             out.append("{ :")
             out.extend(step.code)
             out.append(f'}} > "$__fg_dir/out.{n}"')
-            out.append(f'cp "$__fg_dir/status" "$__fg_dir/status.{n}"; '
-                       f'cat "$__fg_dir/out.{n}"')
+            out.append(f'cp "$__fg_dir/status" "$__fg_dir/status.{n}"; cat "$__fg_dir/out.{n}"')
     out.append("echo docs-test: done")
     return "\n".join(out) + "\n"
 
@@ -151,22 +150,30 @@ class Failure:
         return f"{self.where}: {self.why}"
 
 
-def run_session(doc_blocks: list[Block], cwd: Path, env: Mapping[str, str], work: Path,
-                timeout_s: float = 60) -> tuple[list[Failure], str]:
+def run_session(
+    doc_blocks: list[Block], cwd: Path, env: Mapping[str, str], work: Path, timeout_s: float = 60
+) -> tuple[list[Failure], str]:
     """Run a section's blocks in one bash; returns the failures (the broken answers, in order;
     then the session's exit if it stopped early) and the session's output."""
     work.mkdir(parents=True, exist_ok=True)
     where = f"{doc_blocks[0].path.name}, ## {doc_blocks[0].section}"
     try:
-        proc = subprocess.run(["bash", "-c", script(doc_blocks, work)], cwd=cwd,
-                              env=dict(env), capture_output=True, text=True,
-                              timeout=timeout_s)
+        proc = subprocess.run(
+            ["bash", "-c", script(doc_blocks, work)],
+            cwd=cwd,
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired as exc:
         done = len(list(work.glob("status.*")))
-        step = [s for b in doc_blocks for s in b.steps][min(done, sum(
-            len(b.steps) for b in doc_blocks) - 1)]
-        return [Failure(where, f"timed out after {timeout_s:.0f} s in the step at line "
-                               f"{step.line}")], str(exc.stdout or "")
+        step = [s for b in doc_blocks for s in b.steps][
+            min(done, sum(len(b.steps) for b in doc_blocks) - 1)
+        ]
+        return [
+            Failure(where, f"timed out after {timeout_s:.0f} s in the step at line {step.line}")
+        ], str(exc.stdout or "")
     log = proc.stdout + proc.stderr
     failures: list[Failure] = []
     n = 0
@@ -177,14 +184,18 @@ def run_session(doc_blocks: list[Block], cwd: Path, env: Mapping[str, str], work
             if not out_file.exists():
                 break
             if step.expect is not None:
-                statuses = (work / f"status.{n}").read_text().split() \
-                    if (work / f"status.{n}").exists() else []
+                statuses = (
+                    (work / f"status.{n}").read_text().split()
+                    if (work / f"status.{n}").exists()
+                    else []
+                )
                 why = check(step.expect, out_file.read_text(), statuses)
                 if why:
                     failures.append(Failure(f"{block.path.name}:{step.expect_line}", why))
     if proc.returncode != 0 or "docs-test: done" not in proc.stdout:
-        failures.append(Failure(where, f"the session stopped (exit {proc.returncode}):\n"
-                                       f"{proc.stderr[-3000:]}"))
+        failures.append(
+            Failure(where, f"the session stopped (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        )
     return failures, log
 
 
@@ -195,7 +206,7 @@ _STATUS = re.compile(r"^(\d{3})(?:\s+|$)")
 def check(expect: str, output: str, statuses: list[str]) -> str | None:
     """None if `output` (and the last curl's status) give the answer `expect`, else why not."""
     m = _STATUS.match(expect)
-    rest = expect[m.end():] if m else expect
+    rest = expect[m.end() :] if m else expect
     if m:
         if not statuses:
             return f"expected HTTP {m[1]}, but no curl ran in this step"
@@ -302,8 +313,10 @@ def match(pattern: Any, actual: Any, path: str) -> str | None:
         items = [p for p in pattern if p != _MORE]
         open_ended = len(items) != len(pattern)
         if len(actual) < len(items) or (not open_ended and len(actual) != len(items)):
-            return f"{path}: expected {len(items)} items{' or more' if open_ended else ''}, " \
-                   f"got {len(actual)}"
+            return (
+                f"{path}: expected {len(items)} items{' or more' if open_ended else ''}, "
+                f"got {len(actual)}"
+            )
         for i, p in enumerate(items):
             why = match(p, actual[i], f"{path}[{i}]")
             if why:
@@ -331,13 +344,16 @@ def curls_without_content_type(path: Path) -> list[str]:
         for n, line in enumerate(block.lines, start=block.line + 1):
             if not command:
                 start = n
-            command.append(line.split(" #", 1)[0] if not line.lstrip().startswith("#")
-                           else "")
+            command.append(line.split(" #", 1)[0] if not line.lstrip().startswith("#") else "")
             if line.rstrip().endswith("\\"):
                 continue
             text = " ".join(command)
             command = []
-            if re.search(r"(^|[\s|(;])curl\s", text) and CURL_BODY.search(text) \
-                    and "Content-Type" not in text and "--json" not in text:
+            if (
+                re.search(r"(^|[\s|(;])curl\s", text)
+                and CURL_BODY.search(text)
+                and "Content-Type" not in text
+                and "--json" not in text
+            ):
                 bad.append(f"{path.name}:{start}: {text.strip()[:120]}")
     return bad
