@@ -125,11 +125,16 @@ def key_import_request(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    url, token = connection(args)
     try:
-        with admin_client(*connection(args)) as client:
+        with admin_client(url, token) as client:
             out = _dispatch(client, args)
     except AdminError as exc:
         print(exc.body, file=sys.stderr)
+        if url == DEFAULT_URL and exc.body.startswith("cannot reach"):
+            print("no flashgate up runs from this directory (.run/flashgate.env): start one "
+                  "with `make up`, or name the gateway with FLASHGATE_URL or --url",
+                  file=sys.stderr)
         return 1
     print(json.dumps(out, indent=2))
     return 0

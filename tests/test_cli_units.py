@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cli import admin as cli_admin
 from cli import envfile
 from cli import main as cli_main
 from cli.admin import connection, key_import_request, parse_time, stack_env
@@ -177,6 +178,18 @@ def test_admin_commands_find_the_running_up(tmp_path: Path,
     assert env["FLASHGATE_KEY_PREFIX"] == "p"
     assert "FLASHGATE_DATABASE_URL" not in stack_env({"FLASHGATE_REDIS_URL": "redis://r"},
                                                      tmp_path)
+
+
+def test_nothing_running_says_how_to_start_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("FLASHGATE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(cli_admin, "DEFAULT_URL", "http://127.0.0.1:1")
+    args = build_parser().parse_args(["--token", "t", "sale", "show", "s"])
+    assert cli_admin.run(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach http://127.0.0.1:1" in err and "make up" in err
 
 
 def test_up_ignores_what_a_shell_sourced_from_an_earlier_up() -> None:
