@@ -53,8 +53,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     env_file: Path | None = None
     try:
         with running_stack(run_dir=run_dir, workers=args.workers, port=port,
-                           capture_logs=not args.foreground_logs, base_env=base_env,
-                           worker_metrics=True) as stack:
+                           capture_logs=not args.foreground_logs,
+                           base_env=base_env) as stack:
             env_file = envfile.write(run_dir, up_variables(stack, os.getpid()),
                                      bin_dir=envfile.cli_bin_dir())
             print(up_banner(stack, run_dir, env_file, redact), flush=True)

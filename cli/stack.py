@@ -67,10 +67,11 @@ class Stack:
     env: dict[str, str]
     run_dir: Path
     gateway_url: str | None = None
+    metrics_url: str | None = None  # the gateway's private /metrics (its own port)
+    worker_metrics_urls: list[str] = field(default_factory=list)  # each worker's /metrics
     children: list[Child] = field(default_factory=list)
+
     admin_token_generated: bool = False  # False: it came from FLASHGATE_ADMIN_TOKEN
-    metrics_url: str | None = None  # the gateway's Prometheus endpoint
-    worker_metrics_urls: list[str] = field(default_factory=list)  # one per worker, if on
 
     @property
     def pids(self) -> dict[str, int]:
@@ -193,12 +194,11 @@ def wait_healthy(child: Child, url: str, timeout_s: float = HEALTH_TIMEOUT_S) ->
 def running_stack(*, run_dir: Path | None = None, workers: int = 2, gateway: bool = True,
                   host: str = "127.0.0.1", port: int = 0, capture_logs: bool = True,
                   extra_env: Mapping[str, str] | None = None,
-                  base_env: Mapping[str, str] | None = None,
-                  worker_metrics: bool = False) -> Iterator[Stack]:
+                  base_env: Mapping[str, str] | None = None) -> Iterator[Stack]:
     """Start the stack, yield it, stop it. `run_dir=None` uses a temporary directory that is
     removed at the end; a given run_dir is kept (server data and the children's logs).
-    `base_env` replaces our environment as the children's base (`extra_env` goes over it);
-    `worker_metrics` gives each worker a Prometheus port of its own."""
+    `base_env` replaces our environment as the children's base (`extra_env` goes over it).
+    Each worker serves its metrics on a port of its own."""
     owned = run_dir is None
     base_dir = Path(tempfile.mkdtemp(prefix="flashgate-")) if run_dir is None else run_dir
     services = contextlib.ExitStack()
@@ -219,12 +219,11 @@ def running_stack(*, run_dir: Path | None = None, workers: int = 2, gateway: boo
             stack.metrics_url = f"{stack.gateway_url}/metrics"
             children.append(spawn("gateway", gateway_argv(host, port), env, logs))
         for i in range(workers):
-            worker_env = env
-            if worker_metrics:
-                metrics_port = free_port()
-                worker_env = {**env, "FLASHGATE_WORKER_METRICS_PORT": str(metrics_port)}
-                stack.worker_metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
-            children.append(spawn(f"worker-{i + 1}", worker_argv(), worker_env, logs))
+            worker_port = free_port()
+            stack.worker_metrics_urls.append(f"http://{host}:{worker_port}/metrics")
+            children.append(spawn(f"worker-{i + 1}", worker_argv(), {
+                **env, "FLASHGATE_WORKER_METRICS_PORT": str(worker_port),
+                "FLASHGATE_METRICS_HOST": host}, logs))
         if stack.gateway_url is not None:
             wait_healthy(children[0], stack.gateway_url)
         yield stack
