@@ -50,33 +50,38 @@ def cmd_up(args: argparse.Namespace) -> int:
             del base_env[name]
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    env_file: Path | None = None
     try:
         with running_stack(run_dir=run_dir, workers=args.workers, port=port,
                            capture_logs=not args.foreground_logs,
                            base_env=base_env) as stack:
             env_file = envfile.write(run_dir, up_variables(stack, os.getpid()),
                                      bin_dir=envfile.cli_bin_dir())
-            print(up_banner(stack, run_dir, env_file, redact), flush=True)
-            print("pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()), flush=True)
-            print("Ctrl-C stops everything.", flush=True)
-            while True:
-                dead = stack.dead()
-                if dead:
-                    for child in dead:
-                        print(f"{child.name} (pid {child.pid}) exited with "
-                              f"{child.proc.returncode}:\n{child.tail()}", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
+            try:  # the env file goes first, before the stack stops
+                print(up_banner(stack, run_dir, env_file, redact), flush=True)
+                print("pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
+                      flush=True)
+                print("Ctrl-C stops everything.", flush=True)
+                return watch(stack)
+            finally:
+                envfile.remove(env_file)
     except Stop as why:
         print(f"stopping ({why}) ... stopped.", flush=True)
         return 0
     except RuntimeError as exc:  # StackError, or an embedded server that would not start
         print(f"flashgate up failed: {exc}", file=sys.stderr)
         return 1
-    finally:
-        if env_file is not None:
-            envfile.remove(env_file)
+
+
+def watch(stack: Stack) -> int:
+    """Until Stop: 1 as soon as a child exits on its own (its log's tail printed)."""
+    while True:
+        dead = stack.dead()
+        if dead:
+            for child in dead:
+                print(f"{child.name} (pid {child.pid}) exited with "
+                      f"{child.proc.returncode}:\n{child.tail()}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
 
 
 def gateway_port(asked: int | None) -> int | None:
