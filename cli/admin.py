@@ -13,12 +13,14 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from cli import envfile
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
@@ -53,10 +55,46 @@ def parse_time(value: str, now: datetime | None = None) -> str:
     return value
 
 
+def stack_env(environ: Mapping[str, str] | None = None,
+              cwd: Path | None = None) -> dict[str, str]:
+    """The environment, filled in from the env file of a `flashgate up` running from `cwd`
+    when it names no gateway or server (FLASHGATE_URL, _REDIS_URL, _DATABASE_URL all unset).
+    What the environment sets always wins; a note on stderr says which file was used."""
+    env = dict(os.environ if environ is None else environ)
+    if any(env.get(name) for name in envfile.SERVER_VARIABLES):
+        return env
+    found = envfile.discover(cwd)
+    if found is None:
+        return env
+    path, values = found
+    print(f"(using the flashgate up of {path}: {values.get('FLASHGATE_URL', '')})",
+          file=sys.stderr)
+    return {**values, **{k: v for k, v in env.items() if v}}
+
+
+def connection(args: argparse.Namespace,
+               environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The gateway and admin token: --url / --token, else FLASHGATE_URL /
+    FLASHGATE_ADMIN_TOKEN, else those of a running `flashgate up` (its env file), else
+    DEFAULT_URL and no token (an error that says so)."""
+    env = dict(os.environ if environ is None else environ)
+    url: str | None = getattr(args, "url", None)
+    token: str | None = getattr(args, "token", None) or env.get("FLASHGATE_ADMIN_TOKEN")
+    if url is None:
+        env = stack_env(env)
+        token = token or env.get("FLASHGATE_ADMIN_TOKEN")
+    elif not token:  # --url of the running up: its token
+        found = envfile.discover()
+        if found is not None and found[1].get("FLASHGATE_URL") == url.rstrip("/"):
+            token = found[1].get("FLASHGATE_ADMIN_TOKEN")
+    return url or env.get("FLASHGATE_URL") or DEFAULT_URL, token or ""
+
+
 def admin_client(url: str, token: str | None = None, timeout: float = 30.0) -> httpx.Client:
     token = token if token is not None else os.environ.get("FLASHGATE_ADMIN_TOKEN", "")
     if not token:
-        raise AdminError("FLASHGATE_ADMIN_TOKEN is not set (the gateway's admin bearer token)")
+        raise AdminError("no admin token: set FLASHGATE_ADMIN_TOKEN (`source "
+                         ".run/flashgate.env` after `flashgate up`) or pass --token")
     return httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
                         headers={"Authorization": f"Bearer {token}"})
 
@@ -109,11 +147,16 @@ def wait_for_import(client: httpx.Client, out: Any, poll_s: float = 0.5,
 
 
 def run(args: argparse.Namespace) -> int:
+    url, token = connection(args)
     try:
-        with admin_client(args.url) as client:
+        with admin_client(url, token) as client:
             out = _dispatch(client, args)
     except AdminError as exc:
         print(exc.body, file=sys.stderr)
+        if url == DEFAULT_URL and exc.body.startswith("cannot reach"):
+            print("no flashgate up runs from this directory (.run/flashgate.env): start one "
+                  "with `make up`, or name the gateway with FLASHGATE_URL or --url",
+                  file=sys.stderr)
         return 1
     print(json.dumps(out, indent=2))
     return 0
@@ -170,11 +213,22 @@ def _dispatch(client: httpx.Client, args: argparse.Namespace) -> Any:
     raise AdminError(f"unknown command {args.command} {args.action}")
 
 
+def add_connection_options(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    """--url and --token, on the main parser (before the subcommand) and on each admin command
+    (after it, with SUPPRESS as default so that they leave a value given before untouched)."""
+    parser.add_argument("--url", default=default,
+                        help="the gateway (default: $FLASHGATE_URL, else the flashgate up "
+                             f"running from this directory (.run/flashgate.env), else "
+                             f"{DEFAULT_URL})")
+    parser.add_argument("--token", default=default,
+                        help="admin bearer token (default: $FLASHGATE_ADMIN_TOKEN, or the "
+                             "running flashgate up's; prefer the variable: a command line "
+                             "is visible to other users of the machine)")
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("FLASHGATE_URL", DEFAULT_URL),
-                        help="the gateway (default: $FLASHGATE_URL or %(default)s); "
-                             "the token is read from $FLASHGATE_ADMIN_TOKEN")
+    add_connection_options(common, argparse.SUPPRESS)  # after the subcommand, too
 
     channel = sub.add_parser("channel", help="storefront channels").add_subparsers(
         dest="action", required=True)

@@ -6,12 +6,17 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from cli import admin
 from core.settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from cli.stack import Stack
 
 
 class Stop(Exception):
@@ -22,43 +27,122 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
+UP_PORT = 8000  # the port the docs use; `up` falls back to a free one when it is taken
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    import os
+
+    from cli import envfile
     from cli.stack import redact, running_stack
 
     run_dir = Path(args.run_dir) if args.run_dir else (
-        Path(".run") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+        envfile.RUN_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    port = gateway_port(args.port)
+    if port is None:
+        return 2
+    base_env = dict(os.environ)
+    stale = envfile.sourced_from_previous_up(base_env)
+    if stale:
+        print(f"ignoring {', '.join(stale)}: this shell sourced the env file of an earlier "
+              f"flashgate up ({base_env['FLASHGATE_ENV_FILE']})", file=sys.stderr)
+        for name in stale:
+            del base_env[name]
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:
-        with running_stack(run_dir=run_dir, workers=args.workers, port=args.port,
-                           capture_logs=not args.foreground_logs) as stack:
-            print(f"flashgate is up (run dir {run_dir})")
-            print(f"  gateway      {stack.gateway_url}")
-            print(f"  metrics      {stack.gateway_url}/metrics")
-            print(f"  redis        {redact(stack.urls.redis_url)}")
-            print(f"  postgres     {redact(stack.urls.database_url)}")
-            print(f"  logs         {run_dir / 'logs'}")
-            print(f"  admin token  {stack.admin_token}")
-            print(f"  try:  curl -H 'Authorization: Bearer {stack.admin_token}' "
-                  f"{stack.gateway_url}/v1/admin/sales/<sale_id>")
-            print(f"  or:   FLASHGATE_URL={stack.gateway_url} "
-                  f"FLASHGATE_ADMIN_TOKEN={stack.admin_token} flashgate channel create shop")
-            print("pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()), flush=True)
-            print("Ctrl-C stops everything.", flush=True)
-            while True:
-                dead = stack.dead()
-                if dead:
-                    for child in dead:
-                        print(f"{child.name} (pid {child.pid}) exited with "
-                              f"{child.proc.returncode}:\n{child.tail()}", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
+        with running_stack(run_dir=run_dir, workers=args.workers, port=port,
+                           capture_logs=not args.foreground_logs,
+                           base_env=base_env) as stack:
+            env_file = envfile.write(run_dir, up_variables(stack, os.getpid()),
+                                     bin_dir=envfile.cli_bin_dir())
+            try:  # the env file goes first, before the stack stops
+                print(up_banner(stack, run_dir, env_file, redact), flush=True)
+                print("pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
+                      flush=True)
+                print("Ctrl-C stops everything.", flush=True)
+                return watch(stack)
+            finally:
+                envfile.remove(env_file)
     except Stop as why:
         print(f"stopping ({why}) ... stopped.", flush=True)
         return 0
     except RuntimeError as exc:  # StackError, or an embedded server that would not start
         print(f"flashgate up failed: {exc}", file=sys.stderr)
         return 1
+
+
+def watch(stack: Stack) -> int:
+    """Until Stop: 1 as soon as a child exits on its own (its log's tail printed)."""
+    while True:
+        dead = stack.dead()
+        if dead:
+            for child in dead:
+                print(f"{child.name} (pid {child.pid}) exited with "
+                      f"{child.proc.returncode}:\n{child.tail()}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+
+
+def gateway_port(asked: int | None) -> int | None:
+    """--port P: P, which must be free (0: any free port); no --port: 8000 when it is free,
+    else a free one, said so. None: the asked port is taken (message printed)."""
+    from cli.stack import port_free
+
+    if asked is None:
+        if port_free("127.0.0.1", UP_PORT):
+            return UP_PORT
+        print(f"port {UP_PORT} is in use (another flashgate up?): the gateway takes a free "
+              f"port instead; its URL is printed below and in .run/flashgate.env",
+              file=sys.stderr, flush=True)
+        return 0
+    if asked and not port_free("127.0.0.1", asked):
+        print(f"flashgate up: port {asked} is in use; choose another, or --port 0 for a free "
+              f"one", file=sys.stderr)
+        return None
+    return asked
+
+
+def up_variables(stack: Stack, pid: int) -> dict[str, str]:
+    """The env file's values (cli/envfile.py): how a shell or the CLI reaches this stack."""
+    values = {
+        "FLASHGATE_ADMIN_TOKEN": stack.admin_token,
+        "FLASHGATE_MASTER_KEY": stack.env["FLASHGATE_MASTER_KEY"],
+        "FLASHGATE_REDIS_URL": stack.urls.redis_url,
+        "FLASHGATE_DATABASE_URL": stack.urls.database_url,
+        "FLASHGATE_KEY_PREFIX": stack.env.get("FLASHGATE_KEY_PREFIX") or "fg",
+        "FLASHGATE_WORKER_METRICS_URLS": " ".join(stack.worker_metrics_urls),
+        "FLASHGATE_RUN_DIR": str(stack.run_dir),
+        "FLASHGATE_UP_PID": str(pid),
+    }
+    if stack.gateway_url is not None:
+        values["FLASHGATE_URL"] = stack.gateway_url
+    if stack.metrics_url is not None:
+        values["FLASHGATE_METRICS_URL"] = stack.metrics_url
+    return values
+
+
+def up_banner(stack: Stack, run_dir: Path, env_file: Path,
+              redact: Callable[[str], str]) -> str:
+    token = (stack.admin_token if stack.admin_token_generated
+             else "(from FLASHGATE_ADMIN_TOKEN)")
+    lines = [
+        f"flashgate is up (run dir {run_dir})",
+        f"  gateway         {stack.gateway_url}",
+        f"  metrics         {stack.metrics_url}",
+        *(f"  worker metrics  {url}" for url in stack.worker_metrics_urls),
+        f"  redis           {redact(stack.urls.redis_url)}",
+        f"  postgres        {redact(stack.urls.database_url)}",
+        f"  logs            {run_dir / 'logs'}",
+        f"  admin token     {token}",
+        f"  env file        {env_file} (and .run/flashgate.env; mode 0600, deleted on stop)",
+        "  in another shell, in this directory:",
+        "    source .run/flashgate.env",
+        '    curl -H "Authorization: Bearer $FLASHGATE_ADMIN_TOKEN" '
+        '$FLASHGATE_URL/v1/admin/risk/stats',
+        "    flashgate channel create shop    # the CLI finds .run/flashgate.env by itself",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -77,7 +161,7 @@ def cmd_worker_check(args: argparse.Namespace) -> int:
     from core.runtime import redis_client
     from workers.metrics import alive_workers
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(admin.stack_env())
     prefix = "" if args.any else f"{socket.gethostname()}-"
 
     async def check() -> list[str]:
@@ -116,7 +200,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from cli.stack import run_migrations
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(admin.stack_env())
     applied = run_migrations(settings.database_url.reveal())
     print("applied: " + ", ".join(applied) if applied else "up to date")
     return 0
@@ -132,7 +216,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from core.runtime import Runtime
     from risk import durable
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(admin.stack_env())
 
     async def run() -> dict[str, object]:
         rt = await Runtime.open(settings, run_migrations=False)
@@ -170,7 +254,7 @@ def cmd_rotate_master_key(args: argparse.Namespace) -> int:
     from core.rotation import RotationError, rotate_master_key
     from core.settings import RotationSettings
 
-    settings = RotationSettings.from_env()
+    settings = RotationSettings.from_env(admin.stack_env())
 
     async def run() -> dict[str, object]:
         pool = await create_pool(settings.database_url.reveal(), max_size=2)
@@ -203,11 +287,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashgate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"flashgate {version()}")
+    admin.add_connection_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="run Redis, PostgreSQL, the gateway and workers in the "
                        "foreground (embedded servers unless FLASHGATE_*_URL are set)")
-    p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"gateway port (default: {UP_PORT} when free, else a free one; "
+                        "0: a free one)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--run-dir", help="where server data and logs go (default ./.run/<time>)")
     p.add_argument("--foreground-logs", action="store_true",
@@ -254,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(p)
     p.set_defaults(handler=cmd_demo)
     return parser
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("flashgate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:

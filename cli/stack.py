@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,8 @@ class Stack:
     worker_metrics_urls: list[str] = field(default_factory=list)  # each worker's /metrics
     children: list[Child] = field(default_factory=list)
 
+    admin_token_generated: bool = False  # False: it came from FLASHGATE_ADMIN_TOKEN
+
     @property
     def pids(self) -> dict[str, int]:
         return {c.name: c.pid for c in self.children}
@@ -95,7 +98,7 @@ def stack_env(urls: ServiceURLs, base: Mapping[str, str] | None = None) -> dict[
     env["FLASHGATE_REDIS_URL"] = urls.redis_url
     env["FLASHGATE_DATABASE_URL"] = urls.database_url
     if not env.get("FLASHGATE_ADMIN_TOKEN"):
-        env["FLASHGATE_ADMIN_TOKEN"] = "fg-admin-" + secrets.token_urlsafe(24)
+        env["FLASHGATE_ADMIN_TOKEN"] = secrets.token_urlsafe(32)  # 43 characters
     if not env.get("FLASHGATE_MASTER_KEY"):
         env["FLASHGATE_MASTER_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -139,6 +142,17 @@ def stop_children(children: list[Child], grace_s: float) -> None:
             child.proc.wait(5)
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether a listener could bind host:port now (as uvicorn does, with SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def run_migrations(database_url: str) -> list[str]:
     async def _run() -> list[str]:
         conn = await asyncpg.connect(database_url)
@@ -179,19 +193,24 @@ def wait_healthy(child: Child, url: str, timeout_s: float = HEALTH_TIMEOUT_S) ->
 @contextlib.contextmanager
 def running_stack(*, run_dir: Path | None = None, workers: int = 2, gateway: bool = True,
                   host: str = "127.0.0.1", port: int = 0, capture_logs: bool = True,
-                  extra_env: Mapping[str, str] | None = None) -> Iterator[Stack]:
+                  extra_env: Mapping[str, str] | None = None,
+                  base_env: Mapping[str, str] | None = None) -> Iterator[Stack]:
     """Start the stack, yield it, stop it. `run_dir=None` uses a temporary directory that is
-    removed at the end; a given run_dir is kept (server data and the children's logs)."""
+    removed at the end; a given run_dir is kept (server data and the children's logs).
+    `base_env` replaces our environment as the children's base (`extra_env` goes over it).
+    Each worker serves its metrics on a port of its own."""
     owned = run_dir is None
     base_dir = Path(tempfile.mkdtemp(prefix="flashgate-")) if run_dir is None else run_dir
     services = contextlib.ExitStack()
     children: list[Child] = []
     try:
-        urls = services.enter_context(backing_services(run_dir=base_dir))
-        env = stack_env(urls, {**os.environ, **(extra_env or {})})
+        base = {**(os.environ if base_env is None else base_env), **(extra_env or {})}
+        urls = services.enter_context(backing_services(run_dir=base_dir, env=base))
+        env = stack_env(urls, base)
         log_dir = base_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        stack = Stack(urls, env["FLASHGATE_ADMIN_TOKEN"], env, base_dir, children=children)
+        stack = Stack(urls, env["FLASHGATE_ADMIN_TOKEN"], env, base_dir, children=children,
+                      admin_token_generated=not base.get("FLASHGATE_ADMIN_TOKEN"))
         run_migrations(urls.database_url)
         logs = log_dir if capture_logs else None
         if gateway:

@@ -75,15 +75,17 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_up_serves_and_stops_everything(tmp_path: Path, stop_signal: signal.Signals) -> None:
     # Embedded servers on purpose: this is the path a fresh machine takes.
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
-    env.pop("FLASHGATE_ADMIN_TOKEN", None)  # up generates one, and prints it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHGATE_")}
     master_key = base64.b64encode(secrets.token_bytes(32)).decode()
+    given_token = "given-admin-token-" + secrets.token_urlsafe(24)
     if stop_signal == signal.SIGINT:
         env["FLASHGATE_MASTER_KEY"] = master_key  # given: used, never printed
     else:
-        env.pop("FLASHGATE_MASTER_KEY", None)  # not given: generated, never printed
+        env["FLASHGATE_ADMIN_TOKEN"] = given_token  # given: used, never printed
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([*CLI, "up", "--workers", "1", "--run-dir", str(run_dir)], env=env,
+    # --port 0: 8000 (the default when free) may be another person's on a shared machine.
+    proc = subprocess.Popen([*CLI, "up", "--workers", "1", "--port", "0", "--run-dir",
+                             str(run_dir)], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         pids_line, out = _wait_for_line(proc, "pids ", 90)
@@ -91,18 +93,27 @@ def test_up_serves_and_stops_everything(tmp_path: Path, stop_signal: signal.Sign
         assert set(pids) == {"gateway", "worker-1"}
         url = next(w for line in out.splitlines() if line.strip().startswith("gateway")
                    for w in line.split() if w.startswith("http://"))
-        token = next(line.split()[-1] for line in out.splitlines()
-                     if line.strip().startswith("admin token"))
+        token_line = next(line for line in out.splitlines()
+                          if line.strip().startswith("admin token"))
         assert httpx.get(url + "/healthz").status_code == 200
         servers = _processes_in(run_dir)
         assert servers, "the embedded servers should run under the run dir"
         assert master_key not in out and "master" not in out.lower()
-
+        env_file = _env_file_of_up(tmp_path, run_dir, url, out)
         if stop_signal == signal.SIGINT:
+            token = token_line.split()[-1]  # generated: printed
+            assert env_file["FLASHGATE_ADMIN_TOKEN"] == token
+            assert env_file["FLASHGATE_MASTER_KEY"] == master_key
             _admin_commands_work(url, token, env, tmp_path)
+        else:
+            assert given_token not in out and "(from FLASHGATE_ADMIN_TOKEN)" in token_line
+            assert env_file["FLASHGATE_ADMIN_TOKEN"] == given_token
+            _commands_find_the_running_up(tmp_path, env)
 
         proc.send_signal(stop_signal)
         assert proc.wait(60) == 0
+        assert not (tmp_path / ".run" / "flashgate.env").is_symlink()
+        assert not (run_dir / "flashgate.env").exists()
     finally:
         if proc.poll() is None:  # a failed assertion: still let `up` stop what it started
             stop_process(proc, timeout=60)
@@ -111,6 +122,44 @@ def test_up_serves_and_stops_everything(tmp_path: Path, stop_signal: signal.Sign
     assert not [p for p in pids.values() if _alive(p)]
     assert not [p for p in servers if _alive(p)]
     assert _processes_in(run_dir) == []
+
+
+def _env_file_of_up(cwd: Path, run_dir: Path, url: str, out: str) -> dict[str, str]:
+    """`up` wrote its env file (0600) in the run dir, linked from .run/flashgate.env, and the
+    worker metrics it lists answer."""
+    from cli import envfile
+
+    path = run_dir / "flashgate.env"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (cwd / ".run" / "flashgate.env").resolve() == path.resolve()
+    values = envfile.read(path)
+    assert values["FLASHGATE_URL"] == url
+    assert values["FLASHGATE_METRICS_URL"] in out
+    worker_urls = values["FLASHGATE_WORKER_METRICS_URLS"].split()
+    assert len(worker_urls) == 1 and worker_urls[0] in out  # listed in the banner
+    r = httpx.get(worker_urls[0])
+    assert r.status_code == 200 and "flashgate_worker_last_loop_timestamp_seconds" in r.text
+    return values
+
+
+def _commands_find_the_running_up(cwd: Path, env: dict[str, str]) -> None:
+    """Nothing set: the CLI reads .run/flashgate.env of the directory (admin commands and the
+    ones that read the servers), instead of "cannot reach 127.0.0.1:8000"."""
+    bare = {k: v for k, v in env.items() if not k.startswith("FLASHGATE_")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], env=bare, cwd=cwd, capture_output=True,
+                              text=True, timeout=30)
+
+    r = cli("sale", "create", "--sale-id", "found", "--sku", "S", "--name", "N",
+            "--starts-at", "now", "--ends-at", "+1h")
+    assert r.returncode == 0, r.stderr
+    assert "flashgate.env" in r.stderr  # it says which stack it used
+    r = cli("reconcile", "found", "--check")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ok"] is True
+    r = cli("worker-check", "--any")
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _admin_commands_work(url: str, token: str, env: dict[str, str], tmp_path: Path) -> None:

@@ -6,13 +6,19 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
+import socket
+import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from cli.admin import key_import_request, parse_time
+from cli import admin as cli_admin
+from cli import envfile
+from cli import main as cli_main
+from cli.admin import connection, key_import_request, parse_time, stack_env
 from cli.audit import Delivery, audit, percentile, render
 from cli.load import (
     DOUBLE,
@@ -27,7 +33,9 @@ from cli.load import (
     play,
 )
 from cli.main import build_parser
-from cli.stack import redact
+from cli.stack import Stack, redact
+from cli.stack import stack_env as stack_env_of
+from core.embedded import ServiceURLs
 from risk.challenge import Challenges
 from risk.engine import RiskContext
 from risk.lists import load_datacenter_ranges
@@ -70,6 +78,164 @@ def test_parser_knows_every_command() -> None:
                  ["channel", "create", "shop"], ["sale", "show", "s"],
                  ["keys", "import", "s", "f"]):
         assert parser.parse_args(argv).handler
+
+
+def test_version_and_connection_options_before_or_after_the_command(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("flashgate ")
+    for argv in (["--url", "http://h:1", "--token", "t", "sale", "show", "s"],
+                 ["sale", "show", "s", "--url", "http://h:1", "--token", "t"],
+                 ["--token", "t", "sale", "show", "--url", "http://h:1", "s"]):
+        args = parser.parse_args(argv)
+        assert (args.url, args.token, args.sale_id) == ("http://h:1", "t", "s"), argv
+    args = parser.parse_args(["sale", "show", "s"])
+    assert (args.url, args.token) == (None, None)
+    assert parser.parse_args(["up"]).port is None  # 8000 when free
+    assert parser.parse_args(["up", "--port", "0"]).port == 0
+
+
+def _up_values(pid: int, url: str = "http://127.0.0.1:8123") -> dict[str, str]:
+    return {"FLASHGATE_URL": url, "FLASHGATE_ADMIN_TOKEN": "tok en'$x\"", "FLASHGATE_UP_PID":
+            str(pid), "FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
+            "FLASHGATE_DATABASE_URL": "postgresql://u:p@127.0.0.1:2/db"}
+
+
+def test_env_file_is_private_sourceable_and_removed(tmp_path: Path) -> None:
+    run_dir = tmp_path / ".run" / "20300101-000000"
+    run_dir.mkdir(parents=True)
+    pointer = tmp_path / envfile.POINTER
+    path = envfile.write(run_dir, _up_values(os.getpid()), pointer, bin_dir=tmp_path / "b in")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert pointer.resolve() == path
+    values = envfile.read(pointer)
+    assert values["FLASHGATE_ADMIN_TOKEN"] == "tok en'$x\""
+    assert values["FLASHGATE_ENV_FILE"] == str(path)
+    # bash reads it the same way (`source`), quotes and all
+    out = subprocess.run(["bash", "-c", f"source {pointer} && printf %s "
+                          '"$FLASHGATE_ADMIN_TOKEN" && echo && printf %s "$PATH"'],
+                         capture_output=True, text=True)
+    token, path_var = out.stdout.split("\n")
+    assert token == "tok en'$x\""
+    assert path_var.startswith(f"{tmp_path / 'b in'}:") and len(path_var) > len(str(tmp_path))
+    assert "PATH" not in values
+    envfile.remove(path, pointer)
+    assert not path.exists() and not pointer.is_symlink()
+
+
+def test_env_file_pointer_of_a_newer_up_is_left_alone(tmp_path: Path) -> None:
+    pointer = tmp_path / envfile.POINTER
+    old, new = tmp_path / "a", tmp_path / "b"
+    old.mkdir()
+    new.mkdir()
+    old_file = envfile.write(old, _up_values(os.getpid()), pointer)
+    new_file = envfile.write(new, _up_values(os.getpid()), pointer)
+    envfile.remove(old_file, pointer)
+    assert pointer.resolve() == new_file
+
+
+def test_discover_finds_a_live_up_and_skips_a_dead_one(tmp_path: Path) -> None:
+    assert envfile.discover(tmp_path) is None
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale_dir = tmp_path / ".run" / "1"
+    stale_dir.mkdir(parents=True)
+    envfile.write(stale_dir, _up_values(dead.pid), tmp_path / envfile.POINTER)
+    assert envfile.discover(tmp_path) is None  # its up was killed: not used
+    sourced = subprocess.run(["bash", "-c", f"source {tmp_path / envfile.POINTER}"],
+                             capture_output=True, text=True)
+    assert sourced.returncode == 0 and "not running: stale values" in sourced.stderr
+    live_dir = tmp_path / ".run" / "2"
+    live_dir.mkdir()
+    envfile.write(live_dir, _up_values(os.getpid(), "http://127.0.0.1:9"), pointer=None)
+    found = envfile.discover(tmp_path)  # the pointer is stale: the newest live run dir
+    assert found is not None and found[1]["FLASHGATE_URL"] == "http://127.0.0.1:9"
+
+
+def test_admin_commands_find_the_running_up(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / ".run" / "x"
+    run_dir.mkdir(parents=True)
+    envfile.write(run_dir, _up_values(os.getpid()), tmp_path / envfile.POINTER)
+    parser = build_parser()
+    args = parser.parse_args(["sale", "show", "s"])
+    assert connection(args, {}) == ("http://127.0.0.1:8123", "tok en'$x\"")
+    # what is set wins: FLASHGATE_URL names another gateway, so the file is not read
+    assert connection(args, {"FLASHGATE_URL": "http://other:1"}) == ("http://other:1", "")
+    assert connection(args, {"FLASHGATE_ADMIN_TOKEN": "mine"}) == ("http://127.0.0.1:8123",
+                                                                   "mine")
+    # --url of the running up: its token
+    args = parser.parse_args(["sale", "show", "s", "--url", "http://127.0.0.1:8123"])
+    assert connection(args, {}) == ("http://127.0.0.1:8123", "tok en'$x\"")
+    args = parser.parse_args(["--url", "http://127.0.0.1:7", "sale", "show", "s"])
+    assert connection(args, {}) == ("http://127.0.0.1:7", "")
+    # the database commands: the servers and secrets of the file, the environment first
+    env = stack_env({"FLASHGATE_KEY_PREFIX": "p"}, tmp_path)
+    assert env["FLASHGATE_REDIS_URL"] == "redis://127.0.0.1:1/0"
+    assert env["FLASHGATE_KEY_PREFIX"] == "p"
+    assert "FLASHGATE_DATABASE_URL" not in stack_env({"FLASHGATE_REDIS_URL": "redis://r"},
+                                                     tmp_path)
+
+
+def test_nothing_running_says_how_to_start_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("FLASHGATE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(cli_admin, "DEFAULT_URL", "http://127.0.0.1:1")
+    args = build_parser().parse_args(["--token", "t", "sale", "show", "s"])
+    assert cli_admin.run(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach http://127.0.0.1:1" in err and "make up" in err
+
+
+def test_up_ignores_what_a_shell_sourced_from_an_earlier_up() -> None:
+    assert envfile.sourced_from_previous_up({"FLASHGATE_REDIS_URL": "redis://r"}) == []
+    sourced = {"FLASHGATE_ENV_FILE": "/x/flashgate.env", "FLASHGATE_REDIS_URL": "redis://r",
+               "FLASHGATE_ADMIN_TOKEN": "t", "FLASHGATE_RISK_ENABLED": "0"}
+    assert set(envfile.sourced_from_previous_up(sourced)) == {
+        "FLASHGATE_ENV_FILE", "FLASHGATE_REDIS_URL", "FLASHGATE_ADMIN_TOKEN"}
+
+
+def test_up_port_8000_when_free_else_a_free_one(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        monkeypatch.setattr(cli_main, "UP_PORT", taken)
+        assert cli_main.gateway_port(None) == 0
+        assert f"port {taken} is in use" in capsys.readouterr().err
+        assert cli_main.gateway_port(taken) is None  # asked for: refused, said why
+        assert "--port 0" in capsys.readouterr().err
+    assert cli_main.gateway_port(taken) == taken
+    monkeypatch.setattr(cli_main, "UP_PORT", taken)
+    assert cli_main.gateway_port(None) == taken
+    assert cli_main.gateway_port(0) == 0
+
+
+def test_up_banner_shows_a_generated_token_only(tmp_path: Path) -> None:
+    env = stack_env_of(ServiceURLs("redis://r:1/0", "postgresql://u:pw@d/db"), {})
+    assert len(env["FLASHGATE_ADMIN_TOKEN"]) >= 32
+    stack = Stack(ServiceURLs("redis://r:1/0", "postgresql://u:pw@d/db"),
+                  env["FLASHGATE_ADMIN_TOKEN"], env, tmp_path, "http://127.0.0.1:8000",
+                  admin_token_generated=True, metrics_url="http://127.0.0.1:8000/metrics",
+                  worker_metrics_urls=["http://127.0.0.1:9101/metrics",
+                                       "http://127.0.0.1:9102/metrics"])
+    text = cli_main.up_banner(stack, tmp_path, tmp_path / "flashgate.env", redact)
+    assert env["FLASHGATE_ADMIN_TOKEN"] in text and "pw" not in text
+    assert "9101/metrics" in text and "9102/metrics" in text
+    assert env["FLASHGATE_MASTER_KEY"] not in text
+    stack.admin_token_generated = False
+    text = cli_main.up_banner(stack, tmp_path, tmp_path / "flashgate.env", redact)
+    assert env["FLASHGATE_ADMIN_TOKEN"] not in text and "(from FLASHGATE_ADMIN_TOKEN)" in text
+    values = cli_main.up_variables(stack, 42)
+    assert values["FLASHGATE_WORKER_METRICS_URLS"].split() == stack.worker_metrics_urls
+    assert values["FLASHGATE_MASTER_KEY"] == env["FLASHGATE_MASTER_KEY"]
+    assert values["FLASHGATE_KEY_PREFIX"] == "fg"
 
 
 def test_plan_has_exact_attempts_and_every_kind() -> None:
