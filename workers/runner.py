@@ -108,6 +108,8 @@ class Worker:
         """
         deadline = time.monotonic() + timeout_s
         total = 0
+        if self.rt.failover is not None:  # a Redis failover not merged yet: merge first
+            await self.rt.failover.check_and_merge()
         for sale_id, shard in await self.streams():
             crew = [await self.consumer(sale_id, i, shard) for i in range(self.per_sale)]
             total += await self._drain_together(crew, deadline)
@@ -154,6 +156,8 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker %s: started", self.name)
+        if self.rt.failover is not None:  # watch for a Redis failover, merge when one is due
+            await self.rt.failover.start()
         async with contextlib.AsyncExitStack() as stack:
             http = self._http
             if http is None:
