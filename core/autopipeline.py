@@ -225,6 +225,10 @@ class AutoPipeline:
         # Told the primary's identity (INFO replication: master_replid) as each connection
         # opens, before it carries any call: core/failover.py pauses the sales on a new one.
         self.on_identity: Callable[[str], None] | None = None
+        # Run before each call is sent, once its connection is open; may raise to refuse it
+        # (the gateway's failover pause: a call that reconnected to a new primary is refused
+        # by the identity check that connection just made). No round trip.
+        self.gate: Callable[[], None] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float, connections: int,
@@ -250,6 +254,8 @@ class AutoPipeline:
         conn = self._slots[i]
         if conn is None or conn.closed:
             conn = await self._connect(i)
+        if self.gate is not None:
+            self.gate()
         return await conn.call(packed)
 
     async def _connect(self, i: int) -> _Connection:

@@ -51,11 +51,11 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from core import metrics, reconcile
+from core import errors, metrics, reconcile
 from core.ids import parse_order_id, shard_id
 from core.keys import Keys
 from core.ledger import Ledger, now_ms
-from core.scripts import ReturnCode
+from core.scripts import ReturnCode, source
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,12 @@ async def merge_sale(ledger: Ledger, pool: asyncpg.Pool, sale_id: str,
                 str(created), str(created + ttl_ms), o["payment_ref"] or "", str(confirmed),
                 o["refund_outcome"] or ""])
     consistent = json.dumps(CONSISTENT)
+    # Through redis-py, not the auto-pipeline: the gateway's pipeline refuses calls while paused.
+    script = redis.register_script(source("merge_orders"))
     for shard, orders in behind.items():
         for start in range(0, len(orders), MERGE_CHUNK):
             part = orders[start:start + MERGE_CHUNK]
-            code, merged, units = await ledger.scripts.merge_orders(
+            code, merged, units = await script(
                 keys=[keys.sale(shard), keys.buyers(shard), keys.deadlines(shard),
                       keys.events(shard), *(keys.order(o[0]) for o in part)],
                 args=[json.dumps(part), consistent, now])
@@ -185,6 +187,11 @@ class FailoverGuard:
     @property
     def paused(self) -> bool:
         return self.paused_since is not None
+
+    def gate(self) -> None:
+        """The gateway's auto-pipeline gate (core/autopipeline.py): refuse a call while paused."""
+        if self.paused_since is not None:
+            raise errors.SaleNotReady(PAUSED)
 
     # -- the flag -----------------------------------------------------------------------------
     def observe(self, identity: str) -> None:

@@ -131,8 +131,8 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {"sale_id": self.sale_id, "ok": self.ok, "rebuilt": self.rebuilt,
-                "merged": self.merged, "quiescent": self.quiescent, "drift": self.drift, "redis": self.redis,
-                "postgres": self.postgres}
+                "merged": self.merged, "quiescent": self.quiescent, "drift": self.drift,
+                "redis": self.redis, "postgres": self.postgres}
 
 
 def _ms(value: Any) -> int:
