@@ -229,6 +229,7 @@ class AutoPipeline:
         # (the gateway's failover pause: a call that reconnected to a new primary is refused
         # by the identity check that connection just made). No round trip.
         self.gate: Callable[[], None] | None = None
+        self._replicated: set[str] = set()  # primaries (master_replid) seen with a replica
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float, connections: int,
@@ -289,7 +290,13 @@ class AutoPipeline:
             if replicas is None or self.on_identity is not None:
                 info = str(await conn.call(_pack(("INFO", "replication"))))
             if replicas is None:  # auto: wait for one replica wherever the primary has one
-                replicas = 1 if _connected_replicas(info) > 0 else 0
+                primary = _info_field(info, "master_replid")
+                if _connected_replicas(info) > 0:
+                    self._replicated.add(primary)
+                # Sticky per primary: a reconnect to a primary that had a replica keeps
+                # waiting for one even while its link is down (503s, never an unreplicated
+                # 201); a new primary (a failover, a restart) decides afresh.
+                replicas = 1 if primary in self._replicated else 0
             if self.on_identity is not None:  # before any caller's command goes out on it
                 self.on_identity(_info_field(info, "master_replid"))
         except BaseException:  # refused AUTH, a lost connection: nothing half-open stays

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -270,8 +271,17 @@ class Worker:
 
 
 # -- entry point ------------------------------------------------------------------------------
+def worker_settings(settings: Settings) -> Settings:
+    """A worker's settings: its script calls never WAIT for replicas. What it writes to Redis
+    follows PostgreSQL (a delivered mark, a refund's outcome) or is redone if lost (an expiry:
+    the sweeper runs again; a failover's merge brings PostgreSQL's orders back), so a replica's
+    ack adds nothing, while waiting for one failed every batch during a replica outage and
+    dead-lettered its entries (each retry is a delivery)."""
+    return dataclasses.replace(settings, redis_wait_replicas=0)
+
+
 async def serve(settings: Settings) -> None:
-    rt = await Runtime.open(settings)
+    rt = await Runtime.open(worker_settings(settings))
     worker = Worker(rt, after_commit=after_commit_fault(settings))  # None unless a test asks
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -38,7 +38,7 @@ from core.settings import Settings
 from tests.conftest import channel_headers, create_channel, create_sale, purchase_body, until
 from tests.faults.conftest import app_client, fault_settings
 from tests.faults.support import TcpProxy, audit, wait_quiescent
-from workers.runner import Worker
+from workers.runner import Worker, worker_settings
 
 KEYS = 60
 
@@ -97,6 +97,7 @@ class Stage:
         await admin.aclose()
         self.proxy.target = ("127.0.0.1", self.replica.port)
         self.proxy.cut()  # whatever still hangs on the old primary
+        await self.rt.redis.connection_pool.disconnect()  # the test's own reads: reconnect
         return time.monotonic()
 
 
@@ -121,7 +122,7 @@ async def staged(faults_database: str, wait: str) -> AsyncIterator[Stage]:
         await _online(primary.url)
         app, client = await app_client(settings)
         rt = await Runtime.open(settings)
-        worker_rt = await Runtime.open(settings, run_migrations=False)
+        worker_rt = await Runtime.open(worker_settings(settings), run_migrations=False)
         worker = Worker(worker_rt, name="w-failover")
         async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
             task = asyncio.create_task(worker.run())
@@ -195,21 +196,37 @@ async def _lossy_failover(stage: Stage, wait: str) -> dict[str, Any]:
 
     await stage.stall_and_cut_link()
     # The gap: purchases the replica never receives; the worker copies them to PostgreSQL.
-    gap = await stampede(stage, channel, sale, [(f"b{i}", f"b{i}") for i in range(20)])
+    # With WAIT they are answered 503 (no replica acks) and retried with their keys until
+    # the failover is over; the worker persists them all the same (they ran on the primary).
+    gap_task = asyncio.create_task(
+        stampede(stage, channel, sale, [(f"b{i}", f"b{i}") for i in range(20)]))
     if wait == "0":
+        gap = await gap_task
         assert all(a.answer is not None and a.answer.status_code == 201 for a in gap)
-    await until(lambda: _persisted_at_least(stage, sale, 40), timeout_s=20)
+    if wait == "0":
+        await until(lambda: _persisted_at_least(stage, sale, 40), timeout_s=20)
+    else:  # the link stays down >= 1 s while the 503'd buyers retry
+        await asyncio.sleep(1.5)
 
     # The failover, while more buyers arrive: the gap's buyers again (new keys: their limit
     # must hold), and new ones.
     later = [(f"b{i}", f"b{i}-again") for i in range(20)] + [(f"c{i}", f"c{i}")
                                                              for i in range(40)]
-    rush = asyncio.create_task(stampede(stage, channel, sale, later, concurrency=8))
-    await asyncio.sleep(0.05)
-    failed_over_at = await stage.fail_over()
+    if wait == "0":
+        # Unprotected, a 201 from the old primary that neither the replica nor the worker got
+        # before the kill is lost for good (what WAIT is for): the rush starts at promotion.
+        failed_over_at = await stage.fail_over()
+        rush = asyncio.create_task(stampede(stage, channel, sale, later, concurrency=8))
+    else:
+        # With WAIT the rush starts on the old primary: its buyers get 503 (no replica acks),
+        # retry with their keys, and are answered once the merge is done.
+        rush = asyncio.create_task(stampede(stage, channel, sale, later, concurrency=8))
+        await asyncio.sleep(0.3)
+        failed_over_at = await stage.fail_over()
     # the gap's own retries (a client that got 503 retries with its key)
     retried = await stampede(stage, channel, sale, [(f"b{i}", f"b{i}") for i in range(20)])
     after = await rush
+    gap = await gap_task
     await until(lambda: _resumed(stage), timeout_s=20)
     resumed_after = time.monotonic() - failed_over_at
 
