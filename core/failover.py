@@ -183,6 +183,7 @@ class FailoverGuard:
         self.last_pause_s = 0.0  # how long the last pause lasted (tests, logs)
         self.last_merge: MergeResult | None = None
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None  # set on a pause: check and merge now
 
     @property
     def paused(self) -> bool:
@@ -207,6 +208,8 @@ class FailoverGuard:
             self.paused_since = time.monotonic()
             metrics.FAILOVER_PAUSES.inc()
             metrics.FAILOVER_PAUSED.set(1)
+            if self._wake is not None:
+                self._wake.set()
             log.warning("Redis primary changed (%s, merged: %s): sales paused until merged",
                         self.seen, self.merged)
 
@@ -308,17 +311,22 @@ class FailoverGuard:
         with contextlib.suppress(Exception):
             await self.check_and_merge()
         if self._task is None:
-            self._task = asyncio.create_task(self._watch(), name="failover-guard")
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._watch(self._wake), name="failover-guard")
 
-    async def _watch(self) -> None:
+    async def _watch(self, wake: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            with contextlib.suppress(TimeoutError):  # every interval_s, at once on a pause
+                await asyncio.wait_for(wake.wait(), self.interval_s)
+            wake.clear()
             try:
                 await self.check_and_merge()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis or PostgreSQL away: the next pass tries again
+            except Exception as exc:  # Redis or PostgreSQL away, or a dead pooled connection
                 log.warning("failover check failed: %s: %s", type(exc).__name__, exc)
+                await asyncio.sleep(0.1)  # soon again (the pool drops one dead connection
+                wake.set()                # per failure), at most 10 times a second
 
     async def stop(self) -> None:
         if self._task is not None:
