@@ -16,8 +16,8 @@ import pytest
 from redis.asyncio import Redis
 
 from core.autopipeline import AutoPipeline, NotReplicated
-from core.embedded import EmbeddedRedis
-from tests.conftest import until
+from core.embedded import EmbeddedRedis, ServiceURLs
+from tests.conftest import scratch_database, until
 
 
 @dataclass
@@ -121,8 +121,16 @@ async def test_no_replica_no_wait(pair: Pair, tmp_path: Path) -> None:
         alone.stop()
 
 
+@pytest.fixture
+async def own_database(service_urls: ServiceURLs) -> AsyncIterator[str]:
+    """A database of its own: this test's random master key must not seal data keys into the
+    session's shared database (the later tests could not open them: DecryptionError)."""
+    async with scratch_database(service_urls.database_url, "flashgate_wait_") as url:
+        yield url
+
+
 async def test_a_purchase_is_acknowledged_only_once_replicated(linked: Pair,
-                                                               database_url: str) -> None:
+                                                               own_database: str) -> None:
     """Through the gateway: with the replica stalled a purchase answers 503 with Retry-After
     (its reservation did happen on the primary); the storefront's retry with the same
     Idempotency-Key, once the replica is back, gets that same order with 201."""
@@ -143,7 +151,7 @@ async def test_a_purchase_is_acknowledged_only_once_replicated(linked: Pair,
     )
 
     settings = Settings.from_env({
-        "FLASHGATE_REDIS_URL": linked.primary.url, "FLASHGATE_DATABASE_URL": database_url,
+        "FLASHGATE_REDIS_URL": linked.primary.url, "FLASHGATE_DATABASE_URL": own_database,
         "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
         "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         "FLASHGATE_KEY_PREFIX": "fgr" + secrets.token_hex(4),
