@@ -171,8 +171,9 @@ RECONCILE_LAST_RUN = Gauge(
 
 # Redis failover (core/failover.py): a new primary pauses the sales until a merge has run.
 FAILOVER_PAUSED = Gauge(
-    "flashgate_failover_pause_active", "1 while this process refuses purchases because Redis' primary "
-    "changed and its ledger has not been merged with PostgreSQL yet.", multiprocess_mode="max")
+    "flashgate_failover_pause_active", "1 while this process refuses purchases because Redis' "
+    "primary changed and its ledger has not been merged with PostgreSQL yet.",
+    multiprocess_mode="max")
 FAILOVER_PAUSES = Counter(
     "flashgate_failover_pauses_total", "Pauses begun: a new Redis primary identity noticed.")
 FAILOVER_MERGES = Counter(
