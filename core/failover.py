@@ -306,12 +306,15 @@ class FailoverGuard:
 
     # -- the background task -------------------------------------------------------------------
     async def start(self) -> None:
-        """Check now (a process started after a failover starts paused), then every
-        interval_s in the background, merging when due."""
+        """Check now (a process started after a failover starts paused; its start-up does not
+        wait for the merge), then every interval_s in the background, merging when due."""
+        due = False
         with contextlib.suppress(Exception):
-            await self.check_and_merge()
+            due = await self.check()
         if self._task is None:
             self._wake = asyncio.Event()
+            if due:
+                self._wake.set()
             self._task = asyncio.create_task(self._watch(self._wake), name="failover-guard")
 
     async def _watch(self, wake: asyncio.Event) -> None:
@@ -320,7 +323,9 @@ class FailoverGuard:
                 await asyncio.wait_for(wake.wait(), self.interval_s)
             wake.clear()
             try:
-                await self.check_and_merge()
+                if not await self.check_and_merge():  # another process merges: look again soon
+                    await asyncio.sleep(0.1)
+                    wake.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis or PostgreSQL away, or a dead pooled connection
