@@ -50,7 +50,7 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
-from bench import durable, granian, naive
+from bench import durable, granian, naive, replica
 from bench.parse import (
     Run,
     cpu_seconds,
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             if "http" not in args.skip:
                 asyncio.run(_quiesce(settings, sale_id))
             _workers(args, settings, results, commands)
-    report = render(args, command, results, commands, detail)
+    report = render(args, command, results, commands, detail) + replica.section(args.reps)
     print(report)
     if args.out != "-":
         out = Path(args.out)

@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -179,11 +180,15 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-def _connected_replicas(info: str) -> int:
+def _info_field(info: str, name: str) -> str:
     for line in info.splitlines():
-        if line.startswith("connected_slaves:"):
-            return int(line.split(":", 1)[1])
-    return 0
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _connected_replicas(info: str) -> int:
+    return int(_info_field(info, "connected_slaves") or 0)
 
 
 def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
@@ -217,6 +222,14 @@ class AutoPipeline:
         self._slots: list[_Connection | None] = [None] * max(1, connections)
         self._connecting: list[asyncio.Task[_Connection] | None] = [None] * len(self._slots)
         self._turn = itertools.cycle(range(len(self._slots)))
+        # Told the primary's identity (INFO replication: master_replid) as each connection
+        # opens, before it carries any call: core/failover.py pauses the sales on a new one.
+        self.on_identity: Callable[[str], None] | None = None
+        # Run before each call is sent, once its connection is open; may raise to refuse it
+        # (the gateway's failover pause: a call that reconnected to a new primary is refused
+        # by the identity check that connection just made). No round trip.
+        self.gate: Callable[[], None] | None = None
+        self._replicated: set[str] = set()  # primaries (master_replid) seen with a replica
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float, connections: int,
@@ -242,6 +255,8 @@ class AutoPipeline:
         conn = self._slots[i]
         if conn is None or conn.closed:
             conn = await self._connect(i)
+        if self.gate is not None:
+            self.gate()
         return await conn.call(packed)
 
     async def _connect(self, i: int) -> _Connection:
@@ -271,10 +286,19 @@ class AutoPipeline:
             greeting.append(conn.call(_pack(("SELECT", self.db))))
         try:
             await asyncio.gather(*greeting)
-            replicas = self.wait_replicas
+            replicas, info = self.wait_replicas, ""
+            if replicas is None or self.on_identity is not None:
+                info = str(await conn.call(_pack(("INFO", "replication"))))
             if replicas is None:  # auto: wait for one replica wherever the primary has one
-                info = await conn.call(_pack(("INFO", "replication")))
-                replicas = 1 if _connected_replicas(str(info)) > 0 else 0
+                primary = _info_field(info, "master_replid")
+                if _connected_replicas(info) > 0:
+                    self._replicated.add(primary)
+                # Sticky per primary: a reconnect to a primary that had a replica keeps
+                # waiting for one even while its link is down (503s, never an unreplicated
+                # 201); a new primary (a failover, a restart) decides afresh.
+                replicas = 1 if primary in self._replicated else 0
+            if self.on_identity is not None:  # before any caller's command goes out on it
+                self.on_identity(_info_field(info, "master_replid"))
         except BaseException:  # refused AUTH, a lost connection: nothing half-open stays
             conn._fail(RedisConnectionError("Connection closed."))
             raise

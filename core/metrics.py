@@ -169,6 +169,23 @@ RECONCILE_LAST_RUN = Gauge(
     "flashgate_reconcile_last_run_timestamp_seconds", "When the reconciliation last completed.",
     multiprocess_mode="max")
 
+# Redis failover (core/failover.py): a new primary pauses the sales until a merge has run.
+FAILOVER_PAUSED = Gauge(
+    "flashgate_failover_pause_active", "1 while this process refuses purchases because Redis' "
+    "primary changed and its ledger has not been merged with PostgreSQL yet.",
+    multiprocess_mode="max")
+FAILOVER_PAUSES = Counter(
+    "flashgate_failover_pauses_total", "Pauses begun: a new Redis primary identity noticed.")
+FAILOVER_MERGES = Counter(
+    "flashgate_failover_merges_total", "Merges of PostgreSQL's orders into a new Redis primary, "
+    "by result.", ["result"])
+FAILOVER_MERGE_DURATION = Histogram(
+    "flashgate_failover_merge_duration_seconds", "Time a merge took, from its lock to the "
+    "recorded epoch.", buckets=BATCH_BUCKETS + (30.0, 60.0))
+FAILOVER_ORDERS_MERGED = Counter(
+    "flashgate_failover_orders_merged_total", "Orders a merge brought back into Redis from "
+    "PostgreSQL (missing there, or at an earlier status).")
+
 
 def _bounded(value: str, allowed: Iterable[str] | None = None) -> str:
     """A label value from a closed set, or a short identifier-like name; else OTHER."""

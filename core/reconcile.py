@@ -123,6 +123,7 @@ class Report:
     postgres: dict[str, Any]
     drift: dict[str, int] = field(default_factory=dict)
     rebuilt: bool = False
+    merged: int = 0  # orders a write-mode reconcile brought back from PostgreSQL
 
     @property
     def ok(self) -> bool:
@@ -130,8 +131,8 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {"sale_id": self.sale_id, "ok": self.ok, "rebuilt": self.rebuilt,
-                "quiescent": self.quiescent, "drift": self.drift, "redis": self.redis,
-                "postgres": self.postgres}
+                "merged": self.merged, "quiescent": self.quiescent, "drift": self.drift,
+                "redis": self.redis, "postgres": self.postgres}
 
 
 def _ms(value: Any) -> int:
@@ -347,10 +348,19 @@ async def rebuild(ledger: Ledger, pool: asyncpg.Pool, sale_id: str,
 async def reconcile(ledger: Ledger, pool: asyncpg.Pool, sale_id: str, *,
                     write: bool) -> Report:
     """`flashgate reconcile`: check; with `write`, rebuild a missing ledger first (an
-    existing one is never rebuilt), then report on the result."""
+    existing one is never rebuilt), or, where PostgreSQL leads Redis (a lossy failover),
+    merge its orders into Redis as the automatic failover merge does (core/failover.py),
+    then report on the result."""
+    from core.failover import merge_sale  # core.failover builds on this module
+
     report = await check(ledger.redis, ledger.keys, pool, sale_id)
     if write and report.drift.get("missing_ledger"):
         await rebuild(ledger, pool, sale_id)
         report = await check(ledger.redis, ledger.keys, pool, sale_id)
         report.rebuilt = True
+    elif write and (report.drift.get("postgres_ahead")
+                    or report.drift.get("postgres_ahead_orders")):
+        merged = await merge_sale(ledger, pool, sale_id)
+        report = await check(ledger.redis, ledger.keys, pool, sale_id)
+        report.merged = merged.orders
     return report

@@ -52,7 +52,7 @@ class ReturnCode(enum.IntEnum):
 
 SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "purchase", "confirm", "cancel", "expire",
                 "deliver", "risk_features", "withdraw", "deposit", "settle", "mark_drained",
-                "restore_sale", "refund", "refund_finish")
+                "restore_sale", "refund", "refund_finish", "merge_orders")
 
 
 @cache
@@ -90,6 +90,7 @@ class Scripts:
         self.restore_sale = script("restore_sale")
         self.refund = script("refund")
         self.refund_finish = script("refund_finish")
+        self.merge_orders = script("merge_orders")
 
     def all(self) -> list[AsyncScript | PipelinedScript]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

@@ -74,6 +74,10 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
                 exporter = await MetricsServer.start(app.state.metrics_app,
                                                      settings.metrics_host or "127.0.0.1",
                                                      settings.metrics_port)
+            if runtime.failover is not None:  # pause on a Redis failover (core/failover.py)
+                if runtime.pipe is not None:
+                    runtime.pipe.gate = runtime.failover.gate
+                await runtime.failover.start()
             freeze_heap()
             log.info("gateway ready")
             yield

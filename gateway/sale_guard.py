@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core import errors
+from core import errors, failover
 from core.ids import is_order_id, is_sale_id, sale_of_order
 from core.runtime import Runtime
 from gateway.state import state
@@ -87,9 +87,14 @@ def _sale_of(request: Request) -> str | None:
 
 
 def paused_is_not_found(endpoint: Endpoint) -> Endpoint:
-    """Wrap a storefront endpoint: its 404 becomes 503 `sale_not_ready` for a paused sale."""
+    """Wrap a storefront endpoint: its 404 becomes 503 `sale_not_ready` for a paused sale; and
+    while a Redis failover is not merged yet (core/failover.py: an in-process flag, no round
+    trip), every call is 503 `sale_not_ready`."""
 
     async def guarded(request: Request) -> Response:
+        guard = state(request).runtime.failover
+        if guard is not None and guard.paused:  # a new Redis primary, not merged yet
+            raise errors.SaleNotReady(failover.PAUSED)
         try:
             return await endpoint(request)
         except errors.NotFound:

@@ -16,9 +16,8 @@ import pytest
 from redis.asyncio import Redis
 
 from core.autopipeline import AutoPipeline, NotReplicated
-from core.embedded import EmbeddedRedis
-from core.settings import Settings
-from tests.conftest import until
+from core.embedded import EmbeddedRedis, ServiceURLs
+from tests.conftest import scratch_database, until
 
 
 @dataclass
@@ -122,29 +121,42 @@ async def test_no_replica_no_wait(pair: Pair, tmp_path: Path) -> None:
         alone.stop()
 
 
+@pytest.fixture
+async def own_database(service_urls: ServiceURLs) -> AsyncIterator[str]:
+    """A database of its own: this test's random master key must not seal data keys into the
+    session's shared database (the later tests could not open them: DecryptionError)."""
+    async with scratch_database(service_urls.database_url, "flashgate_wait_") as url:
+        yield url
+
+
 async def test_a_purchase_is_acknowledged_only_once_replicated(linked: Pair,
-                                                               settings: Settings) -> None:
+                                                               own_database: str) -> None:
     """Through the gateway: with the replica stalled a purchase answers 503 with Retry-After
     (its reservation did happen on the primary); the storefront's retry with the same
     Idempotency-Key, once the replica is back, gets that same order with 201."""
-    import dataclasses
+    import base64
     import secrets
 
     import httpx
 
+    from core.settings import Settings
     from gateway.app import create_app
     from risk.engine import AllowAll
     from tests.conftest import (
+        ADMIN_TOKEN,
         channel_headers,
         create_channel,
         create_sale,
         purchase_body,
     )
 
-    # the session's database and keyring (its data keys are wrapped under that master key)
-    settings = dataclasses.replace(settings, redis_url=linked.primary.url,
-                                   key_prefix="fgr" + secrets.token_hex(4),
-                                   redis_wait_replicas=None, redis_wait_timeout_ms=100)
+    settings = Settings.from_env({
+        "FLASHGATE_REDIS_URL": linked.primary.url, "FLASHGATE_DATABASE_URL": own_database,
+        "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "FLASHGATE_KEY_PREFIX": "fgr" + secrets.token_hex(4),
+        "FLASHGATE_REDIS_WAIT_TIMEOUT_MS": "100",
+    })
     app = create_app(settings, risk=AllowAll())
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -115,11 +115,19 @@ class SaleConsumer:
         """Take over entries idle longer than worker_claim_idle_ms (their consumer is gone)."""
         settings, start, handled = self.rt.settings, "0-0", 0
         while True:
-            reply = await self.rt.redis.xautoclaim(
-                self.stream, WORKER_GROUP, self.consumer,
-                min_idle_time=settings.worker_claim_idle_ms, start_id=start,
-                count=settings.worker_batch_size,
-            )
+            try:
+                reply = await self.rt.redis.xautoclaim(
+                    self.stream, WORKER_GROUP, self.consumer,
+                    min_idle_time=settings.worker_claim_idle_ms, start_id=start,
+                    count=settings.worker_batch_size,
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The group is gone: the stream was recreated, or Redis failed over to a
+                # replica that never got the group (created after its last replicated write).
+                await self.ensure_group()
+                return handled
             start, claimed = reply[0], reply[1]
             if claimed:
                 log.info("sale %s: reclaimed %d idle entries", self.shard, len(claimed))

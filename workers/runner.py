@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -108,6 +109,8 @@ class Worker:
         """
         deadline = time.monotonic() + timeout_s
         total = 0
+        if self.rt.failover is not None:  # a Redis failover not merged yet: merge first
+            await self.rt.failover.check_and_merge()
         for sale_id, shard in await self.streams():
             crew = [await self.consumer(sale_id, i, shard) for i in range(self.per_sale)]
             total += await self._drain_together(crew, deadline)
@@ -154,6 +157,8 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker %s: started", self.name)
+        if self.rt.failover is not None:  # watch for a Redis failover, merge when one is due
+            await self.rt.failover.start()
         async with contextlib.AsyncExitStack() as stack:
             http = self._http
             if http is None:
@@ -266,8 +271,17 @@ class Worker:
 
 
 # -- entry point ------------------------------------------------------------------------------
+def worker_settings(settings: Settings) -> Settings:
+    """A worker's settings: its script calls never WAIT for replicas. What it writes to Redis
+    follows PostgreSQL (a delivered mark, a refund's outcome) or is redone if lost (an expiry:
+    the sweeper runs again; a failover's merge brings PostgreSQL's orders back), so a replica's
+    ack adds nothing, while waiting for one failed every batch during a replica outage and
+    dead-lettered its entries (each retry is a delivery)."""
+    return dataclasses.replace(settings, redis_wait_replicas=0)
+
+
 async def serve(settings: Settings) -> None:
-    rt = await Runtime.open(settings)
+    rt = await Runtime.open(worker_settings(settings))
     worker = Worker(rt, after_commit=after_commit_fault(settings))  # None unless a test asks
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
