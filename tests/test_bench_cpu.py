@@ -11,8 +11,8 @@ import psutil
 
 from bench.cpu import process_cpu_s, roots_by_name, tree_cpu_s
 
-# A parent that forks from a second thread (not the main one, and alive): child A burns 0.4 s of CPU and
-# exits (reaped by the parent), child B burns 0.4 s and stays alive.
+# A parent that forks from a second thread (not the main one, and alive): child A burns 0.4 s
+# of CPU and exits (reaped by the parent), child B burns 0.4 s and stays alive.
 PARENT = """
 import subprocess, sys, threading, time
 BURN = "import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.4: pass\\n"
