@@ -281,7 +281,27 @@ def redis_figures(cell: Cell) -> dict[str, Any]:
             evalsha.append(sum(m.usec.get("evalsha", 0.0) for m in rep) / calls)
     return {"cores_per_master": [round(c, 2) for c in per_master],
             "usec_per_purchase": round(median(usec_per_req), 1),
-            "evalsha_usec_per_call": round(median(evalsha), 1)}
+            "evalsha_usec_per_call": round(median(evalsha), 1),
+            "by_command": by_command(cell)}
+
+
+def by_command(cell: Cell, top: int = 4) -> dict[str, dict[str, float]]:
+    """The commands that cost Redis the most, all masters together: {command: {"usec": per
+    request, "calls": per request}} (medians over reps), the costliest first."""
+    names: set[str] = set()
+    for rep in cell.redis:
+        for m in rep:
+            names.update(m.usec)
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        usec, calls = [], []
+        for rep, run in zip(cell.redis, cell.runs, strict=True):
+            if run.requests:
+                usec.append(sum(m.usec.get(name, 0.0) for m in rep) / run.requests)
+                calls.append(sum(m.calls.get(name, 0.0) for m in rep) / run.requests)
+        out[name] = {"usec": round(median(usec), 1), "calls": round(median(calls), 2)}
+    ranked = sorted(out.items(), key=lambda kv: -kv[1]["usec"])[:top]
+    return dict(ranked)
 
 
 def _ratio(a: list[Run], b: list[Run], scale: float = 1.0) -> float | None:
@@ -342,6 +362,12 @@ def render(args: argparse.Namespace, command: str, cells: dict[tuple[int, int], 
             f"| {' · '.join(f'{c:.2f}' for c in row['cores_per_master'])} "
             f"| {row['usec_per_purchase']:.1f} | {row['evalsha_usec_per_call']:.1f} "
             f"| {row['gateway_cores']:.2f} | {row['wrk_cores']:.2f} | {row['idle']:.0%} |")
+    lines += ["", "Redis time per purchase by command (all masters; µs and calls per request, "
+              "the costliest first):", ""]
+    for row in s["cells"]:
+        parts = ", ".join(f"{name} {v['usec']:.1f} µs × {v['calls']:.2f}"
+                          for name, v in row["by_command"].items())
+        lines.append(f"- G={row['gateways']} M={row['masters']}: {parts}")
     lines += ["", "G: gateway processes (uvicorn --workers G, one port); M: Redis masters (1: "
               "one plain server; 2+: a cluster, the sale in M stock buckets on M masters). "
               "eff. G = purchases/s ÷ (G/G₀ × purchases/s at the fewest G, same M); eff. M = "

@@ -53,6 +53,7 @@ def test_bench_scale_runs_in_a_tiny_configuration(scale_database: str, tmp_path:
     assert set(result["ping"]) == {"1", "2"}
     report = out.read_text()
     assert "| G | M | purchases/s |" in report and "Redis cores per master" in report
+    assert "evalsha" in cells[(1, 1)]["by_command"]
     assert "bench.scale --gateways 1,2 --masters 1,2" in report  # the exact command
 
 
@@ -70,10 +71,13 @@ def test_figures_per_master_and_efficiencies() -> None:
                redis=[[_stats(1.0, 100_000, 2000, 40_000)]])
     two = Cell(1, 2, runs=[_run(1500, 3000)], walls=[2.0],
                redis=[[_stats(0.8, 90_000, 1500, 0), _stats(0.6, 60_000, 1500, 0)]])
-    assert redis_figures(one) == {"cores_per_master": [0.5], "usec_per_purchase": 70.0,
-                                  "evalsha_usec_per_call": 50.0}
-    assert redis_figures(two) == {"cores_per_master": [0.4, 0.3], "usec_per_purchase": 50.0,
-                                  "evalsha_usec_per_call": 50.0}
+    assert redis_figures(one) == {
+        "cores_per_master": [0.5], "usec_per_purchase": 70.0, "evalsha_usec_per_call": 50.0,
+        "by_command": {"evalsha": {"usec": 50.0, "calls": 1.0},
+                       "incr": {"usec": 20.0, "calls": 1.0}}}
+    two_figures = redis_figures(two)
+    assert two_figures["cores_per_master"] == [0.4, 0.3]
+    assert (two_figures["usec_per_purchase"], two_figures["evalsha_usec_per_call"]) == (50, 50)
     s = summary({(1, 1): one, (1, 2): two}, {1: [_run(4000, 8000)]})
     rows = {(c["gateways"], c["masters"]): c for c in s["cells"]}
     assert rows[(1, 2)]["efficiency_masters"] == 0.75  # 1500 / (2 x 1000)
