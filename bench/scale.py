@@ -266,14 +266,17 @@ def _show(rep: int, what: str, run: Run) -> None:
 
 # -- the figures ------------------------------------------------------------------------------
 def redis_figures(cell: Cell) -> dict[str, Any]:
-    """Per master: cores (median over reps); Redis microseconds per purchase (all commands,
-    all masters) and EVALSHA's microseconds per call (medians over reps)."""
+    """Per master: cores (median over reps); the Redis servers' CPU microseconds per request
+    (INFO cpu, all masters: scripts, other commands, networking) and EVALSHA's microseconds
+    per call (commandstats' usec, the whole script with the commands it calls; medians over
+    reps). Not a sum of commandstats: a script's commands are counted there on their own
+    too, inside EVALSHA's time."""
     per_master = [median([rep[i].cpu_s / wall for rep, wall in zip(cell.redis, cell.walls,
                                                                    strict=True)])
                   for i in range(cell.masters)]
     usec_per_req, evalsha = [], []
     for rep, run in zip(cell.redis, cell.runs, strict=True):
-        usec = sum(sum(m.usec.values()) for m in rep)
+        usec = sum(m.cpu_s for m in rep) * 1e6
         calls = sum(m.calls.get("evalsha", 0.0) for m in rep)
         if run.requests:
             usec_per_req.append(usec / run.requests)
@@ -287,7 +290,8 @@ def redis_figures(cell: Cell) -> dict[str, Any]:
 
 def by_command(cell: Cell, top: int = 4) -> dict[str, dict[str, float]]:
     """The commands that cost Redis the most, all masters together: {command: {"usec": per
-    request, "calls": per request}} (medians over reps), the costliest first."""
+    request, "calls": per request}} (medians over reps), the costliest first. Those a script
+    calls are counted on their own and again inside EVALSHA's time."""
     names: set[str] = set()
     for rep in cell.redis:
         for m in rep:
@@ -350,7 +354,7 @@ def render(args: argparse.Namespace, command: str, cells: dict[tuple[int, int], 
         lines.append(f"| {g} | {median([r.rps for r in runs]):,.0f} ({each}) |")
     lines += [
         "", "| G | M | purchases/s | p50 ms | p99 ms | non-2xx | / trivial | eff. G | eff. M "
-        "| Redis cores per master | Redis µs / purchase | EVALSHA µs / call | gateway cores "
+        "| Redis cores per master | Redis CPU µs / purchase | EVALSHA µs / call | gateway cores "
         "| wrk cores | idle |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -362,8 +366,9 @@ def render(args: argparse.Namespace, command: str, cells: dict[tuple[int, int], 
             f"| {' · '.join(f'{c:.2f}' for c in row['cores_per_master'])} "
             f"| {row['usec_per_purchase']:.1f} | {row['evalsha_usec_per_call']:.1f} "
             f"| {row['gateway_cores']:.2f} | {row['wrk_cores']:.2f} | {row['idle']:.0%} |")
-    lines += ["", "Redis time per purchase by command (all masters; µs and calls per request, "
-              "the costliest first):", ""]
+    lines += ["", "Redis time per purchase by command (INFO commandstats, all masters; µs and "
+              "calls per request, the costliest first; the commands purchase.lua calls are "
+              "counted on their own and again inside EVALSHA's time):", ""]
     for row in s["cells"]:
         parts = ", ".join(f"{name} {v['usec']:.1f} µs × {v['calls']:.2f}"
                           for name, v in row["by_command"].items())
@@ -373,8 +378,9 @@ def render(args: argparse.Namespace, command: str, cells: dict[tuple[int, int], 
               "eff. G = purchases/s ÷ (G/G₀ × purchases/s at the fewest G, same M); eff. M = "
               "purchases/s ÷ (M/M₀ × purchases/s at the fewest M, same G); / trivial = "
               "purchases/s ÷ the trivial endpoint's req/s at the same G (medians of "
-              "per-repetition ratios). Redis µs / purchase: INFO commandstats, every command on "
-              "every master, ÷ requests answered; EVALSHA µs / call: its usec_per_call."]
+              "per-repetition ratios). Redis CPU µs / purchase: the Redis servers' CPU (INFO cpu, "
+              "every master) ÷ requests answered; EVALSHA µs / call: INFO commandstats' "
+              "usec ÷ calls (the scripts' own time: purchase.lua, ~1 call per purchase)."]
     return "\n".join(lines) + "\n"
 
 

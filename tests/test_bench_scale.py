@@ -72,12 +72,14 @@ def test_figures_per_master_and_efficiencies() -> None:
     two = Cell(1, 2, runs=[_run(1500, 3000)], walls=[2.0],
                redis=[[_stats(0.8, 90_000, 1500, 0), _stats(0.6, 60_000, 1500, 0)]])
     assert redis_figures(one) == {
-        "cores_per_master": [0.5], "usec_per_purchase": 70.0, "evalsha_usec_per_call": 50.0,
+        "cores_per_master": [0.5], "usec_per_purchase": 500.0, "evalsha_usec_per_call": 50.0,
         "by_command": {"evalsha": {"usec": 50.0, "calls": 1.0},
                        "incr": {"usec": 20.0, "calls": 1.0}}}
     two_figures = redis_figures(two)
     assert two_figures["cores_per_master"] == [0.4, 0.3]
-    assert (two_figures["usec_per_purchase"], two_figures["evalsha_usec_per_call"]) == (50, 50)
+    # Redis CPU per purchase: both masters' process CPU (1.4 s) over 3,000 requests.
+    assert two_figures["usec_per_purchase"] == pytest.approx(466.7)
+    assert two_figures["evalsha_usec_per_call"] == 50
     s = summary({(1, 1): one, (1, 2): two}, {1: [_run(4000, 8000)]})
     rows = {(c["gateways"], c["masters"]): c for c in s["cells"]}
     assert rows[(1, 2)]["efficiency_masters"] == 0.75  # 1500 / (2 x 1000)
