@@ -74,6 +74,16 @@ bench: $(DEV_STAMP)
 	  redis-tools >/dev/null 2>&1 || echo "bench: no redis-benchmark; the Redis rows are skipped"; }
 	$(BIN)/python -m bench.run $(ARGS)
 
+## One hot sale over gateway processes x Redis masters (bench/scale.py; not part of `test`):
+## throughput, p50/p99, Redis CPU per master, scaling efficiency. Small by default (2 cores);
+## ARGS="--gateways 1,2,4,8 --masters 1,2,3,4" on a big machine. Prints; --out FILE to keep it.
+bench-scale: $(DEV_STAMP)
+	@command -v wrk >/dev/null || { echo "bench-scale: installing wrk (Debian package)"; \
+	  (apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk)) \
+	  >/dev/null 2>&1 || sudo -n apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	  { echo "bench-scale: wrk is missing and could not be installed; run: apt-get install wrk"; exit 2; }; }
+	$(BIN)/python -m bench.scale $(ARGS)
+
 ## Pinned dependencies, every version with its sha256 hashes, all platforms, Python 3.11,
 ## compiled from pyproject.toml by uv: requirements.lock (runtime + embedded + dev extras: make
 ## test, lint, CI) and, at the same versions, requirements-embedded.lock (make up, demo). The

@@ -51,9 +51,9 @@ import httpx
 from redis.asyncio import Redis
 
 from bench import durable, granian, naive, replica
+from bench.cpu import tree_cpu_s
 from bench.parse import (
     Run,
-    cpu_seconds,
     idle_fraction,
     parse_openloop,
     parse_redis_benchmark,
@@ -269,13 +269,9 @@ def _wrk(args: argparse.Namespace, url: str, path: str, api_key: str, duration_s
 
 
 def _tree_cpu_s(pid: int) -> float:
-    """CPU seconds used so far by a process and its descendants (0 for what is gone)."""
-    total = 0.0
-    with contextlib.suppress(OSError, ValueError):
-        total += cpu_seconds(Path(f"/proc/{pid}/stat").read_text()) / os.sysconf("SC_CLK_TCK")
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            total += _tree_cpu_s(int(child))
-    return total
+    """CPU seconds used so far by a process and its descendants, exited ones included
+    (bench/cpu.py); 0 for what is gone."""
+    return tree_cpu_s(pid) or 0.0
 
 
 def _machine_cpu() -> str:

@@ -118,11 +118,28 @@ class OrderRefunded(Conflict):
 
 
 class RateLimited(FlashgateError):
+    """An admission limit refused the request. `limit` names the one that answered, as
+    risk/config.py's Admission calls it ("sale_rate" or "channel_rate"; the scripts return
+    it), and goes out in the problem's `limit` field."""
+
     status, code, title = 429, "rate_limited", "Too many requests; retry later"
 
-    def __init__(self, retry_after_s: int, detail: str | None = None, **extra: Any) -> None:
+    def __init__(self, retry_after_s: int, detail: str | None = None, *,
+                 limit: str | bytes | None = None, **extra: Any) -> None:
+        name = limit.decode() if isinstance(limit, bytes) else limit
+        if name in ADMISSION_LIMITS:
+            extra["limit"] = name
+            detail = detail or ADMISSION_LIMITS[name]
         super().__init__(detail, **extra)
         self.headers = {"Retry-After": str(max(1, retry_after_s))}
+
+
+ADMISSION_LIMITS = {
+    "sale_rate": "The sale's admission limit (admission.sale_rate) answered: retry after "
+                 "Retry-After",
+    "channel_rate": "This channel's admission limit in the sale (admission.channel_rate) "
+                    "answered: retry after Retry-After",
+}
 
 
 # -- 5xx: ours --------------------------------------------------------------------------

@@ -330,7 +330,7 @@ class Ledger:
         outcome = RiskOutcome(refused, int(score), _positions(fired), _positions(shadow),
                               int(solution))
         if rc is ReturnCode.RATE_LIMITED:
-            raise errors.RateLimited(math.ceil(int(value) / 1000))
+            raise errors.RateLimited(math.ceil(int(value) / 1000), limit=status)
         if refused is not None:
             return None, outcome
         if rc is ReturnCode.BUCKET_SHORT:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -207,6 +207,8 @@ class Problem(Out):
     challenge: Challenge | None = None
     starts_at: Timestamp | None = None        # sale_not_active: the sale's window (RFC 3339)
     ends_at: Timestamp | None = None
+    # rate_limited: the admission limit that answered (risk/config.py's names)
+    limit: Literal["sale_rate", "channel_rate"] | None = None
 
 
 # -- admin: risk ----------------------------------------------------------------------------

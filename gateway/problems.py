@@ -35,6 +35,7 @@ def problem(exc: errors.FlashgateError, request: Request) -> Response:
         instance=request.url.path, errors=exc.extra.get("errors"),
         reasons=exc.extra.get("reasons"), challenge=exc.extra.get("challenge"),
         starts_at=exc.extra.get("starts_at"), ends_at=exc.extra.get("ends_at"),
+        limit=exc.extra.get("limit"),
     )
     route = request.scope.get("route")
     if getattr(route, "path", None) == metrics.PURCHASE_ROUTE:

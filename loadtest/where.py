@@ -9,10 +9,11 @@ tell the two apart without changing the gate:
   scraped from its private metrics port before and after the run: the share of purchases the gateway
   answered within the SLA, from the request reaching the app to the end of its response
   (the kernel's queues and uvicorn's parsing are outside it);
-- CPU per process from /proc, sampled every SAMPLE_S, with the machine's idle share: the
-  gateway, the workers and Locust by PID; Redis (valkey) and PostgreSQL (every backend) by
-  command name among the processes started after this one (so the machine's own servers on
-  the standard ports are left out); "rest" is everything else, this process included.
+- CPU per process tree (bench/cpu.py, psutil: every descendant, those that exited included),
+  sampled every SAMPLE_S, with the machine's idle share: the gateway, the workers and Locust
+  by PID; Redis (valkey) and PostgreSQL (the postmaster, its backends in its tree) by command
+  name among the processes started after this one (so the machine's own servers on the
+  standard ports are left out); "rest" is everything else, this process included.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.parse import cpu_seconds
+from bench.cpu import roots_by_name, tree_cpu_s
 
 PURCHASE_ROUTE = "/v1/sales/{sale_id}/purchase"
 DURATION_BUCKET = "flashgate_http_request_duration_seconds_bucket"
@@ -93,43 +95,12 @@ def _machine() -> tuple[int, int]:
 
 
 def _ticks(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return cpu_seconds(f.read())
-    except OSError:
-        return None
+    """CPU clock ticks of a process and its whole tree (bench/cpu.py), None once it is gone."""
+    seconds = tree_cpu_s(pid)
+    return None if seconds is None else seconds * TICKS
 
 
 BY_COMMAND = {"valkey-server": "redis", "redis-server": "redis", "postgres": "postgres"}
-
-
-def _stat_fields(text: str) -> tuple[str, list[str]]:
-    """(command name, the fields after it) of a /proc/<pid>/stat line."""
-    return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
-
-
-def _started_after(since_ticks: int) -> dict[str, float]:
-    """{"<group>:<pid>": CPU ticks} of the Redis and PostgreSQL processes (BY_COMMAND) that
-    started at or after `since_ticks` (clock ticks since boot)."""
-    found: dict[str, float] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                text = f.read()
-        except OSError:
-            continue
-        comm, fields = _stat_fields(text)
-        group = BY_COMMAND.get(comm)
-        if group is not None and int(fields[19]) >= since_ticks:
-            found[f"{group}:{entry.name}"] = cpu_seconds(text)
-    return found
-
-
-def _own_start_ticks() -> int:
-    with open(f"/proc/{os.getpid()}/stat") as f:
-        return int(_stat_fields(f.read())[1][19])
 
 
 @dataclass
@@ -150,8 +121,9 @@ class CpuWindow:
 
 @dataclass
 class CpuSampler:
-    """Samples /proc every SAMPLE_S in a thread while the load runs. Processes are named;
-    a process that exits keeps its last reading (so Locust's CPU counts up to its exit)."""
+    """Samples the process trees every SAMPLE_S in a thread while the load runs. Processes
+    are named; a process that exits keeps its last reading (so Locust's CPU counts up to its
+    exit)."""
 
     pids: dict[str, int]
     discover: bool = True  # also Redis and PostgreSQL by command name (_started_after)
@@ -159,13 +131,13 @@ class CpuSampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _last: dict[str, float] = field(default_factory=dict)
-    _since: int = 0
+    _since: float = 0.0
 
     def add(self, name: str, pid: int) -> None:
         self.pids[name] = pid
 
     def __enter__(self) -> CpuSampler:
-        self._since = _own_start_ticks()
+        self._since = psutil.Process().create_time()
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
         self._thread.start()
         return self
@@ -182,13 +154,14 @@ class CpuSampler:
             self._stop.wait(SAMPLE_S)
 
     def _sample(self) -> None:
-        for name, pid in list(self.pids.items()):
+        pids = dict(self.pids)
+        if self.discover:
+            pids.update(roots_by_name(BY_COMMAND, self._since))
+        for name, pid in pids.items():
             ticks = _ticks(pid)
             if ticks is not None:
                 self._last[name] = ticks
         procs = dict(self._last)
-        if self.discover:
-            procs.update(_started_after(self._since))
         busy, total = _machine()
         self.samples.append(Sample(time.time(), busy, total, procs))
 

@@ -41,7 +41,8 @@
     solution: 0 = none used, 1 = a fresh solution was used, 2 = the solution was already used
     code  as reserve.lua (0, 1, -1, -2, -6, -15 and -17 after risk allowed it; -3, -4, -5
          and -16 before anything is counted), and
-         -12 = rate limited (4th value: retry after, ms; nothing recorded)
+         -12 = rate limited (3rd value: the limit, "sale_rate" or "channel_rate"; 4th: retry
+               after, ms; nothing recorded)
          -13 = denied by risk   -14 = challenge required (features recorded, nothing reserved)
   (mirrored by core.scripts.ReturnCode)
 ]]
@@ -127,9 +128,9 @@ if code then
     -- A retry with a genuine solution is a request like any other that may reach the
     -- reservation: admitted (or not) now, never banked. Without one it is refused again as is.
     if tonumber(ARGV[13]) > 0 then
-      local wait = admitted()
+      local wait, limit = admitted()
       if wait > 0 then
-        return {-12, "", "", wait, 0, "", "", 0}
+        return {-12, "", limit, wait, 0, "", "", 0}
       end
     end
     return go_on(tonumber(score), fired_s, shadow_s, true)
@@ -137,9 +138,9 @@ if code then
   return {tonumber(code), "", "", 0, tonumber(score), fired_s, shadow_s, 0}
 end
 
-local wait = admitted()
+local wait, limit = admitted()
 if wait > 0 then
-  return {-12, "", "", wait, 0, "", "", 0}
+  return {-12, "", limit, wait, 0, "", "", 0}
 end
 -- Users are namespaced by channel (buyer_field): the user's counter key is built so by the
 -- caller; the distinct-user sketches of a device or ip count <channel>:<user>.

@@ -39,7 +39,8 @@
           1 = a replay of an answered Idempotency-Key (nothing recorded)
          -3 = the sale is not open now (nothing recorded)
          -5 = the Idempotency-Key was first seen with another request (nothing recorded)
-         -12 = rate limited (retry_after_ms > 0, nothing recorded)
+         -12 = rate limited: {-12, retry_after_ms > 0, "sale_rate" | "channel_rate"} (the
+               limit that answered; nothing recorded)
   (mirrored by core.scripts.ReturnCode)
 ]]
 local rcall = redis.call
@@ -83,10 +84,10 @@ if memo then
   end
 end
 
-local wait = admit(sale_adm_key, channel_adm_key, now, tonumber(ARGV[3]), tonumber(ARGV[4]),
-                   tonumber(ARGV[5]), tonumber(ARGV[6]))
+local wait, limit = admit(sale_adm_key, channel_adm_key, now, tonumber(ARGV[3]),
+                          tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
 if wait > 0 then
-  return {-12, wait, unpack(NOTHING)}
+  return {-12, wait, limit}
 end
 if memo_features then
   local out = {0, 0}

@@ -50,7 +50,9 @@ class Thresholds(_Base, frozen=True):
 
 class Admission(_Base, frozen=True):
     """GCRA limits, requests per second with a burst; a rate of 0 means unlimited, any other
-    is MIN_RATE..MAX_RATE."""
+    is MIN_RATE..MAX_RATE. Off (0) by default and in the shipped rules.json: a limit nobody
+    sized for the sale would cap a big channel silently (docs/RISK.md, "Admission limits");
+    set them per sale (an override) or in the file. A 429 names the one that answered."""
 
     sale_rate: Rate = 0
     sale_burst: Burst = 1

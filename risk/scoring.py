@@ -333,7 +333,7 @@ class ScoringEngine:
             raise errors.IdempotencyMismatch()
         if code is ReturnCode.RATE_LIMITED:
             self.counts["rate_limited"] += 1
-            raise errors.RateLimited(math.ceil(int(result[1]) / 1000))
+            raise errors.RateLimited(math.ceil(int(result[1]) / 1000), limit=result[2])
         v = [int(x) for x in result[2:]]
         return Features(
             user_1s=v[0], user_60s=v[1], device_1s=v[2], device_60s=v[3], ip_1s=v[4],

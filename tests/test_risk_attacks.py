@@ -148,19 +148,22 @@ async def test_limiter_state_follows_a_config_change(rc: httpx.AsyncClient, runt
     ch = await create_channel(rc)
     sale_id, _ = await create_sale(rc, keys=20)
     t = tag()
+    # The shipped config sets no admission limit (issue #19): a fast one set here instead.
+    fast = {"admission": {"sale_rate": 20000, "sale_burst": 20000}}
+    await override(rc, sale_id, fast)
     # The state the reported attack left: a TAT ~10^18 us ahead, kept for ~10^15 ms.
     key = runtime.keys.risk_admission(sale_id)
     await runtime.redis.set(key, str(int(time.time() * 1e6) + 10**18), px=10**15)
     r = await buy(rc, ch, sale_id, f"s-{t}-0", ip=honest_ip(7200))
     assert r.status_code == 201, (r.status_code, r.headers.get("Retry-After"), r.text)
-    assert await runtime.redis.pttl(key) <= 2000  # a full bucket of the shipped config, 1 s
+    assert await runtime.redis.pttl(key) <= 2000  # a full bucket of the fast config, 1 s
 
     # A slow override filled legitimately (1 per 100 s, burst 3), then reverted.
     await override(rc, sale_id, {"admission": {"sale_rate": 0.01, "sale_burst": 3}})
     codes = [(await buy(rc, ch, sale_id, f"s-{t}-{i}", ip=honest_ip(7210 + i))).status_code
              for i in range(1, 5)]
     assert codes[-1] == 429, codes
-    await override(rc, sale_id, {})
+    await override(rc, sale_id, fast)
     r = await buy(rc, ch, sale_id, f"s-{t}-5", ip=honest_ip(7220))
     assert r.status_code == 201, (r.status_code, r.headers.get("Retry-After"))
     # Tightened: a Retry-After never exceeds the current config's interval (1 s).
@@ -174,7 +177,7 @@ async def test_limiter_state_follows_a_config_change(rc: httpx.AsyncClient, runt
 def test_config_file_out_of_range_fails_at_start(tmp_path: Path) -> None:
     doc = Path(risk_config.__file__).with_name("rules.json").read_text()
     bad = tmp_path / "rules.json"
-    bad.write_text(doc.replace('"sale_rate": 20000', '"sale_rate": 1e-300'))
+    bad.write_text(doc.replace('"sale_rate": 0', '"sale_rate": 1e-300'))
     with pytest.raises(risk_config.ConfigInvalid,
                        match=r"rules\.json: .*`\$\.admission\.sale_rate`"):
         risk_config.load(bad)
@@ -189,7 +192,7 @@ async def test_gateway_refuses_to_start_with_an_out_of_range_config_file(
 
     doc = Path(risk_config.__file__).with_name("rules.json").read_text()
     bad = tmp_path / "rules.json"
-    bad.write_text(doc.replace('"channel_rate": 10000', '"channel_rate": 1e-12'))
+    bad.write_text(doc.replace('"channel_rate": 0', '"channel_rate": 1e-12'))
     application = create_app(replace(settings, risk_config_file=str(bad)))
     with pytest.raises(risk_config.ConfigInvalid, match=r"`\$\.admission\.channel_rate`"):
         async with application.router.lifespan_context(application):

@@ -31,20 +31,25 @@ local function gcra(key, now, rate, burst)
 end
 
 -- Both admission limits (sale, channel in the sale); nothing is recorded unless both admit.
--- Returns the wait in ms, 0 when admitted.
+-- Returns the wait in ms (0 when admitted) and the limit that answered: "sale_rate" or
+-- "channel_rate" (risk/config.py's names; when both refuse, the one with the longer wait,
+-- which sets Retry-After), "" when admitted.
 local function admit(sale_adm_key, channel_adm_key, now, sale_rate, sale_burst,
                      channel_rate, channel_burst)
   local wait_sale, tat_sale = gcra(sale_adm_key, now, sale_rate, sale_burst)
   local wait_channel, tat_channel = gcra(channel_adm_key, now, channel_rate, channel_burst)
   if wait_sale > 0 or wait_channel > 0 then
-    return math.max(wait_sale, wait_channel)
+    if wait_sale >= wait_channel then
+      return wait_sale, "sale_rate"
+    end
+    return wait_channel, "channel_rate"
   end
   for key, tat in pairs({[sale_adm_key] = tat_sale, [channel_adm_key] = tat_channel}) do
     if tat then
       rcall("SET", key, string.format("%.0f", tat), "PX", math.ceil(tat / 1000 - now) + 1)
     end
   end
-  return 0
+  return 0, ""
 end
 
 -- One fixed-bucket pair of a sliding window after a hit in bucket b (frac: how far into b):
