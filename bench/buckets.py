@@ -42,11 +42,16 @@ def old_reserve_source() -> str:
     root = Path(__file__).resolve().parents[1]
 
     def show(path: str) -> str:
-        return subprocess.run(["git", "-C", str(root), "show", f"{OLD_COMMIT}:{path}"],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            ["git", "-C", str(root), "show", f"{OLD_COMMIT}:{path}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
-    return show("lua/reserve.lua").replace("--!include reserve_order",
-                                           show("lua/includes/reserve_order.lua"))
+    return show("lua/reserve.lua").replace(
+        "--!include reserve_order", show("lua/includes/reserve_order.lua")
+    )
 
 
 def slot_ports(client: redis_sync.Redis) -> dict[int, int]:
@@ -61,20 +66,55 @@ def reserve_command(keys: Keys, sha: str, sale_id: str, bucket: int, buckets: in
     shard = shard_id(sale_id, bucket)
     sample = new_order_id(sale_id, bucket=bucket)
     order_key = keys.order(sample).replace(sample.rpartition(".")[2], "__rand_int__")
-    return ["EVALSHA", sha, "6", keys.sale(shard), keys.buyers(shard), keys.idempotency(shard),
-            keys.deadlines(shard), keys.events(shard), order_key,
-            str(int(time.time() * 1000)), sample.replace(sample.rpartition(".")[2],
-                                                         "__rand_int__"),
-            "ch:__rand_int__", "fp", "ch", "u__rand_int__", "1", "", str(buckets)]
+    return [
+        "EVALSHA",
+        sha,
+        "6",
+        keys.sale(shard),
+        keys.buyers(shard),
+        keys.idempotency(shard),
+        keys.deadlines(shard),
+        keys.events(shard),
+        order_key,
+        str(int(time.time() * 1000)),
+        sample.replace(sample.rpartition(".")[2], "__rand_int__"),
+        "ch:__rand_int__",
+        "fp",
+        "ch",
+        "u__rand_int__",
+        "1",
+        "",
+        str(buckets),
+    ]
 
 
-def run_parallel(tool: str, targets: list[tuple[int, list[str]]], clients: int,
-                 requests: int) -> float:
+def run_parallel(
+    tool: str, targets: list[tuple[int, list[str]]], clients: int, requests: int
+) -> float:
     """One redis-benchmark per target (port, command), all at once; returns the summed ops/s."""
-    procs = [subprocess.Popen([tool, "-h", "127.0.0.1", "-p", str(port), "-c", str(clients),
-                               "-n", str(requests), "-r", "100000000", "--csv", *cmd],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for port, cmd in targets]
+    procs = [
+        subprocess.Popen(
+            [
+                tool,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-c",
+                str(clients),
+                "-n",
+                str(requests),
+                "-r",
+                "100000000",
+                "--csv",
+                *cmd,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for port, cmd in targets
+    ]
     total = 0.0
     for proc in procs:
         out, _ = proc.communicate(timeout=600)
@@ -100,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seed = redis_sync.Redis(port=cluster.ports[0], decode_responses=True)
         owner = slot_ports(seed)
-        nodes = {port: redis_sync.Redis(port=port, decode_responses=True)
-                 for port in cluster.ports}
+        nodes = {port: redis_sync.Redis(port=port, decode_responses=True) for port in cluster.ports}
         keys = Keys("fgbench")
         new_sha = old_sha = ""
         for node in nodes.values():
@@ -121,10 +160,19 @@ def main(argv: list[str] | None = None) -> int:
             now = int(time.time() * 1000)
             for b, port in enumerate(ports):
                 fields: dict[Any, Any] = {
-                    "start": now - 1000, "end": now + 86_400_000, "limit": 1000,
-                    "ttl": 300_000, "total": 10**9, "available": 10**9, "reserved": 0,
-                    "confirmed": 0, "delivered": 0, "cancelled": 0, "expired": 0,
-                    "state": "open"}
+                    "start": now - 1000,
+                    "end": now + 86_400_000,
+                    "limit": 1000,
+                    "ttl": 300_000,
+                    "total": 10**9,
+                    "available": 10**9,
+                    "reserved": 0,
+                    "confirmed": 0,
+                    "delivered": 0,
+                    "cancelled": 0,
+                    "expired": 0,
+                    "state": "open",
+                }
                 if buckets > 1:
                     fields |= {"buckets": buckets, "bucket": b, "transit": 0}
                 nodes[port].hset(keys.sale(shard_id(sale_id, b)), mapping=fields)
@@ -133,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[float]] = {"old-1-bucket": [], "1-bucket": [], "3-buckets": []}
         cases = list(results)
         for rep in range(args.reps):
-            for case in cases[rep % 3:] + cases[:rep % 3]:  # each case first once in 3 reps
+            for case in cases[rep % 3 :] + cases[: rep % 3]:  # each case first once in 3 reps
                 for node in nodes.values():
                     node.flushall()
                 n = 3 if case == "3-buckets" else 1
@@ -145,22 +193,30 @@ def main(argv: list[str] | None = None) -> int:
                         cmd = cmd[:-1]  # the old script has no ARGV[9]
                     targets = [(ports[0], cmd)] * 3
                 else:
-                    targets = [(ports[b], reserve_command(keys, sha, sale_id, b, n))
-                               for b in range(n)]
+                    targets = [
+                        (ports[b], reserve_command(keys, sha, sale_id, b, n)) for b in range(n)
+                    ]
                 rps = run_parallel(tool, targets, args.clients, args.requests)
-                reserved = sum(int(nodes[port].hget(keys.sale(shard_id(sale_id, b)),
-                                                    "reserved") or 0)
-                               for b, port in enumerate(ports))
+                reserved = sum(
+                    int(nodes[port].hget(keys.sale(shard_id(sale_id, b)), "reserved") or 0)
+                    for b, port in enumerate(ports)
+                )
                 results[case].append(rps)
-                print(f"bench.buckets: rep {rep + 1} {case:<13} {rps:>9.0f} reservations/s "
-                      f"({reserved} reserved)", flush=True)
+                print(
+                    f"bench.buckets: rep {rep + 1} {case:<13} {rps:>9.0f} reservations/s "
+                    f"({reserved} reserved)",
+                    flush=True,
+                )
         summary = {
             "median_rps": {case: round(median(v)) for case, v in results.items()},
-            "ratio_3_buckets_vs_1": round(median_ratio(results["3-buckets"],
-                                                       results["1-bucket"]), 2),
-            "ratio_1_bucket_vs_old": round(median_ratio(results["1-bucket"],
-                                                        results["old-1-bucket"]), 3),
-            "requests_per_process": args.requests, "clients_per_process": args.clients,
+            "ratio_3_buckets_vs_1": round(
+                median_ratio(results["3-buckets"], results["1-bucket"]), 2
+            ),
+            "ratio_1_bucket_vs_old": round(
+                median_ratio(results["1-bucket"], results["old-1-bucket"]), 3
+            ),
+            "requests_per_process": args.requests,
+            "clients_per_process": args.clients,
             "reps": args.reps,
         }
         print("bench.buckets " + json.dumps(summary), flush=True)

@@ -58,5 +58,8 @@ def roots_by_name(names: dict[str, str], since: float) -> dict[str, int]:
         created = info.get("create_time")
         if group is not None and created is not None and created >= since:
             found[proc.pid] = (group, int(info.get("ppid") or 0))
-    return {f"{group}:{pid}": pid for pid, (group, ppid) in found.items()
-            if found.get(ppid, ("", 0))[0] != group}
+    return {
+        f"{group}:{pid}": pid
+        for pid, (group, ppid) in found.items()
+        if found.get(ppid, ("", 0))[0] != group
+    }

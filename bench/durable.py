@@ -53,7 +53,8 @@ async def server_settings(database_url: str) -> dict[str, str]:
     try:
         rows = await conn.fetch(
             "SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[]) ORDER BY name",
-            ["fsync", "synchronous_commit", "full_page_writes", "wal_sync_method"])
+            ["fsync", "synchronous_commit", "full_page_writes", "wal_sync_method"],
+        )
         return {r["name"]: r["setting"] for r in rows}
     finally:
         await conn.close()
@@ -101,8 +102,13 @@ def pg_test_fsync(directory: Path, secs_per_test: int = 1) -> dict[str, tuple[fl
         return {}
     path = directory / "pg_test_fsync.tmp"
     try:
-        out = subprocess.run([str(tool), "-s", str(secs_per_test), "-f", str(path)],
-                             capture_output=True, text=True, timeout=120, check=True).stdout
+        out = subprocess.run(
+            [str(tool), "-s", str(secs_per_test), "-f", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
     finally:
         path.unlink(missing_ok=True)
     return parse_pg_test_fsync(out)

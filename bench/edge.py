@@ -22,8 +22,14 @@ from gateway.duplicate_keys import refuse_duplicate_keys, repeated_key
 from gateway.models import PurchaseBody
 from gateway.state import is_json
 
-BODY = json.dumps({"user_id": "u-123456", "client_ip": "203.0.113.7", "device_id": "dev-u-123456",
-                   "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36"}).encode()
+BODY = json.dumps(
+    {
+        "user_id": "u-123456",
+        "client_ip": "203.0.113.7",
+        "device_id": "dev-u-123456",
+        "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36",
+    }
+).encode()
 CASES = {
     "msgspec decode": "decoder.decode(BODY)",
     "duplicate-key check (pre-check passes)": "refuse_duplicate_keys(BODY, PurchaseBody)",
@@ -36,9 +42,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    env = {"decoder": msgspec.json.Decoder(PurchaseBody), "BODY": BODY,
-           "refuse_duplicate_keys": refuse_duplicate_keys, "repeated_key": repeated_key,
-           "PurchaseBody": PurchaseBody, "is_json": is_json}
+    env = {
+        "decoder": msgspec.json.Decoder(PurchaseBody),
+        "BODY": BODY,
+        "refuse_duplicate_keys": refuse_duplicate_keys,
+        "repeated_key": repeated_key,
+        "PurchaseBody": PurchaseBody,
+        "is_json": is_json,
+    }
     refuse_duplicate_keys(BODY, PurchaseBody)  # builds the type's field names once
     times: dict[str, list[float]] = {name: [] for name in CASES}
     n = 20_000
@@ -48,8 +59,10 @@ def main() -> None:
             times[name].append(best / n * 1e9)
     print(f"purchase body of {len(BODY)} bytes, {args.rounds} rounds")
     for name, values in times.items():
-        print(f"  {name}: median {statistics.median(values):,.0f} ns "
-              f"(min {min(values):,.0f}, max {max(values):,.0f})")
+        print(
+            f"  {name}: median {statistics.median(values):,.0f} ns "
+            f"(min {min(values):,.0f}, max {max(values):,.0f})"
+        )
 
 
 if __name__ == "__main__":

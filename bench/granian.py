@@ -21,11 +21,31 @@ OPTIONS: tuple[str, ...] = ("--http", "1", "--runtime-mode", "st")
 KILL_TIMEOUT_S = 5
 
 
-def granian_argv(host: str, port: int, options: tuple[str, ...] = OPTIONS,
-                 factory: str = "gateway.app:create_app") -> list[str]:
+def granian_argv(
+    host: str,
+    port: int,
+    options: tuple[str, ...] = OPTIONS,
+    factory: str = "gateway.app:create_app",
+) -> list[str]:
     """`factory`: another app factory (a test wraps the gateway's to watch its lifespan)."""
     return [
-        sys.executable, "-m", "granian", "--interface", "asgi", "--factory",
-        "--host", host, "--port", str(port), "--workers", "1", "--loop", "uvloop",
-        "--no-access-log", "--workers-kill-timeout", str(KILL_TIMEOUT_S), *options, factory,
+        sys.executable,
+        "-m",
+        "granian",
+        "--interface",
+        "asgi",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--loop",
+        "uvloop",
+        "--no-access-log",
+        "--workers-kill-timeout",
+        str(KILL_TIMEOUT_S),
+        *options,
+        factory,
     ]

@@ -41,13 +41,35 @@ class SmallCluster(EmbeddedRedisCluster):
                 port, bus_port = free_port(), free_port()
                 log = node_dir / "server.log"
                 proc = subprocess.Popen(
-                    [EmbeddedRedis.binary(), "--port", str(port), "--bind", "127.0.0.1",
-                     "--dir", str(node_dir), "--save", "", "--appendonly", "no",
-                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--cluster-port", str(bus_port), "--cluster-node-timeout", "5000",
-                     "--logfile", str(log), "--protected-mode", "yes"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    preexec_fn=CHILD_SETUP)
+                    [
+                        EmbeddedRedis.binary(),
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--dir",
+                        str(node_dir),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-port",
+                        str(bus_port),
+                        "--cluster-node-timeout",
+                        "5000",
+                        "--logfile",
+                        str(log),
+                        "--protected-mode",
+                        "yes",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=CHILD_SETUP,
+                )
                 self.ports.append(port)
                 bus_ports.append(bus_port)
                 self.procs.append(proc)
@@ -66,8 +88,13 @@ class SmallCluster(EmbeddedRedisCluster):
                 hi = REDIS_CLUSTER_HASH_SLOTS - 1 if i == len(nodes) - 1 else (i + 1) * share - 1
                 node.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, hi)  # type: ignore[no-untyped-call]
                 if i:
-                    node.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0],  # type: ignore[no-untyped-call]
-                                         bus_port)
+                    node.execute_command(
+                        "CLUSTER",
+                        "MEET",
+                        "127.0.0.1",
+                        self.ports[0],  # type: ignore[no-untyped-call]
+                        bus_port,
+                    )
             deadline = time.monotonic() + timeout_s
             while not all(_cluster_ok(n) for n in nodes):
                 if time.monotonic() > deadline:
@@ -100,8 +127,7 @@ class Layout:
         finally:
             node.close()
         slot = key_slot(key.encode())
-        return next(int(master[1]) for lo, hi, master, *_ in slots
-                    if int(lo) <= slot <= int(hi))
+        return next(int(master[1]) for lo, hi, master, *_ in slots if int(lo) <= slot <= int(hi))
 
 
 @contextlib.contextmanager
@@ -139,12 +165,16 @@ def read_stats(port: int) -> MasterStats:
     finally:
         node.close()
     names = {k.removeprefix("cmdstat_"): v for k, v in cmds.items()}
-    return MasterStats(float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
-                       {k: float(v["usec"]) for k, v in names.items()},
-                       {k: float(v["calls"]) for k, v in names.items()})
+    return MasterStats(
+        float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+        {k: float(v["usec"]) for k, v in names.items()},
+        {k: float(v["calls"]) for k, v in names.items()},
+    )
 
 
 def delta(before: MasterStats, after: MasterStats) -> MasterStats:
-    return MasterStats(after.cpu_s - before.cpu_s,
-                       {k: v - before.usec.get(k, 0.0) for k, v in after.usec.items()},
-                       {k: v - before.calls.get(k, 0.0) for k, v in after.calls.items()})
+    return MasterStats(
+        after.cpu_s - before.cpu_s,
+        {k: v - before.usec.get(k, 0.0) for k, v in after.usec.items()},
+        {k: v - before.calls.get(k, 0.0) for k, v in after.calls.items()},
+    )

@@ -32,15 +32,21 @@ CREATE INDEX IF NOT EXISTS bench_naive_orders_user ON bench_naive.orders (sale_i
 """
 
 
-async def create_sale(database_url: str, sale_id: str, stock: int, per_user_limit: int,
-                      ttl_ms: int) -> None:
+async def create_sale(
+    database_url: str, sale_id: str, stock: int, per_user_limit: int, ttl_ms: int
+) -> None:
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(SCHEMA)
         await conn.execute(
             "INSERT INTO bench_naive.stock (sale_id, available, per_user_limit, ttl_ms)"
             " VALUES ($1, $2, $3, $4) ON CONFLICT (sale_id) DO UPDATE SET available ="
-            " EXCLUDED.available", sale_id, stock, per_user_limit, ttl_ms)
+            " EXCLUDED.available",
+            sale_id,
+            stock,
+            per_user_limit,
+            ttl_ms,
+        )
     finally:
         await conn.close()
 

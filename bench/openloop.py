@@ -85,11 +85,21 @@ def buyer(run: str, n: int) -> tuple[str, str]:
 
 def purchase_request(host: str, path: str, api_key: str, run: str, n: int) -> bytes:
     user, ip = buyer(run, n)
-    body = (f'{{"user_id":"{user}","client_ip":"{ip}","device_id":"d-{user}",'
-            f'"user_agent":"openloop/1"}}').encode()
-    return build_request("POST", host, path, {
-        "Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
-        "Idempotency-Key": user}, body)
+    body = (
+        f'{{"user_id":"{user}","client_ip":"{ip}","device_id":"d-{user}",'
+        f'"user_agent":"openloop/1"}}'
+    ).encode()
+    return build_request(
+        "POST",
+        host,
+        path,
+        {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Idempotency-Key": user,
+        },
+        body,
+    )
 
 
 @dataclass
@@ -117,22 +127,48 @@ class Result:
         return out
 
 
-def summarize(plan: Plan, due_ms: list[float], service_ms: list[float], lag_ms: list[float],
-              sent: int, ok: int, non2xx: int, errors: int) -> Result:
+def summarize(
+    plan: Plan,
+    due_ms: list[float],
+    service_ms: list[float],
+    lag_ms: list[float],
+    sent: int,
+    ok: int,
+    non2xx: int,
+    errors: int,
+) -> Result:
     """The run's figures from the measured requests' samples (pure: tested without load)."""
     due_ms, service_ms, lag_ms = sorted(due_ms), sorted(service_ms), sorted(lag_ms)
     planned = plan.total - plan.first_measured
-    res = Result(plan.rate, plan.duration_s, planned, sent, ok, non2xx, errors,
-                 (ok + non2xx) / plan.duration_s if plan.duration_s else 0.0,
-                 percentile(due_ms, 50), percentile(due_ms, 99),
-                 due_ms[-1] if due_ms else 0.0, percentile(service_ms, 99),
-                 percentile(lag_ms, 50), percentile(lag_ms, 99))
+    res = Result(
+        plan.rate,
+        plan.duration_s,
+        planned,
+        sent,
+        ok,
+        non2xx,
+        errors,
+        (ok + non2xx) / plan.duration_s if plan.duration_s else 0.0,
+        percentile(due_ms, 50),
+        percentile(due_ms, 99),
+        due_ms[-1] if due_ms else 0.0,
+        percentile(service_ms, 99),
+        percentile(lag_ms, 50),
+        percentile(lag_ms, 99),
+    )
     res.held = sent == planned and res.lag_p99_ms <= LAG_LIMIT_MS
     return res
 
 
-async def run(url: str, path: str, api_key: str, plan: Plan, connections: int = 64,
-              timeout_s: float = 5.0, run_id: str | None = None) -> Result:
+async def run(
+    url: str,
+    path: str,
+    api_key: str,
+    plan: Plan,
+    connections: int = 64,
+    timeout_s: float = 5.0,
+    run_id: str | None = None,
+) -> Result:
     parts = urlsplit(url)
     if parts.hostname != "127.0.0.1" or parts.scheme != "http":
         raise ValueError(f"open-loop load goes to http://127.0.0.1 only, not {url!r}")
@@ -191,13 +227,24 @@ async def run(url: str, path: str, api_key: str, plan: Plan, connections: int = 
         for c in conns:
             c.close()
     planned = plan.total - first
-    return summarize(plan, due_ms, service_ms, lag_ms, counts["sent"], counts["ok"],
-                     counts["non2xx"], planned - counts["ok"] - counts["non2xx"])
+    return summarize(
+        plan,
+        due_ms,
+        service_ms,
+        lag_ms,
+        counts["sent"],
+        counts["ok"],
+        counts["non2xx"],
+        planned - counts["ok"] - counts["non2xx"],
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.openloop", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench.openloop",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", required=True, help="http://127.0.0.1:PORT")
     p.add_argument("--path", required=True, help="the purchase path")
     p.add_argument("--api-key", required=True)
@@ -222,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     plan = Plan(args.rate, args.duration_s, args.warmup_s)
     try:
-        res = runner(run(args.url, args.path, args.api_key, plan, args.connections,
-                         args.timeout_s))
+        res = runner(run(args.url, args.path, args.api_key, plan, args.connections, args.timeout_s))
     except ValueError as exc:
         print(f"bench.openloop: {exc}", file=sys.stderr)
         return 2

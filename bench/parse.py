@@ -38,9 +38,14 @@ def parse_wrk(text: str) -> Run:
     total = re.search(r"(\d+) requests in", text)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    return Run(rps, p50, p99, int(total.group(1)) if total else 0,
-               int(non2xx.group(1)) if non2xx else 0,
-               sum(int(g) for g in sock.groups()) if sock else 0)
+    return Run(
+        rps,
+        p50,
+        p99,
+        int(total.group(1)) if total else 0,
+        int(non2xx.group(1)) if non2xx else 0,
+        sum(int(g) for g in sock.groups()) if sock else 0,
+    )
 
 
 def parse_redis_benchmark(text: str) -> Run:
@@ -69,14 +74,20 @@ def parse_openloop(text: str) -> tuple[Run, dict[str, Any]]:
     if line is None:
         raise ValueError("no `openloop {json}` line in the output")
     d = json.loads(line.removeprefix("openloop "))
-    return Run(float(d["achieved_rate"]), float(d["p50_ms"]), float(d["p99_ms"]),
-               int(d["sent"]), int(d["non2xx"]), int(d["errors"])), d
+    return Run(
+        float(d["achieved_rate"]),
+        float(d["p50_ms"]),
+        float(d["p99_ms"]),
+        int(d["sent"]),
+        int(d["non2xx"]),
+        int(d["errors"]),
+    ), d
 
 
 def cpu_seconds(stat: str) -> float:
     """utime + stime of one /proc/<pid>/stat line, in clock ticks (the command name may hold
     spaces and parentheses, so fields are counted after its last ')')."""
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return float(int(fields[11]) + int(fields[12]))
 
 
@@ -95,5 +106,7 @@ def parse_pg_test_fsync(text: str) -> dict[str, tuple[float, float]]:
     methods the platform lacks ("n/a") are left out."""
     _, found, rest = text.partition("one 8kB write")
     section = rest.split("\n\n", 1)[0] if found else ""
-    return {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
-        r"^\s+(\w+)\s+([\d.]+) ops/sec\s+([\d.]+) usecs/op", section, re.M)}
+    return {
+        m.group(1): (float(m.group(2)), float(m.group(3)))
+        for m in re.finditer(r"^\s+(\w+)\s+([\d.]+) ops/sec\s+([\d.]+) usecs/op", section, re.M)
+    }

@@ -48,8 +48,12 @@ async def _online(url: str) -> None:
         await primary.aclose()
 
 
-async def _case(url: str, wait: int | None, seconds: float, concurrency: int,
-                ) -> dict[str, Any]:
+async def _case(
+    url: str,
+    wait: int | None,
+    seconds: float,
+    concurrency: int,
+) -> dict[str, Any]:
     redis = Redis.from_url(url, decode_responses=True)
     pipe = AutoPipeline.from_url(url, timeout_s=2.0, connections=2, wait_replicas=wait)
     ledger = Ledger(redis, Keys("fgbr" + uuid.uuid4().hex[:6]), pipe)
@@ -71,14 +75,17 @@ async def _case(url: str, wait: int | None, seconds: float, concurrency: int,
                 started = time.perf_counter()
                 await ledger.reserve(req)
                 latencies.append(time.perf_counter() - started)
+
         started = time.monotonic()
         await asyncio.gather(*(caller(n) for n in range(concurrency)))
         took = time.monotonic() - started
         latencies.sort()
-        return {"per_s": len(latencies) / took,
-                "p50_ms": latencies[len(latencies) // 2] * 1000,
-                "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
-                "wait": bool(pipe.connections and pipe.connections[0].wait_replicas)}
+        return {
+            "per_s": len(latencies) / took,
+            "p50_ms": latencies[len(latencies) // 2] * 1000,
+            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+            "wait": bool(pipe.connections and pipe.connections[0].wait_replicas),
+        }
     finally:
         await pipe.aclose()
         async for key in redis.scan_iter(match=f"{ledger.keys.prefix}:*", count=1000):
@@ -94,16 +101,17 @@ async def run(reps: int, seconds: float, concurrency: int) -> dict[str, dict[str
     primary.start()
     replica = EmbeddedRedis(run_dir, name="replica", replica_of=primary.port)
     replica.start()
-    results: dict[str, list[dict[str, Any]]] = {"alone": [], "replica-wait": [],
-                                                "replica-nowait": []}
+    results: dict[str, list[dict[str, Any]]] = {
+        "alone": [],
+        "replica-wait": [],
+        "replica-nowait": [],
+    }
     try:
         await _online(primary.url)
         for _ in range(reps):
             results["alone"].append(await _case(alone.url, None, seconds, concurrency))
-            results["replica-wait"].append(await _case(primary.url, None, seconds,
-                                                       concurrency))
-            results["replica-nowait"].append(await _case(primary.url, 0, seconds,
-                                                         concurrency))
+            results["replica-wait"].append(await _case(primary.url, None, seconds, concurrency))
+            results["replica-nowait"].append(await _case(primary.url, 0, seconds, concurrency))
     finally:
         replica.stop()
         primary.stop()
@@ -111,18 +119,28 @@ async def run(reps: int, seconds: float, concurrency: int) -> dict[str, dict[str
         shutil.rmtree(run_dir, ignore_errors=True)
     assert all(r["wait"] for r in results["replica-wait"])
     assert not any(r["wait"] for r in (*results["alone"], *results["replica-nowait"]))
-    return {case: {k: round(statistics.median(r[k] for r in rows), 2)
-                   for k in ("per_s", "p50_ms", "p99_ms")}
-            for case, rows in results.items()}
+    return {
+        case: {
+            k: round(statistics.median(r[k] for r in rows), 2)
+            for k in ("per_s", "p50_ms", "p99_ms")
+        }
+        for case, rows in results.items()
+    }
 
 
 def section(reps: int, seconds: float = 3.0, concurrency: int = 100) -> str:
     """The markdown section `make bench` appends to its report (bench/run.py)."""
     figures = asyncio.run(run(reps, seconds, concurrency))
-    lines = ["", "## Replica WAIT (bench/replica.py)", "",
-             f"Reservations through the auto-pipeline, {concurrency} concurrent callers, "
-             f"{seconds:g} s per case, median of {reps}; same machine, same run.", "",
-             "| case | reservations/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+    lines = [
+        "",
+        "## Replica WAIT (bench/replica.py)",
+        "",
+        f"Reservations through the auto-pipeline, {concurrency} concurrent callers, "
+        f"{seconds:g} s per case, median of {reps}; same machine, same run.",
+        "",
+        "| case | reservations/s | p50 ms | p99 ms |",
+        "|---|---|---|---|",
+    ]
     for case, f in figures.items():
         lines.append(f"| {case} | {f['per_s']:.0f} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} |")
     return "\n".join(lines) + "\n"

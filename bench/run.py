@@ -85,22 +85,33 @@ HOST = "127.0.0.1"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--duration-s", type=int, default=10)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--fixed-rate-fraction", type=float, default=0.7,
-                   help="fixed-rate run at this share of the repetition's purchase-on max")
-    p.add_argument("--granian-options", default=shlex.join(granian.OPTIONS),
-                   help="gateway G's granian options besides the fixed ones (ASGI, factory, "
-                        "host, port, 1 worker, uvloop, no access log); default: %(default)s")
+    p.add_argument(
+        "--fixed-rate-fraction",
+        type=float,
+        default=0.7,
+        help="fixed-rate run at this share of the repetition's purchase-on max",
+    )
+    p.add_argument(
+        "--granian-options",
+        default=shlex.join(granian.OPTIONS),
+        help="gateway G's granian options besides the fixed ones (ASGI, factory, "
+        "host, port, 1 worker, uvloop, no access log); default: %(default)s",
+    )
     p.add_argument("--redis-requests", type=int, default=200_000)
     p.add_argument("--worker-orders", type=int, default=20_000)
     p.add_argument("--skip", action="append", default=[], choices=("http", "redis", "workers"))
-    p.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"),
-                   help="where the results go ('-' = print only)")
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "docs" / "PERFORMANCE.md"),
+        help="where the results go ('-' = print only)",
+    )
     args = p.parse_args(argv)
     if args.reps < 3:
         p.error("--reps must be at least 3 (every figure is a median of >= 3)")
@@ -110,8 +121,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if "http" not in args.skip and not shutil.which("wrk"):
-        print("bench: wrk not found (apt-get install wrk, or `make bench` installs it)",
-              file=sys.stderr)
+        print(
+            "bench: wrk not found (apt-get install wrk, or `make bench` installs it)",
+            file=sys.stderr,
+        )
         return 2
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict[str, list[Run]] = {}
@@ -138,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         # Hand-written notes below the marker survive a new run; the table above is replaced.
         old = out.read_text() if out.exists() else ""
-        notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else ""
+        notes = old[old.index(NOTES_MARKER) :] if NOTES_MARKER in old else ""
         out.write_text(report + ("\n" + notes if notes else ""))
         print(f"bench: written to {args.out}")
     return 0
@@ -149,8 +162,9 @@ def _shown(argv: list[str], port: int) -> str:
 
 
 @contextlib.contextmanager
-def _gateways(args: argparse.Namespace, stack: Stack, sale_id: str,
-              detail: dict[str, Any]) -> Iterator[dict[str, tuple[str, int]]]:
+def _gateways(
+    args: argparse.Namespace, stack: Stack, sale_id: str, detail: dict[str, Any]
+) -> Iterator[dict[str, tuple[str, int]]]:
     """{name: (url, pid)} of every gateway the HTTP cases use. A is the stack's (uvicorn, risk
     off); B: risk on; C: risk on, 2 processes; G: B under granian; D: A on the durable
     PostgreSQL. Stopped by PID on exit, then the durable PostgreSQL."""
@@ -160,14 +174,18 @@ def _gateways(args: argparse.Namespace, stack: Stack, sale_id: str,
     specs: dict[str, tuple[list[str], dict[str, str]]] = {
         "B": (gateway_argv(HOST, ports["B"]), risk_on),
         "C": (gateway_argv(HOST, ports["C"]) + ["--workers", "2"], risk_on),
-        "G": (granian.granian_argv(HOST, ports["G"], tuple(shlex.split(args.granian_options))),
-              risk_on),
+        "G": (
+            granian.granian_argv(HOST, ports["G"], tuple(shlex.split(args.granian_options))),
+            risk_on,
+        ),
     }
     with contextlib.ExitStack() as cleanup:
         pg = _durable_db(stack, sale_id, detail, cleanup)
         if pg is not None:
-            specs["D"] = (gateway_argv(HOST, ports["D"]),
-                          {**stack.env, "FLASHGATE_DATABASE_URL": pg.url})
+            specs["D"] = (
+                gateway_argv(HOST, ports["D"]),
+                {**stack.env, "FLASHGATE_DATABASE_URL": pg.url},
+            )
             # Runs after gateway D stopped (its backends flush their statistics on exit) and
             # before the durable PostgreSQL stops.
             cleanup.callback(_count_wal_syncs, pg.url, detail["durable"])
@@ -180,8 +198,12 @@ def _gateways(args: argparse.Namespace, stack: Stack, sale_id: str,
             url = f"http://{HOST}:{ports[name]}"
             wait_healthy(child, url)
             gateways[name] = (url, child.pid)
-        print("bench: gateways " + ", ".join(f"{k} {v[0]}" for k, v in gateways.items())
-              + " (B, C, G risk on; G granian; D durable PostgreSQL)", flush=True)
+        print(
+            "bench: gateways "
+            + ", ".join(f"{k} {v[0]}" for k, v in gateways.items())
+            + " (B, C, G risk on; G granian; D durable PostgreSQL)",
+            flush=True,
+        )
         detail["servers"] = {
             "gateways A and D (uvicorn, risk off; D's FLASHGATE_DATABASE_URL the durable "
             "PostgreSQL), B (risk on)": _shown(specs["B"][0], ports["B"]),
@@ -189,13 +211,15 @@ def _gateways(args: argparse.Namespace, stack: Stack, sale_id: str,
             "gateway G (granian, risk on)": _shown(specs["G"][0], ports["G"]),
         }
         if pg is not None:
-            detail["servers"]["durable PostgreSQL (the stack's has `off` for each)"] = \
-                shlex.join(pg.durability_flags())
+            detail["servers"]["durable PostgreSQL (the stack's has `off` for each)"] = shlex.join(
+                pg.durability_flags()
+            )
         yield gateways
 
 
-def _durable_db(stack: Stack, sale_id: str, detail: dict[str, Any],
-                cleanup: contextlib.ExitStack) -> EmbeddedPostgres | None:
+def _durable_db(
+    stack: Stack, sale_id: str, detail: dict[str, Any], cleanup: contextlib.ExitStack
+) -> EmbeddedPostgres | None:
     """The durable PostgreSQL, with the naive sale in it, and the flush-latency probes (run
     now, while no load runs); None, and naive-pg-durable skipped, if it cannot start."""
     try:
@@ -207,8 +231,11 @@ def _durable_db(stack: Stack, sale_id: str, detail: dict[str, Any],
     d = detail["durable"]
     d["url"] = pg.url
     d["settings"] = asyncio.run(durable.server_settings(pg.url))
-    print(f"bench: durable PostgreSQL on port {pg.port} ({d['settings']}); measuring flush "
-          "latency (pg_test_fsync ~16 s, fdatasync loop 2 s)", flush=True)
+    print(
+        f"bench: durable PostgreSQL on port {pg.port} ({d['settings']}); measuring flush "
+        "latency (pg_test_fsync ~16 s, fdatasync loop 2 s)",
+        flush=True,
+    )
     d["probe"] = durable.fsync_probe(pg.dir)
     d["pg_test_fsync"] = durable.pg_test_fsync(pg.dir)
     print(f"bench: fdatasync {d['probe']}; pg_test_fsync {d['pg_test_fsync']}", flush=True)
@@ -231,16 +258,24 @@ async def _setup(url: str, token: str, settings: Settings) -> tuple[str, str]:
     the same sale's row in the naive design's own tables."""
     sale_id = "bench-" + uuid.uuid4().hex[:8]
     now = datetime.now(UTC)
-    async with httpx.AsyncClient(base_url=url, timeout=30,
-                                 headers={"Authorization": f"Bearer {token}"}) as admin:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}
+    ) as admin:
         r = await admin.post("/v1/admin/channels", json={"name": "bench"})
         r.raise_for_status()
         api_key = r.json()["api_key"]
-        r = await admin.post("/v1/admin/sales", json={
-            "sale_id": sale_id, "sku": "BENCH", "name": "Benchmark",
-            "starts_at": (now - timedelta(seconds=5)).isoformat(),
-            "ends_at": (now + timedelta(hours=2)).isoformat(),
-            "per_user_limit": 100, "reservation_ttl_s": 3600})
+        r = await admin.post(
+            "/v1/admin/sales",
+            json={
+                "sale_id": sale_id,
+                "sku": "BENCH",
+                "name": "Benchmark",
+                "starts_at": (now - timedelta(seconds=5)).isoformat(),
+                "ends_at": (now + timedelta(hours=2)).isoformat(),
+                "per_user_limit": 100,
+                "reservation_ttl_s": 3600,
+            },
+        )
         r.raise_for_status()
     rt = await Runtime.open(settings, run_migrations=False)
     try:
@@ -251,17 +286,17 @@ async def _setup(url: str, token: str, settings: Settings) -> tuple[str, str]:
     return sale_id, api_key
 
 
-def _wrk(args: argparse.Namespace, url: str, path: str, api_key: str, duration_s: int,
-         script: bool) -> tuple[Run, str]:
-    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration_s}s",
-            "--latency"]
+def _wrk(
+    args: argparse.Namespace, url: str, path: str, api_key: str, duration_s: int, script: bool
+) -> tuple[Run, str]:
+    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration_s}s", "--latency"]
     if script:
         argv += ["-s", str(LUA)]
     argv.append(url + ("" if script else path))
-    env = {**os.environ, "FG_PATH": path, "FG_API_KEY": api_key,
-           "FG_RUN": uuid.uuid4().hex[:8]}
-    out = subprocess.run(argv, env=env, capture_output=True, text=True,
-                         timeout=duration_s + 30, check=True).stdout
+    env = {**os.environ, "FG_PATH": path, "FG_API_KEY": api_key, "FG_RUN": uuid.uuid4().hex[:8]}
+    out = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=duration_s + 30, check=True
+    ).stdout
     shown = " ".join(argv).replace(url, "$URL")
     if script:
         shown = f"FG_PATH={path} FG_API_KEY=$KEY {shown}"
@@ -288,28 +323,53 @@ def _cpu_watch(gateway_pid: int, into: list[tuple[float, float, float]]) -> Any:
     wall = time.monotonic() - t0
     kids2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     gen = (kids2.ru_utime + kids2.ru_stime) - (kids.ru_utime + kids.ru_stime)
-    into.append((gen / wall, (_tree_cpu_s(gateway_pid) - gw) / wall,
-                 idle_fraction(machine, _machine_cpu())))
+    into.append(
+        (gen / wall, (_tree_cpu_s(gateway_pid) - gw) / wall, idle_fraction(machine, _machine_cpu()))
+    )
 
 
-def _openloop(args: argparse.Namespace, url: str, path: str, api_key: str,
-              rate: float) -> tuple[Run, dict[str, Any], str]:
-    argv = [sys.executable, "-m", "bench.openloop", "--url", url, "--path", path,
-            "--api-key", api_key, "--rate", f"{rate:.0f}", "--duration-s",
-            str(args.duration_s), "--connections", str(args.connections)]
-    out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
-                         timeout=args.duration_s + 60, check=True).stdout
+def _openloop(
+    args: argparse.Namespace, url: str, path: str, api_key: str, rate: float
+) -> tuple[Run, dict[str, Any], str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.openloop",
+        "--url",
+        url,
+        "--path",
+        path,
+        "--api-key",
+        api_key,
+        "--rate",
+        f"{rate:.0f}",
+        "--duration-s",
+        str(args.duration_s),
+        "--connections",
+        str(args.connections),
+    ]
+    out = subprocess.run(
+        argv, capture_output=True, text=True, cwd=ROOT, timeout=args.duration_s + 60, check=True
+    ).stdout
     run, d = parse_openloop(out)
     shown = " ".join(["python"] + argv[1:]).replace(url, "$URL").replace(api_key, "$KEY")
     shown = shown.replace(path.split("/")[3], "$SALE").replace(
-        f"--rate {rate:.0f}", f"--rate <{args.fixed_rate_fraction:g} × purchase-on of the "
-        "repetition, lowered ×0.85 while the generator does not hold it>")
+        f"--rate {rate:.0f}",
+        f"--rate <{args.fixed_rate_fraction:g} × purchase-on of the "
+        "repetition, lowered ×0.85 while the generator does not hold it>",
+    )
     return run, d, shown
 
 
-def _http(args: argparse.Namespace, gateways: dict[str, tuple[str, int]], sale_id: str,
-          api_key: str, results: dict[str, list[Run]], commands: dict[str, str],
-          detail: dict[str, Any]) -> None:
+def _http(
+    args: argparse.Namespace,
+    gateways: dict[str, tuple[str, int]],
+    sale_id: str,
+    api_key: str,
+    results: dict[str, list[Run]],
+    commands: dict[str, str],
+    detail: dict[str, Any],
+) -> None:
     purchase = f"/v1/sales/{sale_id}/purchase"
     naive_path = f"/v1/bench/naive/{sale_id}/purchase"
     every = {
@@ -332,12 +392,14 @@ def _http(args: argparse.Namespace, gateways: dict[str, tuple[str, int]], sale_i
             url, pid = gateways[gw]
             if name == "naive-pg-durable" and rep == 0:
                 detail["durable"]["wal_syncs_at_start"] = asyncio.run(
-                    durable.wal_syncs(durable_url))
+                    durable.wal_syncs(durable_url)
+                )
             with _cpu_watch(pid, detail["cpu"].setdefault(name, [])):
                 run, shown = _wrk(args, url, path, api_key, args.duration_s, script)
             if name == "naive-pg-durable":
-                detail["durable"]["purchases"] = detail["durable"].get("purchases", 0) + \
-                    run.requests
+                detail["durable"]["purchases"] = (
+                    detail["durable"].get("purchases", 0) + run.requests
+                )
             results.setdefault(name, []).append(run)
             commands[name] = shown.replace(sale_id, "$SALE")
             _show(rep, name, run)
@@ -347,9 +409,12 @@ def _http(args: argparse.Namespace, gateways: dict[str, tuple[str, int]], sale_i
             cpu: list[tuple[float, float, float]] = []
             with _cpu_watch(pid_b, cpu):
                 run, d, shown = _openloop(args, url_b, purchase, api_key, rate)
-            print(f"bench: rep {rep + 1} fixed-rate target {rate:,.0f} req/s "
-                  f"({rate / peak:.2f} of {peak:,.0f}): generator lag p99 "
-                  f"{d['lag_p99_ms']:.2f} ms, held: {d['held']}", flush=True)
+            print(
+                f"bench: rep {rep + 1} fixed-rate target {rate:,.0f} req/s "
+                f"({rate / peak:.2f} of {peak:,.0f}): generator lag p99 "
+                f"{d['lag_p99_ms']:.2f} ms, held: {d['held']}",
+                flush=True,
+            )
             if d["held"]:
                 break
             rate *= 0.85
@@ -361,13 +426,21 @@ def _http(args: argparse.Namespace, gateways: dict[str, tuple[str, int]], sale_i
 
 
 def _show(rep: int, name: str, run: Run) -> None:
-    print(f"bench: rep {rep + 1} {name:<19} {run.rps:>9.0f} req/s  p50 "
-          f"{run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}  "
-          f"errors {run.socket_errors}", flush=True)
+    print(
+        f"bench: rep {rep + 1} {name:<19} {run.rps:>9.0f} req/s  p50 "
+        f"{run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}  "
+        f"errors {run.socket_errors}",
+        flush=True,
+    )
 
 
-def _redis(args: argparse.Namespace, settings: Settings, sale_id: str,
-           results: dict[str, list[Run]], commands: dict[str, str]) -> None:
+def _redis(
+    args: argparse.Namespace,
+    settings: Settings,
+    sale_id: str,
+    results: dict[str, list[Run]],
+    commands: dict[str, str],
+) -> None:
     tool = shutil.which("redis-benchmark")
     if tool is None:
         print("bench: no redis-benchmark; Redis rows skipped", file=sys.stderr)
@@ -376,37 +449,83 @@ def _redis(args: argparse.Namespace, settings: Settings, sale_id: str,
 
     client = redis_sync.Redis.from_url(settings.redis_url)
     sha = client.script_load(source("reserve"))
-    host, port = client.connection_pool.connection_kwargs["host"], \
-        client.connection_pool.connection_kwargs["port"]
+    host, port = (
+        client.connection_pool.connection_kwargs["host"],
+        client.connection_pool.connection_kwargs["port"],
+    )
     k = Keys(settings.key_prefix)
     before = int(client.hget(k.sale(sale_id), "available") or 0)
     now = str(int(time.time() * 1000))
     sample = new_order_id(sale_id)  # a real order key, its ULID made random per call
     order_key = k.order(sample).replace(sample.rpartition(".")[2], "__rand_int__")
-    reserve = ["EVALSHA", sha, "6", k.sale(sale_id), k.buyers(sale_id), k.idempotency(sale_id),
-               k.deadlines(sale_id), k.events(sale_id), order_key,
-               now, f"{sale_id}.__rand_int__", "ch:__rand_int__", "fp", "ch",
-               "u__rand_int__", "1", ""]
-    base = [tool, "-h", str(host), "-p", str(port), "-c", "50", "-n",
-            str(args.redis_requests), "-r", "100000000", "--csv"]
+    reserve = [
+        "EVALSHA",
+        sha,
+        "6",
+        k.sale(sale_id),
+        k.buyers(sale_id),
+        k.idempotency(sale_id),
+        k.deadlines(sale_id),
+        k.events(sale_id),
+        order_key,
+        now,
+        f"{sale_id}.__rand_int__",
+        "ch:__rand_int__",
+        "fp",
+        "ch",
+        "u__rand_int__",
+        "1",
+        "",
+    ]
+    base = [
+        tool,
+        "-h",
+        str(host),
+        "-p",
+        str(port),
+        "-c",
+        "50",
+        "-n",
+        str(args.redis_requests),
+        "-r",
+        "100000000",
+        "--csv",
+    ]
     cases = {"redis-reserve": reserve, "redis-incr": ["INCR", "bench:counter"]}
     for _ in range(args.reps):
         for name, cmd in cases.items():
-            out = subprocess.run(base + cmd, capture_output=True, text=True, timeout=300,
-                                 check=True).stdout
+            out = subprocess.run(
+                base + cmd, capture_output=True, text=True, timeout=300, check=True
+            ).stdout
             run = parse_redis_benchmark(out)
             results.setdefault(name, []).append(run)
-            shown = " ".join(base[:1] + ["-p", "$PORT"] + base[5:] + [
-                "EVALSHA", "<sha of lua/reserve.lua>", "6", "<the 6 keys of a sale>",
-                "<ARGV with __rand_int__ user and key>"] if name == "redis-reserve"
-                else base[:1] + ["-p", "$PORT"] + base[5:] + cmd)
+            shown = " ".join(
+                base[:1]
+                + ["-p", "$PORT"]
+                + base[5:]
+                + [
+                    "EVALSHA",
+                    "<sha of lua/reserve.lua>",
+                    "6",
+                    "<the 6 keys of a sale>",
+                    "<ARGV with __rand_int__ user and key>",
+                ]
+                if name == "redis-reserve"
+                else base[:1] + ["-p", "$PORT"] + base[5:] + cmd
+            )
             commands[name] = shown.replace("redis-benchmark", "redis-benchmark", 1)
-            print(f"bench: {name:<13} {run.rps:>9.0f} ops/s  p50 {run.p50_ms:.3f} ms  "
-                  f"p99 {run.p99_ms:.3f} ms", flush=True)
+            print(
+                f"bench: {name:<13} {run.rps:>9.0f} ops/s  p50 {run.p50_ms:.3f} ms  "
+                f"p99 {run.p99_ms:.3f} ms",
+                flush=True,
+            )
     reserved = before - int(client.hget(k.sale(sale_id), "available") or 0)
     client.close()
-    print(f"bench: reserve.lua reserved {reserved} units in "
-          f"{args.reps * args.redis_requests} calls (the rest: random-key replays)", flush=True)
+    print(
+        f"bench: reserve.lua reserved {reserved} units in "
+        f"{args.reps * args.redis_requests} calls (the rest: random-key replays)",
+        flush=True,
+    )
 
 
 async def _quiesce(settings: Settings, sale_id: str) -> None:
@@ -428,8 +547,9 @@ async def _quiesce(settings: Settings, sale_id: str) -> None:
     redis = Redis.from_url(settings.redis_url)
     try:
         batch: list[bytes] = []
-        async for key in redis.scan_iter(match=Keys(settings.key_prefix).sale_pattern(sale_id),
-                                         count=10_000):
+        async for key in redis.scan_iter(
+            match=Keys(settings.key_prefix).sale_pattern(sale_id), count=10_000
+        ):
             batch.append(key)
             if len(batch) >= 5_000:
                 await redis.unlink(*batch)
@@ -440,8 +560,12 @@ async def _quiesce(settings: Settings, sale_id: str) -> None:
         await redis.aclose()
 
 
-def _workers(args: argparse.Namespace, settings: Settings, results: dict[str, list[Run]],
-             commands: dict[str, str]) -> None:
+def _workers(
+    args: argparse.Namespace,
+    settings: Settings,
+    results: dict[str, list[Run]],
+    commands: dict[str, str],
+) -> None:
     from bench.workers import one_run
 
     async def go() -> None:
@@ -450,16 +574,17 @@ def _workers(args: argparse.Namespace, settings: Settings, results: dict[str, li
             for _ in range(args.reps):
                 rate, delivered = await one_run(rt, args.worker_orders)
                 results.setdefault("workers", []).append(Run(rate, 0, 0, delivered))
-                print(f"bench: workers {rate:>9.0f} orders/s ({delivered} delivered)",
-                      flush=True)
+                print(f"bench: workers {rate:>9.0f} orders/s ({delivered} delivered)", flush=True)
         finally:
             await rt.close()
 
     asyncio.run(go())
-    commands["workers"] = (f"bench/workers.py: {args.worker_orders} confirmed orders in one "
-                           "stream, Worker.run_burst() in one process, "
-                           f"{settings.worker_consumers_per_sale} consumers of the sale, "
-                           f"batches of {settings.worker_batch_size}")
+    commands["workers"] = (
+        f"bench/workers.py: {args.worker_orders} confirmed orders in one "
+        "stream, Worker.run_burst() in one process, "
+        f"{settings.worker_consumers_per_sale} consumers of the sale, "
+        f"batches of {settings.worker_batch_size}"
+    )
 
 
 if __name__ == "__main__":

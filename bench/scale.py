@@ -77,15 +77,22 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.scale", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench.scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--gateways", type=_ints, default=[1, 2], help="e.g. 1,2,4,8")
     p.add_argument("--masters", type=_ints, default=[1, 3], help="e.g. 1,2,3,4")
     p.add_argument("--duration-s", type=int, default=5, help="per wrk run")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--connections", type=int, default=64, help="per gateway process")
-    p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
-                   help="wrk threads (default: min(4, cores))")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="wrk threads (default: min(4, cores))",
+    )
     p.add_argument("--risk", choices=("on", "off"), default="on")
     p.add_argument("--out", default="-", help="also write the report here ('-': print only)")
     args = p.parse_args(argv)
@@ -109,8 +116,10 @@ class Cell:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not shutil.which("wrk"):
-        print("bench.scale: wrk not found (apt-get install wrk, or `make bench-scale` "
-              "installs it)", file=sys.stderr)
+        print(
+            "bench.scale: wrk not found (apt-get install wrk, or `make bench-scale` installs it)",
+            file=sys.stderr,
+        )
         return 2
     command = "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])
     run_dir = Path(tempfile.mkdtemp(prefix="flashgate-bench-scale-"))
@@ -148,19 +157,32 @@ def _database(run_dir: Path) -> Iterator[str]:
             pg.stop()
 
 
-def _layout(args: argparse.Namespace, run_dir: Path, database_url: str, layout: Layout,
-            cells: dict[tuple[int, int], Cell], pings: dict[int, list[Run]]) -> None:
-    env = stack_env(ServiceURLs(layout.url, database_url), {
-        **os.environ, "FLASHGATE_BENCH_ENDPOINTS": "1",
-        "FLASHGATE_RISK_ENABLED": "1" if args.risk == "on" else "0",
-        "FLASHGATE_KEY_PREFIX": "fgs" + uuid.uuid4().hex[:6]})
+def _layout(
+    args: argparse.Namespace,
+    run_dir: Path,
+    database_url: str,
+    layout: Layout,
+    cells: dict[tuple[int, int], Cell],
+    pings: dict[int, list[Run]],
+) -> None:
+    env = stack_env(
+        ServiceURLs(layout.url, database_url),
+        {
+            **os.environ,
+            "FLASHGATE_BENCH_ENDPOINTS": "1",
+            "FLASHGATE_RISK_ENABLED": "1" if args.risk == "on" else "0",
+            "FLASHGATE_KEY_PREFIX": "fgs" + uuid.uuid4().hex[:6],
+        },
+    )
     sale: tuple[str, str] | None = None
     for g in args.gateways:
         with _gateway(run_dir, env, g) as (url, pid):
             if sale is None:
                 sale = asyncio.run(_setup(url, env, layout))
-                print(f"bench.scale: {layout.masters} master(s) {layout.url}, sale {sale[0]}",
-                      flush=True)
+                print(
+                    f"bench.scale: {layout.masters} master(s) {layout.url}, sale {sale[0]}",
+                    flush=True,
+                )
             sale_id, api_key = sale
             purchase = f"/v1/sales/{sale_id}/purchase"
             _wrk(args, url, purchase, api_key, g, 1)  # warm-up: connections, caches
@@ -205,12 +227,19 @@ async def _setup(url: str, env: dict[str, str], layout: Layout) -> tuple[str, st
         r = await admin.post("/v1/admin/channels", json={"name": "scale-" + sale_id})
         r.raise_for_status()
         api_key = str(r.json()["api_key"])
-        r = await admin.post("/v1/admin/sales", json={
-            "sale_id": sale_id, "sku": "SCALE", "name": "bench-scale",
-            "starts_at": (now - timedelta(seconds=5)).isoformat(),
-            "ends_at": (now + timedelta(hours=2)).isoformat(),
-            "per_user_limit": 100, "reservation_ttl_s": 3600,
-            "stock_buckets": layout.masters})
+        r = await admin.post(
+            "/v1/admin/sales",
+            json={
+                "sale_id": sale_id,
+                "sku": "SCALE",
+                "name": "bench-scale",
+                "starts_at": (now - timedelta(seconds=5)).isoformat(),
+                "ends_at": (now + timedelta(hours=2)).isoformat(),
+                "per_user_limit": 100,
+                "reservation_ttl_s": 3600,
+                "stock_buckets": layout.masters,
+            },
+        )
         r.raise_for_status()
     rt = await Runtime.open(Settings.from_env(env), run_migrations=False)
     try:
@@ -220,22 +249,30 @@ async def _setup(url: str, env: dict[str, str], layout: Layout) -> tuple[str, st
     return sale_id, api_key
 
 
-def _wrk(args: argparse.Namespace, url: str, path: str, api_key: str, processes: int,
-         duration_s: int) -> Run:
+def _wrk(
+    args: argparse.Namespace, url: str, path: str, api_key: str, processes: int, duration_s: int
+) -> Run:
     connections = max(args.threads, args.connections * processes)
     argv = ["wrk", f"-t{args.threads}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
     if path != PING:
         argv += ["-s", str(LUA)]
     argv.append(url + (PING if path == PING else ""))
-    env = {**os.environ, "FG_PATH": path, "FG_API_KEY": api_key,
-           "FG_RUN": uuid.uuid4().hex[:8]}
-    out = subprocess.run(argv, env=env, capture_output=True, text=True,
-                         timeout=duration_s + 30, check=True).stdout
+    env = {**os.environ, "FG_PATH": path, "FG_API_KEY": api_key, "FG_RUN": uuid.uuid4().hex[:8]}
+    out = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=duration_s + 30, check=True
+    ).stdout
     return parse_wrk(out)
 
 
-def _measure(args: argparse.Namespace, url: str, path: str, api_key: str, gateway_pid: int,
-             layout: Layout, cell: Cell) -> None:
+def _measure(
+    args: argparse.Namespace,
+    url: str,
+    path: str,
+    api_key: str,
+    gateway_pid: int,
+    layout: Layout,
+    cell: Cell,
+) -> None:
     """One purchase run, with what each master, the gateway and wrk spent during it."""
     before = [read_stats(p) for p in layout.ports]
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -248,8 +285,7 @@ def _measure(args: argparse.Namespace, url: str, path: str, api_key: str, gatewa
     cell.runs.append(run)
     cell.redis.append([delta(a, b) for a, b in zip(before, after, strict=True)])
     cell.gateway_cores.append((gw2 - gw) / wall)
-    cell.wrk_cores.append((kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime)
-                          / wall)
+    cell.wrk_cores.append((kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime) / wall)
     cell.idle.append(idle_fraction(machine, machine2))
     cell.walls.append(wall)
 
@@ -259,9 +295,11 @@ def _machine_cpu() -> str:
 
 
 def _show(rep: int, what: str, run: Run) -> None:
-    print(f"bench.scale: rep {rep + 1} {what:<22} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms"
-          f"  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}  errors {run.socket_errors}",
-          flush=True)
+    print(
+        f"bench.scale: rep {rep + 1} {what:<22} {run.rps:>9.0f} req/s  p50 {run.p50_ms:6.2f} ms"
+        f"  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}  errors {run.socket_errors}",
+        flush=True,
+    )
 
 
 # -- the figures ------------------------------------------------------------------------------
@@ -271,9 +309,10 @@ def redis_figures(cell: Cell) -> dict[str, Any]:
     per call (commandstats' usec, the whole script with the commands it calls; medians over
     reps). Not a sum of commandstats: a script's commands are counted there on their own
     too, inside EVALSHA's time."""
-    per_master = [median([rep[i].cpu_s / wall for rep, wall in zip(cell.redis, cell.walls,
-                                                                   strict=True)])
-                  for i in range(cell.masters)]
+    per_master = [
+        median([rep[i].cpu_s / wall for rep, wall in zip(cell.redis, cell.walls, strict=True)])
+        for i in range(cell.masters)
+    ]
     usec_per_req, evalsha = [], []
     for rep, run in zip(cell.redis, cell.runs, strict=True):
         usec = sum(m.cpu_s for m in rep) * 1e6
@@ -282,10 +321,12 @@ def redis_figures(cell: Cell) -> dict[str, Any]:
             usec_per_req.append(usec / run.requests)
         if calls:
             evalsha.append(sum(m.usec.get("evalsha", 0.0) for m in rep) / calls)
-    return {"cores_per_master": [round(c, 2) for c in per_master],
-            "usec_per_purchase": round(median(usec_per_req), 1),
-            "evalsha_usec_per_call": round(median(evalsha), 1),
-            "by_command": by_command(cell)}
+    return {
+        "cores_per_master": [round(c, 2) for c in per_master],
+        "usec_per_purchase": round(median(usec_per_req), 1),
+        "evalsha_usec_per_call": round(median(evalsha), 1),
+        "by_command": by_command(cell),
+    }
 
 
 def by_command(cell: Cell, top: int = 4) -> dict[str, dict[str, float]]:
@@ -319,41 +360,54 @@ def summary(cells: dict[tuple[int, int], Cell], pings: dict[int, list[Run]]) -> 
     rows = []
     for (g, m), cell in sorted(cells.items()):
         base_g, base_m = cells.get((g0, m)), cells.get((g, m0))
-        rows.append({
-            "gateways": g, "masters": m,
-            "rps": round(median([r.rps for r in cell.runs])),
-            "p50_ms": round(median([r.p50_ms for r in cell.runs]), 2),
-            "p99_ms": round(median([r.p99_ms for r in cell.runs]), 2),
-            "non2xx": sum(r.non2xx for r in cell.runs),
-            "errors": sum(r.socket_errors for r in cell.runs),
-            "vs_ping": _ratio(cell.runs, pings.get(g, [])),
-            "efficiency_gateways": _ratio(cell.runs, base_g.runs, g / g0) if base_g else None,
-            "efficiency_masters": _ratio(cell.runs, base_m.runs, m / m0) if base_m else None,
-            "gateway_cores": round(median(cell.gateway_cores), 2),
-            "wrk_cores": round(median(cell.wrk_cores), 2),
-            "idle": round(median(cell.idle), 2),
-            **redis_figures(cell),
-        })
-    return {"cells": rows, "ping": {g: round(median([r.rps for r in runs]))
-                                    for g, runs in sorted(pings.items())}}
+        rows.append(
+            {
+                "gateways": g,
+                "masters": m,
+                "rps": round(median([r.rps for r in cell.runs])),
+                "p50_ms": round(median([r.p50_ms for r in cell.runs]), 2),
+                "p99_ms": round(median([r.p99_ms for r in cell.runs]), 2),
+                "non2xx": sum(r.non2xx for r in cell.runs),
+                "errors": sum(r.socket_errors for r in cell.runs),
+                "vs_ping": _ratio(cell.runs, pings.get(g, [])),
+                "efficiency_gateways": _ratio(cell.runs, base_g.runs, g / g0) if base_g else None,
+                "efficiency_masters": _ratio(cell.runs, base_m.runs, m / m0) if base_m else None,
+                "gateway_cores": round(median(cell.gateway_cores), 2),
+                "wrk_cores": round(median(cell.wrk_cores), 2),
+                "idle": round(median(cell.idle), 2),
+                **redis_figures(cell),
+            }
+        )
+    return {
+        "cells": rows,
+        "ping": {g: round(median([r.rps for r in runs])) for g, runs in sorted(pings.items())},
+    }
 
 
-def render(args: argparse.Namespace, command: str, cells: dict[tuple[int, int], Cell],
-           pings: dict[int, list[Run]]) -> str:
+def render(
+    args: argparse.Namespace,
+    command: str,
+    cells: dict[tuple[int, int], Cell],
+    pings: dict[int, list[Run]],
+) -> str:
     s = summary(cells, pings)
     lines = [
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command}` "
         f"(risk {args.risk}; wrk -t{args.threads}, {args.connections} connections per gateway "
-        f"process, {args.duration_s} s per run, median of {args.reps}).", "",
+        f"process, {args.duration_s} s per run, median of {args.reps}).",
+        "",
         f"**Machine:** {_machine()}. wrk, the gateways, every Redis master and PostgreSQL "
-        "share these cores.", "",
-        "| gateway processes | trivial endpoint req/s (each rep) |", "|---|---|",
+        "share these cores.",
+        "",
+        "| gateway processes | trivial endpoint req/s (each rep) |",
+        "|---|---|",
     ]
     for g, runs in sorted(pings.items()):
         each = " · ".join(f"{r.rps:,.0f}" for r in runs)
         lines.append(f"| {g} | {median([r.rps for r in runs]):,.0f} ({each}) |")
     lines += [
-        "", "| G | M | purchases/s | p50 ms | p99 ms | non-2xx | / trivial | eff. G | eff. M "
+        "",
+        "| G | M | purchases/s | p50 ms | p99 ms | non-2xx | / trivial | eff. G | eff. M "
         "| Redis cores per master | Redis CPU µs / purchase | EVALSHA µs / call | gateway cores "
         "| wrk cores | idle |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -365,22 +419,31 @@ def render(args: argparse.Namespace, command: str, cells: dict[tuple[int, int], 
             f"| {_f(row['efficiency_gateways'])} | {_f(row['efficiency_masters'])} "
             f"| {' · '.join(f'{c:.2f}' for c in row['cores_per_master'])} "
             f"| {row['usec_per_purchase']:.1f} | {row['evalsha_usec_per_call']:.1f} "
-            f"| {row['gateway_cores']:.2f} | {row['wrk_cores']:.2f} | {row['idle']:.0%} |")
-    lines += ["", "Redis time per purchase by command (INFO commandstats, all masters; µs and "
-              "calls per request, the costliest first; the commands purchase.lua calls are "
-              "counted on their own and again inside EVALSHA's time):", ""]
+            f"| {row['gateway_cores']:.2f} | {row['wrk_cores']:.2f} | {row['idle']:.0%} |"
+        )
+    lines += [
+        "",
+        "Redis time per purchase by command (INFO commandstats, all masters; µs and "
+        "calls per request, the costliest first; the commands purchase.lua calls are "
+        "counted on their own and again inside EVALSHA's time):",
+        "",
+    ]
     for row in s["cells"]:
-        parts = ", ".join(f"{name} {v['usec']:.1f} µs × {v['calls']:.2f}"
-                          for name, v in row["by_command"].items())
+        parts = ", ".join(
+            f"{name} {v['usec']:.1f} µs × {v['calls']:.2f}" for name, v in row["by_command"].items()
+        )
         lines.append(f"- G={row['gateways']} M={row['masters']}: {parts}")
-    lines += ["", "G: gateway processes (uvicorn --workers G, one port); M: Redis masters (1: "
-              "one plain server; 2+: a cluster, the sale in M stock buckets on M masters). "
-              "eff. G = purchases/s ÷ (G/G₀ × purchases/s at the fewest G, same M); eff. M = "
-              "purchases/s ÷ (M/M₀ × purchases/s at the fewest M, same G); / trivial = "
-              "purchases/s ÷ the trivial endpoint's req/s at the same G (medians of "
-              "per-repetition ratios). Redis CPU µs / purchase: the Redis servers' CPU (INFO cpu, "
-              "every master) ÷ requests answered; EVALSHA µs / call: INFO commandstats' "
-              "usec ÷ calls (the scripts' own time: purchase.lua, ~1 call per purchase)."]
+    lines += [
+        "",
+        "G: gateway processes (uvicorn --workers G, one port); M: Redis masters (1: "
+        "one plain server; 2+: a cluster, the sale in M stock buckets on M masters). "
+        "eff. G = purchases/s ÷ (G/G₀ × purchases/s at the fewest G, same M); eff. M = "
+        "purchases/s ÷ (M/M₀ × purchases/s at the fewest M, same G); / trivial = "
+        "purchases/s ÷ the trivial endpoint's req/s at the same G (medians of "
+        "per-repetition ratios). Redis CPU µs / purchase: the Redis servers' CPU (INFO cpu, "
+        "every master) ÷ requests answered; EVALSHA µs / call: INFO commandstats' "
+        "usec ÷ calls (the scripts' own time: purchase.lua, ~1 call per purchase).",
+    ]
     return "\n".join(lines) + "\n"
 
 

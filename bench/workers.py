@@ -34,31 +34,48 @@ async def _setup(rt: Runtime, n: int) -> str:
         await conn.execute(
             "INSERT INTO channels (channel_id, name, api_key_hash, webhook_url, webhook_secret,"
             " webhook_dek_id) VALUES ($1, 'bench', $2, NULL, $3, $4)",
-            channel_id, os.urandom(32), nonce + sealed, dek_id)
+            channel_id,
+            os.urandom(32),
+            nonce + sealed,
+            dek_id,
+        )
         await conn.execute(
             "INSERT INTO sales (sale_id, sku, name, starts_at, ends_at, per_user_limit,"
             " reservation_ttl_s) VALUES ($1, 'SKU', 'Workers bench', $2, $3, 1, 3600)",
-            sale_id, start, end)
+            sale_id,
+            start,
+            end,
+        )
         import_id = await conn.fetchval(
             "INSERT INTO key_imports (sale_id, imported, duplicates, rejected)"
-            " VALUES ($1, $2, 0, 0) RETURNING import_id", sale_id, n)
+            " VALUES ($1, $2, 0, 0) RETURNING import_id",
+            sale_id,
+            n,
+        )
         dek_id, dek = await rt.keyring.new_dek(conn, "card_keys")
         sealed_keys = [seal(dek, f"BENCH-{i:07d}".encode(), sale_id.encode()) for i in range(n)]
         await conn.execute(
             "INSERT INTO card_keys (sale_id, import_id, fingerprint, dek_id, nonce, ciphertext)"
             " SELECT $1, $2, f, $3, nn, c FROM unnest($4::bytea[], $5::bytea[], $6::bytea[])"
-            " AS t(f, nn, c)", sale_id, import_id, dek_id,
-            [os.urandom(32) for _ in range(n)], [s[0] for s in sealed_keys],
-            [s[1] for s in sealed_keys])
-    await rt.ledger.init_sale(sale_id, int(start.timestamp() * 1000),
-                              int(end.timestamp() * 1000), 1, 3_600_000)
+            " AS t(f, nn, c)",
+            sale_id,
+            import_id,
+            dek_id,
+            [os.urandom(32) for _ in range(n)],
+            [s[0] for s in sealed_keys],
+            [s[1] for s in sealed_keys],
+        )
+    await rt.ledger.init_sale(
+        sale_id, int(start.timestamp() * 1000), int(end.timestamp() * 1000), 1, 3_600_000
+    )
     await rt.ledger.add_stock(sale_id, import_id, n)
     sem = asyncio.Semaphore(256)
 
     async def buy(i: int) -> None:
         async with sem:
-            await rt.ledger.reserve(PurchaseRequest(
-                sale_id, channel_id, f"k{i}", f"fp{i}", f"u{i}", 1, f"pay-{i}"))
+            await rt.ledger.reserve(
+                PurchaseRequest(sale_id, channel_id, f"k{i}", f"fp{i}", f"u{i}", 1, f"pay-{i}")
+            )
 
     await asyncio.gather(*(buy(i) for i in range(n)))
     return sale_id

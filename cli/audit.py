@@ -76,10 +76,16 @@ class ClassStats:
     reasons: Counter[str] = field(default_factory=Counter)  # risk reasons of 403s and 428s
 
     def as_dict(self) -> dict[str, int]:
-        return {"users": self.users, "attempts": self.attempts, "reserved": self.reserved,
-                "denied": self.denied, "challenged": self.challenged,
-                "rate_limited": self.rate_limited, "keys": self.keys,
-                "users_with_key": self.users_with_key}
+        return {
+            "users": self.users,
+            "attempts": self.attempts,
+            "reserved": self.reserved,
+            "denied": self.denied,
+            "challenged": self.challenged,
+            "rate_limited": self.rate_limited,
+            "keys": self.keys,
+            "users_with_key": self.users_with_key,
+        }
 
 
 @dataclass
@@ -114,10 +120,27 @@ class Audit:
         return not self.failures
 
     def summary(self) -> dict[str, Any]:
-        keys = ("stock", "attempts", "buyers", "reserved", "confirmed", "delivered", "oversold",
-                "duplicate_keys", "lost_orders", "idempotency_violations", "limit_violations",
-                "errors", "purchase_p50_ms", "purchase_p99_ms", "delivery_p50_ms",
-                "delivery_p99_ms", "purchase_rps", "burst_s", "elapsed_s")
+        keys = (
+            "stock",
+            "attempts",
+            "buyers",
+            "reserved",
+            "confirmed",
+            "delivered",
+            "oversold",
+            "duplicate_keys",
+            "lost_orders",
+            "idempotency_violations",
+            "limit_violations",
+            "errors",
+            "purchase_p50_ms",
+            "purchase_p99_ms",
+            "delivery_p50_ms",
+            "delivery_p99_ms",
+            "purchase_rps",
+            "burst_s",
+            "elapsed_s",
+        )
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
         for name in ("honest", "bot"):
             c = self.classes.get(name) or ClassStats()
@@ -145,10 +168,14 @@ def _stock_breaches(sale: dict[str, Any], stock_total: int) -> tuple[int, list[s
     return breach, notes
 
 
-def _by_class(attempts: list[Attempt], planned: list[Attempt], bots: frozenset[str],
-              honest_users: int, deliveries: dict[str, Delivery]) -> dict[str, ClassStats]:
-    out = {"honest": ClassStats(users=honest_users),
-           "bot": ClassStats(users=len(bots))}
+def _by_class(
+    attempts: list[Attempt],
+    planned: list[Attempt],
+    bots: frozenset[str],
+    honest_users: int,
+    deliveries: dict[str, Delivery],
+) -> dict[str, ClassStats]:
+    out = {"honest": ClassStats(users=honest_users), "bot": ClassStats(users=len(bots))}
 
     def of(user: str) -> ClassStats:
         return out["bot" if user in bots else "honest"]
@@ -185,10 +212,22 @@ def _by_class(attempts: list[Attempt], planned: list[Attempt], bots: frozenset[s
     return out
 
 
-def audit(*, stock_total: int, imported: set[str], buyers: int, per_user_limit: int,
-          attempts: list[Attempt], deliveries: dict[str, Delivery], sale: dict[str, Any],
-          opens_at: float, imported_count: int, load_procs: int, concurrency: int,
-          bots: frozenset[str] = frozenset(), farm: str = "") -> Audit:
+def audit(
+    *,
+    stock_total: int,
+    imported: set[str],
+    buyers: int,
+    per_user_limit: int,
+    attempts: list[Attempt],
+    deliveries: dict[str, Delivery],
+    sale: dict[str, Any],
+    opens_at: float,
+    imported_count: int,
+    load_procs: int,
+    concurrency: int,
+    bots: frozenset[str] = frozenset(),
+    farm: str = "",
+) -> Audit:
     """`buyers` counts the honest buyers; `bots` are the bot farm's user ids."""
     failures: list[str] = []
     warnings: list[str] = []
@@ -216,8 +255,11 @@ def audit(*, stock_total: int, imported: set[str], buyers: int, per_user_limit: 
     limit_violations = sum(1 for o in orders_by_user.values() if len(o) > per_user_limit)
     second = Counter(a.code or str(a.status) for a in planned if a.kind == SECOND)
     codes = Counter(a.code or str(a.status) for a in attempts)
-    errors = sum(1 for (_, _), answers in by_key.items()
-                 if all(a.status == 0 or a.status >= 500 for a in answers))
+    errors = sum(
+        1
+        for (_, _), answers in by_key.items()
+        if all(a.status == 0 or a.status >= 500 for a in answers)
+    )
 
     reserved = len({a.order_id for a in attempts if a.status == 201})
     # Demand: users the ledger answered (a 201 or a 409); risk refused the others outright.
@@ -261,42 +303,61 @@ def audit(*, stock_total: int, imported: set[str], buyers: int, per_user_limit: 
     honest, bot = classes["honest"], classes["bot"]
     delivered_keys = honest.keys + bot.keys
     if delivered_keys and bot.keys > BOT_KEY_WARN * delivered_keys:
-        warnings.append(f"bots got {bot.keys} of {delivered_keys} keys "
-                        f"(over {BOT_KEY_WARN:.0%})")
+        warnings.append(f"bots got {bot.keys} of {delivered_keys} keys (over {BOT_KEY_WARN:.0%})")
     if honest.denied or honest.rate_limited:
-        warnings.append(f"risk refused honest buyers: {honest.denied} denied, "
-                        f"{honest.rate_limited} rate limited")
+        warnings.append(
+            f"risk refused honest buyers: {honest.denied} denied, "
+            f"{honest.rate_limited} rate limited"
+        )
 
     latencies = [a.latency_ms for a in attempts]
     # The pipeline's latency: the moment the ledger confirmed the order (server clock, in the
     # stream event) to the worker's commit of its keys. Falls back to client-side times.
-    delivery_ms = [((d.delivered_at or d.delivered_seen_at or 0)
-                    - (d.confirmed_in_ledger_at or d.confirm_sent_at or 0)) * 1000
-                   for d in delivered]
+    delivery_ms = [
+        (
+            (d.delivered_at or d.delivered_seen_at or 0)
+            - (d.confirmed_in_ledger_at or d.confirm_sent_at or 0)
+        )
+        * 1000
+        for d in delivered
+    ]
     last = max((a.done_at for a in attempts), default=opens_at)
     first = min((a.done_at - a.latency_ms / 1000 for a in attempts), default=opens_at)
     burst_s = max(0.001, last - first)
     return Audit(
-        stock=stock_total, buyers=buyers, attempts=len(planned), reserved=reserved,
-        confirmed=len(confirmed), delivered=len(delivered), oversold=oversold,
-        duplicate_keys=duplicate_keys, lost_orders=lost,
-        idempotency_violations=idem_violations, limit_violations=limit_violations,
+        stock=stock_total,
+        buyers=buyers,
+        attempts=len(planned),
+        reserved=reserved,
+        confirmed=len(confirmed),
+        delivered=len(delivered),
+        oversold=oversold,
+        duplicate_keys=duplicate_keys,
+        lost_orders=lost,
+        idempotency_violations=idem_violations,
+        limit_violations=limit_violations,
         errors=errors,
         purchase_p50_ms=round(percentile(latencies, 50), 1),
         purchase_p99_ms=round(percentile(latencies, 99), 1),
         delivery_p50_ms=round(percentile(delivery_ms, 50), 1),
         delivery_p99_ms=round(percentile(delivery_ms, 99), 1),
-        burst_s=round(burst_s, 2), purchase_rps=round(len(attempts) / burst_s),
-        classes=classes, farm=farm, warnings=warnings,
-        details={"answers": dict(codes.most_common()), "second_tries": dict(second),
-                 "replays": replays,
-                 "network_retries": sum(1 for a in attempts if a.kind == NET_RETRY),
-                 "ledger": sale.get("stock"),
-                 "distinct_keys_delivered": len(key_use), "unknown_keys": len(unknown),
-                 "load": f"{load_procs} process(es), {concurrency} in flight",
-                 "start_lag_ms": round((first - opens_at) * 1000, 1),
-                 "confirm_errors": [d.confirm_error for d in deliveries.values()
-                                    if d.confirm_error][:5]},
+        burst_s=round(burst_s, 2),
+        purchase_rps=round(len(attempts) / burst_s),
+        classes=classes,
+        farm=farm,
+        warnings=warnings,
+        details={
+            "answers": dict(codes.most_common()),
+            "second_tries": dict(second),
+            "replays": replays,
+            "network_retries": sum(1 for a in attempts if a.kind == NET_RETRY),
+            "ledger": sale.get("stock"),
+            "distinct_keys_delivered": len(key_use),
+            "unknown_keys": len(unknown),
+            "load": f"{load_procs} process(es), {concurrency} in flight",
+            "start_lag_ms": round((first - opens_at) * 1000, 1),
+            "confirm_errors": [d.confirm_error for d in deliveries.values() if d.confirm_error][:5],
+        },
         failures=failures,
     )
 
@@ -332,8 +393,11 @@ def render(a: Audit) -> str:
     if d["confirm_errors"]:
         lines.append(f"confirm errors   {d['confirm_errors']}")
     lines += [f"WARNING: {w}" for w in a.warnings]
-    lines.append("RESULT: PASS, every invariant holds" if a.ok else
-                 "RESULT: FAIL\n  - " + "\n  - ".join(a.failures))
+    lines.append(
+        "RESULT: PASS, every invariant holds"
+        if a.ok
+        else "RESULT: FAIL\n  - " + "\n  - ".join(a.failures)
+    )
     return "\n".join(lines)
 
 
@@ -341,9 +405,15 @@ def _render_classes(a: Audit) -> list[str]:
     h, b = a.classes.get("honest") or ClassStats(), a.classes.get("bot") or ClassStats()
     keys = h.keys + b.keys
     share = f"{h.keys / keys:.1%}" if keys else "-"
-    rows = [("users", "users"), ("attempts", "attempts"), ("reserved", "reserved"),
-            ("denied (403)", "denied"), ("challenged (428)", "challenged"),
-            ("rate limited (429)", "rate_limited"), ("keys received", "keys")]
+    rows = [
+        ("users", "users"),
+        ("attempts", "attempts"),
+        ("reserved", "reserved"),
+        ("denied (403)", "denied"),
+        ("challenged (428)", "challenged"),
+        ("rate limited (429)", "rate_limited"),
+        ("keys received", "keys"),
+    ]
     lines = [
         "",
         "Risk: honest buyers vs the bot farm",
@@ -356,8 +426,10 @@ def _render_classes(a: Audit) -> list[str]:
     ]
     if b.attempts:
         refused = b.denied + b.challenged + b.rate_limited
-        lines.append(f"bot attempts     {refused} of {b.attempts} ({refused / b.attempts:.1%}) "
-                     f"denied, challenged or rate limited")
+        lines.append(
+            f"bot attempts     {refused} of {b.attempts} ({refused / b.attempts:.1%}) "
+            f"denied, challenged or rate limited"
+        )
     for name, c in (("bot", b), ("honest", h)):
         if c.reasons:
             top = ", ".join(f"{r} {n}" for r, n in c.reasons.most_common(6))

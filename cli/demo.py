@@ -38,22 +38,39 @@ from cli.stack import Stack, redact, running_stack
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", type=int, default=1000, help="card keys in the sale (stock)")
     p.add_argument("--buyers", type=int, default=5000, help="distinct honest buyers")
-    p.add_argument("--attempts", type=int, default=20000,
-                   help="purchase attempts in all, the bot farm's included")
-    p.add_argument("--bots", type=int, default=None,
-                   help="attempts of the bot farm, 2 per bot user id (default: 10%% of "
-                   "--attempts; 0: no farm)")
-    p.add_argument("--concurrency", type=int, default=64,
-                   help="requests in flight (connections), split over the load processes")
-    p.add_argument("--load-procs", type=int, default=1,
-                   help="load-generating processes (one keeps up with the gateway on 2 cores)")
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=20000,
+        help="purchase attempts in all, the bot farm's included",
+    )
+    p.add_argument(
+        "--bots",
+        type=int,
+        default=None,
+        help="attempts of the bot farm, 2 per bot user id (default: 10%% of "
+        "--attempts; 0: no farm)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="requests in flight (connections), split over the load processes",
+    )
+    p.add_argument(
+        "--load-procs",
+        type=int,
+        default=1,
+        help="load-generating processes (one keeps up with the gateway on 2 cores)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--opens-in-s", type=float, default=3.0, help="sale opens this far ahead")
     p.add_argument("--reservation-ttl-s", type=int, default=120)
     p.add_argument("--delivery-timeout-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--run-dir", help="keep server data and logs here (default: a temp dir, "
-                   "removed at the end)")
+    p.add_argument(
+        "--run-dir", help="keep server data and logs here (default: a temp dir, removed at the end)"
+    )
 
 
 class DemoError(RuntimeError):
@@ -70,12 +87,15 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     print(f"demo: starting the stack ({args.workers} workers) ...", flush=True)
     try:
-        with running_stack(run_dir=Path(args.run_dir) if args.run_dir else None,
-                           workers=args.workers) as stack:
-            print(f"demo: gateway at {stack.gateway_url}; redis {redact(stack.urls.redis_url)}; "
-                  f"postgres {redact(stack.urls.database_url)}", flush=True)
-            print("demo: pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
-                  flush=True)
+        with running_stack(
+            run_dir=Path(args.run_dir) if args.run_dir else None, workers=args.workers
+        ) as stack:
+            print(
+                f"demo: gateway at {stack.gateway_url}; redis {redact(stack.urls.redis_url)}; "
+                f"postgres {redact(stack.urls.database_url)}",
+                flush=True,
+            )
+            print("demo: pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()), flush=True)
             try:
                 result = asyncio.run(_session(stack, args, plan))
             except DemoError as exc:
@@ -98,8 +118,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _show_logs(stack: Stack) -> None:
     for child in stack.children:
-        print(f"--- {child.name} (pid {child.pid}) log, last lines ---\n{child.tail(15)}",
-              file=sys.stderr)
+        print(
+            f"--- {child.name} (pid {child.pid}) log, last lines ---\n{child.tail(15)}",
+            file=sys.stderr,
+        )
 
 
 async def _session(stack: Stack, args: argparse.Namespace, plan: Plan) -> Audit:
@@ -110,30 +132,57 @@ async def _session(stack: Stack, args: argparse.Namespace, plan: Plan) -> Audit:
         channel = await _ok(admin.post("/v1/admin/channels", json={"name": "demo-shop"}), 201)
         sale_id = "demo-" + uuid.uuid4().hex[:10]
         opens = datetime.now(UTC) + timedelta(seconds=args.opens_in_s)
-        await _ok(admin.post("/v1/admin/sales", json={
-            "sale_id": sale_id, "sku": "GIFT-25", "name": "Demo flash sale",
-            "starts_at": rfc3339(opens), "ends_at": rfc3339(opens + timedelta(hours=1)),
-            "per_user_limit": 1, "reservation_ttl_s": args.reservation_ttl_s,
-        }), 201)
+        await _ok(
+            admin.post(
+                "/v1/admin/sales",
+                json={
+                    "sale_id": sale_id,
+                    "sku": "GIFT-25",
+                    "name": "Demo flash sale",
+                    "starts_at": rfc3339(opens),
+                    "ends_at": rfc3339(opens + timedelta(hours=1)),
+                    "per_user_limit": 1,
+                    "reservation_ttl_s": args.reservation_ttl_s,
+                },
+            ),
+            201,
+        )
         codes = [f"GC-{i:05d}-{secrets.token_hex(6).upper()}" for i in range(args.keys)]
-        imported = await _ok(admin.post(f"/v1/admin/sales/{sale_id}/keys",
-                                        json={"keys": codes}), 200)
-        print(f"demo: sale {sale_id}: {imported['imported']} keys imported; opens at "
-              f"{rfc3339(opens)}; {plan.attempts} attempts from {plan.honest} buyers"
-              f"{_farm_text(plan)}, {args.concurrency} in flight over {args.load_procs} load "
-              "process(es)", flush=True)
+        imported = await _ok(
+            admin.post(f"/v1/admin/sales/{sale_id}/keys", json={"keys": codes}), 200
+        )
+        print(
+            f"demo: sale {sale_id}: {imported['imported']} keys imported; opens at "
+            f"{rfc3339(opens)}; {plan.attempts} attempts from {plan.honest} buyers"
+            f"{_farm_text(plan)}, {args.concurrency} in flight over {args.load_procs} load "
+            "process(es)",
+            flush=True,
+        )
 
         attempts = await _fire(base, sale_id, channel["api_key"], plan, opens.timestamp(), args)
-        print(f"demo: {len(attempts)} purchase answers; confirming and awaiting delivery ...",
-              flush=True)
-        deliveries = await _confirm_and_deliver(base, channel["api_key"], admin, sale_id,
-                                                stack.urls.database_url, attempts, args)
+        print(
+            f"demo: {len(attempts)} purchase answers; confirming and awaiting delivery ...",
+            flush=True,
+        )
+        deliveries = await _confirm_and_deliver(
+            base, channel["api_key"], admin, sale_id, stack.urls.database_url, attempts, args
+        )
         stock = await _ok(admin.get(f"/v1/admin/sales/{sale_id}"), 200)
-    return audit(stock_total=args.keys, imported=set(codes), buyers=plan.honest,
-                 per_user_limit=1, attempts=attempts, deliveries=deliveries,
-                 sale=stock, opens_at=opens.timestamp(), imported_count=imported["imported"],
-                 load_procs=args.load_procs, concurrency=args.concurrency,
-                 bots=plan.bot_users, farm=plan.farm.describe() if plan.farm else "")
+    return audit(
+        stock_total=args.keys,
+        imported=set(codes),
+        buyers=plan.honest,
+        per_user_limit=1,
+        attempts=attempts,
+        deliveries=deliveries,
+        sale=stock,
+        opens_at=opens.timestamp(),
+        imported_count=imported["imported"],
+        load_procs=args.load_procs,
+        concurrency=args.concurrency,
+        bots=plan.bot_users,
+        farm=plan.farm.describe() if plan.farm else "",
+    )
 
 
 def _farm_text(plan: Plan) -> str:
@@ -150,8 +199,9 @@ async def _ok(request: Any, status: int) -> Any:
     return r.json()
 
 
-async def _fire(base: str, sale_id: str, api_key: str, plan: Plan, opens_at: float,
-                args: argparse.Namespace) -> list[Attempt]:
+async def _fire(
+    base: str, sale_id: str, api_key: str, plan: Plan, opens_at: float, args: argparse.Namespace
+) -> list[Attempt]:
     procs = max(1, args.load_procs)
     per_proc = max(1, args.concurrency // procs)
     parts = plan.partitions(procs)
@@ -160,29 +210,41 @@ async def _fire(base: str, sale_id: str, api_key: str, plan: Plan, opens_at: flo
     loop = asyncio.get_running_loop()
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool:
-        futures = [loop.run_in_executor(pool, play_in_process, base, sale_id, api_key, part,
-                                        opens_at, per_proc) for part in parts]
+        futures = [
+            loop.run_in_executor(
+                pool, play_in_process, base, sale_id, api_key, part, opens_at, per_proc
+            )
+            for part in parts
+        ]
         results = await asyncio.gather(*futures)
     return [Attempt(*row) for rows in results for row in rows]  # type: ignore[arg-type]
 
 
-async def _confirm_and_deliver(base: str, api_key: str, admin: httpx.AsyncClient, sale_id: str,
-                               database_url: str, attempts: list[Attempt],
-                               args: argparse.Namespace) -> dict[str, Delivery]:
+async def _confirm_and_deliver(
+    base: str,
+    api_key: str,
+    admin: httpx.AsyncClient,
+    sale_id: str,
+    database_url: str,
+    attempts: list[Attempt],
+    args: argparse.Namespace,
+) -> dict[str, Delivery]:
     """Confirm every reservation; wait until the sale's ledger counts them all delivered; then
     read each order as its buyer would (status and card keys)."""
     orders = sorted({a.order_id for a in attempts if a.status == 201 and a.order_id})
     out = {oid: Delivery(oid) for oid in orders}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     headers = {"Authorization": f"Bearer {api_key}"}
-    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(30.0, pool=None)) as client:
+    async with httpx.AsyncClient(
+        base_url=base, headers=headers, limits=limits, timeout=httpx.Timeout(30.0, pool=None)
+    ) as client:
 
         async def confirm(d: Delivery) -> None:
             d.confirm_sent_at = time.time()
             try:
-                r = await client.post(f"/v1/orders/{d.order_id}/confirm",
-                                      json={"payment_ref": "pay-" + d.order_id})
+                r = await client.post(
+                    f"/v1/orders/{d.order_id}/confirm", json={"payment_ref": "pay-" + d.order_id}
+                )
             except httpx.HTTPError as exc:
                 d.confirm_error = repr(exc)
                 return
@@ -212,8 +274,11 @@ async def _confirm_and_deliver(base: str, api_key: str, admin: httpx.AsyncClient
                 break
             await asyncio.sleep(0.1)
         while True:
-            pending = [d for d in out.values()
-                       if d.confirmed_at is not None and d.delivered_seen_at is None]
+            pending = [
+                d
+                for d in out.values()
+                if d.confirmed_at is not None and d.delivered_seen_at is None
+            ]
             await _bounded(64, [read(d) for d in pending])
             if not pending or time.monotonic() >= deadline:
                 break
@@ -243,7 +308,9 @@ async def _delivered_at(database_url: str, sale_id: str, out: dict[str, Delivery
         rows = await conn.fetch(
             "SELECT order_id, extract(epoch FROM delivered_at)::float8 AS at,"
             " extract(epoch FROM confirmed_at)::float8 AS confirmed FROM orders"
-            " WHERE sale_id = $1 AND delivered_at IS NOT NULL", sale_id)
+            " WHERE sale_id = $1 AND delivered_at IS NOT NULL",
+            sale_id,
+        )
     except asyncpg.PostgresError:
         return
     finally:

@@ -86,8 +86,9 @@ class Connection:
         self.proto = None
 
 
-def build_request(method: str, host: str, path: str, headers: dict[str, str],
-                  body: bytes = b"") -> bytes:
+def build_request(
+    method: str, host: str, path: str, headers: dict[str, str], body: bytes = b""
+) -> bytes:
     head = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
     head += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body

@@ -103,8 +103,15 @@ def default_bots(attempts: int) -> int:
     return attempts // 10
 
 
-def make_plan(buyers: int, attempts: int, *, bots: int = 0, double_click: float = 0.02,
-              seed: int = 7, run: str | None = None) -> Plan:
+def make_plan(
+    buyers: int,
+    attempts: int,
+    *,
+    bots: int = 0,
+    double_click: float = 0.02,
+    seed: int = 7,
+    run: str | None = None,
+) -> Plan:
     """Exactly `attempts` purchase attempts: `bots` of them from a bot farm, the rest spread
     over `buyers` distinct honest users."""
     if bots < 0:
@@ -125,12 +132,13 @@ def make_plan(buyers: int, attempts: int, *, bots: int = 0, double_click: float 
         out.append(bot)
         if i < len(honest):
             out.append(honest[i])
-    out.extend(honest[len(farm_buyers):])
+    out.extend(honest[len(farm_buyers) :])
     return Plan(out, farm)
 
 
-def _honest_buyers(buyers: int, attempts: int, double_click: float, rng: random.Random,
-                   run: str) -> list[Buyer]:
+def _honest_buyers(
+    buyers: int, attempts: int, double_click: float, rng: random.Random, run: str
+) -> list[Buyer]:
     counts = [attempts // buyers + (1 if i < attempts % buyers else 0) for i in range(buyers)]
     rng.shuffle(counts)
     out: list[Buyer] = []
@@ -139,8 +147,14 @@ def _honest_buyers(buyers: int, attempts: int, double_click: float, rng: random.
         # Honest buyers: a subnet each (CGNAT space 100.64.0.0/10 holds 16,384 /24s), so the
         # risk engine's subnet and IP rules see people, not a farm.
         ip = f"100.{64 + (i >> 8) % 64}.{i & 255}.{1 + i % 254}"
-        body = msgspec.json.encode({"user_id": user, "client_ip": ip, "device_id": f"dev-{i}",
-                                    "user_agent": "flashgate-demo/1"})
+        body = msgspec.json.encode(
+            {
+                "user_id": user,
+                "client_ip": ip,
+                "device_id": f"dev-{i}",
+                "user_agent": "flashgate-demo/1",
+            }
+        )
         keys = [f"{user}-k1"]
         steps: list[Step] = []
         if n >= 2 and rng.random() < double_click:
@@ -172,24 +186,30 @@ def _bot_farm(attempts: int, run: str) -> tuple[BotFarm, list[Buyer]]:
         subnet = BOT_SUBNETS[device % len(BOT_SUBNETS)]
         ip = f"{subnet}.{1 + (j * 37 + device) % 254}"
         user = f"farm-{run}-{j:06d}"
-        body = msgspec.json.encode({"user_id": user, "client_ip": ip,
-                                    "device_id": f"farm-{run}-dev-{device}",
-                                    "user_agent": "Mozilla/5.0 (farm)"})
+        body = msgspec.json.encode(
+            {
+                "user_id": user,
+                "client_ip": ip,
+                "device_id": f"farm-{run}-dev-{device}",
+                "user_agent": "Mozilla/5.0 (farm)",
+            }
+        )
         n = min(BOT_ATTEMPTS_PER_USER, left)
         left -= n
-        steps: list[Step] = [[(f"{user}-k{k + 1}", FIRST if k == 0 else SECOND)]
-                             for k in range(n)]
+        steps: list[Step] = [[(f"{user}-k{k + 1}", FIRST if k == 0 else SECOND)] for k in range(n)]
         out.append(Buyer(user, body, steps, bot=True))
-    farm = BotFarm(users=users, devices=devices,
-                   subnets=tuple(f"{s}.0/24" for s in BOT_SUBNETS[:devices]))
+    farm = BotFarm(
+        users=users, devices=devices, subnets=tuple(f"{s}.0/24" for s in BOT_SUBNETS[:devices])
+    )
     return farm, out
 
 
 class _Lane:
     """One connection, one buyer at a time: the buyer's steps in order."""
 
-    def __init__(self, host: str, port: int, sale_id: str, api_key: str,
-                 out: list[Attempt]) -> None:
+    def __init__(
+        self, host: str, port: int, sale_id: str, api_key: str, out: list[Attempt]
+    ) -> None:
         self.host, self.port, self.out = host, port, out
         self.path = f"/v1/sales/{sale_id}/purchase"
         self.auth = f"Bearer {api_key}"
@@ -203,8 +223,12 @@ class _Lane:
         for step in b.steps:
             while len(self.conns) < len(step):
                 self.conns.append(Connection(self.host, self.port))
-            await asyncio.gather(*(self._purchase(conn, b, key, kind)
-                                   for conn, (key, kind) in zip(self.conns, step, strict=False)))
+            await asyncio.gather(
+                *(
+                    self._purchase(conn, b, key, kind)
+                    for conn, (key, kind) in zip(self.conns, step, strict=False)
+                )
+            )
 
     async def _purchase(self, conn: Connection, b: Buyer, key: str, kind: str) -> None:
         challenge = await self._send(conn, b.user_id, b.body, key, kind)
@@ -216,12 +240,28 @@ class _Lane:
             return
         await self._send(conn, b.user_id, b.body, key, SOLVED, {SOLUTION_HEADER: solution})
 
-    async def _send(self, conn: Connection, user: str, body: bytes, key: str, kind: str,
-                    extra: dict[str, str] | None = None) -> dict[str, Any] | None:
+    async def _send(
+        self,
+        conn: Connection,
+        user: str,
+        body: bytes,
+        key: str,
+        kind: str,
+        extra: dict[str, str] | None = None,
+    ) -> dict[str, Any] | None:
         """One purchase, retried on transport errors and 5xx; the challenge of a 428."""
-        raw = build_request("POST", f"{self.host}:{self.port}", self.path, {
-            "Authorization": self.auth, "Content-Type": "application/json",
-            "Idempotency-Key": key, **(extra or {})}, body)
+        raw = build_request(
+            "POST",
+            f"{self.host}:{self.port}",
+            self.path,
+            {
+                "Authorization": self.auth,
+                "Content-Type": "application/json",
+                "Idempotency-Key": key,
+                **(extra or {}),
+            },
+            body,
+        )
         challenge: Any = None
         for attempt in range(MAX_NET_RETRIES + 1):
             t0 = time.perf_counter()
@@ -240,8 +280,19 @@ class _Lane:
                     challenge = doc.get("challenge") if status == 428 else None
                 except (msgspec.DecodeError, AttributeError, TypeError):
                     code = "undecodable"
-            self.out.append(Attempt(user, key, kind if attempt == 0 else NET_RETRY, status, code,
-                                    order_id, latency, time.time(), reasons))
+            self.out.append(
+                Attempt(
+                    user,
+                    key,
+                    kind if attempt == 0 else NET_RETRY,
+                    status,
+                    code,
+                    order_id,
+                    latency,
+                    time.time(),
+                    reasons,
+                )
+            )
             if status != 0 and status < 500:
                 return challenge if isinstance(challenge, dict) else None
         return None
@@ -251,8 +302,14 @@ class _Lane:
             conn.close()
 
 
-async def play(base_url: str, sale_id: str, api_key: str, buyers: list[Buyer],
-               opens_at: float, concurrency: int) -> list[Attempt]:
+async def play(
+    base_url: str,
+    sale_id: str,
+    api_key: str,
+    buyers: list[Buyer],
+    opens_at: float,
+    concurrency: int,
+) -> list[Attempt]:
     """Open `concurrency` connections, wait for the opening second, then play every buyer's
     steps, `concurrency` buyers at a time."""
     url = urlsplit(base_url)
@@ -275,8 +332,14 @@ async def play(base_url: str, sale_id: str, api_key: str, buyers: list[Buyer],
     return out
 
 
-def play_in_process(base_url: str, sale_id: str, api_key: str, buyers: list[Buyer],
-                    opens_at: float, concurrency: int) -> list[tuple[object, ...]]:
+def play_in_process(
+    base_url: str,
+    sale_id: str,
+    api_key: str,
+    buyers: list[Buyer],
+    opens_at: float,
+    concurrency: int,
+) -> list[tuple[object, ...]]:
     """Entry point of a load process (ProcessPoolExecutor): its own uvloop event loop."""
     import uvloop
 

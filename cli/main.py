@@ -36,30 +36,40 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cli import envfile
     from cli.stack import redact, running_stack
 
-    run_dir = Path(args.run_dir) if args.run_dir else (
-        envfile.RUN_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir = (
+        Path(args.run_dir)
+        if args.run_dir
+        else (envfile.RUN_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    )
     port = gateway_port(args.port)
     if port is None:
         return 2
     base_env = dict(os.environ)
     stale = envfile.sourced_from_previous_up(base_env)
     if stale:
-        print(f"ignoring {', '.join(stale)}: this shell sourced the env file of an earlier "
-              f"flashgate up ({base_env['FLASHGATE_ENV_FILE']})", file=sys.stderr)
+        print(
+            f"ignoring {', '.join(stale)}: this shell sourced the env file of an earlier "
+            f"flashgate up ({base_env['FLASHGATE_ENV_FILE']})",
+            file=sys.stderr,
+        )
         for name in stale:
             del base_env[name]
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:
-        with running_stack(run_dir=run_dir, workers=args.workers, port=port,
-                           capture_logs=not args.foreground_logs,
-                           base_env=base_env) as stack:
-            env_file = envfile.write(run_dir, up_variables(stack, os.getpid()),
-                                     bin_dir=envfile.cli_bin_dir())
+        with running_stack(
+            run_dir=run_dir,
+            workers=args.workers,
+            port=port,
+            capture_logs=not args.foreground_logs,
+            base_env=base_env,
+        ) as stack:
+            env_file = envfile.write(
+                run_dir, up_variables(stack, os.getpid()), bin_dir=envfile.cli_bin_dir()
+            )
             try:  # the env file goes first, before the stack stops
                 print(up_banner(stack, run_dir, env_file, redact), flush=True)
-                print("pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()),
-                      flush=True)
+                print("pids " + " ".join(f"{k}={v}" for k, v in stack.pids.items()), flush=True)
                 print("Ctrl-C stops everything.", flush=True)
                 return watch(stack)
             finally:
@@ -78,8 +88,11 @@ def watch(stack: Stack) -> int:
         dead = stack.dead()
         if dead:
             for child in dead:
-                print(f"{child.name} (pid {child.pid}) exited with "
-                      f"{child.proc.returncode}:\n{child.tail()}", file=sys.stderr)
+                print(
+                    f"{child.name} (pid {child.pid}) exited with "
+                    f"{child.proc.returncode}:\n{child.tail()}",
+                    file=sys.stderr,
+                )
             return 1
         time.sleep(0.5)
 
@@ -92,13 +105,18 @@ def gateway_port(asked: int | None) -> int | None:
     if asked is None:
         if port_free("127.0.0.1", UP_PORT):
             return UP_PORT
-        print(f"port {UP_PORT} is in use (another flashgate up?): the gateway takes a free "
-              f"port instead; its URL is printed below and in .run/flashgate.env",
-              file=sys.stderr, flush=True)
+        print(
+            f"port {UP_PORT} is in use (another flashgate up?): the gateway takes a free "
+            f"port instead; its URL is printed below and in .run/flashgate.env",
+            file=sys.stderr,
+            flush=True,
+        )
         return 0
     if asked and not port_free("127.0.0.1", asked):
-        print(f"flashgate up: port {asked} is in use; choose another, or --port 0 for a free "
-              f"one", file=sys.stderr)
+        print(
+            f"flashgate up: port {asked} is in use; choose another, or --port 0 for a free one",
+            file=sys.stderr,
+        )
         return None
     return asked
 
@@ -122,10 +140,8 @@ def up_variables(stack: Stack, pid: int) -> dict[str, str]:
     return values
 
 
-def up_banner(stack: Stack, run_dir: Path, env_file: Path,
-              redact: Callable[[str], str]) -> str:
-    token = (stack.admin_token if stack.admin_token_generated
-             else "(from FLASHGATE_ADMIN_TOKEN)")
+def up_banner(stack: Stack, run_dir: Path, env_file: Path, redact: Callable[[str], str]) -> str:
+    token = stack.admin_token if stack.admin_token_generated else "(from FLASHGATE_ADMIN_TOKEN)"
     lines = [
         f"flashgate is up (run dir {run_dir})",
         f"  gateway         {stack.gateway_url}",
@@ -139,7 +155,7 @@ def up_banner(stack: Stack, run_dir: Path, env_file: Path,
         "  in another shell, in this directory:",
         "    source .run/flashgate.env",
         '    curl -H "Authorization: Bearer $FLASHGATE_ADMIN_TOKEN" '
-        '$FLASHGATE_URL/v1/admin/risk/stats',
+        "$FLASHGATE_URL/v1/admin/risk/stats",
         "    flashgate channel create shop    # the CLI finds .run/flashgate.env by itself",
     ]
     return "\n".join(lines)
@@ -191,9 +207,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         os.environ["FLASHGATE_METRICS_PORT"] = str(args.metrics_port)
     os.environ.setdefault("FLASHGATE_METRICS_HOST", args.host)
     Settings.from_env()  # fail fast, with the variable's name, before uvicorn starts
-    uvicorn.run("gateway.app:create_app", factory=True, host=args.host, port=args.port,
-                loop="uvloop", http="gateway.server:BoundedHttpToolsProtocol",
-                access_log=False)
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="gateway.server:BoundedHttpToolsProtocol",
+        access_log=False,
+    )
     return 0
 
 
@@ -259,12 +281,17 @@ def cmd_rotate_master_key(args: argparse.Namespace) -> int:
     async def run() -> dict[str, object]:
         pool = await create_pool(settings.database_url.reveal(), max_size=2)
         try:
-            report = await rotate_master_key(pool, Keyring(settings.master_keys),
-                                             batch_size=args.batch_size)
+            report = await rotate_master_key(
+                pool, Keyring(settings.master_keys), batch_size=args.batch_size
+            )
         finally:
             await pool.close()
-        return {"active_master_key": report.active, "rewrapped": report.rewrapped,
-                "batches": report.batches, "data_keys_by_master_key": report.by_master_key}
+        return {
+            "active_master_key": report.active,
+            "rewrapped": report.rewrapped,
+            "batches": report.batches,
+            "data_keys_by_master_key": report.by_master_key,
+        }
 
     try:
         out = asyncio.run(run())
@@ -291,46 +318,68 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_connection_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("up", help="run Redis, PostgreSQL, the gateway and workers in the "
-                       "foreground (embedded servers unless FLASHGATE_*_URL are set)")
-    p.add_argument("--port", type=int, default=None,
-                   help=f"gateway port (default: {UP_PORT} when free, else a free one; "
-                        "0: a free one)")
+    p = sub.add_parser(
+        "up",
+        help="run Redis, PostgreSQL, the gateway and workers in the "
+        "foreground (embedded servers unless FLASHGATE_*_URL are set)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"gateway port (default: {UP_PORT} when free, else a free one; 0: a free one)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--run-dir", help="where server data and logs go (default ./.run/<time>)")
-    p.add_argument("--foreground-logs", action="store_true",
-                   help="children log to this terminal instead of <run-dir>/logs")
+    p.add_argument(
+        "--foreground-logs",
+        action="store_true",
+        help="children log to this terminal instead of <run-dir>/logs",
+    )
     p.set_defaults(handler=cmd_up)
 
     p = sub.add_parser("worker", help="run one worker process (until SIGTERM)")
     p.set_defaults(handler=cmd_worker)
 
-    p = sub.add_parser("worker-check", help="exit 0 if this host's worker (or --any worker) "
-                       "refreshed its heartbeat key in the last 30 s, else 1")
+    p = sub.add_parser(
+        "worker-check",
+        help="exit 0 if this host's worker (or --any worker) "
+        "refreshed its heartbeat key in the last 30 s, else 1",
+    )
     p.add_argument("--any", action="store_true", help="any worker, not only this host's")
     p.set_defaults(handler=cmd_worker_check)
 
     p = sub.add_parser("gateway", help="run the HTTP gateway (uvicorn, uvloop, httptools)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="private Prometheus port, /metrics (default FLASHGATE_METRICS_PORT; "
-                   "0 = off); never served on --port")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="private Prometheus port, /metrics (default FLASHGATE_METRICS_PORT; "
+        "0 = off); never served on --port",
+    )
     p.set_defaults(handler=cmd_gateway)
 
     p = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
     p.set_defaults(handler=cmd_migrate)
 
-    p = sub.add_parser("reconcile", help="compare a sale's Redis ledger with PostgreSQL and "
-                       "its card keys (JSON report, exit 1 on drift); a ledger Redis lost is "
-                       "rebuilt from PostgreSQL unless --check")
+    p = sub.add_parser(
+        "reconcile",
+        help="compare a sale's Redis ledger with PostgreSQL and "
+        "its card keys (JSON report, exit 1 on drift); a ledger Redis lost is "
+        "rebuilt from PostgreSQL unless --check",
+    )
     p.add_argument("sale_id")
     p.add_argument("--check", action="store_true", help="report only, never write")
     p.set_defaults(handler=cmd_reconcile)
 
-    p = sub.add_parser("rotate-master-key", help="rewrap every data key under the active "
-                       "master key (first of FLASHGATE_MASTER_KEY; older ones still listed), "
-                       "in batches, online")
+    p = sub.add_parser(
+        "rotate-master-key",
+        help="rewrap every data key under the active "
+        "master key (first of FLASHGATE_MASTER_KEY; older ones still listed), "
+        "in batches, online",
+    )
     p.add_argument("--batch-size", type=int, default=500, help="data keys per transaction")
     p.set_defaults(handler=cmd_rotate_master_key)
 

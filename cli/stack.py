@@ -115,7 +115,10 @@ def spawn(name: str, argv: list[str], env: Mapping[str, str], log_dir: Path | No
         out = open(log, "ab")  # noqa: SIM115 - the child holds it; we close our copy below
     try:
         proc = subprocess.Popen(
-            argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
+            argv,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=True,
             preexec_fn=CHILD_SETUP,
@@ -166,9 +169,19 @@ def run_migrations(database_url: str) -> list[str]:
 
 def gateway_argv(host: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
-        "--host", host, "--port", str(port), "--loop", "uvloop",
-        "--http", "gateway.server:BoundedHttpToolsProtocol",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "gateway.app:create_app",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "gateway.server:BoundedHttpToolsProtocol",
         "--no-access-log",
     ]
 
@@ -191,10 +204,17 @@ def wait_healthy(child: Child, url: str, timeout_s: float = HEALTH_TIMEOUT_S) ->
 
 
 @contextlib.contextmanager
-def running_stack(*, run_dir: Path | None = None, workers: int = 2, gateway: bool = True,
-                  host: str = "127.0.0.1", port: int = 0, capture_logs: bool = True,
-                  extra_env: Mapping[str, str] | None = None,
-                  base_env: Mapping[str, str] | None = None) -> Iterator[Stack]:
+def running_stack(
+    *,
+    run_dir: Path | None = None,
+    workers: int = 2,
+    gateway: bool = True,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    capture_logs: bool = True,
+    extra_env: Mapping[str, str] | None = None,
+    base_env: Mapping[str, str] | None = None,
+) -> Iterator[Stack]:
     """Start the stack, yield it, stop it. `run_dir=None` uses a temporary directory that is
     removed at the end; a given run_dir is kept (server data and the children's logs).
     `base_env` replaces our environment as the children's base (`extra_env` goes over it).
@@ -209,8 +229,14 @@ def running_stack(*, run_dir: Path | None = None, workers: int = 2, gateway: boo
         env = stack_env(urls, base)
         log_dir = base_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        stack = Stack(urls, env["FLASHGATE_ADMIN_TOKEN"], env, base_dir, children=children,
-                      admin_token_generated=not base.get("FLASHGATE_ADMIN_TOKEN"))
+        stack = Stack(
+            urls,
+            env["FLASHGATE_ADMIN_TOKEN"],
+            env,
+            base_dir,
+            children=children,
+            admin_token_generated=not base.get("FLASHGATE_ADMIN_TOKEN"),
+        )
         run_migrations(urls.database_url)
         logs = log_dir if capture_logs else None
         if gateway:
@@ -218,15 +244,33 @@ def running_stack(*, run_dir: Path | None = None, workers: int = 2, gateway: boo
             stack.gateway_url = f"http://{host}:{port}"
             metrics_port = free_port()
             stack.metrics_url = f"http://{host}:{metrics_port}/metrics"
-            children.append(spawn("gateway", gateway_argv(host, port), {
-                **env, "FLASHGATE_METRICS_PORT": str(metrics_port),
-                "FLASHGATE_METRICS_HOST": host}, logs))
+            children.append(
+                spawn(
+                    "gateway",
+                    gateway_argv(host, port),
+                    {
+                        **env,
+                        "FLASHGATE_METRICS_PORT": str(metrics_port),
+                        "FLASHGATE_METRICS_HOST": host,
+                    },
+                    logs,
+                )
+            )
         for i in range(workers):
             worker_port = free_port()
             stack.worker_metrics_urls.append(f"http://{host}:{worker_port}/metrics")
-            children.append(spawn(f"worker-{i + 1}", worker_argv(), {
-                **env, "FLASHGATE_WORKER_METRICS_PORT": str(worker_port),
-                "FLASHGATE_METRICS_HOST": host}, logs))
+            children.append(
+                spawn(
+                    f"worker-{i + 1}",
+                    worker_argv(),
+                    {
+                        **env,
+                        "FLASHGATE_WORKER_METRICS_PORT": str(worker_port),
+                        "FLASHGATE_METRICS_HOST": host,
+                    },
+                    logs,
+                )
+            )
         if stack.gateway_url is not None:
             wait_healthy(children[0], stack.gateway_url)
         yield stack

@@ -207,10 +207,20 @@ class AutoPipeline:
     it; one event loop gains nothing from many more.
     """
 
-    def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
-                 password: str | None = None, ssl_context: ssl.SSLContext | None = None,
-                 timeout_s: float = 2.0, connections: int = 2,
-                 wait_replicas: int | None = 0, wait_timeout_ms: int = 100) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout_s: float = 2.0,
+        connections: int = 2,
+        wait_replicas: int | None = 0,
+        wait_timeout_ms: int = 100,
+    ) -> None:
         """`wait_replicas`: replicas that must acknowledge each buffer's writes before its
         replies are released (0: none; None: 1 when the server has a replica connected as this
         connection opens, else 0)."""
@@ -232,19 +242,30 @@ class AutoPipeline:
         self._replicated: set[str] = set()  # primaries (master_replid) seen with a replica
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float, connections: int,
-                 wait_replicas: int | None = 0, wait_timeout_ms: int = 100) -> AutoPipeline:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        connections: int,
+        wait_replicas: int | None = 0,
+        wait_timeout_ms: int = 100,
+    ) -> AutoPipeline:
         """redis:// or rediss:// URLs (host, port, /db, user:password), as redis-py reads them."""
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
             raise ValueError(f"auto-pipelining needs a redis:// or rediss:// URL, not {url!r}")
         path = parts.path.strip("/")
         return cls(
-            parts.hostname, parts.port or 6379, db=int(path) if path else 0,
+            parts.hostname,
+            parts.port or 6379,
+            db=int(path) if path else 0,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             ssl_context=ssl.create_default_context() if parts.scheme == "rediss" else None,
-            timeout_s=timeout_s, connections=connections, wait_replicas=wait_replicas,
+            timeout_s=timeout_s,
+            connections=connections,
+            wait_replicas=wait_replicas,
             wait_timeout_ms=wait_timeout_ms,
         )
 
@@ -274,8 +295,8 @@ class AutoPipeline:
         try:
             async with asyncio.timeout(self.timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self.timeout_s), self.host, self.port,
-                    ssl=self.ssl_context)
+                    lambda: _Connection(self.timeout_s), self.host, self.port, ssl=self.ssl_context
+                )
         except (OSError, TimeoutError) as exc:
             raise RedisConnectionError(f"Error connecting to Redis: {type(exc).__name__}") from None
         greeting = []
@@ -335,8 +356,9 @@ class PipelinedScript:
         self.script = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, keys: list[Any] | tuple[Any, ...] = (),
-                       args: list[Any] | tuple[Any, ...] = ()) -> Any:
+    async def __call__(
+        self, keys: list[Any] | tuple[Any, ...] = (), args: list[Any] | tuple[Any, ...] = ()
+    ) -> Any:
         try:
             return await self.pipe.execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:

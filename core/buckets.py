@@ -102,14 +102,14 @@ class StockBuckets:
         request per node, in parallel)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for b in range(buckets):
-                pipe.hmget(self.keys.sale(shard_id(sale_id, b)),
-                           ["available", "transit", "restocks"])
+                pipe.hmget(
+                    self.keys.sale(shard_id(sale_id, b)), ["available", "transit", "restocks"]
+                )
             rows = cast(list[list[Any]], await pipe.execute())
         return [BucketView(*(int(v or 0) for v in row)) for row in rows]
 
     # -- transfers ------------------------------------------------------------------------------
-    async def transfer(self, sale_id: str, donor: int, recipient: int, units: int,
-                       now: int) -> int:
+    async def transfer(self, sale_id: str, donor: int, recipient: int, units: int, now: int) -> int:
         """Move up to `units` available units from bucket `donor` to `recipient`; returns how
         many moved (0: the donor had none left)."""
         transfer_id = f"{recipient}.{ulid(now)}"
@@ -119,8 +119,9 @@ class StockBuckets:
         await self.finish(sale_id, donor, transfer_id, recipient, moved)
         return moved
 
-    async def withdraw(self, sale_id: str, donor: int, recipient: int, transfer_id: str,
-                       units: int, now: int) -> tuple[ReturnCode, int]:
+    async def withdraw(
+        self, sale_id: str, donor: int, recipient: int, transfer_id: str, units: int, now: int
+    ) -> tuple[ReturnCode, int]:
         """Step 1 alone (the tests use it to play a crash right after it)."""
         k, shard = self.keys, shard_id(sale_id, donor)
         code, moved = await self.scripts.withdraw(
@@ -129,20 +130,28 @@ class StockBuckets:
         )
         return ReturnCode(code), int(moved)
 
-    async def finish(self, sale_id: str, donor: int, transfer_id: str, recipient: int,
-                     units: int) -> None:
+    async def finish(
+        self, sale_id: str, donor: int, transfer_id: str, recipient: int, units: int
+    ) -> None:
         """Steps 2 and 3: deposit (idempotent by id), then settle the donor's record."""
         k = self.keys
         to, frm = shard_id(sale_id, recipient), shard_id(sale_id, donor)
-        code = ReturnCode(await self.scripts.deposit(
-            keys=[k.sale(to), k.deposits(to)], args=[transfer_id, units]))
+        code = ReturnCode(
+            await self.scripts.deposit(keys=[k.sale(to), k.deposits(to)], args=[transfer_id, units])
+        )
         if code not in (ReturnCode.OK, ReturnCode.REPLAYED):
-            raise RuntimeError(f"sale {sale_id}: deposit into bucket {recipient} refused "
-                               f"({code.name}); transfer {transfer_id} left pending")
+            raise RuntimeError(
+                f"sale {sale_id}: deposit into bucket {recipient} refused "
+                f"({code.name}); transfer {transfer_id} left pending"
+            )
         await self.scripts.settle(keys=[k.sale(frm), k.transfers(frm)], args=[transfer_id])
 
-    async def recover(self, sale_id: str, now: int, older_than_ms: int = RECOVER_AFTER_MS,
-                      ) -> int:
+    async def recover(
+        self,
+        sale_id: str,
+        now: int,
+        older_than_ms: int = RECOVER_AFTER_MS,
+    ) -> int:
         """Finish every transfer of the sale withdrawn more than `older_than_ms` ago and still
         pending (a crash between the steps); returns how many. Safe beside live transfers and
         other recovery passes: every step is idempotent."""
@@ -151,15 +160,23 @@ class StockBuckets:
         if n == 1:
             return 0
         for donor in range(n):
-            pending = cast(dict[str, str], await self.redis.hgetall(
-                self.keys.transfers(shard_id(sale_id, donor))))
+            pending = cast(
+                dict[str, str],
+                await self.redis.hgetall(self.keys.transfers(shard_id(sale_id, donor))),
+            )
             for transfer_id, record in pending.items():
                 recipient, units, at = (int(v) for v in record.split("|"))
                 if now - at < older_than_ms:
                     continue
                 await self.finish(sale_id, donor, transfer_id, recipient, units)
-                log.info("sale %s: finished transfer %s (%d units, bucket %d -> %d)",
-                         sale_id, transfer_id, units, donor, recipient)
+                log.info(
+                    "sale %s: finished transfer %s (%d units, bucket %d -> %d)",
+                    sale_id,
+                    transfer_id,
+                    units,
+                    donor,
+                    recipient,
+                )
                 finished += 1
         return finished
 
@@ -190,17 +207,21 @@ class StockBuckets:
                 await self.mark_drained(sale_id, seen, now)
                 return Refill.EMPTY
             return Refill.SHORT
-        log.warning("sale %s: gave up refilling bucket %d after %d rounds", sale_id, home,
-                    REFILL_ROUNDS)
+        log.warning(
+            "sale %s: gave up refilling bucket %d after %d rounds", sale_id, home, REFILL_ROUNDS
+        )
         return Refill.GAVE_UP
 
     async def mark_drained(self, sale_id: str, seen: list[BucketView], now: int) -> None:
         until = now + DRAINED_FOR_MS
-        await asyncio.gather(*[
-            self.scripts.mark_drained(keys=[self.keys.sale(shard_id(sale_id, b))],
-                                      args=[view.restocks, until])
-            for b, view in enumerate(seen)
-        ])
+        await asyncio.gather(
+            *[
+                self.scripts.mark_drained(
+                    keys=[self.keys.sale(shard_id(sale_id, b))], args=[view.restocks, until]
+                )
+                for b, view in enumerate(seen)
+            ]
+        )
 
     async def undrain(self, sale_id: str) -> None:
         """Clear every bucket's drained mark (after units came back in one bucket: its buyers

@@ -38,10 +38,10 @@ from core.crypto import Keyring, fingerprint, open_sealed, seal
 from core.ledger import Ledger
 
 MAX_CODE_LENGTH = 512
-BATCH = 5_000               # codes per thread hand-off and per INSERT
-MAX_REJECTED_LINES = 100    # line numbers kept (and returned) per import
-PROGRESS_EVERY_S = 0.5      # the job's row is updated at most this often while it runs
-YIELD_EVERY = 100           # codes the sealing thread handles between offers of the GIL
+BATCH = 5_000  # codes per thread hand-off and per INSERT
+MAX_REJECTED_LINES = 100  # line numbers kept (and returned) per import
+PROGRESS_EVERY_S = 0.5  # the job's row is updated at most this often while it runs
+YIELD_EVERY = 100  # codes the sealing thread handles between offers of the GIL
 NORMALIZE_RULES = ("ignore_case", "ignore_separators")
 SEPARATORS = "- _."
 
@@ -91,8 +91,10 @@ def parse_normalize(raw: str) -> tuple[str, ...]:
     parts = {p.strip().lower() for p in raw.split(",") if p.strip()} - {"none"}
     unknown = parts - set(NORMALIZE_RULES)
     if unknown:
-        raise ValueError(f"normalize: unknown rule {sorted(unknown)[0]!r}; use none or a comma "
-                         f"list of {', '.join(NORMALIZE_RULES)}")
+        raise ValueError(
+            f"normalize: unknown rule {sorted(unknown)[0]!r}; use none or a comma "
+            f"list of {', '.join(NORMALIZE_RULES)}"
+        )
     return tuple(sorted(parts))
 
 
@@ -130,14 +132,22 @@ class _Staged:
         return list(fps), list(nonces), list(cts)
 
 
-def _seal_batch(entries: Sequence[str], start: int, skip_blank: bool, rules: Sequence[str],
-                fp_key: bytes, dek: bytes, aad: bytes, seen: set[bytes]) -> _Staged:
+def _seal_batch(
+    entries: Sequence[str],
+    start: int,
+    skip_blank: bool,
+    rules: Sequence[str],
+    fp_key: bytes,
+    dek: bytes,
+    aad: bytes,
+    seen: set[bytes],
+) -> _Staged:
     """Check, fingerprint and seal entries[start:start+BATCH] (in a worker thread). `seen`:
     the fingerprints of this import so far; a code seen before is a duplicate, not staged."""
     rows: list[tuple[bytes, bytes, bytes]] = []
     rejected: list[int] = []
     valid = 0
-    for number, raw in enumerate(entries[start:start + BATCH], start=start + 1):
+    for number, raw in enumerate(entries[start : start + BATCH], start=start + 1):
         if number % YIELD_EVERY == 0:
             time.sleep(0)  # hand the GIL to the event loop now, not at the 5 ms switch interval
         if skip_blank and not raw.strip():
@@ -184,18 +194,25 @@ WHERE import_id = $1 AND status = 'running'
 """
 
 
-async def start_import(pool: asyncpg.Pool, sale_id: str, rules: Sequence[str],
-                       entries: int) -> int:
+async def start_import(pool: asyncpg.Pool, sale_id: str, rules: Sequence[str], entries: int) -> int:
     """The job's row, committed (`running`) so that its progress is readable at once."""
-    import_id: int = await pool.fetchval(NEW_IMPORT, sale_id, ",".join(rules) or "none",
-                                         entries)
+    import_id: int = await pool.fetchval(NEW_IMPORT, sale_id, ",".join(rules) or "none", entries)
     return import_id
 
 
 async def run_import(
-    pool: asyncpg.Pool, keyring: Keyring, ledger: Ledger, import_id: int, sale_id: str,
-    entries: Sequence[str], *, skip_blank: bool = True, rules: Sequence[str] = (),
-    actor: str = "admin", request_id: str | None = None, client_request_id: str | None = None,
+    pool: asyncpg.Pool,
+    keyring: Keyring,
+    ledger: Ledger,
+    import_id: int,
+    sale_id: str,
+    entries: Sequence[str],
+    *,
+    skip_blank: bool = True,
+    rules: Sequence[str] = (),
+    actor: str = "admin",
+    request_id: str | None = None,
+    client_request_id: str | None = None,
 ) -> ImportResult:
     """Import the entries as the job `import_id` (see start_import); returns counts, never
     codes. Each new key gets its `imported` event in key_events, in the import's transaction.
@@ -203,25 +220,42 @@ async def run_import(
     try:
         await restock_pending(pool, ledger, sale_id)
         imported, valid, rejected = await _land(
-            pool, keyring, import_id, sale_id, entries, skip_blank, rules,
-            actor, request_id, client_request_id)
+            pool,
+            keyring,
+            import_id,
+            sale_id,
+            entries,
+            skip_blank,
+            rules,
+            actor,
+            request_id,
+            client_request_id,
+        )
     except BaseException as exc:
-        reason = "cancelled" if isinstance(exc, asyncio.CancelledError) \
-            else f"{type(exc).__name__}"
+        reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else f"{type(exc).__name__}"
         await asyncio.shield(_mark_failed(pool, import_id, reason))
         raise
     total = await _stock_import(pool, ledger, sale_id, import_id, imported)
     metrics.KEYS_IMPORTED.labels("imported").inc(imported)
     metrics.KEYS_IMPORTED.labels("duplicate").inc(valid - imported)
     metrics.KEYS_IMPORTED.labels("rejected").inc(len(rejected))
-    return ImportResult(import_id, imported, valid - imported, len(rejected), total,
-                        rejected[:MAX_REJECTED_LINES])
+    return ImportResult(
+        import_id, imported, valid - imported, len(rejected), total, rejected[:MAX_REJECTED_LINES]
+    )
 
 
-async def _land(pool: asyncpg.Pool, keyring: Keyring, import_id: int, sale_id: str,
-                entries: Sequence[str], skip_blank: bool, rules: Sequence[str], actor: str,
-                request_id: str | None, client_request_id: str | None,
-                ) -> tuple[int, int, list[int]]:
+async def _land(
+    pool: asyncpg.Pool,
+    keyring: Keyring,
+    import_id: int,
+    sale_id: str,
+    entries: Sequence[str],
+    skip_blank: bool,
+    rules: Sequence[str],
+    actor: str,
+    request_id: str | None,
+    client_request_id: str | None,
+) -> tuple[int, int, list[int]]:
     """Seal and insert batch after batch in one transaction: (imported, valid, rejected line
     numbers)."""
     seen: set[bytes] = set()
@@ -234,9 +268,19 @@ async def _land(pool: asyncpg.Pool, keyring: Keyring, import_id: int, sale_id: s
         reported = time.monotonic()
 
         def sealing(start: int) -> asyncio.Future[_Staged]:
-            return asyncio.ensure_future(asyncio.to_thread(
-                _seal_batch, entries, start, skip_blank, rules, fp_key, dek, sale_id.encode(),
-                seen))
+            return asyncio.ensure_future(
+                asyncio.to_thread(
+                    _seal_batch,
+                    entries,
+                    start,
+                    skip_blank,
+                    rules,
+                    fp_key,
+                    dek,
+                    sale_id.encode(),
+                    seen,
+                )
+            )
 
         starts = range(0, len(entries), BATCH)
         pending = sealing(0) if starts else None
@@ -250,16 +294,29 @@ async def _land(pool: asyncpg.Pool, keyring: Keyring, import_id: int, sale_id: s
                 rejected += staged.rejected_lines
                 if staged.rows:
                     imported += await conn.fetchval(
-                        INSERT_BATCH, sale_id, import_id, dek_id, *staged.columns(),
-                        actor, request_id, client_request_id)
+                        INSERT_BATCH,
+                        sale_id,
+                        import_id,
+                        dek_id,
+                        *staged.columns(),
+                        actor,
+                        request_id,
+                        client_request_id,
+                    )
                 if time.monotonic() - reported >= PROGRESS_EVERY_S:
                     await pool.execute(PROGRESS, import_id, min(start + BATCH, len(entries)))
                     reported = time.monotonic()
         finally:
             if pending is not None:
                 pending.cancel()  # the thread finishes its batch; the result is dropped
-        await conn.execute(FINISHED, import_id, imported, valid - imported, len(rejected),
-                           rejected[:MAX_REJECTED_LINES])
+        await conn.execute(
+            FINISHED,
+            import_id,
+            imported,
+            valid - imported,
+            len(rejected),
+            rejected[:MAX_REJECTED_LINES],
+        )
     return imported, valid, rejected
 
 
@@ -270,15 +327,33 @@ async def _mark_failed(pool: asyncpg.Pool, import_id: int, reason: str) -> None:
 
 
 async def import_keys(
-    pool: asyncpg.Pool, keyring: Keyring, ledger: Ledger, sale_id: str, lines: Sequence[str],
-    *, skip_blank: bool = True, rules: Sequence[str] = (), actor: str = "admin",
-    request_id: str | None = None, client_request_id: str | None = None,
+    pool: asyncpg.Pool,
+    keyring: Keyring,
+    ledger: Ledger,
+    sale_id: str,
+    lines: Sequence[str],
+    *,
+    skip_blank: bool = True,
+    rules: Sequence[str] = (),
+    actor: str = "admin",
+    request_id: str | None = None,
+    client_request_id: str | None = None,
 ) -> ImportResult:
     """Import codes into a sale (which must exist) and wait for it: start_import + run_import."""
     import_id = await start_import(pool, sale_id, rules, len(lines))
-    return await run_import(pool, keyring, ledger, import_id, sale_id, lines,
-                            skip_blank=skip_blank, rules=rules, actor=actor,
-                            request_id=request_id, client_request_id=client_request_id)
+    return await run_import(
+        pool,
+        keyring,
+        ledger,
+        import_id,
+        sale_id,
+        lines,
+        skip_blank=skip_blank,
+        rules=rules,
+        actor=actor,
+        request_id=request_id,
+        client_request_id=client_request_id,
+    )
 
 
 JOB_COLUMNS = """
@@ -291,13 +366,15 @@ WHERE import_id = $1 AND status = 'running' AND updated_at < now() - make_interv
 """
 
 
-async def import_job(pool: asyncpg.Pool, import_id: int,
-                     stale_after_s: float) -> asyncpg.Record | None:
+async def import_job(
+    pool: asyncpg.Pool, import_id: int, stale_after_s: float
+) -> asyncpg.Record | None:
     """An import's row. A `running` one whose row hasn't moved for `stale_after_s` lost its
     gateway (its transaction was rolled back with its connection): it is marked `failed`."""
     await pool.execute(ABANDON, import_id, stale_after_s)
     row: asyncpg.Record | None = await pool.fetchrow(
-        f"SELECT {JOB_COLUMNS} FROM key_imports WHERE import_id = $1", import_id)
+        f"SELECT {JOB_COLUMNS} FROM key_imports WHERE import_id = $1", import_id
+    )
     return row
 
 
@@ -305,9 +382,7 @@ async def _stock_import(
     pool: asyncpg.Pool, ledger: Ledger, sale_id: str, import_id: int, count: int
 ) -> int:
     total = await ledger.add_stock(sale_id, import_id, count)
-    await pool.execute(
-        "UPDATE key_imports SET stocked_at = now() WHERE import_id = $1", import_id
-    )
+    await pool.execute("UPDATE key_imports SET stocked_at = now() WHERE import_id = $1", import_id)
     return total
 
 
@@ -316,7 +391,8 @@ async def restock_pending(pool: asyncpg.Pool, ledger: Ledger, sale_id: str) -> N
     finished ones: a running job's stock is added by the job itself, once its keys land."""
     rows = await pool.fetch(
         "SELECT import_id, imported FROM key_imports WHERE sale_id = $1 AND stocked_at IS NULL"
-        " AND status = 'done'", sale_id,
+        " AND status = 'done'",
+        sale_id,
     )
     for row in rows:
         await _stock_import(pool, ledger, sale_id, row["import_id"], row["imported"])
@@ -333,9 +409,15 @@ SELECT unnest($2::bigint[]), $1, 'revealed', $3, $4, $5
 """
 
 
-async def reveal(conn: asyncpg.Connection, keyring: Keyring, order_id: str, *,
-                 actor: str, request_id: str | None = None,
-                 client_request_id: str | None = None) -> list[str]:
+async def reveal(
+    conn: asyncpg.Connection,
+    keyring: Keyring,
+    order_id: str,
+    *,
+    actor: str,
+    request_id: str | None = None,
+    client_request_id: str | None = None,
+) -> list[str]:
     """Decrypt the keys allocated to an order (never a voided one), for that order's channel
     only, and record who saw them (key_events `revealed`: actor, the server's request id, the
     client's own (sanitized, apart: never trusted as the audit id), when; never the keys).
@@ -343,8 +425,14 @@ async def reveal(conn: asyncpg.Connection, keyring: Keyring, order_id: str, *,
     waits for it (core/refunds.py)."""
     rows = await conn.fetch(REVEAL, order_id)
     if rows:
-        await conn.execute(LOG_REVEALED, order_id, [r["key_id"] for r in rows], actor,
-                           request_id, client_request_id or None)
+        await conn.execute(
+            LOG_REVEALED,
+            order_id,
+            [r["key_id"] for r in rows],
+            actor,
+            request_id,
+            client_request_id or None,
+        )
     out = []
     for row in rows:
         dek = await keyring.dek(conn, row["dek_id"])

@@ -67,7 +67,10 @@ class Keyring:
         master_id, wrapped = self.wrap(dek)
         await conn.execute(
             "INSERT INTO data_keys (dek_id, purpose, master_key_id, wrapped) VALUES ($1,$2,$3,$4)",
-            dek_id, purpose, master_id, wrapped,
+            dek_id,
+            purpose,
+            master_id,
+            wrapped,
         )
         self._deks[dek_id] = dek
         return dek_id, dek
@@ -93,7 +96,9 @@ class Keyring:
         await conn.execute(
             "INSERT INTO data_keys (dek_id, purpose, master_key_id, wrapped)"
             " VALUES ($1, 'fingerprint', $2, $3) ON CONFLICT (dek_id) DO NOTHING",
-            FINGERPRINT_DEK_ID, master_id, wrapped,
+            FINGERPRINT_DEK_ID,
+            master_id,
+            wrapped,
         )
         return await self.dek(conn, FINGERPRINT_DEK_ID)
 
@@ -171,7 +176,11 @@ def sign_webhook(secret: str | Sequence[str], body: bytes, timestamp: int | None
 
 
 def verify_webhook(
-    secret: str | bytes, body: bytes, header: str, *, now: int | None = None,
+    secret: str | bytes,
+    body: bytes,
+    header: str,
+    *,
+    now: int | None = None,
     window_s: int = REPLAY_WINDOW_S,
 ) -> bool:
     """For receivers: one of the header's v1 signatures matches the webhook_secret (the string
@@ -195,9 +204,10 @@ def verify_webhook(
     return sum(hmac.compare_digest(expected, sig) for sig in sigs) > 0
 
 
-def sign_standard(raw_secrets: Sequence[bytes], msg_id: str, timestamp: int,
-                  body: bytes) -> str:
+def sign_standard(raw_secrets: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
     """The Standard Webhooks `webhook-signature` value: `v1,<base64>` per secret, spaced."""
     signed = f"{msg_id}.{timestamp}.".encode() + body
-    return " ".join("v1," + base64.b64encode(hmac.new(k, signed, hashlib.sha256).digest())
-                    .decode() for k in raw_secrets)
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(k, signed, hashlib.sha256).digest()).decode()
+        for k in raw_secrets
+    )

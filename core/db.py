@@ -45,7 +45,8 @@ async def pending_migrations(conn: asyncpg.Connection) -> list[str]:
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     done = (
         {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        if exists else set()
+        if exists
+        else set()
     )
     return [v for v, _ in migration_files() if v not in done]
 
@@ -54,10 +55,16 @@ async def create_pool(dsn: str, max_size: int = 10, timeout_s: float = 30.0) -> 
     """`timeout_s` bounds connecting and every command on the client side (a stalled
     connection raises TimeoutError) and is the server's statement_timeout."""
     pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=max_size, command_timeout=timeout_s, timeout=timeout_s,
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        command_timeout=timeout_s,
+        timeout=timeout_s,
         # Server-side statement timeout: a slow query becomes an error, not a hang.
-        server_settings={"statement_timeout": str(int(timeout_s * 1000)),
-                         "application_name": "flashgate"},
+        server_settings={
+            "statement_timeout": str(int(timeout_s * 1000)),
+            "application_name": "flashgate",
+        },
     )
     if pool is None:  # asyncpg types the result as Optional
         raise RuntimeError("asyncpg returned no pool")

@@ -34,12 +34,15 @@ from core.settings import Network, Settings
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Refused even when an allow-list covers them: credentials for the whole cloud account.
-METADATA = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean
-    "169.254.170.2",    # AWS ECS task metadata
-    "100.100.100.200",  # Alibaba Cloud
-    "fd00:ec2::254",    # AWS over IPv6
-))
+METADATA = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean
+        "169.254.170.2",  # AWS ECS task metadata
+        "100.100.100.200",  # Alibaba Cloud
+        "fd00:ec2::254",  # AWS over IPv6
+    )
+)
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 
 # `last_error` categories for a refused target (see workers/webhooks.py for the others).
@@ -74,7 +77,7 @@ class Target:
     """Where to send: the registered URL with its host replaced by the checked address."""
 
     url: httpx.URL
-    host_header: str          # the registered host[:port]
+    host_header: str  # the registered host[:port]
     sni_hostname: str | None  # TLS server name (and certificate name) for https
 
 
@@ -107,9 +110,14 @@ def is_public(addr: Address) -> bool:
     inner = unwrap(addr)
     if inner is not addr and not is_public(inner):
         return False
-    return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_private
-                                   or addr.is_loopback or addr.is_link_local
-                                   or addr.is_unspecified)
+    return addr.is_global and not (
+        addr.is_multicast
+        or addr.is_reserved
+        or addr.is_private
+        or addr.is_loopback
+        or addr.is_link_local
+        or addr.is_unspecified
+    )
 
 
 def permitted(host: str, addr: Address, allow: AllowList) -> bool:
@@ -159,7 +167,8 @@ async def resolve(host: str, port: int, allow: AllowList) -> Address:
     else:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM)
+                host, port, type=socket.SOCK_STREAM
+            )
         except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
             raise Refused(DNS_FAILED, "host does not resolve") from exc
         addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
@@ -180,6 +189,8 @@ async def pin(url: str, allow: AllowList) -> Target:
     https = parsed.scheme == "https"
     host = _normal_host(parsed.raw_host.decode("ascii"))  # IDNA-encoded, no brackets
     addr = await resolve(host, parsed.port or (443 if https else 80), allow)
-    return Target(url=parsed.copy_with(host=str(addr)),
-                  host_header=parsed.netloc.decode("ascii"),
-                  sni_hostname=host if https else None)
+    return Target(
+        url=parsed.copy_with(host=str(addr)),
+        host_header=parsed.netloc.decode("ascii"),
+        sni_hostname=host if https else None,
+    )

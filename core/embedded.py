@@ -73,8 +73,9 @@ def _tail(log: Path) -> str:
         return "(no log)"
 
 
-def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
-                 timeout: float = 15) -> None:
+def stop_process(
+    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15
+) -> None:
     """Stop a child we started, by its PID: `sig`, up to `timeout` s, then SIGKILL; reaped."""
     if proc.poll() is not None:
         return
@@ -90,9 +91,15 @@ class EmbeddedRedis:
     """`appendonly`/`appendfsync`: Redis persistence (the fault tests restart it with and
     without). A restart after `stop()` reuses the port (and the data directory)."""
 
-    def __init__(self, run_dir: Path, *, appendonly: bool = False,
-                 appendfsync: str = "everysec", replica_of: int | None = None,
-                 name: str = "redis") -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+        replica_of: int | None = None,
+        name: str = "redis",
+    ) -> None:
         """`replica_of`: the port of a primary on 127.0.0.1 this server replicates."""
         self.dir = run_dir / name
         self.appendonly = appendonly
@@ -120,15 +127,30 @@ class EmbeddedRedis:
         log = self.dir / "server.log"
         self.proc = subprocess.Popen(
             [
-                self.binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.dir), "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no",
-                "--appendfsync", self.appendfsync, "--maxmemory-policy", "noeviction",
-                "--logfile", str(log), "--protected-mode", "yes",
-                *(("--replicaof", "127.0.0.1", str(self.replica_of))
-                  if self.replica_of else ()),
+                self.binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                self.appendfsync,
+                "--maxmemory-policy",
+                "noeviction",
+                "--logfile",
+                str(log),
+                "--protected-mode",
+                "yes",
+                *(("--replicaof", "127.0.0.1", str(self.replica_of)) if self.replica_of else ()),
             ],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=CHILD_SETUP,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=CHILD_SETUP,
         )
         _wait_for_port(self.port, self.proc, "Redis (valkey)", log)
         return self.url
@@ -177,28 +199,56 @@ class EmbeddedRedisCluster:
                 log = node_dir / "server.log"
                 proc = subprocess.Popen(
                     [
-                        server, "--port", str(port), "--bind", "127.0.0.1",
-                        "--dir", str(node_dir), "--save", "", "--appendonly", "no",
-                        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                        "--cluster-port", str(bus_port),
-                        "--cluster-node-timeout", "5000",
-                        "--logfile", str(log), "--protected-mode", "yes",
+                        server,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--dir",
+                        str(node_dir),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-port",
+                        str(bus_port),
+                        "--cluster-node-timeout",
+                        "5000",
+                        "--logfile",
+                        str(log),
+                        "--protected-mode",
+                        "yes",
                     ],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
                     preexec_fn=CHILD_SETUP,
                 )
                 self.ports.append(port)
                 self.procs.append(proc)
                 _wait_for_port(port, proc, f"Redis cluster node {i} (valkey)", log)
             created = subprocess.run(
-                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                 "--cluster-replicas", "0", "--cluster-yes"],
-                capture_output=True, timeout=timeout_s,
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{p}" for p in self.ports),
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                timeout=timeout_s,
             )
             if created.returncode != 0:
-                raise RuntimeError("valkey-cli --cluster create failed:\n"
-                                   f"{created.stdout.decode(errors='replace')[-2000:]}"
-                                   f"{created.stderr.decode(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    "valkey-cli --cluster create failed:\n"
+                    f"{created.stdout.decode(errors='replace')[-2000:]}"
+                    f"{created.stderr.decode(errors='replace')[-2000:]}"
+                )
             self._wait_ok(cli, timeout_s)
         except BaseException:
             self.stop()
@@ -210,14 +260,19 @@ class EmbeddedRedisCluster:
         deadline = time.monotonic() + timeout_s
         pending = list(self.ports)
         while pending:
-            info = subprocess.run([cli, "-h", "127.0.0.1", "-p", str(pending[0]),
-                                   "CLUSTER", "INFO"], capture_output=True, timeout=5)
+            info = subprocess.run(
+                [cli, "-h", "127.0.0.1", "-p", str(pending[0]), "CLUSTER", "INFO"],
+                capture_output=True,
+                timeout=5,
+            )
             if b"cluster_state:ok" in info.stdout:
                 pending.pop(0)
                 continue
             if time.monotonic() > deadline:
-                raise RuntimeError(f"Redis cluster node on port {pending[0]} not ok within "
-                                   f"{timeout_s} s:\n{info.stdout.decode(errors='replace')}")
+                raise RuntimeError(
+                    f"Redis cluster node on port {pending[0]} not ok within "
+                    f"{timeout_s} s:\n{info.stdout.decode(errors='replace')}"
+                )
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -257,9 +312,16 @@ class EmbeddedPostgres:
             pwd.getpwnam(PG_SYSTEM_USER)
         except KeyError:
             subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                 PG_SYSTEM_USER],
-                check=True, capture_output=True,
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    PG_SYSTEM_USER,
+                ],
+                check=True,
+                capture_output=True,
             )
         self._user = PG_SYSTEM_USER
         entry = pwd.getpwnam(PG_SYSTEM_USER)
@@ -282,28 +344,54 @@ class EmbeddedPostgres:
         bindir = self.bindir()
         if not (data / "PG_VERSION").exists():
             init = subprocess.run(
-                [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--no-sync"],
-                capture_output=True, user=uid, group=gid,
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                capture_output=True,
+                user=uid,
+                group=gid,
             )
             if init.returncode != 0:
-                raise RuntimeError(f"initdb failed ({init.returncode}):\n"
-                                   f"{init.stderr.decode(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"initdb failed ({init.returncode}):\n"
+                    f"{init.stderr.decode(errors='replace')[-2000:]}"
+                )
         self.port = self.port or free_port()  # a restart keeps its port
         with open(log, "ab") as out:
             if ids:
                 os.chown(log, *ids)
             self.proc = subprocess.Popen(
                 [
-                    str(bindir / "postgres"), "-D", str(data), "-p", str(self.port),
-                    "-h", "127.0.0.1", "-k", str(self.dir),
+                    str(bindir / "postgres"),
+                    "-D",
+                    str(data),
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    str(self.dir),
                     # A throwaway server: durability off for speed, but crash-safe semantics
                     # (transactions, locks) are the real ones. Durable: every commit waits
                     # for its WAL flush.
-                    *self.durability_flags(), "-c", "max_connections=200",
-                    "-c", "shared_buffers=128MB",
+                    *self.durability_flags(),
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "shared_buffers=128MB",
                 ],
-                stdout=out, stderr=out, user=uid, group=gid, preexec_fn=CHILD_SETUP,
+                stdout=out,
+                stderr=out,
+                user=uid,
+                group=gid,
+                preexec_fn=CHILD_SETUP,
             )
         _wait_for_port(self.port, self.proc, "PostgreSQL", log)
         self._wait_ready(bindir, log)
@@ -318,8 +406,20 @@ class EmbeddedPostgres:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"PostgreSQL exited at start-up:\n{_tail(log)}")
             ready = subprocess.run(
-                [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port),
-                 "-U", "postgres", "-t", "1"], capture_output=True)
+                [
+                    str(bindir / "pg_isready"),
+                    "-q",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-t",
+                    "1",
+                ],
+                capture_output=True,
+            )
             if ready.returncode == 0:
                 return
             time.sleep(0.05)
@@ -327,8 +427,14 @@ class EmbeddedPostgres:
 
     def durability_flags(self) -> list[str]:
         value = "on" if self.durable else "off"
-        return ["-c", f"fsync={value}", "-c", f"synchronous_commit={value}",
-                "-c", f"full_page_writes={value}"]
+        return [
+            "-c",
+            f"fsync={value}",
+            "-c",
+            f"synchronous_commit={value}",
+            "-c",
+            f"full_page_writes={value}",
+        ]
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -336,8 +442,10 @@ class EmbeddedPostgres:
 
 
 @contextlib.contextmanager
-def backing_services(run_dir: Path | None = None, env: dict[str, str] | None = None,
-                     ) -> Iterator[ServiceURLs]:
+def backing_services(
+    run_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[ServiceURLs]:
     """URLs of a Redis and a PostgreSQL: the given ones, or private servers started here."""
     env = dict(os.environ) if env is None else env
     redis_url = env.get("FLASHGATE_REDIS_URL", "")

@@ -124,8 +124,14 @@ class RateLimited(FlashgateError):
 
     status, code, title = 429, "rate_limited", "Too many requests; retry later"
 
-    def __init__(self, retry_after_s: int, detail: str | None = None, *,
-                 limit: str | bytes | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        retry_after_s: int,
+        detail: str | None = None,
+        *,
+        limit: str | bytes | None = None,
+        **extra: Any,
+    ) -> None:
         name = limit.decode() if isinstance(limit, bytes) else limit
         if name in ADMISSION_LIMITS:
             extra["limit"] = name
@@ -136,9 +142,9 @@ class RateLimited(FlashgateError):
 
 ADMISSION_LIMITS = {
     "sale_rate": "The sale's admission limit (admission.sale_rate) answered: retry after "
-                 "Retry-After",
+    "Retry-After",
     "channel_rate": "This channel's admission limit in the sale (admission.channel_rate) "
-                    "answered: retry after Retry-After",
+    "answered: retry after Retry-After",
 }
 
 

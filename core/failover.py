@@ -62,8 +62,10 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 1.0  # how often a process reads the primary's identity in the background
 MERGE_TIMEOUT_S = 120.0  # a merge past this gives up (stays paused, retried, alert fires)
 MERGE_CHUNK = 500  # orders per merge_orders.lua call (one short script each)
-PAUSED = ("Redis failed over to a new primary; the sale resumes once PostgreSQL's orders are "
-          "merged into it (seconds)")
+PAUSED = (
+    "Redis failed over to a new primary; the sale resumes once PostgreSQL's orders are "
+    "merged into it (seconds)"
+)
 
 # PostgreSQL's status -> the Redis statuses it may legitimately go with (reconcile's: Redis
 # leads, except deliveries and refunds, which PostgreSQL settles first), as JSON lists.
@@ -112,8 +114,9 @@ def _ms(value: Any) -> int:
     return int(value.timestamp() * 1000)
 
 
-async def merge_sale(ledger: Ledger, pool: asyncpg.Pool, sale_id: str,
-                     now: int | None = None) -> MergeResult:
+async def merge_sale(
+    ledger: Ledger, pool: asyncpg.Pool, sale_id: str, now: int | None = None
+) -> MergeResult:
     """Bring into Redis the orders of one sale that PostgreSQL holds ahead of it."""
     now = now_ms() if now is None else now
     redis, keys = ledger.redis, ledger.keys
@@ -126,7 +129,7 @@ async def merge_sale(ledger: Ledger, pool: asyncpg.Pool, sale_id: str,
     ttl_ms = int(sale["reservation_ttl_s"]) * 1000
     behind: dict[str, list[list[str]]] = defaultdict(list)
     for start in range(0, len(rows), 1000):
-        chunk = rows[start:start + 1000]
+        chunk = rows[start : start + 1000]
         async with redis.pipeline(transaction=False) as pipe:
             for o in chunk:
                 pipe.hget(keys.order(o["order_id"]), "status")
@@ -137,20 +140,36 @@ async def merge_sale(ledger: Ledger, pool: asyncpg.Pool, sale_id: str,
             created = _ms(o["reserved_at"])
             confirmed = _ms(o["confirmed_at"]) if o["confirmed_at"] is not None else created
             shard = shard_id(sale_id, parse_order_id(o["order_id"])[1])
-            behind[shard].append([
-                o["order_id"], o["channel_id"], o["user_id"], str(o["quantity"]), o["status"],
-                str(created), str(created + ttl_ms), o["payment_ref"] or "", str(confirmed),
-                o["refund_outcome"] or ""])
+            behind[shard].append(
+                [
+                    o["order_id"],
+                    o["channel_id"],
+                    o["user_id"],
+                    str(o["quantity"]),
+                    o["status"],
+                    str(created),
+                    str(created + ttl_ms),
+                    o["payment_ref"] or "",
+                    str(confirmed),
+                    o["refund_outcome"] or "",
+                ]
+            )
     consistent = json.dumps(CONSISTENT)
     # Through redis-py, not the auto-pipeline: the gateway's pipeline refuses calls while paused.
     script = redis.register_script(source("merge_orders"))
     for shard, orders in behind.items():
         for start in range(0, len(orders), MERGE_CHUNK):
-            part = orders[start:start + MERGE_CHUNK]
+            part = orders[start : start + MERGE_CHUNK]
             code, merged, units = await script(
-                keys=[keys.sale(shard), keys.buyers(shard), keys.deadlines(shard),
-                      keys.events(shard), *(keys.order(o[0]) for o in part)],
-                args=[json.dumps(part), consistent, now])
+                keys=[
+                    keys.sale(shard),
+                    keys.buyers(shard),
+                    keys.deadlines(shard),
+                    keys.events(shard),
+                    *(keys.order(o[0]) for o in part),
+                ],
+                args=[json.dumps(part), consistent, now],
+            )
             if code == ReturnCode.NO_SALE:
                 result.missing.append(shard)
                 break
@@ -164,16 +183,23 @@ async def restore_channels(redis: Redis, keys: Keys, pool: asyncpg.Pool) -> None
     failover may be missing on the new primary)."""
     rows = await pool.fetch(CHANNELS)
     if rows:
-        await redis.hset(keys.channels(),
-                         mapping={bytes(r["api_key_hash"]).hex(): r["channel_id"] for r in rows})
+        await redis.hset(
+            keys.channels(), mapping={bytes(r["api_key_hash"]).hex(): r["channel_id"] for r in rows}
+        )
 
 
 class FailoverGuard:
     """One per process (core.runtime.Runtime.failover): the pause flag the storefront reads,
     the identity check, and the merge."""
 
-    def __init__(self, redis: Redis, pool: asyncpg.Pool, ledger: Ledger, deployment: str,
-                 interval_s: float = CHECK_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        pool: asyncpg.Pool,
+        ledger: Ledger,
+        deployment: str,
+        interval_s: float = CHECK_INTERVAL_S,
+    ) -> None:
         self.redis, self.pool, self.ledger = redis, pool, ledger
         self.deployment = deployment
         self.interval_s = interval_s
@@ -210,16 +236,22 @@ class FailoverGuard:
             metrics.FAILOVER_PAUSED.set(1)
             if self._wake is not None:
                 self._wake.set()
-            log.warning("Redis primary changed (%s, merged: %s): sales paused until merged",
-                        self.seen, self.merged)
+            log.warning(
+                "Redis primary changed (%s, merged: %s): sales paused until merged",
+                self.seen,
+                self.merged,
+            )
 
     def _resume(self) -> None:
         if self.paused_since is not None:
             self.last_pause_s = time.monotonic() - self.paused_since
             self.paused_since = None
             metrics.FAILOVER_PAUSED.set(0)
-            log.warning("Redis primary %s merged: sales resumed after %.3f s", self.merged,
-                        self.last_pause_s)
+            log.warning(
+                "Redis primary %s merged: sales resumed after %.3f s",
+                self.merged,
+                self.last_pause_s,
+            )
 
     # -- the check ----------------------------------------------------------------------------
     async def identity(self) -> str:
@@ -273,9 +305,13 @@ class FailoverGuard:
         metrics.FAILOVER_MERGES.labels("merged").inc()
         metrics.FAILOVER_ORDERS_MERGED.inc(result.orders)
         self.last_merge = result
-        log.warning("Redis failover merge: %d orders (%d units) brought back in %.3f s%s",
-                    result.orders, result.units, took,
-                    f"; ledgers missing: {result.missing}" if result.missing else "")
+        log.warning(
+            "Redis failover merge: %d orders (%d units) brought back in %.3f s%s",
+            result.orders,
+            result.units,
+            took,
+            f"; ledgers missing: {result.missing}" if result.missing else "",
+        )
         return result
 
     async def _merge_locked(self, conn: asyncpg.Connection) -> MergeResult | None:
@@ -288,8 +324,7 @@ class FailoverGuard:
         started = time.monotonic()
         total = MergeResult()
         await restore_channels(self.redis, self.ledger.keys, self.pool)
-        sales = sorted(str(s) for s in
-                       await self.redis.smembers(self.ledger.keys.active_sales()))
+        sales = sorted(str(s) for s in await self.redis.smembers(self.ledger.keys.active_sales()))
         for sale_id in sales:
             one = await merge_sale(self.ledger, self.pool, sale_id)
             total.orders += one.orders
@@ -297,8 +332,9 @@ class FailoverGuard:
             total.missing += one.missing
         if await self.identity() != identity:  # failed over again meanwhile: merge again
             return total
-        await conn.execute(RECORD, self.deployment, identity, total.orders,
-                           time.monotonic() - started)
+        await conn.execute(
+            RECORD, self.deployment, identity, total.orders, time.monotonic() - started
+        )
         self.merged = identity
         self.seen = identity
         self._resume()
@@ -331,7 +367,7 @@ class FailoverGuard:
             except Exception as exc:  # Redis or PostgreSQL away, or a dead pooled connection
                 log.warning("failover check failed: %s: %s", type(exc).__name__, exc)
                 await asyncio.sleep(0.1)  # soon again (the pool drops one dead connection
-                wake.set()                # per failure), at most 10 times a second
+                wake.set()  # per failure), at most 10 times a second
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -32,8 +32,17 @@ from core.scripts import ReturnCode, Scripts
 # `refunded` counts refunded units (like cancelled/expired, outside the invariant); `voided`
 # holds units whose keys were voided by a refund after delivery: never sold again, so
 # available + reserved + confirmed + delivered + voided = total.
-STOCK_FIELDS = ("total", "available", "reserved", "confirmed", "delivered", "cancelled", "expired",
-                "refunded", "voided")
+STOCK_FIELDS = (
+    "total",
+    "available",
+    "reserved",
+    "confirmed",
+    "delivered",
+    "cancelled",
+    "expired",
+    "refunded",
+    "voided",
+)
 BUCKET_FIELDS = (*STOCK_FIELDS, "transit")
 
 
@@ -83,7 +92,7 @@ def _span(ms: int) -> str:
     minutes, secs = divmod(rest, 60)
     units = [(days, "d"), (hours, "h"), (minutes, "min"), (secs, "s")]
     first = next((i for i, (v, _) in enumerate(units) if v), 3)
-    return " ".join(f"{v} {u}" for v, u in units[first:first + 2] if v) or "0 s"
+    return " ".join(f"{v} {u}" for v, u in units[first : first + 2] if v) or "0 s"
 
 
 def sale_not_active(sale_id: str, start_ms: int, end_ms: int, now: int) -> errors.SaleNotActive:
@@ -184,7 +193,12 @@ class Ledger:
 
     # -- sales and stock ----------------------------------------------------------------
     async def init_sale(
-        self, sale_id: str, starts_at_ms: int, ends_at_ms: int, per_user_limit: int, ttl_ms: int,
+        self,
+        sale_id: str,
+        starts_at_ms: int,
+        ends_at_ms: int,
+        per_user_limit: int,
+        ttl_ms: int,
         buckets: int = 1,
     ) -> None:
         """Create (or update) the sale's ledger: one per stock bucket, bucket 0 last, so that
@@ -240,8 +254,7 @@ class Ledger:
             for b in range(n):
                 pipe.hmget(self.keys.sale(shard_id(sale_id, b)), list(BUCKET_FIELDS))
             rows = cast(list[list[Any]], await pipe.execute())
-        return [{f: int(v or 0) for f, v in zip(BUCKET_FIELDS, row, strict=True)}
-                for row in rows]
+        return [{f: int(v or 0) for f, v in zip(BUCKET_FIELDS, row, strict=True)} for row in rows]
 
     # -- orders -------------------------------------------------------------------------
     async def reserve(self, req: PurchaseRequest, now: int | None = None) -> Reservation:
@@ -257,25 +270,42 @@ class Ledger:
         _refuse(rc, order_id, status, req.sale_id, now)
         return Reservation(order_id, status, value, rc is ReturnCode.REPLAYED)
 
-    async def _reserve(self, req: PurchaseRequest, now: int, buckets: int, home: int,
-                       ) -> tuple[ReturnCode, str, str, int]:
+    async def _reserve(
+        self,
+        req: PurchaseRequest,
+        now: int,
+        buckets: int,
+        home: int,
+    ) -> tuple[ReturnCode, str, str, int]:
         """reserve.lua on the home bucket: (code, order id, status, 4th value)."""
         k, sale, shard = self.keys, req.sale_id, shard_id(req.sale_id, home)
         order_id = new_order_id(sale, now, home)
         code, order_id, status, value = await self.scripts.reserve(
             keys=[
-                k.sale(shard), k.buyers(shard), k.idempotency(shard),
-                k.deadlines(shard), k.events(shard), k.order(order_id),
+                k.sale(shard),
+                k.buyers(shard),
+                k.idempotency(shard),
+                k.deadlines(shard),
+                k.events(shard),
+                k.order(order_id),
             ],
             args=[
-                now, order_id, f"{req.channel_id}:{req.idempotency_key}", req.fingerprint,
-                req.channel_id, req.user_id, req.quantity, req.payment_ref, buckets,
+                now,
+                order_id,
+                f"{req.channel_id}:{req.idempotency_key}",
+                req.fingerprint,
+                req.channel_id,
+                req.user_id,
+                req.quantity,
+                req.payment_ref,
+                buckets,
             ],
         )
         return ReturnCode(code), order_id, status, int(value)
 
-    async def _refill_and_reserve(self, req: PurchaseRequest, now: int, buckets: int,
-                                  home: int) -> Reservation:
+    async def _refill_and_reserve(
+        self, req: PurchaseRequest, now: int, buckets: int, home: int
+    ) -> Reservation:
         """The home bucket had fewer units than asked for: bring units in from other buckets
         and reserve there again, until it works or the sale is proven unable to supply them."""
         for _ in range(REFILL_ROUNDS):
@@ -294,9 +324,14 @@ class Ledger:
         # reserved, so a retry with the same Idempotency-Key is safe.
         raise errors.ServiceUnavailable("stock is moving between buckets; retry")
 
-    async def purchase(self, req: PurchaseRequest, risk: RiskArgs, now: int | None = None, *,
-                       route: tuple[int, int] = (1, 0),
-                       ) -> tuple[Reservation | None, RiskOutcome]:
+    async def purchase(
+        self,
+        req: PurchaseRequest,
+        risk: RiskArgs,
+        now: int | None = None,
+        *,
+        route: tuple[int, int] = (1, 0),
+    ) -> tuple[Reservation | None, RiskOutcome]:
         """`reserve` with the risk engine's scoring in the same script and round trip.
 
         `route` is the (bucket count, home bucket) the risk keys were built for (`Ledger.route`).
@@ -309,26 +344,37 @@ class Ledger:
         shard = shard_id(sale, home)
         now = now_ms() if now is None else now
         order_id = new_order_id(sale, now, home)
-        code, order_id, status, value, score, fired, shadow, solution = (
-            await self.scripts.purchase(
-                keys=[
-                    k.sale(shard), k.buyers(shard), k.idempotency(shard),
-                    k.deadlines(shard), k.events(shard), k.order(order_id), *risk.keys,
-                ],
-                args=[
-                    now, order_id, f"{req.channel_id}:{req.idempotency_key}", req.fingerprint,
-                    req.channel_id, req.user_id, req.quantity, req.payment_ref, *risk.args,
-                    buckets,
-                ],
-            )
+        code, order_id, status, value, score, fired, shadow, solution = await self.scripts.purchase(
+            keys=[
+                k.sale(shard),
+                k.buyers(shard),
+                k.idempotency(shard),
+                k.deadlines(shard),
+                k.events(shard),
+                k.order(order_id),
+                *risk.keys,
+            ],
+            args=[
+                now,
+                order_id,
+                f"{req.channel_id}:{req.idempotency_key}",
+                req.fingerprint,
+                req.channel_id,
+                req.user_id,
+                req.quantity,
+                req.payment_ref,
+                *risk.args,
+                buckets,
+            ],
         )
         rc = ReturnCode(code)
         if rc is ReturnCode.WRONG_BUCKETS:
             self.buckets.learn(sale, int(value))
             raise WrongBuckets()
         refused = rc if rc in (ReturnCode.RISK_DENIED, ReturnCode.RISK_CHALLENGE) else None
-        outcome = RiskOutcome(refused, int(score), _positions(fired), _positions(shadow),
-                              int(solution))
+        outcome = RiskOutcome(
+            refused, int(score), _positions(fired), _positions(shadow), int(solution)
+        )
         if rc is ReturnCode.RATE_LIMITED:
             raise errors.RateLimited(math.ceil(int(value) / 1000), limit=status)
         if refused is not None:
@@ -344,11 +390,19 @@ class Ledger:
         """The keys of an order's scripts: those of the bucket its id names."""
         k, shard = self.keys, shard_of_order(order_id)
         return [
-            k.sale(shard), k.order(order_id), k.deadlines(shard), k.events(shard), k.buyers(shard),
+            k.sale(shard),
+            k.order(order_id),
+            k.deadlines(shard),
+            k.events(shard),
+            k.buyers(shard),
         ]
 
     async def confirm(
-        self, sale_id: str, order_id: str, channel_id: str, payment_ref: str,
+        self,
+        sale_id: str,
+        order_id: str,
+        channel_id: str,
+        payment_ref: str,
         now: int | None = None,
     ) -> tuple[str, int]:
         code, status, expires_at = await self.scripts.confirm(
@@ -370,8 +424,12 @@ class Ledger:
             await self.buckets.undrain(sale_id)  # the unit is back: let every bucket look
         return str(status)
 
-    async def request_refund(self, order_id: str, channel_id: str, now: int | None = None,
-                             ) -> RefundRequest:
+    async def request_refund(
+        self,
+        order_id: str,
+        channel_id: str,
+        now: int | None = None,
+    ) -> RefundRequest:
         """refund.lua: a reserved order is refunded at once (stock back); a confirmed or
         delivered one is marked requested (`pending`), to be settled by core/refunds.py."""
         code, status, user, qty, created = await self.scripts.refund(
@@ -382,11 +440,22 @@ class Ledger:
         raise_for(rc)
         if rc is ReturnCode.OK:
             await self._undrain_if_buckets(order_id)
-        return RefundRequest(order_id, channel_id, str(status), str(user), int(qty),
-                             int(created), pending=rc is ReturnCode.REFUND_PENDING)
+        return RefundRequest(
+            order_id,
+            channel_id,
+            str(status),
+            str(user),
+            int(qty),
+            int(created),
+            pending=rc is ReturnCode.REFUND_PENDING,
+        )
 
-    async def finish_refund(self, order_id: str, outcome: str, now: int | None = None,
-                            ) -> tuple[ReturnCode, str]:
+    async def finish_refund(
+        self,
+        order_id: str,
+        outcome: str,
+        now: int | None = None,
+    ) -> tuple[ReturnCode, str]:
         """refund_finish.lua: apply PostgreSQL's decision ("returned" | "voided") to the
         ledger, once. Returns (code, outcome applied)."""
         k, shard = self.keys, shard_of_order(order_id)
@@ -418,8 +487,13 @@ class Ledger:
             return 0
         # One script call for the batch (a pipeline of EVALSHAs is refused on Redis Cluster).
         codes = await self.scripts.expire(
-            keys=[k.sale(sale_id), key, k.events(sale_id), k.buyers(sale_id),
-                  *(k.order(order_id) for order_id in due)],
+            keys=[
+                k.sale(sale_id),
+                key,
+                k.events(sale_id),
+                k.buyers(sale_id),
+                *(k.order(order_id) for order_id in due),
+            ],
             args=[now, *due],
         )
         return sum(1 for code in codes if code == ReturnCode.OK)
@@ -444,8 +518,7 @@ class Ledger:
         codes = [0] * len(order_ids)
         for shard, positions in by_shard.items():
             replies = await self.scripts.deliver(
-                keys=[self.keys.sale(shard),
-                      *(self.keys.order(order_ids[i]) for i in positions)],
+                keys=[self.keys.sale(shard), *(self.keys.order(order_ids[i]) for i in positions)],
                 args=[now],
             )
             for i, code in zip(positions, replies, strict=True):

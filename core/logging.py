@@ -31,7 +31,8 @@ from typing import Any
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 CLIENT_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "client_request_id", default="")
+    "client_request_id", default=""
+)
 
 CLIENT_REQUEST_ID_MAX = 64
 _REQUEST_ID_BAD = re.compile(r"[^A-Za-z0-9._:-]")
@@ -41,7 +42,11 @@ _SECRETS = re.compile(
     re.IGNORECASE,
 )
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message", "asctime", "taskName", "color_message"}  # uvicorn's ANSI copy of `msg`
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}  # uvicorn's ANSI copy of `msg`
 # uvicorn's loggers with handlers of their own in its default config (propagate=False).
 _UVICORN = ("uvicorn", "uvicorn.access")
 

@@ -40,8 +40,8 @@ from prometheus_client.registry import Collector
 
 from core.ids import shard_id
 
-MAX_SALES = 20           # active sales exported per scrape (label cardinality bound)
-SCRAPE_TIMEOUT_S = 0.5   # deadline of the Redis reads done on scrape
+MAX_SALES = 20  # active sales exported per scrape (label cardinality bound)
+SCRAPE_TIMEOUT_S = 0.5  # deadline of the Redis reads done on scrape
 OTHER = "other"
 
 # Bucket edges at the SLA thresholds (loadtest/sla.toml: purchase p99 50 ms, delivery p99 2 s).
@@ -52,37 +52,74 @@ BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 # -- HTTP (gateway/middleware.py) -------------------------------------------------------------
 HTTP_REQUESTS = Counter(
-    "flashgate_http_requests_total", "HTTP requests answered, by route template.",
-    ["route", "method", "status_class"])
+    "flashgate_http_requests_total",
+    "HTTP requests answered, by route template.",
+    ["route", "method", "status_class"],
+)
 HTTP_DURATION = Histogram(
-    "flashgate_http_request_duration_seconds", "Time to the end of the HTTP response.",
-    ["route", "method"], buckets=HTTP_BUCKETS)
+    "flashgate_http_request_duration_seconds",
+    "Time to the end of the HTTP response.",
+    ["route", "method"],
+    buckets=HTTP_BUCKETS,
+)
 HTTP_IN_FLIGHT = Gauge(
-    "flashgate_http_requests_in_flight", "HTTP requests being handled now.",
-    multiprocess_mode="livesum")
+    "flashgate_http_requests_in_flight",
+    "HTTP requests being handled now.",
+    multiprocess_mode="livesum",
+)
 
 # -- business (gateway) -----------------------------------------------------------------------
-PURCHASE_RESULTS = ("reserved", "confirmed", "replayed", "sold_out", "limit", "risk_denied",
-                    "challenged", "rate_limited", "invalid", "not_active", "not_found",
-                    "unauthorized", "unavailable", "error", OTHER)
-PURCHASES = Counter(
-    "flashgate_purchases_total", "Purchase attempts by result.", ["result"])
+PURCHASE_RESULTS = (
+    "reserved",
+    "confirmed",
+    "replayed",
+    "sold_out",
+    "limit",
+    "risk_denied",
+    "challenged",
+    "rate_limited",
+    "invalid",
+    "not_active",
+    "not_found",
+    "unauthorized",
+    "unavailable",
+    "error",
+    OTHER,
+)
+PURCHASES = Counter("flashgate_purchases_total", "Purchase attempts by result.", ["result"])
 _RESULT_OF_CODE = {
-    "sold_out": "sold_out", "insufficient_stock": "sold_out",
-    "purchase_limit_exceeded": "limit", "risk_denied": "risk_denied",
-    "challenge_required": "challenged", "rate_limited": "rate_limited",
-    "invalid_request": "invalid", "malformed_request": "invalid",
-    "idempotency_mismatch": "invalid", "payload_too_large": "invalid",
-    "unsupported_media_type": "invalid", "sale_not_active": "not_active",
-    "not_found": "not_found", "unauthorized": "unauthorized",
-    "service_unavailable": "unavailable", "sale_not_ready": "unavailable",
+    "sold_out": "sold_out",
+    "insufficient_stock": "sold_out",
+    "purchase_limit_exceeded": "limit",
+    "risk_denied": "risk_denied",
+    "challenge_required": "challenged",
+    "rate_limited": "rate_limited",
+    "invalid_request": "invalid",
+    "malformed_request": "invalid",
+    "idempotency_mismatch": "invalid",
+    "payload_too_large": "invalid",
+    "unsupported_media_type": "invalid",
+    "sale_not_active": "not_active",
+    "not_found": "not_found",
+    "unauthorized": "unauthorized",
+    "service_unavailable": "unavailable",
+    "sale_not_ready": "unavailable",
     "internal_error": "error",
 }
 PURCHASE_ROUTE = "/v1/sales/{sale_id}/purchase"
 
 # -- ledger, read from Redis on scrape (LedgerSnapshot) ---------------------------------------
-STOCK_STATES = ("total", "available", "reserved", "confirmed", "delivered", "cancelled",
-                "expired", "refunded", "voided")
+STOCK_STATES = (
+    "total",
+    "available",
+    "reserved",
+    "confirmed",
+    "delivered",
+    "cancelled",
+    "expired",
+    "refunded",
+    "voided",
+)
 # Declared here for the name check; filled by LedgerCollector from the last snapshot.
 SALE_STOCK = "flashgate_sale_stock_units"
 SALE_INVARIANT = "flashgate_sale_ledger_drift_units"
@@ -101,90 +138,138 @@ LEDGER_SCRAPE_OK = "flashgate_ledger_scrape_success"
 
 # -- risk engine (risk/scoring.py keeps its counts in a RiskCounts) ---------------------------
 RISK_DECISIONS = Counter(
-    "flashgate_risk_decisions_total", "Risk verdicts (allow, challenge, deny).", ["verdict"])
+    "flashgate_risk_decisions_total", "Risk verdicts (allow, challenge, deny).", ["verdict"]
+)
 RISK_RULES = Counter(
     "flashgate_risk_rule_hits_total",
     "Rules that fired: mode=fired (scored), shadow (counted only), unavailable (no feature).",
-    ["rule", "mode"])
+    ["rule", "mode"],
+)
 RISK_LISTS = Counter(
-    "flashgate_risk_list_hits_total", "Requests decided by an allow or block list.",
-    ["action", "kind"])
+    "flashgate_risk_list_hits_total",
+    "Requests decided by an allow or block list.",
+    ["action", "kind"],
+)
 RISK_CHALLENGES = Counter(
-    "flashgate_risk_challenge_results_total", "Challenge solutions by result.", ["result"])
+    "flashgate_risk_challenge_results_total", "Challenge solutions by result.", ["result"]
+)
 RISK_EVENTS = Counter(
-    "flashgate_risk_events_total", "Other risk engine events (rate_limited, "
-    "features_unavailable, passed).", ["event"])
+    "flashgate_risk_events_total",
+    "Other risk engine events (rate_limited, features_unavailable, passed).",
+    ["event"],
+)
 
 # -- workers (workers/metrics.py) -------------------------------------------------------------
-WORKER_BATCHES = Counter(
-    "flashgate_worker_batches_total", "Stream batches handled.", ["result"])
+WORKER_BATCHES = Counter("flashgate_worker_batches_total", "Stream batches handled.", ["result"])
 WORKER_BATCH_SIZE = Histogram(
-    "flashgate_worker_batch_size_entries", "Entries per handled batch.",
-    buckets=BATCH_SIZE_BUCKETS)
+    "flashgate_worker_batch_size_entries", "Entries per handled batch.", buckets=BATCH_SIZE_BUCKETS
+)
 WORKER_BATCH_DURATION = Histogram(
-    "flashgate_worker_batch_duration_seconds", "Time to persist, mark and ack one batch.",
-    buckets=BATCH_BUCKETS)
-ORDERS_DELIVERED = Counter(
-    "flashgate_orders_delivered_total", "Orders whose keys were committed.")
+    "flashgate_worker_batch_duration_seconds",
+    "Time to persist, mark and ack one batch.",
+    buckets=BATCH_BUCKETS,
+)
+ORDERS_DELIVERED = Counter("flashgate_orders_delivered_total", "Orders whose keys were committed.")
 DELIVERY_LATENCY = Histogram(
-    "flashgate_delivery_latency_seconds", "Confirm (ledger clock) to keys committed.",
-    buckets=DELIVERY_BUCKETS)
+    "flashgate_delivery_latency_seconds",
+    "Confirm (ledger clock) to keys committed.",
+    buckets=DELIVERY_BUCKETS,
+)
 DEAD_LETTERED = Counter(
-    "flashgate_dead_lettered_total", "Entries moved to a dead-letter stream.", ["reason"])
+    "flashgate_dead_lettered_total", "Entries moved to a dead-letter stream.", ["reason"]
+)
 RESERVATIONS_EXPIRED = Counter(
-    "flashgate_reservations_expired_total", "Reservations expired by this process's sweeper.")
+    "flashgate_reservations_expired_total", "Reservations expired by this process's sweeper."
+)
 WEBHOOKS = Counter(
-    "flashgate_webhook_deliveries_total", "Webhook delivery attempts by result.", ["result"])
+    "flashgate_webhook_deliveries_total", "Webhook delivery attempts by result.", ["result"]
+)
 BACKEND_ERRORS = Counter(
-    "flashgate_backend_errors_total", "Failures of a backing service, by backend and kind.",
-    ["backend", "kind"])
+    "flashgate_backend_errors_total",
+    "Failures of a backing service, by backend and kind.",
+    ["backend", "kind"],
+)
 WORKER_HEARTBEAT = Gauge(
-    "flashgate_worker_last_loop_timestamp_seconds", "When the worker's main loop last ran.",
-    multiprocess_mode="max")
+    "flashgate_worker_last_loop_timestamp_seconds",
+    "When the worker's main loop last ran.",
+    multiprocess_mode="max",
+)
 
 # -- stock ------------------------------------------------------------------------------------
 KEYS_IMPORTED = Counter(
-    "flashgate_keys_imported_total", "Card keys submitted to imports, by result "
-    "(imported, duplicate, rejected).", ["result"])
+    "flashgate_keys_imported_total",
+    "Card keys submitted to imports, by result (imported, duplicate, rejected).",
+    ["result"],
+)
 LOW_STOCK_EVENTS = Counter(
-    "flashgate_low_stock_events_total", "Sales that went under FLASHGATE_LOW_STOCK_FRACTION "
-    "of their stock (once per sale and total, across all workers).")
+    "flashgate_low_stock_events_total",
+    "Sales that went under FLASHGATE_LOW_STOCK_FRACTION "
+    "of their stock (once per sale and total, across all workers).",
+)
 
 # -- invariants (audit job) -------------------------------------------------------------------
 INVARIANT_VIOLATIONS = Gauge(
-    "flashgate_invariant_violations", "Breaches found by the last audit (oversold, "
-    "duplicate_keys); must stay 0.", ["invariant"], multiprocess_mode="max")
+    "flashgate_invariant_violations",
+    "Breaches found by the last audit (oversold, duplicate_keys); must stay 0.",
+    ["invariant"],
+    multiprocess_mode="max",
+)
 AUDIT_LAST_RUN = Gauge(
-    "flashgate_audit_last_run_timestamp_seconds", "When the invariant audit last completed.",
-    multiprocess_mode="max")
+    "flashgate_audit_last_run_timestamp_seconds",
+    "When the invariant audit last completed.",
+    multiprocess_mode="max",
+)
 # Reconciliation (core/reconcile.py), run by every worker for the current sales (at most
 # core.reconcile.CURRENT_SALES_LIMIT of them: the sale label stays bounded).
-RECONCILE_KINDS = ("missing_ledger", "ledger_balance", "stock_total", "oversold", "keys",
-                   "delivered_ahead", "orders", "risk_list_entries", "risk_override")
+RECONCILE_KINDS = (
+    "missing_ledger",
+    "ledger_balance",
+    "stock_total",
+    "oversold",
+    "keys",
+    "delivered_ahead",
+    "orders",
+    "risk_list_entries",
+    "risk_override",
+)
 RECONCILE_DRIFT = Gauge(
-    "flashgate_reconcile_drift_units", "Redis ledger vs PostgreSQL vs card keys, by kind of "
-    "drift (units, or ledgers for missing_ledger); must be 0.", ["sale", "kind"],
-    multiprocess_mode="max")
+    "flashgate_reconcile_drift_units",
+    "Redis ledger vs PostgreSQL vs card keys, by kind of "
+    "drift (units, or ledgers for missing_ledger); must be 0.",
+    ["sale", "kind"],
+    multiprocess_mode="max",
+)
 RECONCILE_LAST_RUN = Gauge(
-    "flashgate_reconcile_last_run_timestamp_seconds", "When the reconciliation last completed.",
-    multiprocess_mode="max")
+    "flashgate_reconcile_last_run_timestamp_seconds",
+    "When the reconciliation last completed.",
+    multiprocess_mode="max",
+)
 
 # Redis failover (core/failover.py): a new primary pauses the sales until a merge has run.
 FAILOVER_PAUSED = Gauge(
-    "flashgate_failover_pause_active", "1 while this process refuses purchases because Redis' "
+    "flashgate_failover_pause_active",
+    "1 while this process refuses purchases because Redis' "
     "primary changed and its ledger has not been merged with PostgreSQL yet.",
-    multiprocess_mode="max")
+    multiprocess_mode="max",
+)
 FAILOVER_PAUSES = Counter(
-    "flashgate_failover_pauses_total", "Pauses begun: a new Redis primary identity noticed.")
+    "flashgate_failover_pauses_total", "Pauses begun: a new Redis primary identity noticed."
+)
 FAILOVER_MERGES = Counter(
-    "flashgate_failover_merges_total", "Merges of PostgreSQL's orders into a new Redis primary, "
-    "by result.", ["result"])
+    "flashgate_failover_merges_total",
+    "Merges of PostgreSQL's orders into a new Redis primary, by result.",
+    ["result"],
+)
 FAILOVER_MERGE_DURATION = Histogram(
-    "flashgate_failover_merge_duration_seconds", "Time a merge took, from its lock to the "
-    "recorded epoch.", buckets=BATCH_BUCKETS + (30.0, 60.0))
+    "flashgate_failover_merge_duration_seconds",
+    "Time a merge took, from its lock to the recorded epoch.",
+    buckets=BATCH_BUCKETS + (30.0, 60.0),
+)
 FAILOVER_ORDERS_MERGED = Counter(
-    "flashgate_failover_orders_merged_total", "Orders a merge brought back into Redis from "
-    "PostgreSQL (missing there, or at an earlier status).")
+    "flashgate_failover_orders_merged_total",
+    "Orders a merge brought back into Redis from "
+    "PostgreSQL (missing there, or at an earlier status).",
+)
 
 
 def _bounded(value: str, allowed: Iterable[str] | None = None) -> str:
@@ -242,12 +327,12 @@ def _child_of(key: str) -> Any:
         return RISK_DECISIONS.labels(_bounded(rest, ("allow", "challenge", "deny")))
     elif kind == "rule":
         name, _, mode = rest.rpartition(":")
-        return RISK_RULES.labels(_bounded(name),
-                                 _bounded(mode, ("fired", "shadow", "unavailable")))
+        return RISK_RULES.labels(_bounded(name), _bounded(mode, ("fired", "shadow", "unavailable")))
     elif kind == "list":
         action, _, what = rest.partition(":")
-        return RISK_LISTS.labels(_bounded(action, ("allow", "block")),
-                                 _bounded(what, ("user", "device", "ip", "cidr")))
+        return RISK_LISTS.labels(
+            _bounded(action, ("allow", "block")), _bounded(what, ("user", "device", "ip", "cidr"))
+        )
     elif kind == "challenge":
         return RISK_CHALLENGES.labels(_bounded(rest))
     return RISK_EVENTS.labels(_bounded(key.replace(":", "_")[:40]))
@@ -280,8 +365,14 @@ class LedgerSnapshot:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
 
-    async def refresh(self, redis: Any, keys: Any, group: str,
-                      timeout_s: float = SCRAPE_TIMEOUT_S, max_age_s: float = 0.0) -> None:
+    async def refresh(
+        self,
+        redis: Any,
+        keys: Any,
+        group: str,
+        timeout_s: float = SCRAPE_TIMEOUT_S,
+        max_age_s: float = 0.0,
+    ) -> None:
         async with self._turn():
             if max_age_s > 0 and time.monotonic() - self._tried < max_age_s:
                 return
@@ -289,8 +380,7 @@ class LedgerSnapshot:
             self.reads += 1
             try:
                 async with asyncio.timeout(timeout_s):
-                    self.sales, self.active, self.upcoming = await _read_sales(
-                        redis, keys, group)
+                    self.sales, self.active, self.upcoming = await _read_sales(redis, keys, group)
                 self.ok, self.at = 1, time.time()
             except Exception:  # noqa: BLE001 - a scrape must answer; success=0 says it failed
                 self.ok = 0
@@ -321,8 +411,12 @@ async def _pick_sales(redis: Any, keys: Any, active: list[str]) -> tuple[list[st
     return sorted(sale for sale, _ in ranked[:MAX_SALES]), upcoming
 
 
-async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
-                      ) -> tuple[dict[str, int], int]:
+async def _read_shard(
+    redis: Any,
+    keys: Any,
+    group: str,
+    shard: str,
+) -> tuple[dict[str, int], int]:
     """One ledger shard (a sale, or one stock bucket of it): its row and its bucket count."""
     async with redis.pipeline(transaction=False) as pipe:  # one shard's keys share a slot
         pipe.hmget(keys.sale(shard), [*STOCK_STATES, "buckets", "start"])
@@ -338,8 +432,9 @@ async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
         if stock[-1] is not None:
             row["start"] = int(float(stock[-1]))
         if stock[0] is not None:
-            held = sum(row[s] for s in ("available", "reserved", "confirmed", "delivered",
-                                        "voided"))
+            held = sum(
+                row[s] for s in ("available", "reserved", "confirmed", "delivered", "voided")
+            )
             row["drift"] = abs(row["total"] - held) + max(0, -row["available"])
     row["stream_length"] = int(length) if isinstance(length, int) else 0
     row["dead_letters"] = int(dead) if isinstance(dead, int) else 0
@@ -351,8 +446,11 @@ async def _read_shard(redis: Any, keys: Any, group: str, shard: str,
     return row, buckets
 
 
-async def _read_sales(redis: Any, keys: Any, group: str,
-                      ) -> tuple[dict[str, dict[str, int]], int, int]:
+async def _read_sales(
+    redis: Any,
+    keys: Any,
+    group: str,
+) -> tuple[dict[str, dict[str, int]], int, int]:
     """The exported sales' rows, how many sales are active, and how many of them (as far as
     MAX_SALES_SCANNED reach) have not opened yet."""
     active = sorted(str(s) for s in await redis.smembers(keys.active_sales()))
@@ -378,8 +476,11 @@ async def read_sale(redis: Any, keys: Any, group: str, sale: str) -> dict[str, i
 
 def settled_units(row: dict[str, int]) -> dict[str, int]:
     """A ledger row's units by how their reservation ended (SALE_SETTLED)."""
-    return {"confirmed": sum(row.get(s, 0) for s in ("confirmed", "delivered", "refunded")),
-            "expired": row.get("expired", 0), "cancelled": row.get("cancelled", 0)}
+    return {
+        "confirmed": sum(row.get(s, 0) for s in ("confirmed", "delivered", "refunded")),
+        "expired": row.get("expired", 0),
+        "cancelled": row.get("cancelled", 0),
+    }
 
 
 class LedgerCollector(Collector):
@@ -391,22 +492,33 @@ class LedgerCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snap = self.snapshot
-        stock = GaugeMetricFamily(SALE_STOCK, "Units per ledger state (Redis).",
-                                  labels=["sale", "state"])
-        drift = GaugeMetricFamily(SALE_INVARIANT, "total - (available + reserved + confirmed "
-                                  "+ delivered + voided), or oversold units; must be 0.",
-                                  labels=["sale"])
-        length = GaugeMetricFamily(STREAM_LENGTH, "Entries in the sale's order-event stream.",
-                                   labels=["sale"])
-        pending = GaugeMetricFamily(STREAM_PENDING, "Entries read by a worker, not yet acked.",
-                                    labels=["sale"])
-        lag = GaugeMetricFamily(STREAM_LAG, "Entries not yet read by the workers' group.",
-                                labels=["sale"])
-        dead = GaugeMetricFamily(DEAD_LETTERS, "Entries in the sale's dead-letter stream.",
-                                 labels=["sale"])
-        settled = CounterMetricFamily(SALE_SETTLED, "Units whose reservation ended, by outcome "
-                                      "(confirmed counts purchases paid at once too).",
-                                      labels=["sale", "outcome"])
+        stock = GaugeMetricFamily(
+            SALE_STOCK, "Units per ledger state (Redis).", labels=["sale", "state"]
+        )
+        drift = GaugeMetricFamily(
+            SALE_INVARIANT,
+            "total - (available + reserved + confirmed "
+            "+ delivered + voided), or oversold units; must be 0.",
+            labels=["sale"],
+        )
+        length = GaugeMetricFamily(
+            STREAM_LENGTH, "Entries in the sale's order-event stream.", labels=["sale"]
+        )
+        pending = GaugeMetricFamily(
+            STREAM_PENDING, "Entries read by a worker, not yet acked.", labels=["sale"]
+        )
+        lag = GaugeMetricFamily(
+            STREAM_LAG, "Entries not yet read by the workers' group.", labels=["sale"]
+        )
+        dead = GaugeMetricFamily(
+            DEAD_LETTERS, "Entries in the sale's dead-letter stream.", labels=["sale"]
+        )
+        settled = CounterMetricFamily(
+            SALE_SETTLED,
+            "Units whose reservation ended, by outcome "
+            "(confirmed counts purchases paid at once too).",
+            labels=["sale", "outcome"],
+        )
         now_ms = time.time() * 1000
         for sale, row in snap.sales.items():
             if row.get("start", 0) > now_ms:  # not open yet: no series names it
@@ -423,12 +535,17 @@ class LedgerCollector(Collector):
                 pending.add_metric([sale], row["pending"])
                 lag.add_metric([sale], row["lag"])
         yield from (stock, drift, length, pending, lag, dead, settled)
-        yield GaugeMetricFamily(SALES_ACTIVE, "Active sales (the first MAX_SALES are exported).",
-                                value=snap.active)
-        yield GaugeMetricFamily(SALES_UPCOMING, "Active sales whose window has not opened: "
-                                "counted, not named.", value=snap.upcoming)
-        yield GaugeMetricFamily(LEDGER_SCRAPE_OK, "1 if the last ledger read succeeded.",
-                                value=snap.ok)
+        yield GaugeMetricFamily(
+            SALES_ACTIVE, "Active sales (the first MAX_SALES are exported).", value=snap.active
+        )
+        yield GaugeMetricFamily(
+            SALES_UPCOMING,
+            "Active sales whose window has not opened: counted, not named.",
+            value=snap.upcoming,
+        )
+        yield GaugeMetricFamily(
+            LEDGER_SCRAPE_OK, "1 if the last ledger read succeeded.", value=snap.ok
+        )
 
 
 LEDGER = LedgerSnapshot()
@@ -436,9 +553,18 @@ with contextlib.suppress(ValueError):  # a re-import (tests reloading) must not 
     REGISTRY.register(LedgerCollector(LEDGER))
 
 # Every metric name this module exports (the dashboard/alerts test checks against it).
-LEDGER_METRICS = (SALE_STOCK, SALE_INVARIANT, STREAM_LENGTH, STREAM_PENDING, STREAM_LAG,
-                  DEAD_LETTERS, SALES_ACTIVE, SALES_UPCOMING, f"{SALE_SETTLED}_total",
-                  LEDGER_SCRAPE_OK)
+LEDGER_METRICS = (
+    SALE_STOCK,
+    SALE_INVARIANT,
+    STREAM_LENGTH,
+    STREAM_PENDING,
+    STREAM_LAG,
+    DEAD_LETTERS,
+    SALES_ACTIVE,
+    SALES_UPCOMING,
+    f"{SALE_SETTLED}_total",
+    LEDGER_SCRAPE_OK,
+)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -40,9 +40,18 @@ class MetricsServer:
     @classmethod
     async def start(cls, app: Any, host: str, port: int) -> MetricsServer:
         """Serve `app` on host:port; raises RuntimeError if the port can't be bound."""
-        config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False,
-                                log_config=None, server_header=False, http="h11",
-                                timeout_keep_alive=5, limit_concurrency=32)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            http="h11",
+            timeout_keep_alive=5,
+            limit_concurrency=32,
+        )
         server = _Server(config)
         task = asyncio.create_task(server.serve(), name=f"metrics-server:{port}")
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S

@@ -130,9 +130,16 @@ class Report:
         return not any(self.drift.values())
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sale_id": self.sale_id, "ok": self.ok, "rebuilt": self.rebuilt,
-                "merged": self.merged, "quiescent": self.quiescent, "drift": self.drift,
-                "redis": self.redis, "postgres": self.postgres}
+        return {
+            "sale_id": self.sale_id,
+            "ok": self.ok,
+            "rebuilt": self.rebuilt,
+            "merged": self.merged,
+            "quiescent": self.quiescent,
+            "drift": self.drift,
+            "redis": self.redis,
+            "postgres": self.postgres,
+        }
 
 
 def _ms(value: Any) -> int:
@@ -164,8 +171,12 @@ async def _stream_state(redis: Redis, keys: Keys, shards: list[str]) -> tuple[bo
     return settled, last
 
 
-async def _ledger(redis: Redis, keys: Keys, sale_id: str, buckets: int,
-                  ) -> tuple[dict[str, int] | None, int]:
+async def _ledger(
+    redis: Redis,
+    keys: Keys,
+    sale_id: str,
+    buckets: int,
+) -> tuple[dict[str, int] | None, int]:
     """The sale's Redis ledger summed over its buckets, with `balance` (the per-bucket drift
     summed, so a negative bucket can't hide behind a positive one), or None if no bucket has
     one; and how many buckets have none."""
@@ -177,16 +188,16 @@ async def _ledger(redis: Redis, keys: Keys, sale_id: str, buckets: int,
             missing += 1
             continue
         row = {f: int(v or 0) for f, v in zip(STOCK_FIELDS, values[1:], strict=True)}
-        held = sum(row[f] for f in ("available", "reserved", "confirmed", "delivered",
-                                    "voided"))
+        held = sum(row[f] for f in ("available", "reserved", "confirmed", "delivered", "voided"))
         out["balance"] += abs(row["total"] - held) + max(0, -row["available"])
         for f in STOCK_FIELDS:
             out[f] += row[f]
     return (out if missing < buckets else None), missing
 
 
-async def check(redis: Redis, keys: Keys, pool: asyncpg.Pool, sale_id: str, *,
-                orders: bool = True) -> Report:
+async def check(
+    redis: Redis, keys: Keys, pool: asyncpg.Pool, sale_id: str, *, orders: bool = True
+) -> Report:
     """Compare one sale's Redis ledger with PostgreSQL (read-only)."""
     async with pool.acquire() as conn:
         sale = await conn.fetchrow(SALE_ROW, sale_id)
@@ -200,16 +211,20 @@ async def check(redis: Redis, keys: Keys, pool: asyncpg.Pool, sale_id: str, *,
         bad_keys = int(await conn.fetchval(BAD_KEYS, sale_id))
         allocated = int(await conn.fetchval(ALLOCATED, sale_id))
         voided = int(await conn.fetchval(VOIDED, sale_id))
-        statuses = ({r[0]: r[1] for r in await conn.fetch(ORDER_STATUSES, sale_id)}
-                    if orders else {})
+        statuses = {r[0]: r[1] for r in await conn.fetch(ORDER_STATUSES, sale_id)} if orders else {}
     ledger, missing = await _ledger(redis, keys, sale_id, buckets)
     settled_after, last_after = await _stream_state(redis, keys, shards)
     quiescent = settled and settled_after and last == last_after
 
     keys_total = sum(int(r["n"]) for r in key_rows)
     pg_live = sum(units.get(s, 0) for s in LIVE)
-    postgres = {"keys": keys_total, "keys_allocated": allocated, "keys_voided": voided,
-                "units": {s: units.get(s, 0) for s in STATUSES}, "buckets": buckets}
+    postgres = {
+        "keys": keys_total,
+        "keys_allocated": allocated,
+        "keys_voided": voided,
+        "units": {s: units.get(s, 0) for s in STATUSES},
+        "buckets": buckets,
+    }
     report = Report(sale_id, quiescent, ledger, postgres)
     d = report.drift
     d["missing_ledger"] = missing  # ledgers (stock buckets) PostgreSQL expects, Redis lacks
@@ -219,12 +234,18 @@ async def check(redis: Redis, keys: Keys, pool: asyncpg.Pool, sale_id: str, *,
         return report
     d["ledger_balance"] = ledger["balance"]
     d["stock_total"] = abs(ledger["total"] - keys_total)
-    d["oversold"] += max(0, ledger["reserved"] + ledger["confirmed"] + ledger["delivered"]
-                         + ledger["voided"] - keys_total)
+    d["oversold"] += max(
+        0,
+        ledger["reserved"]
+        + ledger["confirmed"]
+        + ledger["delivered"]
+        + ledger["voided"]
+        - keys_total,
+    )
     d["delivered_ahead"] = max(0, ledger["delivered"] - units.get("delivered", 0))
-    d["postgres_ahead"] = (
-        max(0, sum(units.get(s, 0) for s in PAID) - sum(ledger[s] for s in PAID))
-        + max(0, sum(units.get(s, 0) for s in STATUSES) - sum(ledger[s] for s in STATUSES)))
+    d["postgres_ahead"] = max(
+        0, sum(units.get(s, 0) for s in PAID) - sum(ledger[s] for s in PAID)
+    ) + max(0, sum(units.get(s, 0) for s in STATUSES) - sum(ledger[s] for s in STATUSES))
     if orders:
         d["postgres_ahead_orders"] = await _orders_behind(redis, keys, statuses)
     if quiescent:
@@ -241,13 +262,16 @@ async def _orders_behind(redis: Redis, keys: Keys, statuses: dict[str, str]) -> 
     ids = list(statuses)
     behind = 0
     for start in range(0, len(ids), 1000):
-        chunk = ids[start:start + 1000]
+        chunk = ids[start : start + 1000]
         async with redis.pipeline(transaction=False) as pipe:
             for order_id in chunk:
                 pipe.hget(keys.order(order_id), "status")
             live: list[Any] = await pipe.execute()
-        behind += sum(1 for order_id, s in zip(chunk, live, strict=True)
-                      if s not in CONSISTENT.get(statuses[order_id], ()))
+        behind += sum(
+            1
+            for order_id, s in zip(chunk, live, strict=True)
+            if s not in CONSISTENT.get(statuses[order_id], ())
+        )
     return behind
 
 
@@ -255,19 +279,25 @@ async def _status_mismatches(redis: Redis, keys: Keys, statuses: dict[str, str])
     ids = list(statuses)
     wrong = 0
     for start in range(0, len(ids), 1000):
-        chunk = ids[start:start + 1000]
+        chunk = ids[start : start + 1000]
         async with redis.pipeline(transaction=False) as pipe:
             for order_id in chunk:
                 pipe.hget(keys.order(order_id), "status")
             live: list[Any] = await pipe.execute()
-        wrong += sum(1 for order_id, s in zip(chunk, live, strict=True)
-                     if s != statuses[order_id])
+        wrong += sum(1 for order_id, s in zip(chunk, live, strict=True) if s != statuses[order_id])
     return wrong
 
 
 # -- rebuild ----------------------------------------------------------------------------------
-def _plan_shard(sale: asyncpg.Record, bucket: int, buckets: int, orders: list[asyncpg.Record],
-                imports: list[str], available: int, now: int) -> tuple[dict[str, Any], list[str]]:
+def _plan_shard(
+    sale: asyncpg.Record,
+    bucket: int,
+    buckets: int,
+    orders: list[asyncpg.Record],
+    imports: list[str],
+    available: int,
+    now: int,
+) -> tuple[dict[str, Any], list[str]]:
     """restore_sale.lua's document for one shard, and its orders' ids (KEYS order)."""
     ttl_ms = int(sale["reservation_ttl_s"]) * 1000
     counters = dict.fromkeys(STOCK_FIELDS, 0)
@@ -279,29 +309,49 @@ def _plan_shard(sale: asyncpg.Record, bucket: int, buckets: int, orders: list[as
         if status == "refunded" and o["refund_outcome"] == "voided":
             counters["voided"] += qty  # its keys are gone: never back in `available`
         if status in LIVE:
-            buyers[f'{o["channel_id"]}:{o["user_id"]}'] += qty  # per channel, as reserve_order
+            buyers[f"{o['channel_id']}:{o['user_id']}"] += qty  # per channel, as reserve_order
         created = _ms(o["reserved_at"])
         confirmed_at = _ms(o["confirmed_at"]) if o["confirmed_at"] is not None else created
-        rows.append([o["order_id"], o["channel_id"], o["user_id"], str(qty), status,
-                     str(created), str(created + ttl_ms), o["payment_ref"] or "",
-                     str(confirmed_at)])
+        rows.append(
+            [
+                o["order_id"],
+                o["channel_id"],
+                o["user_id"],
+                str(qty),
+                status,
+                str(created),
+                str(created + ttl_ms),
+                o["payment_ref"] or "",
+                str(confirmed_at),
+            ]
+        )
     held = counters["reserved"] + counters["confirmed"] + counters["delivered"]
     counters["available"] = available
     counters["total"] = held + counters["voided"] + available
     fields: dict[str, str | int] = {
-        "start": _ms(sale["starts_at"]), "end": _ms(sale["ends_at"]),
-        "limit": sale["per_user_limit"], "ttl": ttl_ms, "state": "open", "restocks": 1,
-        "reconciled_at": now, **counters,
+        "start": _ms(sale["starts_at"]),
+        "end": _ms(sale["ends_at"]),
+        "limit": sale["per_user_limit"],
+        "ttl": ttl_ms,
+        "state": "open",
+        "restocks": 1,
+        "reconciled_at": now,
+        **counters,
     }
     if buckets > 1:
         fields.update(buckets=buckets, bucket=bucket, transit=0)
-    doc = {"sale": [str(x) for kv in fields.items() for x in kv], "imports": imports,
-           "buyers": [str(x) for kv in buyers.items() for x in kv], "orders": rows}
+    doc = {
+        "sale": [str(x) for kv in fields.items() for x in kv],
+        "imports": imports,
+        "buyers": [str(x) for kv in buyers.items() for x in kv],
+        "orders": rows,
+    }
     return doc, [r[0] for r in rows]
 
 
-async def rebuild(ledger: Ledger, pool: asyncpg.Pool, sale_id: str,
-                  now: int | None = None) -> dict[str, int]:
+async def rebuild(
+    ledger: Ledger, pool: asyncpg.Pool, sale_id: str, now: int | None = None
+) -> dict[str, int]:
     """Recreate a sale's lost Redis ledger from PostgreSQL; returns per shard the orders
     restored, or -1 for a shard whose ledger exists (left untouched). Also restores the
     channels' API-key hashes (the hot path's credentials live in Redis)."""
@@ -315,26 +365,37 @@ async def rebuild(ledger: Ledger, pool: asyncpg.Pool, sale_id: str,
         orders = await conn.fetch(ORDERS, sale_id)
         channels = await conn.fetch("SELECT channel_id, api_key_hash FROM channels")
     if channels:
-        await redis.hset(keys.channels(),
-                         mapping={bytes(c["api_key_hash"]).hex(): c["channel_id"]
-                                  for c in channels})
+        await redis.hset(
+            keys.channels(),
+            mapping={bytes(c["api_key_hash"]).hex(): c["channel_id"] for c in channels},
+        )
     buckets = int(sale["stock_buckets"])
     imports = [str(r["import_id"]) for r in key_rows]
     keys_total = sum(int(r["n"]) for r in key_rows)
     by_bucket: dict[int, list[asyncpg.Record]] = defaultdict(list)
     for o in orders:
         by_bucket[parse_order_id(o["order_id"])[1]].append(o)
-    held = sum(int(o["quantity"]) for o in orders if o["status"] in LIVE
-               or (o["status"] == "refunded" and o["refund_outcome"] == "voided"))
+    held = sum(
+        int(o["quantity"])
+        for o in orders
+        if o["status"] in LIVE or (o["status"] == "refunded" and o["refund_outcome"] == "voided")
+    )
     base, extra = divmod(max(0, keys_total - held), buckets)
     done: dict[str, int] = {}
     for b in reversed(range(buckets)):  # bucket 0 last: buyers routed by it find the others
         shard = shard_id(sale_id, b)
-        doc, ids = _plan_shard(sale, b, buckets, by_bucket[b], imports,
-                               base + (1 if b < extra else 0), now)
+        doc, ids = _plan_shard(
+            sale, b, buckets, by_bucket[b], imports, base + (1 if b < extra else 0), now
+        )
         code, restored = await ledger.scripts.restore_sale(
-            keys=[keys.sale(shard), keys.buyers(shard), keys.deadlines(shard),
-                  keys.events(shard), keys.imports(shard), *(keys.order(i) for i in ids)],
+            keys=[
+                keys.sale(shard),
+                keys.buyers(shard),
+                keys.deadlines(shard),
+                keys.events(shard),
+                keys.imports(shard),
+                *(keys.order(i) for i in ids),
+            ],
             args=[json.dumps(doc), now],
         )
         done[shard] = int(restored) if code == ReturnCode.OK else -1
@@ -345,8 +406,7 @@ async def rebuild(ledger: Ledger, pool: asyncpg.Pool, sale_id: str,
     return done
 
 
-async def reconcile(ledger: Ledger, pool: asyncpg.Pool, sale_id: str, *,
-                    write: bool) -> Report:
+async def reconcile(ledger: Ledger, pool: asyncpg.Pool, sale_id: str, *, write: bool) -> Report:
     """`flashgate reconcile`: check; with `write`, rebuild a missing ledger first (an
     existing one is never rebuilt), or, where PostgreSQL leads Redis (a lossy failover),
     merge its orders into Redis as the automatic failover merge does (core/failover.py),
@@ -358,8 +418,9 @@ async def reconcile(ledger: Ledger, pool: asyncpg.Pool, sale_id: str, *,
         await rebuild(ledger, pool, sale_id)
         report = await check(ledger.redis, ledger.keys, pool, sale_id)
         report.rebuilt = True
-    elif write and (report.drift.get("postgres_ahead")
-                    or report.drift.get("postgres_ahead_orders")):
+    elif write and (
+        report.drift.get("postgres_ahead") or report.drift.get("postgres_ahead_orders")
+    ):
         merged = await merge_sale(ledger, pool, sale_id)
         report = await check(ledger.redis, ledger.keys, pool, sale_id)
         report.merged = merged.orders

@@ -108,23 +108,46 @@ class RefundConflict(RuntimeError):
     PostgreSQL only follows Redis); nothing was changed."""
 
 
-async def enqueue_refunded(conn: asyncpg.Connection, hooks: list[tuple[str, OrderRefundedHook]],
-                           ) -> None:
+async def enqueue_refunded(
+    conn: asyncpg.Connection,
+    hooks: list[tuple[str, OrderRefundedHook]],
+) -> None:
     """Outbox rows for (channel id, body) pairs; once per order (unique order_id, event)."""
     if hooks:
-        await conn.execute(ENQUEUE_REFUNDED, REFUNDED_EVENT, [h.order_id for _, h in hooks],
-                           [ch for ch, _ in hooks], [_encode(h) for _, h in hooks])
+        await conn.execute(
+            ENQUEUE_REFUNDED,
+            REFUNDED_EVENT,
+            [h.order_id for _, h in hooks],
+            [ch for ch, _ in hooks],
+            [_encode(h) for _, h in hooks],
+        )
 
 
-async def settle(conn: asyncpg.Connection, target: RefundTarget, now: datetime, *,
-                 actor: str, request_id: str | None = None,
-                 client_request_id: str | None = None) -> str:
+async def settle(
+    conn: asyncpg.Connection,
+    target: RefundTarget,
+    now: datetime,
+    *,
+    actor: str,
+    request_id: str | None = None,
+    client_request_id: str | None = None,
+) -> str:
     """Decide a requested refund in PostgreSQL, once: RETURNED or VOIDED (an order already
     refunded answers what was decided then). One transaction, under the order's row lock."""
     async with conn.transaction():
-        if await conn.fetchval(INSERT_REFUNDED, target.order_id, target.sale_id,
-                               target.channel_id, target.user_id, target.quantity,
-                               target.requested_at, now) is not None:
+        if (
+            await conn.fetchval(
+                INSERT_REFUNDED,
+                target.order_id,
+                target.sale_id,
+                target.channel_id,
+                target.user_id,
+                target.quantity,
+                target.requested_at,
+                now,
+            )
+            is not None
+        ):
             # No worker had written the order: it holds no key, and none will be given to it.
             await enqueue_refunded(conn, [(target.channel_id, _hook(target, now, 0))])
             return RETURNED
@@ -138,31 +161,47 @@ async def settle(conn: asyncpg.Connection, target: RefundTarget, now: datetime, 
         keys = await conn.fetch(LOCK_KEYS, target.order_id)
         outcome = VOIDED if keys else RETURNED
         if keys:
-            await conn.execute(VOID_KEYS, target.order_id, now, actor, request_id,
-                               client_request_id)
+            await conn.execute(
+                VOID_KEYS, target.order_id, now, actor, request_id, client_request_id
+            )
         await conn.execute(MARK_REFUNDED, target.order_id, outcome, now)
         await enqueue_refunded(conn, [(target.channel_id, _hook(target, now, len(keys)))])
     return outcome
 
 
 def _hook(target: RefundTarget, now: datetime, voided: int) -> OrderRefundedHook:
-    return OrderRefundedHook(target.order_id, target.sale_id, target.user_id, target.quantity,
-                             now, voided)
+    return OrderRefundedHook(
+        target.order_id, target.sale_id, target.user_id, target.quantity, now, voided
+    )
 
 
-async def refund_order(rt: Runtime, order_id: str, channel_id: str, *, actor: str,
-                       request_id: str | None = None, client_request_id: str | None = None,
-                       now: int | None = None) -> str:
+async def refund_order(
+    rt: Runtime,
+    order_id: str,
+    channel_id: str,
+    *,
+    actor: str,
+    request_id: str | None = None,
+    client_request_id: str | None = None,
+    now: int | None = None,
+) -> str:
     """The whole refund (the gateway's endpoint): request, settle, finish. Returns the status
     ("refunded"); raises NotFound / OrderNotRefundable from the ledger. Idempotent."""
     at = now_ms() if now is None else now
     req = await rt.ledger.request_refund(order_id, channel_id, at)
     if req.pending:
-        target = RefundTarget(order_id, channel_id, req.user_id, req.quantity,
-                              from_ms(req.created_ms or at))
+        target = RefundTarget(
+            order_id, channel_id, req.user_id, req.quantity, from_ms(req.created_ms or at)
+        )
         async with rt.pool.acquire() as conn:
-            outcome = await settle(conn, target, from_ms(at), actor=actor,
-                                   request_id=request_id, client_request_id=client_request_id)
+            outcome = await settle(
+                conn,
+                target,
+                from_ms(at),
+                actor=actor,
+                request_id=request_id,
+                client_request_id=client_request_id,
+            )
         code, _ = await rt.ledger.finish_refund(order_id, outcome, at)
         if code not in (ReturnCode.OK, ReturnCode.REPLAYED):
             raise RefundConflict(f"order {order_id}: refund_finish answered {code.name}")

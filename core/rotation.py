@@ -55,7 +55,10 @@ class RotationReport:
 
 
 async def rotate_master_key(
-    pool: asyncpg.Pool, keyring: Keyring, *, batch_size: int = DEFAULT_BATCH,
+    pool: asyncpg.Pool,
+    keyring: Keyring,
+    *,
+    batch_size: int = DEFAULT_BATCH,
     after_batch: Callable[[int], Awaitable[None]] | None = None,
 ) -> RotationReport:
     """Rewrap, `batch_size` rows per transaction, until no row names another master key.
@@ -75,13 +78,19 @@ async def rotate_master_key(
                 except DecryptionError as exc:
                     raise RotationError(
                         f"data key {row['dek_id']} (master key {row['master_key_id']!r}): "
-                        f"{exc}; list that master key after the active one") from None
+                        f"{exc}; list that master key after the active one"
+                    ) from None
                 master_id, wrapped = keyring.wrap(dek)
                 if master_id != keyring.active.key_id:  # wrap() always uses the active key
                     raise RotationError("the keyring wrapped with a non-active key")
                 rewrapped.append(wrapped)
-            await conn.execute(REWRAP, [r["dek_id"] for r in rows], keyring.active.key_id,
-                               rewrapped, [r["master_key_id"] for r in rows])
+            await conn.execute(
+                REWRAP,
+                [r["dek_id"] for r in rows],
+                keyring.active.key_id,
+                rewrapped,
+                [r["master_key_id"] for r in rows],
+            )
         report.rewrapped += len(rows)
         report.batches += 1
         if after_batch is not None:

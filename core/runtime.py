@@ -95,11 +95,15 @@ class BoundedRedisCluster(RedisCluster):
             self._turns.release()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.in_turn(lambda: super(BoundedRedisCluster, self)
-                                  .execute_command(*args, **kwargs))
+        return await self.in_turn(
+            lambda: super(BoundedRedisCluster, self).execute_command(*args, **kwargs)
+        )
 
-    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None,
-                 ) -> ClusterPipeline:
+    def pipeline(
+        self,
+        transaction: Any | None = None,
+        shard_hint: Any | None = None,
+    ) -> ClusterPipeline:
         super().pipeline(transaction, shard_hint)  # its checks
         return _BoundedPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py's
 
@@ -107,10 +111,14 @@ class BoundedRedisCluster(RedisCluster):
 class _BoundedPipeline(ClusterPipeline):
     cluster_client: BoundedRedisCluster
 
-    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True,
-                      ) -> list[Any]:
+    async def execute(
+        self,
+        raise_on_error: bool = True,
+        allow_redirections: bool = True,
+    ) -> list[Any]:
         return await self.cluster_client.in_turn(
-            lambda: super(_BoundedPipeline, self).execute(raise_on_error, allow_redirections))
+            lambda: super(_BoundedPipeline, self).execute(raise_on_error, allow_redirections)
+        )
 
 
 def redis_cluster_client(settings: Settings) -> BoundedRedisCluster:
@@ -161,15 +169,20 @@ def script_pipeline(settings: Settings) -> AutoPipeline | None:
     redis-py's cluster client)."""
     if settings.redis_pipeline_connections == 0 or is_cluster_url(settings.redis_url):
         if settings.redis_wait_replicas:  # the WAIT rides on the auto-pipelined buffers
-            raise ConfigError("FLASHGATE_REDIS_WAIT_REPLICAS needs auto-pipelining on a "
-                              "single-node URL (FLASHGATE_REDIS_PIPELINE_CONNECTIONS > 0)")
+            raise ConfigError(
+                "FLASHGATE_REDIS_WAIT_REPLICAS needs auto-pipelining on a "
+                "single-node URL (FLASHGATE_REDIS_PIPELINE_CONNECTIONS > 0)"
+            )
         return None
     if settings.redis_url.partition("://")[0].lower() not in ("redis", "rediss"):
         return None  # unix:// sockets: redis-py's pool
-    return AutoPipeline.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s,
-                                 connections=settings.redis_pipeline_connections,
-                                 wait_replicas=settings.redis_wait_replicas,
-                                 wait_timeout_ms=settings.redis_wait_timeout_ms)
+    return AutoPipeline.from_url(
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_s,
+        connections=settings.redis_pipeline_connections,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
+    )
 
 
 async def warm_up(redis: Redis, connections: int) -> None:
@@ -193,8 +206,7 @@ async def _warm_up_cluster(cluster: RedisCluster, connections: int) -> None:
     """Discover the slots, then open `connections` connections to every primary."""
     await cluster.initialize()
     for node in cluster.get_primaries():
-        conns = [node.acquire_connection()
-                 for _ in range(min(connections, node.max_connections))]
+        conns = [node.acquire_connection() for _ in range(min(connections, node.max_connections))]
         try:
             await asyncio.gather(*(cast(Any, c).connect() for c in conns))
         finally:
@@ -219,8 +231,9 @@ class Runtime:
     async def open(cls, settings: Settings, *, run_migrations: bool = True) -> Runtime:
         redis = redis_client(settings)
         pipe = script_pipeline(settings)
-        pool = await create_pool(settings.database_url.reveal(), settings.db_pool_max,
-                                 settings.db_timeout_s)
+        pool = await create_pool(
+            settings.database_url.reveal(), settings.db_pool_max, settings.db_timeout_s
+        )
         try:
             if run_migrations:
                 async with pool.acquire() as conn:
@@ -228,8 +241,9 @@ class Runtime:
             keys = Keys(settings.key_prefix)
             ledger = Ledger(redis, keys, pipe)
             await ledger.scripts.load(redis)
-            await warm_up(redis, min(settings.redis_min_connections,
-                                     settings.redis_max_connections))
+            await warm_up(
+                redis, min(settings.redis_min_connections, settings.redis_max_connections)
+            )
             if pipe is not None:
                 await pipe.warm_up()
         except BaseException:
@@ -241,8 +255,7 @@ class Runtime:
         guard = FailoverGuard(redis, pool, ledger, settings.key_prefix)
         if pipe is not None:
             pipe.on_identity = guard.observe
-        return cls(settings, redis, pool, keys, ledger, Keyring(settings.master_keys), pipe,
-                   guard)
+        return cls(settings, redis, pool, keys, ledger, Keyring(settings.master_keys), pipe, guard)
 
     async def close(self) -> None:
         if self.failover is not None:

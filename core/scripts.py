@@ -50,9 +50,25 @@ class ReturnCode(enum.IntEnum):
     REFUNDED = -19  # confirm/cancel: the order was refunded
 
 
-SCRIPT_NAMES = ("init_sale", "add_stock", "reserve", "purchase", "confirm", "cancel", "expire",
-                "deliver", "risk_features", "withdraw", "deposit", "settle", "mark_drained",
-                "restore_sale", "refund", "refund_finish", "merge_orders")
+SCRIPT_NAMES = (
+    "init_sale",
+    "add_stock",
+    "reserve",
+    "purchase",
+    "confirm",
+    "cancel",
+    "expire",
+    "deliver",
+    "risk_features",
+    "withdraw",
+    "deposit",
+    "settle",
+    "mark_drained",
+    "restore_sale",
+    "refund",
+    "refund_finish",
+    "merge_orders",
+)
 
 
 @cache

@@ -99,7 +99,7 @@ def estimated_bits(token: str) -> float:
 def _repetitive(token: str) -> bool:
     """A repeated pattern ('0123456789' * 4) that a per-character estimate can't see: fewer
     than 3 in 4 of its 3-character windows are distinct (a random token: ~all of them)."""
-    windows = [token[i:i + 3] for i in range(len(token) - 2)]
+    windows = [token[i : i + 3] for i in range(len(token) - 2)]
     return len(set(windows)) < 0.75 * len(windows)
 
 
@@ -112,15 +112,20 @@ def parse_admin_tokens(raw: str, var: str = "FLASHGATE_ADMIN_TOKEN") -> tuple[Se
     for i, token in enumerate(tokens, start=1):
         which = f"{var} (token {i} of {len(tokens)})" if len(tokens) > 1 else var
         if not all("!" <= ch <= "~" for ch in token):
-            raise ConfigError(f"{which}: printable ASCII only, no spaces; generate one with: "
-                              f"{_GENERATE_TOKEN}")
+            raise ConfigError(
+                f"{which}: printable ASCII only, no spaces; generate one with: {_GENERATE_TOKEN}"
+            )
         if len(token) < ADMIN_TOKEN_MIN_LENGTH:
-            raise ConfigError(f"{which} is too short ({len(token)} characters, at least "
-                              f"{ADMIN_TOKEN_MIN_LENGTH}); generate one with: {_GENERATE_TOKEN}")
+            raise ConfigError(
+                f"{which} is too short ({len(token)} characters, at least "
+                f"{ADMIN_TOKEN_MIN_LENGTH}); generate one with: {_GENERATE_TOKEN}"
+            )
         if estimated_bits(token) < ADMIN_TOKEN_MIN_BITS or _repetitive(token):
-            raise ConfigError(f"{which} is too predictable (repeated or patterned characters: "
-                              f"~{estimated_bits(token):.0f} bits, at least "
-                              f"{ADMIN_TOKEN_MIN_BITS}); generate one with: {_GENERATE_TOKEN}")
+            raise ConfigError(
+                f"{which} is too predictable (repeated or patterned characters: "
+                f"~{estimated_bits(token):.0f} bits, at least "
+                f"{ADMIN_TOKEN_MIN_BITS}); generate one with: {_GENERATE_TOKEN}"
+            )
     if len(set(tokens)) != len(tokens):
         raise ConfigError(f"{var}: the same token is listed twice")
     return tuple(Secret(t) for t in tokens)
@@ -174,8 +179,9 @@ def _host_names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
             continue
         labels = part.split(".")
         if len(part) > 253 or not all(
-                0 < len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
-                for label in labels):
+            0 < len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
+            for label in labels
+        ):
             raise ConfigError(f"{name}: {part!r} is not a host name")
         hosts.append(part)
     return tuple(hosts)
@@ -234,7 +240,7 @@ class Settings:
     worker_linger_ms: int = 50
     worker_claim_idle_ms: int = 30_000
     worker_max_deliveries: int = 5
-    worker_metrics_port: int = 0        # Prometheus endpoint of a worker process; 0 = off
+    worker_metrics_port: int = 0  # Prometheus endpoint of a worker process; 0 = off
     # Liveness of a worker (GET /healthz on its metrics port): every loop of it ran an
     # iteration (or is waiting on a dependency that is down) within this many seconds.
     worker_stall_s: float = 120.0
@@ -260,11 +266,11 @@ class Settings:
     fault_after_commit_batch: int = 1
     # Risk engine (risk/, docs/RISK.md)
     risk_enabled: bool = True
-    risk_config_file: str = ""          # "" = risk/rules.json shipped with the package
-    risk_datacenter_file: str = ""      # "" = the small sample in risk/data
-    risk_inline: bool = True            # score inside the reservation's script (one round trip)
-    risk_timeout_ms: int = 50           # split mode's features call; past it on_error acts
-    risk_cache_ttl_s: float = 2.0       # per-sale config and lists, cached in process
+    risk_config_file: str = ""  # "" = risk/rules.json shipped with the package
+    risk_datacenter_file: str = ""  # "" = the small sample in risk/data
+    risk_inline: bool = True  # score inside the reservation's script (one round trip)
+    risk_timeout_ms: int = 50  # split mode's features call; past it on_error acts
+    risk_cache_ttl_s: float = 2.0  # per-sale config and lists, cached in process
     risk_challenge_secret: Secret | None = None  # None: derived from the active master key
     # The gateway's Prometheus endpoint: a second, private port (gateway/routes/metrics.py);
     # 0 = off. The host defaults to the API's (`flashgate gateway --host`), else 127.0.0.1.
@@ -282,8 +288,9 @@ class Settings:
     def __post_init__(self) -> None:
         # A blocking stream read must return before the client's socket timeout fires.
         if self.worker_block_ms >= self.redis_timeout_s * 1000:
-            raise ConfigError("FLASHGATE_WORKER_BLOCK_MS must be shorter than "
-                              "FLASHGATE_REDIS_TIMEOUT_S")
+            raise ConfigError(
+                "FLASHGATE_WORKER_BLOCK_MS must be shorter than FLASHGATE_REDIS_TIMEOUT_S"
+            )
         if self.fault_after_commit not in ("", "exit"):
             raise ConfigError("FLASHGATE_FAULT_AFTER_COMMIT: '' or 'exit' (a test hook)")
 
@@ -310,29 +317,32 @@ class Settings:
             key_prefix=prefix,
             max_body_bytes=_number(env, "FLASHGATE_MAX_BODY_BYTES", 64 * 1024, 1024, 1 << 24),
             max_import_bytes=_number(env, "FLASHGATE_MAX_IMPORT_BYTES", 16 << 20, 1024, 1 << 30),
-            import_async_bytes=_number(
-                env, "FLASHGATE_IMPORT_ASYNC_BYTES", 1 << 20, 0, 1 << 30),
+            import_async_bytes=_number(env, "FLASHGATE_IMPORT_ASYNC_BYTES", 1 << 20, 0, 1 << 30),
             admin_auth_max_failures=_number(
-                env, "FLASHGATE_ADMIN_AUTH_MAX_FAILURES", 10, 1, 1_000_000),
+                env, "FLASHGATE_ADMIN_AUTH_MAX_FAILURES", 10, 1, 1_000_000
+            ),
             admin_auth_window_s=_number(env, "FLASHGATE_ADMIN_AUTH_WINDOW_S", 300, 1, 86_400),
             body_timeout_s=_number(env, "FLASHGATE_BODY_TIMEOUT_S", 10.0, 0.1, 600.0),
             redis_timeout_s=_number(env, "FLASHGATE_REDIS_TIMEOUT_S", 2.0, 0.05, 60.0),
             redis_max_connections=_number(env, "FLASHGATE_REDIS_MAX_CONNECTIONS", 64, 4, 10_000),
             redis_min_connections=_number(env, "FLASHGATE_REDIS_MIN_CONNECTIONS", 16, 0, 10_000),
             redis_pipeline_connections=_number(
-                env, "FLASHGATE_REDIS_PIPELINE_CONNECTIONS", 2, 0, 64),
+                env, "FLASHGATE_REDIS_PIPELINE_CONNECTIONS", 2, 0, 64
+            ),
             redis_wait_replicas=(
-                None if env.get("FLASHGATE_REDIS_WAIT_REPLICAS", "auto").strip() in ("auto", "")
-                else _number(env, "FLASHGATE_REDIS_WAIT_REPLICAS", 0, 0, 16)),
+                None
+                if env.get("FLASHGATE_REDIS_WAIT_REPLICAS", "auto").strip() in ("auto", "")
+                else _number(env, "FLASHGATE_REDIS_WAIT_REPLICAS", 0, 0, 16)
+            ),
             redis_wait_timeout_ms=_number(env, "FLASHGATE_REDIS_WAIT_TIMEOUT_MS", 100, 1, 1000),
             channel_cache_ttl_s=_number(env, "FLASHGATE_CHANNEL_CACHE_TTL_S", 30.0, 0.0, 3600.0),
             worker_batch_size=_number(env, "FLASHGATE_WORKER_BATCH_SIZE", 1000, 1, 10_000),
-            worker_consumers_per_sale=_number(
-                env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE", 3, 1, 64),
+            worker_consumers_per_sale=_number(env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE", 3, 1, 64),
             worker_block_ms=_number(env, "FLASHGATE_WORKER_BLOCK_MS", 1000, 1, 60_000),
             worker_linger_ms=_number(env, "FLASHGATE_WORKER_LINGER_MS", 50, 0, 1000),
             worker_claim_idle_ms=_number(
-                env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000),
+                env, "FLASHGATE_WORKER_CLAIM_IDLE_MS", 30_000, 100, 3_600_000
+            ),
             worker_max_deliveries=_number(env, "FLASHGATE_WORKER_MAX_DELIVERIES", 5, 1, 1000),
             worker_metrics_port=_number(env, "FLASHGATE_WORKER_METRICS_PORT", 0, 0, 65535),
             worker_stall_s=_number(env, "FLASHGATE_WORKER_STALL_S", 120.0, 1.0, 86_400.0),
@@ -342,14 +352,17 @@ class Settings:
             webhook_allow_nets=_networks(env, "FLASHGATE_WEBHOOK_ALLOW_NETS"),
             webhook_allow_hosts=_host_names(env, "FLASHGATE_WEBHOOK_ALLOW_HOSTS"),
             webhook_secret_overlap_s=_number(
-                env, "FLASHGATE_WEBHOOK_SECRET_OVERLAP_S", 86_400, 0, 30 * 86_400),
+                env, "FLASHGATE_WEBHOOK_SECRET_OVERLAP_S", 86_400, 0, 30 * 86_400
+            ),
             db_pool_max=_number(env, "FLASHGATE_DB_POOL_MAX", 10, 1, 200),
             db_timeout_s=_number(env, "FLASHGATE_DB_TIMEOUT_S", 30.0, 0.1, 600.0),
             reconcile_interval_s=_number(
-                env, "FLASHGATE_RECONCILE_INTERVAL_S", 60.0, 0.1, 86_400.0),
+                env, "FLASHGATE_RECONCILE_INTERVAL_S", 60.0, 0.1, 86_400.0
+            ),
             fault_after_commit=env.get("FLASHGATE_FAULT_AFTER_COMMIT", "").strip().lower(),
             fault_after_commit_batch=_number(
-                env, "FLASHGATE_FAULT_AFTER_COMMIT_BATCH", 1, 1, 1_000_000),
+                env, "FLASHGATE_FAULT_AFTER_COMMIT_BATCH", 1, 1, 1_000_000
+            ),
             risk_enabled=_flag(env, "FLASHGATE_RISK_ENABLED", True),
             risk_inline=_flag(env, "FLASHGATE_RISK_INLINE", True),
             risk_config_file=env.get("FLASHGATE_RISK_CONFIG_FILE", ""),
@@ -357,7 +370,8 @@ class Settings:
             risk_timeout_ms=_number(env, "FLASHGATE_RISK_TIMEOUT_MS", 50, 1, 10_000),
             risk_cache_ttl_s=_number(env, "FLASHGATE_RISK_CACHE_TTL_S", 2.0, 0.0, 300.0),
             risk_challenge_secret=Secret(env["FLASHGATE_RISK_CHALLENGE_SECRET"])
-            if env.get("FLASHGATE_RISK_CHALLENGE_SECRET") else None,
+            if env.get("FLASHGATE_RISK_CHALLENGE_SECRET")
+            else None,
             metrics_port=_number(env, "FLASHGATE_METRICS_PORT", 0, 0, 65535),
             metrics_host=env.get("FLASHGATE_METRICS_HOST", "").strip(),
             metrics_refresh_s=_number(env, "FLASHGATE_METRICS_REFRESH_S", 5.0, 0.0, 300.0),
@@ -376,5 +390,7 @@ class RotationSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RotationSettings:
         env = os.environ if env is None else env
-        return cls(database_url=Secret(_required(env, "FLASHGATE_DATABASE_URL")),
-                   master_keys=parse_master_keys(_required(env, "FLASHGATE_MASTER_KEY")))
+        return cls(
+            database_url=Secret(_required(env, "FLASHGATE_DATABASE_URL")),
+            master_keys=parse_master_keys(_required(env, "FLASHGATE_MASTER_KEY")),
+        )

@@ -32,12 +32,13 @@ RETURNING webhook_prev_until
 
 @dataclass(frozen=True, slots=True)
 class Rotated:
-    webhook_secret: str             # the new secret, as shown (whsec_...)
+    webhook_secret: str  # the new secret, as shown (whsec_...)
     previous_valid_until: datetime  # the old one signs until then
 
 
-async def rotate(conn: asyncpg.Connection, keyring: Keyring, channel_id: str,
-                 overlap_s: int) -> Rotated | None:
+async def rotate(
+    conn: asyncpg.Connection, keyring: Keyring, channel_id: str, overlap_s: int
+) -> Rotated | None:
     """A new secret for the channel (None: no such channel). Runs in one transaction."""
     async with conn.transaction():
         dek_id = await conn.fetchval(LOCK_CHANNEL, channel_id)

@@ -54,15 +54,19 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
         engine = risk
         if engine is None:
             try:  # an invalid risk config file fails the start, with the clients closed
-                engine = (ScoringEngine.from_settings(runtime.redis, runtime.keys, settings)
-                          if settings.risk_enabled else AllowAll())
+                engine = (
+                    ScoringEngine.from_settings(runtime.redis, runtime.keys, settings)
+                    if settings.risk_enabled
+                    else AllowAll()
+                )
             except BaseException:
                 await runtime.close()
                 raise
         app.state.gateway = GatewayState(
             runtime=runtime,
-            channels=ChannelAuth(runtime.redis, runtime.keys, settings.channel_cache_ttl_s,
-                                 runtime.pool),
+            channels=ChannelAuth(
+                runtime.redis, runtime.keys, settings.channel_cache_ttl_s, runtime.pool
+            ),
             risk=engine,
         )
         # /metrics: its own app, on its own port when FLASHGATE_METRICS_PORT is set (never on
@@ -71,9 +75,11 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
         exporter = None
         try:
             if settings.metrics_port:
-                exporter = await MetricsServer.start(app.state.metrics_app,
-                                                     settings.metrics_host or "127.0.0.1",
-                                                     settings.metrics_port)
+                exporter = await MetricsServer.start(
+                    app.state.metrics_app,
+                    settings.metrics_host or "127.0.0.1",
+                    settings.metrics_port,
+                )
             if runtime.failover is not None:  # pause on a Redis failover (core/failover.py)
                 if runtime.pipe is not None:
                     runtime.pipe.gate = runtime.failover.gate
@@ -88,11 +94,22 @@ def create_app(settings: Settings | None = None, risk: RiskEngine | None = None)
 
     server.configure(body_timeout_s=settings.body_timeout_s)  # served by gateway/server.py
     return Starlette(
-        routes=[*health.routes, *openapi.routes, *storefront.routes, *admin.routes,
-                *risk_admin.routes, *(bench.routes if settings.bench_endpoints else [])],
-        middleware=[Middleware(HttpMetrics),
-                    Middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                               max_import_bytes=settings.max_import_bytes)],
+        routes=[
+            *health.routes,
+            *openapi.routes,
+            *storefront.routes,
+            *admin.routes,
+            *risk_admin.routes,
+            *(bench.routes if settings.bench_endpoints else []),
+        ],
+        middleware=[
+            Middleware(HttpMetrics),
+            Middleware(
+                BodyLimit,
+                max_bytes=settings.max_body_bytes,
+                max_import_bytes=settings.max_import_bytes,
+            ),
+        ],
         exception_handlers=exception_handlers(),  # type: ignore[arg-type]
         lifespan=lifespan,
     )

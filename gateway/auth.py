@@ -68,8 +68,10 @@ async def require_admin(request: Request, rt: Runtime) -> None:
     key = rt.keys.admin_auth_failures(client_address(request))
     failures = int(await redis.get(key) or 0)
     if failures >= s.admin_auth_max_failures:
-        raise RateLimited(await _retry_after(redis, key, s.admin_auth_window_s),
-                          "too many failed admin authentications from this address")
+        raise RateLimited(
+            await _retry_after(redis, key, s.admin_auth_window_s),
+            "too many failed admin authentications from this address",
+        )
     if admin_token_matches(bearer(request), s.admin_tokens):
         return
     async with redis.pipeline(transaction=False) as pipe:
@@ -77,8 +79,11 @@ async def require_admin(request: Request, rt: Runtime) -> None:
         pipe.incr(key)
         _, failures = await pipe.execute()
     if failures == s.admin_auth_max_failures:
-        log.warning("admin authentication locked for %s after %d failures",
-                    client_address(request), failures)
+        log.warning(
+            "admin authentication locked for %s after %d failures",
+            client_address(request),
+            failures,
+        )
     raise Unauthorized("wrong admin token")
 
 
@@ -92,8 +97,9 @@ class ChannelAuth:
     (Redis lost its data, until `flashgate reconcile` restores it): channels keep working
     instead of hearing 401 for keys that are valid."""
 
-    def __init__(self, redis: Redis, keys: Keys, ttl_s: float,
-                 pool: asyncpg.Pool | None = None) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, ttl_s: float, pool: asyncpg.Pool | None = None
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl_s = ttl_s
@@ -108,10 +114,17 @@ class ChannelAuth:
             channel_id = hit[0]
         else:
             channel_id = str(await self.redis.hget(self.keys.channels(), digest.hex()) or "")
-            if not channel_id and self.pool is not None \
-                    and not await self.redis.exists(self.keys.channels()):
-                channel_id = str(await self.pool.fetchval(
-                    "SELECT channel_id FROM channels WHERE api_key_hash = $1", digest) or "")
+            if (
+                not channel_id
+                and self.pool is not None
+                and not await self.redis.exists(self.keys.channels())
+            ):
+                channel_id = str(
+                    await self.pool.fetchval(
+                        "SELECT channel_id FROM channels WHERE api_key_hash = $1", digest
+                    )
+                    or ""
+                )
             if len(self._cache) >= _MAX_ENTRIES:
                 self._cache.clear()
             ttl = self.ttl_s if channel_id else _NEGATIVE_TTL_S

@@ -23,8 +23,14 @@ from msgspec import inspect as mi
 from core.errors import InvalidRequest
 
 # The types whose JSON is an object with keys we can't list in advance.
-_OBJECTS = (mi.AnyType, mi.DictType, mi.StructType, mi.TypedDictType, mi.DataclassType,
-            mi.CustomType)
+_OBJECTS = (
+    mi.AnyType,
+    mi.DictType,
+    mi.StructType,
+    mi.TypedDictType,
+    mi.DataclassType,
+    mi.CustomType,
+)
 _tokens: dict[Any, tuple[bytes, ...] | None] = {}
 _UNSEEN: Any = object()
 
@@ -99,4 +105,3 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> None:
             if key in seen:
                 raise _Repeated(key)
             seen.add(key)
-

@@ -62,9 +62,14 @@ class BodyLimit:
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         err = PayloadTooLarge(f"body over {limit} bytes")
-        body = Problem(type=f"https://flashgate.dev/problems/{err.code}", title=err.title,
-                       status=err.status, code=err.code, detail=err.detail,
-                       instance=scope["path"])
+        body = Problem(
+            type=f"https://flashgate.dev/problems/{err.code}",
+            title=err.title,
+            status=err.status,
+            code=err.code,
+            detail=err.detail,
+            instance=scope["path"],
+        )
         response = ProblemResponse(body, status_code=413, headers={"Connection": "close"})
         await response(scope, receive, send)
 

@@ -23,8 +23,9 @@ Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
 # An order's status as the API shows it (core/reconcile.py STATUSES; the orders table's CHECK).
 # A titled schema: gateway/openapi.py makes it one named enum (#/components/schemas/OrderStatus).
 ORDER_STATUSES = ("reserved", "confirmed", "delivered", "cancelled", "expired", "refunded")
-OrderStatus = Annotated[str, Meta(title="OrderStatus",
-                                  extra_json_schema={"enum": list(ORDER_STATUSES)})]
+OrderStatus = Annotated[
+    str, Meta(title="OrderStatus", extra_json_schema={"enum": list(ORDER_STATUSES)})
+]
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -40,8 +41,14 @@ class PurchaseBody(Body):
     user_id: Ident
     # Checked exactly by the route (risk.signals.parse_ip: 422 naming `$.client_ip`); the
     # schema says so for clients and schemathesis.
-    client_ip: Annotated[str, Meta(min_length=2, max_length=45, extra_json_schema={
-        "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]})]
+    client_ip: Annotated[
+        str,
+        Meta(
+            min_length=2,
+            max_length=45,
+            extra_json_schema={"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]},
+        ),
+    ]
     device_id: Ident
     quantity: Annotated[int, Meta(ge=1, le=100)] = 1
     user_agent: Annotated[str, Meta(max_length=512)] | None = None
@@ -180,17 +187,17 @@ class ImportJobOut(Out):
 
     import_id: int
     sale_id: str
-    status: str                 # running | done | failed
-    normalize: str              # none, or the rules: ignore_case, ignore_separators
-    total_lines: int            # entries in the body
-    read_lines: int             # entries checked and encrypted so far
+    status: str  # running | done | failed
+    normalize: str  # none, or the rules: ignore_case, ignore_separators
+    total_lines: int  # entries in the body
+    read_lines: int  # entries checked and encrypted so far
     imported: int
     duplicates: int
     rejected: int
     created_at: datetime
     rejected_lines: list[int] = []
-    stock_total: int | None = None   # the sale's stock total, once done
-    error: str | None = None         # why it failed: never a code
+    stock_total: int | None = None  # the sale's stock total, once done
+    error: str | None = None  # why it failed: never a code
     finished_at: datetime | None = None
 
 
@@ -202,10 +209,10 @@ class Problem(Out):
     detail: str | None = None
     instance: str | None = None
     errors: list[str] | None = None
-    reasons: list[str] | None = None          # risk_denied / challenge_required: rule names
+    reasons: list[str] | None = None  # risk_denied / challenge_required: rule names
     # challenge_required: the ALTCHA v2 challenge (sent as the dict risk/challenge.py builds)
     challenge: Challenge | None = None
-    starts_at: Timestamp | None = None        # sale_not_active: the sale's window (RFC 3339)
+    starts_at: Timestamp | None = None  # sale_not_active: the sale's window (RFC 3339)
     ends_at: Timestamp | None = None
     # rate_limited: the admission limit that answered (risk/config.py's names)
     limit: Literal["sale_rate", "channel_rate"] | None = None
@@ -213,8 +220,10 @@ class Problem(Out):
 
 # -- admin: risk ----------------------------------------------------------------------------
 class ListEntriesBody(Body):
-    entries: Annotated[list[Annotated[str, Meta(min_length=1, max_length=128)]],
-                       Meta(min_length=1, max_length=10_000)]
+    entries: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=128)]],
+        Meta(min_length=1, max_length=10_000),
+    ]
 
 
 class ListEntriesOut(Out):

@@ -22,19 +22,29 @@ from gateway.responses import ProblemResponse
 log = logging.getLogger("flashgate.gateway")
 
 _HTTP_CODES = {
-    400: errors.MalformedRequest, 401: errors.Unauthorized, 404: errors.NotFound,
-    405: errors.MethodNotAllowed, 413: errors.PayloadTooLarge,
-    415: errors.UnsupportedMediaType, 422: errors.InvalidRequest,
+    400: errors.MalformedRequest,
+    401: errors.Unauthorized,
+    404: errors.NotFound,
+    405: errors.MethodNotAllowed,
+    413: errors.PayloadTooLarge,
+    415: errors.UnsupportedMediaType,
+    422: errors.InvalidRequest,
 }
 
 
 def problem(exc: errors.FlashgateError, request: Request) -> Response:
     body = Problem(
-        type=f"https://flashgate.dev/problems/{exc.code}", title=exc.title, status=exc.status,
-        code=exc.code, detail=exc.detail if exc.detail != exc.title else None,
-        instance=request.url.path, errors=exc.extra.get("errors"),
-        reasons=exc.extra.get("reasons"), challenge=exc.extra.get("challenge"),
-        starts_at=exc.extra.get("starts_at"), ends_at=exc.extra.get("ends_at"),
+        type=f"https://flashgate.dev/problems/{exc.code}",
+        title=exc.title,
+        status=exc.status,
+        code=exc.code,
+        detail=exc.detail if exc.detail != exc.title else None,
+        instance=request.url.path,
+        errors=exc.extra.get("errors"),
+        reasons=exc.extra.get("reasons"),
+        challenge=exc.extra.get("challenge"),
+        starts_at=exc.extra.get("starts_at"),
+        ends_at=exc.extra.get("ends_at"),
         limit=exc.extra.get("limit"),
     )
     route = request.scope.get("route")
@@ -76,15 +86,25 @@ async def on_client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unexpected error on %s %s: %s", request.method, request.url.path,
-              type(exc).__name__, exc_info=exc)
+    log.error(
+        "unexpected error on %s %s: %s",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        exc_info=exc,
+    )
     return problem(errors.FlashgateError(), request)
 
 
 BACKEND_ERRORS: tuple[type[Exception], ...] = (
-    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-    asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-    asyncpg.InterfaceError, asyncpg.QueryCanceledError, OSError, TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.QueryCanceledError,
+    OSError,
+    TimeoutError,
 )
 
 

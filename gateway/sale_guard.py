@@ -50,6 +50,7 @@ async def _known_sales(rt: Runtime) -> frozenset[str]:
     if known.until > time.monotonic():
         return known.sales
     if known.loading is None:
+
         async def load() -> frozenset[str]:
             try:
                 probes_made[0] += 1
@@ -59,6 +60,7 @@ async def _known_sales(rt: Runtime) -> frozenset[str]:
                 return known.sales
             finally:
                 known.loading = None
+
         known.loading = asyncio.ensure_future(load())
     return await asyncio.shield(known.loading)
 

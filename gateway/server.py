@@ -193,8 +193,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.message_event.set()
         if answer:
-            self._send_problem_and_close(errors.RequestTimeout(
-                f"body not received within {self.body_timeout_s:g} s"))
+            self._send_problem_and_close(
+                errors.RequestTimeout(f"body not received within {self.body_timeout_s:g} s")
+            )
         else:
             self.transport.close()
 
@@ -210,17 +211,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
-        log.info("refused at the protocol: %d %s%s", err.status, err.code,
-                 f" ({why[:120]})" if why else "",
-                 extra={"client": self.client[0] if self.client else None})
-        body = msgspec.json.encode(Problem(
-            type=f"https://flashgate.dev/problems/{err.code}", title=err.title,
-            status=err.status, code=err.code, detail=err.detail))
+        log.info(
+            "refused at the protocol: %d %s%s",
+            err.status,
+            err.code,
+            f" ({why[:120]})" if why else "",
+            extra={"client": self.client[0] if self.client else None},
+        )
+        body = msgspec.json.encode(
+            Problem(
+                type=f"https://flashgate.dev/problems/{err.code}",
+                title=err.title,
+                status=err.status,
+                code=err.code,
+                detail=err.detail,
+            )
+        )
         head = [STATUS_LINE[err.status]]
         for name, value in self.server_state.default_headers:
             head.extend([name, b": ", value, b"\r\n"])
-        head.append(b"content-type: application/problem+json\r\ncontent-length: %d\r\n"
-                    b"connection: close\r\n\r\n" % len(body))
+        head.append(
+            b"content-type: application/problem+json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % len(body)
+        )
         self.transport.write(b"".join(head) + body)
         self._linger()
 

@@ -49,7 +49,8 @@ def is_json(content_type: str | None) -> bool:
         return True
     media = content_type.partition(";")[0].strip().lower()
     return media in ("application/json", "") or (
-        media.startswith("application/") and media.endswith("+json"))
+        media.startswith("application/") and media.endswith("+json")
+    )
 
 
 async def decode(request: Request, body_type: type[T]) -> T:
@@ -57,7 +58,8 @@ async def decode(request: Request, body_type: type[T]) -> T:
     JSON, 422 with the failing path if invalid or if an object repeats a key."""
     if not is_json(request.headers.get("content-type")):
         raise UnsupportedMediaType(
-            "the body must be JSON: send Content-Type: application/json, or no Content-Type")
+            "the body must be JSON: send Content-Type: application/json, or no Content-Type"
+        )
     decoder = _decoders.get(body_type)
     if decoder is None:
         decoder = _decoders[body_type] = msgspec.json.Decoder(body_type)

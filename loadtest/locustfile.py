@@ -88,17 +88,28 @@ def _report_progress(environment: Any, **_kwargs: Any) -> None:
             while True:
                 gevent.sleep(PROGRESS_S)
                 runner, total = environment.runner, environment.stats.total
-                purchases = [e for (name, _), e in environment.stats.entries.items()
-                             if name.startswith("purchase")]
-                out.write(json.dumps({
-                    "t_s": round(time.monotonic() - started, 1),
-                    "users": runner.user_count if runner else 0,
-                    "requests": total.num_requests, "failures": total.num_failures,
-                    "rps": round(total.current_rps, 1),
-                    "purchases": sum(e.num_requests for e in purchases),
-                    "purchase_p99_ms": max((e.get_response_time_percentile(0.99) or 0
-                                            for e in purchases), default=0),
-                }) + "\n")
+                purchases = [
+                    e
+                    for (name, _), e in environment.stats.entries.items()
+                    if name.startswith("purchase")
+                ]
+                out.write(
+                    json.dumps(
+                        {
+                            "t_s": round(time.monotonic() - started, 1),
+                            "users": runner.user_count if runner else 0,
+                            "requests": total.num_requests,
+                            "failures": total.num_failures,
+                            "rps": round(total.current_rps, 1),
+                            "purchases": sum(e.num_requests for e in purchases),
+                            "purchase_p99_ms": max(
+                                (e.get_response_time_percentile(0.99) or 0 for e in purchases),
+                                default=0,
+                            ),
+                        }
+                    )
+                    + "\n"
+                )
 
     gevent.spawn(loop)
 
@@ -148,16 +159,28 @@ class Shopper(FastHttpUser):
             h["Idempotency-Key"] = key
         return h
 
-    def purchase(self, body: dict[str, Any], key: str, rec: dict[str, Any], *,
-                 name: str = "purchase", expect_risk: bool = False,
-                 extra: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    def purchase(
+        self,
+        body: dict[str, Any],
+        key: str,
+        rec: dict[str, Any],
+        *,
+        name: str = "purchase",
+        expect_risk: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
         """POST a purchase; retry timeouts, connection errors and 5xx with the same key.
         Returns (status, body) of the last answer; status 0 = no answer at all."""
         payload = json.dumps(body)
         status, doc = 0, {}
         for _ in range(MAX_TRIES):
-            with self.client.post(PURCHASE_PATH, data=payload, name=name, catch_response=True,
-                                  headers=self.headers(key, **(extra or {}))) as resp:
+            with self.client.post(
+                PURCHASE_PATH,
+                data=payload,
+                name=name,
+                catch_response=True,
+                headers=self.headers(key, **(extra or {})),
+            ) as resp:
                 status, doc = resp.status_code or 0, _doc(resp)
                 if status == 0 or status >= 500:
                     resp.failure(f"{status}: {resp.error or doc.get('code', '')}")
@@ -174,8 +197,9 @@ class Shopper(FastHttpUser):
     @staticmethod
     def check_purchase(status: int, doc: dict[str, Any], expect_risk: bool) -> str:
         if status == 201:
-            if not str(doc.get("order_id", "")).startswith(SALE_ID + ".") or \
-                    doc.get("status") not in ("reserved", "confirmed"):
+            if not str(doc.get("order_id", "")).startswith(SALE_ID + ".") or doc.get(
+                "status"
+            ) not in ("reserved", "confirmed"):
                 return f"201 without a reservation of this sale: {doc}"
             return ""
         code = doc.get("code", "")
@@ -191,8 +215,13 @@ class Shopper(FastHttpUser):
         rec["confirm_sent_at"] = time.time()
         body = json.dumps({"payment_ref": "pay-" + order_id[-12:]})
         for _ in range(MAX_TRIES):
-            with self.client.post(f"/v1/orders/{order_id}/confirm", data=body, name="confirm",
-                                  headers=self.headers(), catch_response=True) as resp:
+            with self.client.post(
+                f"/v1/orders/{order_id}/confirm",
+                data=body,
+                name="confirm",
+                headers=self.headers(),
+                catch_response=True,
+            ) as resp:
                 status, doc = resp.status_code or 0, _doc(resp)
                 if status == 0 or status >= 500:
                     resp.failure(f"{status}: {resp.error or doc.get('code', '')}")
@@ -211,8 +240,12 @@ class Shopper(FastHttpUser):
         return False
 
     def cancel(self, order_id: str, rec: dict[str, Any]) -> None:
-        with self.client.post(f"/v1/orders/{order_id}/cancel", name="cancel",
-                              headers=self.headers(), catch_response=True) as resp:
+        with self.client.post(
+            f"/v1/orders/{order_id}/cancel",
+            name="cancel",
+            headers=self.headers(),
+            catch_response=True,
+        ) as resp:
             doc = _doc(resp)
             if resp.status_code == 200 and doc.get("status") == "cancelled":
                 rec["outcome"] = "cancelled"
@@ -227,8 +260,12 @@ class Shopper(FastHttpUser):
         """Poll the order as its buyer would until its key is there."""
         deadline = time.monotonic() + DELIVERY_WAIT_S
         while time.monotonic() < deadline:
-            with self.client.get(f"/v1/orders/{order_id}", name="order [poll]",
-                                 headers=self.headers(), catch_response=True) as resp:
+            with self.client.get(
+                f"/v1/orders/{order_id}",
+                name="order [poll]",
+                headers=self.headers(),
+                catch_response=True,
+            ) as resp:
                 doc = _doc(resp)
                 if resp.status_code == 200 and doc.get("status") == "delivered":
                     keys = doc.get("card_keys") or []
@@ -237,8 +274,7 @@ class Shopper(FastHttpUser):
                     rec["keys"] = keys
                     rec["delivered_seen_at"] = time.time()
                     return
-                if resp.status_code != 200 or doc.get("status") not in ("confirmed",
-                                                                         "delivered"):
+                if resp.status_code != 200 or doc.get("status") not in ("confirmed", "delivered"):
                     resp.failure(f"poll: {resp.status_code} {doc.get('status', '')}")
                     return
             time.sleep(POLL_S)
@@ -259,10 +295,14 @@ class Buyer(Shopper):
     def buy(self) -> None:
         n = next(_ids)
         user = f"{RUN}-b{n}"
-        body = {"user_id": user, "device_id": f"{RUN}-dev-{n}", "user_agent": "loadtest/1",
-                # 100.64.0.0-100.126.255.255: 100.127.255.0/24 is the bots' (buyer 16,383 once
-                # landed in it and was rightly denied).
-                "client_ip": f"100.{64 + (n >> 8) % 63}.{n & 255}.{1 + n % 254}"}
+        body = {
+            "user_id": user,
+            "device_id": f"{RUN}-dev-{n}",
+            "user_agent": "loadtest/1",
+            # 100.64.0.0-100.126.255.255: 100.127.255.0/24 is the bots' (buyer 16,383 once
+            # landed in it and was rightly denied).
+            "client_ip": f"100.{64 + (n >> 8) % 63}.{n & 255}.{1 + n % 254}",
+        }
         rec = self.new_record("buyer", user)
         key = f"{user}-k1"
         status, doc = self.purchase(body, key, rec)
@@ -309,16 +349,20 @@ class Bot(Shopper):
     def hammer(self) -> None:
         n = next(_ids)
         user = f"{RUN}-bot{n}"
-        body = {"user_id": user, "device_id": f"{RUN}-botdev-{n % 2}",
-                "client_ip": f"100.127.255.{1 + n % 250}", "user_agent": "loadtest-bot/1"}
-        status, doc = self.purchase(body, f"{user}-k", {}, name="purchase [bot]",
-                                    expect_risk=True)
+        body = {
+            "user_id": user,
+            "device_id": f"{RUN}-botdev-{n % 2}",
+            "client_ip": f"100.127.255.{1 + n % 250}",
+            "user_agent": "loadtest-bot/1",
+        }
+        status, doc = self.purchase(body, f"{user}-k", {}, name="purchase [bot]", expect_risk=True)
         answers = self.summary["answers"]
         label = doc.get("code", "") or str(status)
         answers[label] = answers.get(label, 0) + 1
         if status == 201:  # got through before the counters tripped; never pays
-            self.new_record("bot", user).update(order_id=doc["order_id"], status=201,
-                                                outcome="abandoned")
+            self.new_record("bot", user).update(
+                order_id=doc["order_id"], status=201, outcome="abandoned"
+            )
 
 
 class Solver(Shopper):
@@ -332,12 +376,15 @@ class Solver(Shopper):
     def buy(self) -> None:
         n = next(_ids)
         user = f"{RUN}-s{n}"
-        body = {"user_id": user, "device_id": f"{RUN}-sdev-{n}", "user_agent": "loadtest/1",
-                "client_ip": f"198.51.100.{1 + n % 250}"}  # datacenter_sample.txt
+        body = {
+            "user_id": user,
+            "device_id": f"{RUN}-sdev-{n}",
+            "user_agent": "loadtest/1",
+            "client_ip": f"198.51.100.{1 + n % 250}",
+        }  # datacenter_sample.txt
         rec = self.new_record("solver", user)
         key = f"{user}-k1"
-        status, doc = self.purchase(body, key, rec, name="purchase [challenged]",
-                                    expect_risk=True)
+        status, doc = self.purchase(body, key, rec, name="purchase [challenged]", expect_risk=True)
         if status == 428 and doc.get("code") == "challenge_required":
             try:
                 solution = solve(doc["challenge"], timeout_s=10)
@@ -345,8 +392,9 @@ class Solver(Shopper):
                 rec["status"], rec["code"] = 428, "unsolved"
                 return
             rec["solved"] = True
-            status, doc = self.purchase(body, key, rec, name="purchase [solved]",
-                                        extra={SOLUTION_HEADER: solution})
+            status, doc = self.purchase(
+                body, key, rec, name="purchase [solved]", extra={SOLUTION_HEADER: solution}
+            )
         rec["status"], rec["code"] = status, doc.get("code", "")
         if status != 201:
             return
@@ -356,9 +404,12 @@ class Solver(Shopper):
 
 
 if SHAPE != "none":
-    _schedule = schedule(SHAPE, users=int(os.environ.get("FG_USERS", "2000")),
-                         opens_at_s=max(0.0, OPENS_AT - time.time()),
-                         duration_s=float(os.environ.get("FG_DURATION_S", "30")))
+    _schedule = schedule(
+        SHAPE,
+        users=int(os.environ.get("FG_USERS", "2000")),
+        opens_at_s=max(0.0, OPENS_AT - time.time()),
+        duration_s=float(os.environ.get("FG_DURATION_S", "30")),
+    )
 
     class SaleShape(LoadTestShape):
         """FG_SHAPE's schedule (loadtest/profiles.py)."""

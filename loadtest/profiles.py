@@ -18,9 +18,9 @@ class Spike:
     until `duration_s`."""
 
     peak: int = 2000
-    opens_at_s: float = 5.0     # the sale opens this long after the test starts
-    ramp_s: float = 2.0         # from idle to `peak` users
-    hold_s: float = 10.0        # at peak after the opening
+    opens_at_s: float = 5.0  # the sale opens this long after the test starts
+    ramp_s: float = 2.0  # from idle to `peak` users
+    hold_s: float = 10.0  # at peak after the opening
     tail_share: float = 0.2
     duration_s: float = 30.0
     idle_users: int = 10
@@ -53,8 +53,12 @@ class Steady:
 
 def schedule(name: str, *, users: int, opens_at_s: float, duration_s: float) -> Spike | Steady:
     if name == "spike":
-        return Spike(peak=users, opens_at_s=opens_at_s, duration_s=duration_s,
-                     idle_users=max(1, min(10, users // 100)))
+        return Spike(
+            peak=users,
+            opens_at_s=opens_at_s,
+            duration_s=duration_s,
+            idle_users=max(1, min(10, users // 100)),
+        )
     if name == "steady":
         return Steady(users=users, duration_s=duration_s)
     raise ValueError(f"unknown shape {name!r}: spike or steady")

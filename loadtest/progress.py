@@ -10,10 +10,12 @@ from typing import Any
 
 def describe(snap: dict[str, Any]) -> str:
     """One line a person can follow: time, users, load, purchase p99 so far, failures."""
-    return (f"loadtest: {snap.get('t_s', 0):>5.0f} s  {snap.get('users', 0):>5} users  "
-            f"{snap.get('rps', 0):>7.1f} req/s  {snap.get('requests', 0):>7} requests "
-            f"({snap.get('purchases', 0)} purchases, p99 so far "
-            f"{snap.get('purchase_p99_ms', 0):.0f} ms)  {snap.get('failures', 0)} failed")
+    return (
+        f"loadtest: {snap.get('t_s', 0):>5.0f} s  {snap.get('users', 0):>5} users  "
+        f"{snap.get('rps', 0):>7.1f} req/s  {snap.get('requests', 0):>7} requests "
+        f"({snap.get('purchases', 0)} purchases, p99 so far "
+        f"{snap.get('purchase_p99_ms', 0):.0f} ms)  {snap.get('failures', 0)} failed"
+    )
 
 
 class Follower:

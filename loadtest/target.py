@@ -12,5 +12,4 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def require_loopback(url: str, what: str) -> None:
     """ValueError, naming `what` (the option), unless `url` points at a loopback address."""
     if urlsplit(url).hostname not in LOOPBACK:
-        raise ValueError(f"{what} must be a loopback address ({', '.join(LOOPBACK)}), "
-                         f"got {url!r}")
+        raise ValueError(f"{what} must be a loopback address ({', '.join(LOOPBACK)}), got {url!r}")

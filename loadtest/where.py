@@ -54,8 +54,11 @@ def scrape_purchase_buckets(metrics_url: str | None) -> dict[float, float] | Non
     buckets: dict[float, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if (s.name == DURATION_BUCKET and s.labels.get("route") == PURCHASE_ROUTE
-                    and s.labels.get("method") == "POST"):
+            if (
+                s.name == DURATION_BUCKET
+                and s.labels.get("route") == PURCHASE_ROUTE
+                and s.labels.get("method") == "POST"
+            ):
                 le = float(s.labels["le"])
                 buckets[le] = buckets.get(le, 0.0) + s.value  # summed over processes
     return buckets or None
@@ -69,8 +72,9 @@ class GatewayLatency:
     p99_bucket_ms: float  # upper edge of the bucket holding the gateway's p99 (inf: over all)
 
 
-def gateway_latency(before: dict[float, float] | None, after: dict[float, float] | None,
-                    sla_ms: float) -> GatewayLatency | None:
+def gateway_latency(
+    before: dict[float, float] | None, after: dict[float, float] | None, sla_ms: float
+) -> GatewayLatency | None:
     if after is None:
         return None
     before = before or {}
@@ -192,20 +196,30 @@ class CpuSampler:
         return best
 
 
-def render(latency: GatewayLatency | None, whole: CpuWindow | None,
-           busiest: CpuWindow | None, sla_ms: float, client_p99_ms: float | None,
-           requests: int = 0) -> list[str]:
+def render(
+    latency: GatewayLatency | None,
+    whole: CpuWindow | None,
+    busiest: CpuWindow | None,
+    sla_ms: float,
+    client_p99_ms: float | None,
+    requests: int = 0,
+) -> list[str]:
     """The report's lines. `requests`: all requests Locust made, for its CPU per request (at
     an opening, N users pressing at once wait up to N x that for Locust alone)."""
     lines = []
     if latency is None:
         lines.append("gateway   its /metrics could not be read: no server-side latency")
     else:
-        p99 = ("over the last bucket" if math.isinf(latency.p99_bucket_ms)
-               else f"<= {latency.p99_bucket_ms:.0f} ms")
-        lines.append(f"gateway   {latency.within_sla:.2%} of {latency.count} purchases answered "
-                     f"within {latency.sla_edge_ms:.0f} ms by the gateway itself; its p99 "
-                     f"{p99} (histogram: app in to response out)")
+        p99 = (
+            "over the last bucket"
+            if math.isinf(latency.p99_bucket_ms)
+            else f"<= {latency.p99_bucket_ms:.0f} ms"
+        )
+        lines.append(
+            f"gateway   {latency.within_sla:.2%} of {latency.count} purchases answered "
+            f"within {latency.sla_edge_ms:.0f} ms by the gateway itself; its p99 "
+            f"{p99} (histogram: app in to response out)"
+        )
 
     def cores(w: CpuWindow) -> str:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in w.cores.items())
@@ -215,17 +229,26 @@ def render(latency: GatewayLatency | None, whole: CpuWindow | None,
         lines.append(f"cpu       whole run: {cores(whole)}")
         locust = whole.cores.get("locust", 0.0) * whole.seconds
         if requests and locust:
-            lines.append(f"          Locust: {locust / requests * 1e6:.0f} us of CPU per request "
-                         f"({requests} requests)")
+            lines.append(
+                f"          Locust: {locust / requests * 1e6:.0f} us of CPU per request "
+                f"({requests} requests)"
+            )
     if busiest is not None:
         stamp = time.strftime("%H:%M:%S", time.gmtime(busiest.start))
         lines.append(f"          busiest second ({stamp} UTC): {cores(busiest)}")
-    if (client_p99_ms is not None and client_p99_ms > sla_ms and latency is not None
-            and latency.within_sla >= 0.99 and busiest is not None and busiest.idle < 0.05):
+    if (
+        client_p99_ms is not None
+        and client_p99_ms > sla_ms
+        and latency is not None
+        and latency.within_sla >= 0.99
+        and busiest is not None
+        and busiest.idle < 0.05
+    ):
         lines.append(
             "note      the app answered >= 99% of purchases within the SLA but the clients' p99 "
             "did not, on a machine with no idle CPU left: the difference is queueing in front "
             "of the app (requests waiting in sockets for the gateway's event loop, and for "
             "Locust's own CPU). Give the gateway and Locust cores of their own to tell them "
-            "apart; the gate judges the clients' view.")
+            "apart; the gate judges the clients' view."
+        )
     return lines

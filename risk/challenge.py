@@ -32,15 +32,19 @@ ALGORITHM = "SHA-256"
 
 
 class Verified(msgspec.Struct, frozen=True):
-    challenge_id: str | None   # set when the solution is genuine, bound and unexpired
-    problem: str | None        # why it was refused: solution_invalid|expired|foreign
-    expires_at: int = 0        # unix seconds, when genuine
+    challenge_id: str | None  # set when the solution is genuine, bound and unexpired
+    problem: str | None  # why it was refused: solution_invalid|expired|foreign
+    expires_at: int = 0  # unix seconds, when genuine
 
 
 def _binding(sig: Signals) -> dict[str, str]:
     # The channel too: user ids are namespaced per channel (channel B's "u-1" is another user).
-    return {"sale": sig.sale_id, "channel": sig.channel_id, "user": sig.user_id,
-            "device": sig.device_id}
+    return {
+        "sale": sig.sale_id,
+        "channel": sig.channel_id,
+        "user": sig.user_id,
+        "device": sig.device_id,
+    }
 
 
 class Challenges:
@@ -52,9 +56,14 @@ class Challenges:
     def issue(self, sig: Signals, work: int, ttl_s: int, now_s: float) -> dict[str, Any]:
         """A challenge (ALTCHA v2 JSON) for this sale, channel, user and device."""
         challenge = altcha.create_challenge(
-            ALGORITHM, 1, counter=secrets.randbelow(max(1, work)), counter_mode="uint32",
-            expires_at=int(now_s) + ttl_s, data=_binding(sig),
-            hmac_secret=self._params_key, hmac_key_secret=self._answer_key,
+            ALGORITHM,
+            1,
+            counter=secrets.randbelow(max(1, work)),
+            counter_mode="uint32",
+            expires_at=int(now_s) + ttl_s,
+            data=_binding(sig),
+            hmac_secret=self._params_key,
+            hmac_key_secret=self._answer_key,
         )
         out: dict[str, Any] = challenge.to_dict()
         return out
@@ -66,8 +75,7 @@ class Challenges:
             parsed = altcha.Payload.from_dict(doc)
         except (ValueError, binascii.Error, KeyError, TypeError, AttributeError):
             return Verified(None, "solution_invalid")
-        result = altcha.verify_solution(parsed, self._params_key,
-                                        hmac_key_secret=self._answer_key)
+        result = altcha.verify_solution(parsed, self._params_key, hmac_key_secret=self._answer_key)
         if result.expired:
             return Verified(None, "solution_expired")
         if not result.verified:

@@ -39,13 +39,13 @@ class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class RuleConfig(_Base, frozen=True):
     weight: Percent
     limit: Annotated[int, Meta(ge=0, le=MAX_LIMIT)] = 0
-    mode: Literal["on", "shadow", "off"] = "on"       # shadow: counted, never acts
-    on_error: Literal["open", "closed"] = "open"     # features unreadable: skip / fire
+    mode: Literal["on", "shadow", "off"] = "on"  # shadow: counted, never acts
+    on_error: Literal["open", "closed"] = "open"  # features unreadable: skip / fire
 
 
 class Thresholds(_Base, frozen=True):
-    challenge: Annotated[int, Meta(ge=1, le=101)] = 40   # score >= challenge -> challenge
-    deny: Annotated[int, Meta(ge=1, le=101)] = 80        # score >= deny -> deny (101: never)
+    challenge: Annotated[int, Meta(ge=1, le=101)] = 40  # score >= challenge -> challenge
+    deny: Annotated[int, Meta(ge=1, le=101)] = 80  # score >= deny -> deny (101: never)
 
 
 class Admission(_Base, frozen=True):
@@ -92,8 +92,11 @@ def _check_rules(doc: Any) -> None:
             msgspec.convert(rule, RuleConfig)
         except msgspec.ValidationError as exc:
             text = str(exc)
-            text = (text.replace("`$", f"`$.rules.{name}") if " - at `$" in text
-                    else f"{text} - at `$.rules.{name}`")
+            text = (
+                text.replace("`$", f"`$.rules.{name}")
+                if " - at `$" in text
+                else f"{text} - at `$.rules.{name}`"
+            )
             raise ConfigInvalid(text) from None
 
 
@@ -113,8 +116,9 @@ def parse(doc: Any) -> RiskConfig:
     for name in ("sale_rate", "channel_rate"):
         rate = getattr(cfg.admission, name)
         if 0 < rate < MIN_RATE:
-            raise ConfigInvalid(f"Expected `float` of 0 (unlimited) or >= {MIN_RATE}"
-                                f" - at `$.admission.{name}`")
+            raise ConfigInvalid(
+                f"Expected `float` of 0 (unlimited) or >= {MIN_RATE} - at `$.admission.{name}`"
+            )
     return cfg
 
 

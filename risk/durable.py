@@ -35,8 +35,9 @@ ON CONFLICT (sale_id) DO UPDATE SET override = EXCLUDED.override, updated_at = n
 """
 
 
-async def save_list_change(pool: asyncpg.Pool, action: str, kind: str, entries: list[str],
-                           *, add: bool) -> None:
+async def save_list_change(
+    pool: asyncpg.Pool, action: str, kind: str, entries: list[str], *, add: bool
+) -> None:
     """Record an add or remove of already normalized entries (risk.lists.normalize)."""
     if entries:
         await pool.execute(ADD_ENTRIES if add else REMOVE_ENTRIES, action, kind, entries)
@@ -58,8 +59,9 @@ async def _lists(pool: asyncpg.Pool) -> dict[tuple[str, str], set[str]]:
 
 
 async def _override(pool: asyncpg.Pool, sale_id: str) -> dict[str, Any]:
-    raw = await pool.fetchval("SELECT override::text FROM risk_overrides WHERE sale_id = $1",
-                              sale_id)
+    raw = await pool.fetchval(
+        "SELECT override::text FROM risk_overrides WHERE sale_id = $1", sale_id
+    )
     doc: dict[str, Any] = msgspec.json.decode(raw) if raw else {}
     return doc
 
@@ -88,8 +90,9 @@ async def sync_lists(pool: asyncpg.Pool, redis: Redis, keys: Keys, *, write: boo
     return sum(len(have[p] ^ wanted[p]) for p in stale)
 
 
-async def sync_override(pool: asyncpg.Pool, redis: Redis, keys: Keys, sale_id: str, *,
-                        write: bool) -> int:
+async def sync_override(
+    pool: asyncpg.Pool, redis: Redis, keys: Keys, sale_id: str, *, write: bool
+) -> int:
     """Compare one sale's override in Redis with PostgreSQL: 1 if they differ, else 0; with
     `write`, Redis is first set to PostgreSQL's."""
     raw = await redis.get(keys.risk_config(sale_id))  # the sale's slot
@@ -105,9 +108,12 @@ async def sync_override(pool: asyncpg.Pool, redis: Redis, keys: Keys, sale_id: s
     return 1
 
 
-async def sync(pool: asyncpg.Pool, redis: Redis, keys: Keys, sale_id: str, *,
-               write: bool) -> dict[str, int]:
+async def sync(
+    pool: asyncpg.Pool, redis: Redis, keys: Keys, sale_id: str, *, write: bool
+) -> dict[str, int]:
     """Both, for `flashgate reconcile SALE`: {"risk_list_entries": n, "risk_override": 0 | 1},
     the drift found before any write."""
-    return {"risk_list_entries": await sync_lists(pool, redis, keys, write=write),
-            "risk_override": await sync_override(pool, redis, keys, sale_id, write=write)}
+    return {
+        "risk_list_entries": await sync_lists(pool, redis, keys, write=write),
+        "risk_override": await sync_override(pool, redis, keys, sale_id, write=write),
+    }

@@ -47,7 +47,8 @@ class CidrSet:
 
     def add(self, net: Network) -> None:
         self._by_len.setdefault((net.version, net.prefixlen), set()).add(
-            int(net.network_address) >> (net.max_prefixlen - net.prefixlen))
+            int(net.network_address) >> (net.max_prefixlen - net.prefixlen)
+        )
         self.size += 1
 
     def __contains__(self, address: IPAddress) -> bool:
@@ -69,8 +70,12 @@ def normalize(kind: str, value: str) -> str:
     except ValueError as exc:
         raise ListEntryInvalid(f"{value!r} is not a valid {kind}: {exc}") from None
     if kind in ("user", "device"):
-        if not 1 <= len(value) <= 128 or not value.isascii() or not value.isprintable() \
-                or " " in value:
+        if (
+            not 1 <= len(value) <= 128
+            or not value.isascii()
+            or not value.isprintable()
+            or " " in value
+        ):
             raise ListEntryInvalid(f"{value!r}: 1-128 printable ASCII characters, no spaces")
         return value
     raise ListEntryInvalid(f"unknown list kind {kind!r} (one of {', '.join(KINDS)})")
@@ -85,8 +90,7 @@ def parse_cidr_lines(text: str, source: str = "<text>") -> list[Network]:
         try:
             out.append(ipaddress.ip_network(entry[0], strict=False))
         except ValueError:
-            raise ListEntryInvalid(f"{source}:{number}: {entry[0]!r} is not a CIDR range") \
-                from None
+            raise ListEntryInvalid(f"{source}:{number}: {entry[0]!r} is not a CIDR range") from None
     return out
 
 

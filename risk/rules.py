@@ -28,15 +28,15 @@ class Features(msgspec.Struct, frozen=True):
     ip_60s: int
     subnet_1s: int
     subnet_60s: int
-    device_users: int   # distinct users seen on this device during the sale
-    ip_users: int       # distinct users seen from this ip during the sale
-    user_held: int      # units the user already holds in the sale
+    device_users: int  # distinct users seen on this device during the sale
+    ip_users: int  # distinct users seen from this ip during the sale
+    user_held: int  # units the user already holds in the sale
     solution_fresh: bool
 
 
 class Inputs(msgspec.Struct, frozen=True):
     signals: Signals
-    features: Features | None   # None: the features call failed or timed out
+    features: Features | None  # None: the features call failed or timed out
     datacenter: bool
 
 

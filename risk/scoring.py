@@ -45,8 +45,12 @@ from risk.lists import CidrSet, RiskLists, load_datacenter_ranges
 from risk.rules import FEATURE_OF, FEATURE_ORDER, RULES, Features, Inputs
 from risk.signals import Signals
 
-_FEATURE_ERRORS = (TimeoutError, redis.exceptions.ConnectionError,
-                   redis.exceptions.TimeoutError, OSError)
+_FEATURE_ERRORS = (
+    TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
 
 
 class _Inline(msgspec.Struct, frozen=True):
@@ -56,8 +60,8 @@ class _Inline(msgspec.Struct, frozen=True):
     cfg: RiskConfig
     now_s: float
     verified: Verified | None
-    names: tuple[str, ...]                  # feature rules in the order sent to the script
-    base: tuple[tuple[int, str], ...]       # (weight, name) of request-only rules that fired
+    names: tuple[str, ...]  # feature rules in the order sent to the script
+    base: tuple[tuple[int, str], ...]  # (weight, name) of request-only rules that fired
     base_shadow: tuple[str, ...]
 
 
@@ -67,9 +71,11 @@ def _per_bucket(adm: risk_config.Admission, buckets: int) -> risk_config.Admissi
     if buckets <= 1:
         return adm
     return risk_config.Admission(
-        sale_rate=adm.sale_rate / buckets, sale_burst=max(1, math.ceil(adm.sale_burst / buckets)),
+        sale_rate=adm.sale_rate / buckets,
+        sale_burst=max(1, math.ceil(adm.sale_burst / buckets)),
         channel_rate=adm.channel_rate / buckets,
-        channel_burst=max(1, math.ceil(adm.channel_burst / buckets)))
+        channel_burst=max(1, math.ceil(adm.channel_burst / buckets)),
+    )
 
 
 def _solution_marker(verified: Verified | None, now_s: float) -> tuple[str, int]:
@@ -109,9 +115,19 @@ def _compiled(cfg: RiskConfig) -> tuple[str, tuple[str, ...], tuple[Any, ...]]:
 
 
 class ScoringEngine:
-    def __init__(self, redis: Redis, keys: Keys, *, config: RiskConfig, datacenter: CidrSet,
-                 challenge_secret: bytes, timeout_s: float = 0.05, cache_ttl_s: float = 2.0,
-                 clock: Callable[[], float] = time.time, inline: bool = True) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        config: RiskConfig,
+        datacenter: CidrSet,
+        challenge_secret: bytes,
+        timeout_s: float = 0.05,
+        cache_ttl_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+        inline: bool = True,
+    ) -> None:
         self.keys = keys
         self.configs = SaleConfigs(redis, keys, config, cache_ttl_s)
         self.lists = RiskLists(redis, keys, cache_ttl_s)
@@ -128,13 +144,18 @@ class ScoringEngine:
         if settings.risk_challenge_secret is not None:
             secret = settings.risk_challenge_secret.reveal().encode()
         else:
-            secret = hmac.new(settings.active_master_key.material, b"flashgate/risk/challenge",
-                              hashlib.sha256).digest()
+            secret = hmac.new(
+                settings.active_master_key.material, b"flashgate/risk/challenge", hashlib.sha256
+            ).digest()
         return cls(
-            redis, keys, config=risk_config.load(settings.risk_config_file or None),
+            redis,
+            keys,
+            config=risk_config.load(settings.risk_config_file or None),
             datacenter=load_datacenter_ranges(settings.risk_datacenter_file or None),
-            challenge_secret=secret, timeout_s=settings.risk_timeout_ms / 1000,
-            cache_ttl_s=settings.risk_cache_ttl_s, inline=settings.risk_inline,
+            challenge_secret=secret,
+            timeout_s=settings.risk_timeout_ms / 1000,
+            cache_ttl_s=settings.risk_cache_ttl_s,
+            inline=settings.risk_inline,
         )
 
     # -- inline mode ------------------------------------------------------------------------
@@ -161,18 +182,32 @@ class ScoringEngine:
         adm, t = _per_bucket(cfg.admission, ctx.buckets), cfg.thresholds
         script = RiskArgs(
             keys=(
-                k.risk_admission(sale), k.risk_admission(sale, sig.channel_id),
-                k.risk_counter(sale, "u", sig.buyer), k.risk_counter(sale, "d", sig.device_id),
-                k.risk_counter(sale, "i", sig.ip), k.risk_counter(sale, "s", sig.subnet),
+                k.risk_admission(sale),
+                k.risk_admission(sale, sig.channel_id),
+                k.risk_counter(sale, "u", sig.buyer),
+                k.risk_counter(sale, "d", sig.device_id),
+                k.risk_counter(sale, "i", sig.ip),
+                k.risk_counter(sale, "s", sig.subnet),
                 k.risk_distinct_users(sale, "d", sig.device_id),
-                k.risk_distinct_users(sale, "i", sig.ip), k.risk_solution(sale, challenge_id),
+                k.risk_distinct_users(sale, "i", sig.ip),
+                k.risk_solution(sale, challenge_id),
                 k.risk_verdicts(sale),
             ),
-            args=(adm.sale_rate, adm.sale_burst, adm.channel_rate, adm.channel_burst,
-                  solution_ttl_ms, min(100, sum(w for w, _ in base)), t.challenge, t.deny, spec),
+            args=(
+                adm.sale_rate,
+                adm.sale_burst,
+                adm.channel_rate,
+                adm.channel_burst,
+                solution_ttl_ms,
+                min(100, sum(w for w, _ in base)),
+                t.challenge,
+                t.deny,
+                spec,
+            ),
         )
-        return RiskPlan(script, _Inline(sig, cfg, now_s, verified, names,
-                                        tuple(base), tuple(base_shadow)))
+        return RiskPlan(
+            script, _Inline(sig, cfg, now_s, verified, names, tuple(base), tuple(base_shadow))
+        )
 
     def judge(self, plan: RiskPlan, outcome: RiskOutcome) -> Decision:
         p: _Inline = plan.context
@@ -194,8 +229,9 @@ class ScoringEngine:
             if problem:
                 self.counts[f"challenge:{problem}"] += 1
                 reasons = (*reasons, problem)
-            return self._decide(self._challenge(p.cfg, p.sig, outcome.score, reasons, shadow,
-                                                p.now_s))
+            return self._decide(
+                self._challenge(p.cfg, p.sig, outcome.score, reasons, shadow, p.now_s)
+            )
         if outcome.solution == 1:
             self.counts["challenge:solved"] += 1
             reasons = (*reasons, "challenge_solved")
@@ -211,8 +247,15 @@ class ScoringEngine:
             return self._decide(Decision(Verdict.ALLOW, 0, (f"allow_list_{kind}",)))
         return self._decide(Decision(Verdict.DENY, 100, (f"block_list_{kind}",)))
 
-    def _challenge(self, cfg: RiskConfig, sig: Signals, score: int, reasons: tuple[str, ...],
-                   shadow: tuple[str, ...], now_s: float) -> Decision:
+    def _challenge(
+        self,
+        cfg: RiskConfig,
+        sig: Signals,
+        score: int,
+        reasons: tuple[str, ...],
+        shadow: tuple[str, ...],
+        now_s: float,
+    ) -> Decision:
         """A proof-of-work challenge whose work grows with the score."""
         t, c = cfg.thresholds, cfg.challenge
         span = max(1, t.deny - t.challenge)
@@ -225,8 +268,9 @@ class ScoringEngine:
         self.counts[f"verdict:{decision.verdict.value}"] += 1
         return decision
 
-    async def _prelude(self, ctx: RiskContext
-                       ) -> Decision | tuple[Signals, RiskConfig, float, Verified | None]:
+    async def _prelude(
+        self, ctx: RiskContext
+    ) -> Decision | tuple[Signals, RiskConfig, float, Verified | None]:
         """Both modes start here: a list match decides at once; otherwise the request's signals,
         its sale's config, the clock and the presented solution (checked, not yet spent)."""
         sig = Signals.of(ctx)
@@ -235,8 +279,11 @@ class ScoringEngine:
             return listed
         cfg = await self.configs.get(ctx.sale_id)
         now_s = self.clock()
-        verified = (self.challenges.verify(ctx.challenge_solution, sig, now_s)
-                    if ctx.challenge_solution else None)
+        verified = (
+            self.challenges.verify(ctx.challenge_solution, sig, now_s)
+            if ctx.challenge_solution
+            else None
+        )
         return sig, cfg, now_s, verified
 
     async def assess(self, ctx: RiskContext) -> Decision:
@@ -244,9 +291,9 @@ class ScoringEngine:
         if isinstance(prelude, Decision):
             return prelude
         sig, cfg, now_s, verified = prelude
-        features, score_it = await self._features(sig, cfg, now_s, verified,
-                                                  ctx.idempotency_key, ctx.shard, ctx.buckets,
-                                                  ctx.fingerprint)
+        features, score_it = await self._features(
+            sig, cfg, now_s, verified, ctx.idempotency_key, ctx.shard, ctx.buckets, ctx.fingerprint
+        )
         if not score_it:
             self.counts["passed:replay_or_unknown_sale"] += 1
             return ALLOW  # the reservation replays its answer, or answers 404 or 409
@@ -258,19 +305,25 @@ class ScoringEngine:
             return self._decide(Decision(Verdict.DENY, score, reasons, shadow=shadow))
         if score < t.challenge:
             return self._decide(Decision(Verdict.ALLOW, score, reasons, shadow=shadow))
-        if verified is not None and verified.challenge_id and features is not None \
-                and features.solution_fresh:
+        if (
+            verified is not None
+            and verified.challenge_id
+            and features is not None
+            and features.solution_fresh
+        ):
             self.counts["challenge:solved"] += 1
-            return self._decide(Decision(Verdict.ALLOW, score, (*reasons, "challenge_solved"),
-                                         shadow=shadow))
+            return self._decide(
+                Decision(Verdict.ALLOW, score, (*reasons, "challenge_solved"), shadow=shadow)
+            )
         if verified is not None:
             problem = verified.problem or "solution_replayed"
             self.counts[f"challenge:{problem}"] += 1
             reasons = (*reasons, problem)
         return self._decide(self._challenge(cfg, sig, score, reasons, shadow, now_s))
 
-    def _score(self, cfg: RiskConfig, inputs: Inputs
-               ) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+    def _score(
+        self, cfg: RiskConfig, inputs: Inputs
+    ) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
         fired: list[tuple[int, str]] = []
         shadow: list[str] = []
         for name, rule in cfg.rules.items():
@@ -292,10 +345,17 @@ class ScoringEngine:
         score = min(100, sum(w for w, _ in fired))
         return score, tuple(n for _, n in fired), tuple(shadow)
 
-    async def _features(self, sig: Signals, cfg: RiskConfig, now_s: float,
-                        verified: Verified | None, idempotency_key: str, shard: str = "",
-                        buckets: int = 1, fingerprint: str = "",
-                        ) -> tuple[Features | None, bool]:
+    async def _features(
+        self,
+        sig: Signals,
+        cfg: RiskConfig,
+        now_s: float,
+        verified: Verified | None,
+        idempotency_key: str,
+        shard: str = "",
+        buckets: int = 1,
+        fingerprint: str = "",
+    ) -> tuple[Features | None, bool]:
         """(features, whether to score): not for an unknown sale, a sale not open now or an
         idempotent replay, which the reservation script answers. Raises RateLimited, and
         IdempotencyMismatch for a key first seen with another request; features None when
@@ -307,7 +367,8 @@ class ScoringEngine:
             async with asyncio.timeout(self.timeout_s):
                 result = await self._script(
                     keys=[
-                        k.sale(sale), k.risk_admission(sale),
+                        k.sale(sale),
+                        k.risk_admission(sale),
                         k.risk_admission(sale, sig.channel_id),
                         k.risk_counter(sale, "u", sig.buyer),
                         k.risk_counter(sale, "d", sig.device_id),
@@ -315,13 +376,22 @@ class ScoringEngine:
                         k.risk_counter(sale, "s", sig.subnet),
                         k.risk_distinct_users(sale, "d", sig.device_id),
                         k.risk_distinct_users(sale, "i", sig.ip),
-                        k.buyers(sale), k.risk_solution(sale, challenge_id),
-                        k.idempotency(sale), k.risk_memo(sale),
+                        k.buyers(sale),
+                        k.risk_solution(sale, challenge_id),
+                        k.idempotency(sale),
+                        k.risk_memo(sale),
                     ],
-                    args=[int(now_s * 1000), sig.buyer, adm.sale_rate, adm.sale_burst,
-                          adm.channel_rate, adm.channel_burst, solution_ttl_ms,
-                          f"{sig.channel_id}:{idempotency_key}" if idempotency_key else "",
-                          fingerprint],
+                    args=[
+                        int(now_s * 1000),
+                        sig.buyer,
+                        adm.sale_rate,
+                        adm.sale_burst,
+                        adm.channel_rate,
+                        adm.channel_burst,
+                        solution_ttl_ms,
+                        f"{sig.channel_id}:{idempotency_key}" if idempotency_key else "",
+                        fingerprint,
+                    ],
                 )
         except _FEATURE_ERRORS:
             self.counts["features:unavailable"] += 1
@@ -336,7 +406,16 @@ class ScoringEngine:
             raise errors.RateLimited(math.ceil(int(result[1]) / 1000), limit=result[2])
         v = [int(x) for x in result[2:]]
         return Features(
-            user_1s=v[0], user_60s=v[1], device_1s=v[2], device_60s=v[3], ip_1s=v[4],
-            ip_60s=v[5], subnet_1s=v[6], subnet_60s=v[7], device_users=v[8], ip_users=v[9],
-            user_held=v[10], solution_fresh=bool(v[11]),
+            user_1s=v[0],
+            user_60s=v[1],
+            device_1s=v[2],
+            device_60s=v[3],
+            ip_1s=v[4],
+            ip_60s=v[5],
+            subnet_1s=v[6],
+            subnet_60s=v[7],
+            device_users=v[8],
+            ip_users=v[9],
+            user_held=v[10],
+            solution_fresh=bool(v[11]),
         ), True

@@ -15,7 +15,6 @@ from risk.engine import IPAddress, RiskContext
 __all__ = ["IPAddress", "Signals", "parse_ip", "subnet_of"]
 
 
-
 def _ipv4(text: str) -> ipaddress.IPv4Address | None:
     """A dotted-quad in canonical form (no leading zeros), or None for anything else; ~3x
     cheaper than ipaddress.ip_address on the purchase path, which then handles the rest."""
@@ -24,8 +23,11 @@ def _ipv4(text: str) -> ipaddress.IPv4Address | None:
         return None
     value = 0
     for part in parts:
-        if not (part.isascii() and part.isdigit()) or len(part) > 3 or \
-                (len(part) > 1 and part[0] == "0"):
+        if (
+            not (part.isascii() and part.isdigit())
+            or len(part) > 3
+            or (len(part) > 1 and part[0] == "0")
+        ):
             return None
         octet = int(part)
         if octet > 255:
@@ -66,8 +68,8 @@ class Signals(msgspec.Struct, frozen=True):
     channel_id: str
     user_id: str
     device_id: str
-    ip: str              # canonical text, or the raw value if it is not an address
-    subnet: str          # CIDR text; "invalid" when the ip is not an address
+    ip: str  # canonical text, or the raw value if it is not an address
+    subnet: str  # CIDR text; "invalid" when the ip is not an address
     address: IPAddress | None
     user_agent: str | None
 
@@ -83,15 +85,24 @@ class Signals(msgspec.Struct, frozen=True):
         text = ctx.client_ip  # never trimmed: the gateway refuses what isn't an address
         v4 = ctx.address if ctx.address is not None and ":" not in text else _ipv4(text)
         if v4 is not None:  # canonical already (_ipv4 takes nothing else): its own str()
-            return cls(sale_id=ctx.sale_id, channel_id=ctx.channel_id, user_id=ctx.user_id,
-                       device_id=ctx.device_id, ip=text,
-                       subnet=text.rpartition(".")[0] + ".0/24", address=v4,
-                       user_agent=ctx.user_agent or None)
+            return cls(
+                sale_id=ctx.sale_id,
+                channel_id=ctx.channel_id,
+                user_id=ctx.user_id,
+                device_id=ctx.device_id,
+                ip=text,
+                subnet=text.rpartition(".")[0] + ".0/24",
+                address=v4,
+                user_agent=ctx.user_agent or None,
+            )
         address = ctx.address if ctx.address is not None else parse_ip(text)
         return cls(
-            sale_id=ctx.sale_id, channel_id=ctx.channel_id, user_id=ctx.user_id,
+            sale_id=ctx.sale_id,
+            channel_id=ctx.channel_id,
+            user_id=ctx.user_id,
             device_id=ctx.device_id,
             ip=str(address) if address is not None else ctx.client_ip,
             subnet=subnet_of(address) if address is not None else "invalid",
-            address=address, user_agent=ctx.user_agent or None,
+            address=address,
+            user_agent=ctx.user_agent or None,
         )

@@ -63,18 +63,20 @@ async def database_url(service_urls: ServiceURLs) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(service_urls: ServiceURLs, database_url: str) -> Settings:
-    return Settings.from_env({
-        "FLASHGATE_REDIS_URL": service_urls.redis_url,
-        "FLASHGATE_DATABASE_URL": database_url,
-        "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "FLASHGATE_KEY_PREFIX": "fgt" + secrets.token_hex(4),
-        "FLASHGATE_WORKER_BLOCK_MS": "50",
-        "FLASHGATE_WORKER_CLAIM_IDLE_MS": "200",
-        # Webhook tests deliver to receivers on 127.0.0.1, which production refuses (the SSRF
-        # tests in test_webhooks_ssrf.py take this allow-list away again).
-        "FLASHGATE_WEBHOOK_ALLOW_NETS": "127.0.0.0/8",
-    })
+    return Settings.from_env(
+        {
+            "FLASHGATE_REDIS_URL": service_urls.redis_url,
+            "FLASHGATE_DATABASE_URL": database_url,
+            "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+            "FLASHGATE_KEY_PREFIX": "fgt" + secrets.token_hex(4),
+            "FLASHGATE_WORKER_BLOCK_MS": "50",
+            "FLASHGATE_WORKER_CLAIM_IDLE_MS": "200",
+            # Webhook tests deliver to receivers on 127.0.0.1, which production refuses (the SSRF
+            # tests in test_webhooks_ssrf.py take this allow-list away again).
+            "FLASHGATE_WEBHOOK_ALLOW_NETS": "127.0.0.0/8",
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -124,8 +126,9 @@ def rfc3339(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-async def create_channel(client: httpx.AsyncClient, name: str = "shop",
-                         webhook_url: str | None = None) -> dict[str, str]:
+async def create_channel(
+    client: httpx.AsyncClient, name: str = "shop", webhook_url: str | None = None
+) -> dict[str, str]:
     body: dict[str, str] = {"name": name}
     if webhook_url:
         body["webhook_url"] = webhook_url
@@ -135,30 +138,47 @@ async def create_channel(client: httpx.AsyncClient, name: str = "shop",
     return data
 
 
-async def create_sale(client: httpx.AsyncClient, *, keys: int = 0, per_user_limit: int = 1,
-                      ttl_s: int = 300, starts_in_s: float = -1, lasts_s: float = 3600,
-                      sale_id: str | None = None) -> tuple[str, list[str]]:
+async def create_sale(
+    client: httpx.AsyncClient,
+    *,
+    keys: int = 0,
+    per_user_limit: int = 1,
+    ttl_s: int = 300,
+    starts_in_s: float = -1,
+    lasts_s: float = 3600,
+    sale_id: str | None = None,
+) -> tuple[str, list[str]]:
     """A sale open now (by default) with `keys` freshly imported codes; returns (id, codes)."""
     sale_id = sale_id or new_sale_id()
     now = datetime.now(UTC)
-    r = await client.post("/v1/admin/sales", headers=ADMIN, json={
-        "sale_id": sale_id, "sku": "SKU-1", "name": "Test sale",
-        "starts_at": rfc3339(now + timedelta(seconds=starts_in_s)),
-        "ends_at": rfc3339(now + timedelta(seconds=starts_in_s + lasts_s)),
-        "per_user_limit": per_user_limit, "reservation_ttl_s": ttl_s,
-    })
+    r = await client.post(
+        "/v1/admin/sales",
+        headers=ADMIN,
+        json={
+            "sale_id": sale_id,
+            "sku": "SKU-1",
+            "name": "Test sale",
+            "starts_at": rfc3339(now + timedelta(seconds=starts_in_s)),
+            "ends_at": rfc3339(now + timedelta(seconds=starts_in_s + lasts_s)),
+            "per_user_limit": per_user_limit,
+            "reservation_ttl_s": ttl_s,
+        },
+    )
     assert r.status_code == 201, r.text
     codes = [f"{sale_id}-CODE-{i:06d}-{secrets.token_hex(4)}" for i in range(keys)]
     if codes:
-        r = await client.post(f"/v1/admin/sales/{sale_id}/keys", headers=ADMIN,
-                              json={"keys": codes})
+        r = await client.post(
+            f"/v1/admin/sales/{sale_id}/keys", headers=ADMIN, json={"keys": codes}
+        )
         assert r.status_code == 200, r.text
         assert r.json()["imported"] == keys
     return sale_id, codes
 
 
-def channel_headers(channel: dict[str, str], idempotency_key: str | None = None,
-                    ) -> dict[str, str]:
+def channel_headers(
+    channel: dict[str, str],
+    idempotency_key: str | None = None,
+) -> dict[str, str]:
     headers = {"Authorization": f"Bearer {channel['api_key']}"}
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
@@ -175,7 +195,10 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.
 
 
 def purchase_body(user_id: str, **extra: object) -> dict[str, object]:
-    body: dict[str, object] = {"user_id": user_id, "client_ip": "203.0.113.7",
-                               "device_id": "dev-" + user_id}
+    body: dict[str, object] = {
+        "user_id": user_id,
+        "client_ip": "203.0.113.7",
+        "device_id": "dev-" + user_id,
+    }
     body.update(extra)
     return body

@@ -32,7 +32,7 @@ class LiveGateway:
     url: str
     port: int
     admin: dict[str, str]
-    channel: dict[str, str]   # headers of a channel created at start
+    channel: dict[str, str]  # headers of a channel created at start
     database_url: str
     redis_url: str
     key_prefix: str
@@ -40,21 +40,30 @@ class LiveGateway:
 
 
 @pytest.fixture(scope="session")
-async def live_gateway(service_urls: ServiceURLs, tmp_path_factory: pytest.TempPathFactory,
-                       ) -> AsyncIterator[LiveGateway]:
+async def live_gateway(
+    service_urls: ServiceURLs,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[LiveGateway]:
     async with scratch_database(service_urls.database_url, "flashgate_live_") as db_url:
         conn = await asyncpg.connect(db_url)
         try:
             await migrate(conn)
         finally:
             await conn.close()
-        token, prefix, port = "live-" + secrets.token_urlsafe(32), "fgl" + secrets.token_hex(4), \
-            free_port()
-        env = {**os.environ, "FLASHGATE_REDIS_URL": service_urls.redis_url,
-               "FLASHGATE_DATABASE_URL": db_url, "FLASHGATE_ADMIN_TOKEN": token,
-               "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-               "FLASHGATE_KEY_PREFIX": prefix,
-               "FLASHGATE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}
+        token, prefix, port = (
+            "live-" + secrets.token_urlsafe(32),
+            "fgl" + secrets.token_hex(4),
+            free_port(),
+        )
+        env = {
+            **os.environ,
+            "FLASHGATE_REDIS_URL": service_urls.redis_url,
+            "FLASHGATE_DATABASE_URL": db_url,
+            "FLASHGATE_ADMIN_TOKEN": token,
+            "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+            "FLASHGATE_KEY_PREFIX": prefix,
+            "FLASHGATE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        }
         logs = Path(tmp_path_factory.mktemp("live-gateway"))
         child = spawn("gateway", gateway_argv("127.0.0.1", port), env, logs)
         url = f"http://127.0.0.1:{port}"
@@ -65,8 +74,9 @@ async def live_gateway(service_urls: ServiceURLs, tmp_path_factory: pytest.TempP
                 r = await c.post("/v1/admin/channels", json={"name": "live"}, headers=admin)
                 assert r.status_code == 201, r.text
             channel = {"Authorization": f"Bearer {r.json()['api_key']}"}
-            yield LiveGateway(url, port, admin, channel, db_url, service_urls.redis_url,
-                              prefix, child)
+            yield LiveGateway(
+                url, port, admin, channel, db_url, service_urls.redis_url, prefix, child
+            )
         finally:
             await asyncio.to_thread(stop_children, [child], 10)
             assert "unexpected error" not in child.tail(100_000), child.tail(200)

@@ -35,11 +35,13 @@ def key(settings: Settings, name: str) -> str:
 
 
 async def test_concurrent_calls_get_their_own_replies_and_share_writes(
-        pipe: AutoPipeline, settings: Settings, redis: Redis) -> None:
+    pipe: AutoPipeline, settings: Settings, redis: Redis
+) -> None:
     script = PipelinedScript(pipe, ECHO)
     counter = key(settings, "n")
-    replies = await asyncio.gather(*(script(keys=[counter], args=[f"req-{i}"])
-                                     for i in range(3000)))
+    replies = await asyncio.gather(
+        *(script(keys=[counter], args=[f"req-{i}"]) for i in range(3000))
+    )
     assert [r[0] for r in replies] == [f"req-{i}" for i in range(3000)]
     assert sorted(r[1] for r in replies) == list(range(1, 3001))  # each ran exactly once
     assert int(await redis.get(counter)) == 3000
@@ -49,7 +51,8 @@ async def test_concurrent_calls_get_their_own_replies_and_share_writes(
 
 
 async def test_script_survives_a_flushed_script_cache(
-        pipe: AutoPipeline, settings: Settings, redis: Redis, runtime: Runtime) -> None:
+    pipe: AutoPipeline, settings: Settings, redis: Redis, runtime: Runtime
+) -> None:
     script = PipelinedScript(pipe, ECHO + " -- flush " + secrets.token_hex(4))
     counter = key(settings, "f")
     await redis.script_flush()
@@ -61,14 +64,16 @@ async def test_script_survives_a_flushed_script_cache(
     await runtime.ledger.scripts.load(runtime.redis)  # as readiness would, for later tests
 
 
-async def test_an_error_reply_fails_only_its_own_call(pipe: AutoPipeline,
-                                                      settings: Settings) -> None:
+async def test_an_error_reply_fails_only_its_own_call(
+    pipe: AutoPipeline, settings: Settings
+) -> None:
     bad = PipelinedScript(pipe, "return redis.error_reply('BOOM no such thing')")
     good = PipelinedScript(pipe, ECHO)
     counter = key(settings, "e")
     results = await asyncio.gather(
         *(bad() if i % 3 == 0 else good(keys=[counter], args=[str(i)]) for i in range(30)),
-        return_exceptions=True)
+        return_exceptions=True,
+    )
     for i, result in enumerate(results):
         if i % 3 == 0:
             assert isinstance(result, ResponseError) and "BOOM" in str(result)
@@ -78,14 +83,18 @@ async def test_an_error_reply_fails_only_its_own_call(pipe: AutoPipeline,
 
 
 async def test_a_killed_connection_fails_calls_in_flight_then_reconnects(
-        pipe: AutoPipeline, settings: Settings, redis: Redis) -> None:
+    pipe: AutoPipeline, settings: Settings, redis: Redis
+) -> None:
     await pipe.warm_up()
     name = "ap-" + secrets.token_hex(4)
     # Name both connections, to kill exactly these.
-    await asyncio.gather(*(c.call(hiredis.pack_command(("CLIENT", "SETNAME", name)))
-                           for c in pipe.connections))
-    blocked = asyncio.gather(*(pipe.execute("BLPOP", key(settings, "never"), 5)
-                               for _ in range(4)), return_exceptions=True)
+    await asyncio.gather(
+        *(c.call(hiredis.pack_command(("CLIENT", "SETNAME", name))) for c in pipe.connections)
+    )
+    blocked = asyncio.gather(
+        *(pipe.execute("BLPOP", key(settings, "never"), 5) for _ in range(4)),
+        return_exceptions=True,
+    )
     await asyncio.sleep(0.1)
     clients = await redis.client_list()
     ids = [c["id"] for c in clients if c.get("name") == name]
@@ -145,8 +154,9 @@ async def test_a_stalled_connection_times_out_instead_of_hanging(settings: Setti
         proxy.flowing.clear()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        results = await asyncio.gather(*(pipe.execute("PING") for _ in range(20)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(pipe.execute("PING") for _ in range(20)), return_exceptions=True
+        )
         waited = loop.time() - started
         assert all(isinstance(r, RedisTimeoutError) for r in results), results
         assert 0.25 <= waited < 1.5, waited
@@ -166,8 +176,9 @@ async def test_unreachable_server_is_a_connection_error() -> None:
 
 async def test_auth_and_database_from_the_url(settings: Settings, redis: Redis) -> None:
     user, password = "ap-" + secrets.token_hex(4), secrets.token_hex(12)
-    await redis.acl_setuser(user, enabled=True, passwords=[f"+{password}"],
-                            commands=["+@all"], keys=["*"])
+    await redis.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], commands=["+@all"], keys=["*"]
+    )
     parts = urlsplit(settings.redis_url)
     url = f"redis://{user}:{password}@{parts.hostname}:{parts.port}/3"
     pipe = AutoPipeline.from_url(url, timeout_s=2.0, connections=1)
@@ -178,8 +189,7 @@ async def test_auth_and_database_from_the_url(settings: Settings, redis: Redis) 
         assert await redis.get(probe) is None  # not in the test client's database
         assert await pipe.execute("GET", probe) == "in-3"
         await pipe.execute("DEL", probe)
-        wrong = AutoPipeline.from_url(url.replace(password, "wrong"), timeout_s=2.0,
-                                      connections=1)
+        wrong = AutoPipeline.from_url(url.replace(password, "wrong"), timeout_s=2.0, connections=1)
         with pytest.raises(ResponseError):
             await wrong.execute("PING")
         await wrong.aclose()

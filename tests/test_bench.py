@@ -48,9 +48,11 @@ def test_parsers_and_ratios() -> None:
     run = parse_wrk(WRK)
     assert (run.rps, run.p50_ms, run.p99_ms) == (17151.0, 3.68, 1200.0)
     assert (run.requests, run.non2xx, run.socket_errors) == (171510, 7, 3)
-    csv = ('"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",'
-           '"p99_latency_ms","max_latency_ms"\n"INCR","155039.00","0.2","0.1","0.20","0.4",'
-           '"0.49","1.0"\n')
+    csv = (
+        '"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",'
+        '"p99_latency_ms","max_latency_ms"\n"INCR","155039.00","0.2","0.1","0.20","0.4",'
+        '"0.49","1.0"\n'
+    )
     r = parse_redis_benchmark(csv)
     assert (r.rps, r.p50_ms, r.p99_ms) == (155039.0, 0.2, 0.49)
     # pair by pair: (10/5, 30/10, 8/8) -> median 2, not median(a)/median(b) = 10/8
@@ -73,8 +75,9 @@ async def test_bench_routes_are_off_by_default(client: httpx.AsyncClient) -> Non
     assert (await client.get("/v1/bench/ping")).status_code == 404
 
 
-async def test_naive_purchase_decrements_one_row(bench_client: httpx.AsyncClient,
-                                                 database_url: str) -> None:
+async def test_naive_purchase_decrements_one_row(
+    bench_client: httpx.AsyncClient, database_url: str
+) -> None:
     assert (await bench_client.get("/v1/bench/ping")).json() == {"ok": True}
     r = await bench_client.post("/v1/admin/channels", json={"name": "b"}, headers=ADMIN)
     key = r.json()["api_key"]
@@ -83,9 +86,11 @@ async def test_naive_purchase_decrements_one_row(bench_client: httpx.AsyncClient
     path = f"/v1/bench/naive/{sale_id}/purchase"
 
     async def buy(user: str, idem: str) -> httpx.Response:
-        return await bench_client.post(path, json={
-            "user_id": user, "client_ip": "203.0.113.9", "device_id": "d"},
-            headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idem})
+        return await bench_client.post(
+            path,
+            json={"user_id": user, "client_ip": "203.0.113.9", "device_id": "d"},
+            headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idem},
+        )
 
     first = await buy("u1", "k1")
     assert first.status_code == 201 and first.json()["order_id"].startswith(sale_id + ".")
@@ -117,8 +122,12 @@ Compare file sync methods using two 8kB writes:
 
 def test_pg_test_fsync_first_section_only() -> None:
     got = parse_pg_test_fsync(PG_TEST_FSYNC)
-    assert got == {"open_datasync": (11161.241, 90.0), "fdatasync": (11004.109, 91.0),
-                   "fsync": (10669.424, 94.0), "open_sync": (9911.692, 101.0)}
+    assert got == {
+        "open_datasync": (11161.241, 90.0),
+        "fdatasync": (11004.109, 91.0),
+        "fsync": (10669.424, 94.0),
+        "open_sync": (9911.692, 101.0),
+    }
     assert parse_pg_test_fsync("pg_test_fsync: could not open output file") == {}
 
 
@@ -150,11 +159,16 @@ def test_server_and_durability_ratios_pair_by_pair() -> None:
 
 def test_report_shows_the_durable_server_and_flush_bound() -> None:
     args = argparse.Namespace(reps=3)
-    detail = {"durable": {
-        "settings": {"fsync": "on", "synchronous_commit": "on"},
-        "wal_syncs": 29_000, "purchases": 30_000, "wal_syncs_per_purchase": 29_000 / 30_000,
-        "pg_test_fsync": {"open_datasync": (11161.0, 90.0), "fdatasync": (11004.1, 91.0)},
-        "probe": FsyncProbe(ops_s=9_000, p50_us=100.0, p99_us=250.0, samples=18_000)}}
+    detail = {
+        "durable": {
+            "settings": {"fsync": "on", "synchronous_commit": "on"},
+            "wal_syncs": 29_000,
+            "purchases": 30_000,
+            "wal_syncs_per_purchase": 29_000 / 30_000,
+            "pg_test_fsync": {"open_datasync": (11161.0, 90.0), "fdatasync": (11004.1, 91.0)},
+            "probe": FsyncProbe(ops_s=9_000, p50_us=100.0, p99_us=250.0, samples=18_000),
+        }
+    }
     results = {"naive-pg": _runs((30, 40)), "naive-pg-durable": _runs((20, 80))}
     text = render(args, "python -m bench.run", results, {}, detail)
     assert "naive design: PostgreSQL-only purchase (same app), PostgreSQL fsync off" in text
@@ -176,11 +190,16 @@ def test_fsync_probe_flushes_a_real_file(tmp_path: Path) -> None:
 
 
 async def test_durable_postgres_flushes_every_commit() -> None:
-    with tempfile.TemporaryDirectory(prefix="flashgate-durable-") as d, \
-            durable_postgres(Path(d)) as pg:
+    with (
+        tempfile.TemporaryDirectory(prefix="flashgate-durable-") as d,
+        durable_postgres(Path(d)) as pg,
+    ):
         got = await server_settings(pg.url)
-        assert (got["fsync"], got["synchronous_commit"], got["full_page_writes"]) == \
-            ("on", "on", "on")
+        assert (got["fsync"], got["synchronous_commit"], got["full_page_writes"]) == (
+            "on",
+            "on",
+            "on",
+        )
         conn = await asyncpg.connect(pg.url)
         try:
             await conn.execute("CREATE TABLE t (n int)")
@@ -224,14 +243,19 @@ def lifespan_probe_app() -> Any:
 
 
 def test_gateway_under_granian_runs_its_lifespan_and_stops_by_pid(
-        settings: Settings, service_urls: ServiceURLs, database_url: str,
-        tmp_path: Path) -> None:
+    settings: Settings, service_urls: ServiceURLs, database_url: str, tmp_path: Path
+) -> None:
     lifespan = tmp_path / "lifespan.log"
-    env = {**os.environ, "FLASHGATE_REDIS_URL": service_urls.redis_url,
-           "FLASHGATE_DATABASE_URL": database_url, "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-           "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-           "FLASHGATE_KEY_PREFIX": settings.key_prefix, "FLASHGATE_BENCH_ENDPOINTS": "1",
-           "FG_LIFESPAN_LOG": str(lifespan)}
+    env = {
+        **os.environ,
+        "FLASHGATE_REDIS_URL": service_urls.redis_url,
+        "FLASHGATE_DATABASE_URL": database_url,
+        "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "FLASHGATE_KEY_PREFIX": settings.key_prefix,
+        "FLASHGATE_BENCH_ENDPOINTS": "1",
+        "FG_LIFESPAN_LOG": str(lifespan),
+    }
     port = free_port()
     argv = granian_argv("127.0.0.1", port, factory="tests.test_bench:lifespan_probe_app")
     child = spawn("granian", argv, env, tmp_path)
@@ -243,6 +267,8 @@ def test_gateway_under_granian_runs_its_lifespan_and_stops_by_pid(
     finally:
         stop_children([child], GATEWAY_STOP_GRACE_S)
     assert child.proc.returncode == 0, child.tail()
-    assert lifespan.read_text().split() == ["lifespan.startup.complete",
-                                            "lifespan.shutdown.complete"]
+    assert lifespan.read_text().split() == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
     assert not Path(f"/proc/{worker}").exists()  # SIGTERM to the supervisor's PID stopped it

@@ -57,19 +57,38 @@ def test_summarize_held_only_when_on_time_and_all_sent() -> None:
 
 
 def test_parsers_for_openloop_and_cpu() -> None:
-    out = "noise\nopenloop " + json.dumps({
-        "achieved_rate": 2500.0, "p50_ms": 2.5, "p99_ms": 12.0, "sent": 25000, "non2xx": 1,
-        "errors": 2, "held": True}) + "\n"
+    out = (
+        "noise\nopenloop "
+        + json.dumps(
+            {
+                "achieved_rate": 2500.0,
+                "p50_ms": 2.5,
+                "p99_ms": 12.0,
+                "sent": 25000,
+                "non2xx": 1,
+                "errors": 2,
+                "held": True,
+            }
+        )
+        + "\n"
+    )
     r, d = parse_openloop(out)
     assert (r.rps, r.p50_ms, r.p99_ms, r.requests, r.non2xx, r.socket_errors) == (
-        2500.0, 2.5, 12.0, 25000, 1, 2)
+        2500.0,
+        2.5,
+        12.0,
+        25000,
+        1,
+        2,
+    )
     assert d["held"] is True
     with pytest.raises(ValueError):
         parse_openloop("wrk output")
     stat = "123 (uvicorn (x) y) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0"
     assert cpu_seconds(stat) == 300.0
-    assert idle_fraction("cpu  100 0 100 700 100 0 0 0 0 0",
-                         "cpu  200 0 200 850 150 0 0 0 0 0") == pytest.approx(0.5)
+    assert idle_fraction(
+        "cpu  100 0 100 700 100 0 0 0 0 0", "cpu  200 0 200 850 150 0 0 0 0 0"
+    ) == pytest.approx(0.5)
 
 
 @pytest.fixture
@@ -85,9 +104,11 @@ async def slow_server() -> AsyncIterator[int]:
             self.parser.feed_data(data)
 
         def on_message_complete(self) -> None:
-            asyncio.get_running_loop().call_later(0.02, self.transport.write,  # type: ignore[attr-defined]
-                                                  b"HTTP/1.1 201 Created\r\nContent-Length: 2"
-                                                  b"\r\n\r\n{}")
+            asyncio.get_running_loop().call_later(
+                0.02,
+                self.transport.write,  # type: ignore[attr-defined]
+                b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}",
+            )
 
     server = await asyncio.get_running_loop().create_server(Proto, "127.0.0.1", 0)
     try:
@@ -100,14 +121,16 @@ async def slow_server() -> AsyncIterator[int]:
 async def test_open_loop_counts_queueing_from_the_due_time(slow_server: int) -> None:
     url = f"http://127.0.0.1:{slow_server}"
     # 200/s with one connection and 20 ms answers: the server manages 50/s, requests queue.
-    res = await run(url, "/p", "k", Plan(rate=200, duration_s=0.2, warmup_s=0),
-                    connections=1, timeout_s=5)
+    res = await run(
+        url, "/p", "k", Plan(rate=200, duration_s=0.2, warmup_s=0), connections=1, timeout_s=5
+    )
     assert (res.planned, res.sent, res.ok, res.errors) == (40, 40, 40, 0)
     assert 18 <= res.service_p99_ms < 300  # generous: a busy machine delays answers too
     assert res.p99_ms > 500  # the 40th waited for 39 answers: ~0.8 s after it was due
     # enough connections: every request answered ~20 ms after it was due
-    res = await run(url, "/p", "k", Plan(rate=200, duration_s=0.2, warmup_s=0.05),
-                    connections=16, timeout_s=5)
+    res = await run(
+        url, "/p", "k", Plan(rate=200, duration_s=0.2, warmup_s=0.05), connections=16, timeout_s=5
+    )
     assert (res.planned, res.ok, res.errors) == (40, 40, 0)
     assert 18 <= res.p50_ms < 300
     # `held` is the generator's own verdict on its lag; a busy CI machine may delay the

@@ -35,9 +35,29 @@ def test_bench_scale_runs_in_a_tiny_configuration(scale_database: str, tmp_path:
         pytest.skip("wrk is missing (apt-get install wrk; `make bench-scale` installs it)")
     out = tmp_path / "scale.md"
     env = {**os.environ, "FLASHGATE_DATABASE_URL": scale_database}
-    r = subprocess.run([sys.executable, "-m", "bench.scale", "--gateways", "1,2", "--masters",
-                        "1,2", "--duration-s", "1", "--reps", "1", "--connections", "8",
-                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=80)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.scale",
+            "--gateways",
+            "1,2",
+            "--masters",
+            "1,2",
+            "--duration-s",
+            "1",
+            "--reps",
+            "1",
+            "--connections",
+            "8",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("bench.scale ")
@@ -62,19 +82,31 @@ def _run(rps: float, requests: int) -> Run:
 
 
 def _stats(cpu_s: float, evalsha_usec: float, calls: float, other_usec: float) -> MasterStats:
-    return MasterStats(cpu_s, {"evalsha": evalsha_usec, "incr": other_usec},
-                       {"evalsha": calls, "incr": calls})
+    return MasterStats(
+        cpu_s, {"evalsha": evalsha_usec, "incr": other_usec}, {"evalsha": calls, "incr": calls}
+    )
 
 
 def test_figures_per_master_and_efficiencies() -> None:
-    one = Cell(1, 1, runs=[_run(1000, 2000)], walls=[2.0],
-               redis=[[_stats(1.0, 100_000, 2000, 40_000)]])
-    two = Cell(1, 2, runs=[_run(1500, 3000)], walls=[2.0],
-               redis=[[_stats(0.8, 90_000, 1500, 0), _stats(0.6, 60_000, 1500, 0)]])
+    one = Cell(
+        1, 1, runs=[_run(1000, 2000)], walls=[2.0], redis=[[_stats(1.0, 100_000, 2000, 40_000)]]
+    )
+    two = Cell(
+        1,
+        2,
+        runs=[_run(1500, 3000)],
+        walls=[2.0],
+        redis=[[_stats(0.8, 90_000, 1500, 0), _stats(0.6, 60_000, 1500, 0)]],
+    )
     assert redis_figures(one) == {
-        "cores_per_master": [0.5], "usec_per_purchase": 500.0, "evalsha_usec_per_call": 50.0,
-        "by_command": {"evalsha": {"usec": 50.0, "calls": 1.0},
-                       "incr": {"usec": 20.0, "calls": 1.0}}}
+        "cores_per_master": [0.5],
+        "usec_per_purchase": 500.0,
+        "evalsha_usec_per_call": 50.0,
+        "by_command": {
+            "evalsha": {"usec": 50.0, "calls": 1.0},
+            "incr": {"usec": 20.0, "calls": 1.0},
+        },
+    }
     two_figures = redis_figures(two)
     assert two_figures["cores_per_master"] == [0.4, 0.3]
     # Redis CPU per purchase: both masters' process CPU (1.4 s) over 3,000 requests.

@@ -58,13 +58,22 @@ cluster, cluster_settings, rc = test_cluster.cluster, test_cluster.cluster_setti
 ledger, slot_owner, nodes = test_cluster.ledger, test_cluster.slot_owner, test_cluster.nodes
 
 
-async def bucketed_sale(ledger: Ledger, rc: Redis, slot_owner: dict[int, int], stock: int, *,
-                        buckets: int = BUCKETS, limit: int = 1) -> str:
+async def bucketed_sale(
+    ledger: Ledger,
+    rc: Redis,
+    slot_owner: dict[int, int],
+    stock: int,
+    *,
+    buckets: int = BUCKETS,
+    limit: int = 1,
+) -> str:
     """An open sale of `buckets` buckets spread over all three masters."""
     while True:
         sale_id = "b-" + uuid.uuid4().hex[:12]
-        ports = {slot_owner[await keyslot(rc, ledger.keys.sale(shard_id(sale_id, b)))]
-                 for b in range(buckets)}
+        ports = {
+            slot_owner[await keyslot(rc, ledger.keys.sale(shard_id(sale_id, b)))]
+            for b in range(buckets)
+        }
         if len(ports) == min(3, buckets):
             break
     await ledger.init_sale(sale_id, T0, T0 + 3_600_000, limit, TTL_MS, buckets)
@@ -78,8 +87,9 @@ async def balanced(ledger: Ledger, sale_id: str) -> list[dict[str, int]]:
     rows = await ledger.bucket_stock(sale_id)
     for b, row in enumerate(rows):
         assert min(row.values()) >= 0, f"bucket {b}: {row}"
-        assert row["available"] + row["reserved"] + row["confirmed"] + row["delivered"] \
-            == row["total"], f"bucket {b}: {row}"
+        assert (
+            row["available"] + row["reserved"] + row["confirmed"] + row["delivered"] == row["total"]
+        ), f"bucket {b}: {row}"
     return rows
 
 
@@ -99,8 +109,13 @@ def test_order_ids_carry_their_bucket_and_old_ids_stay_valid() -> None:
     assert new.startswith("summer.b7.") and is_order_id(new)
     assert parse_order_id(new) == ("summer", 7) and shard_of_order(new) == "summer:b7"
     assert sale_of_order(new) == "summer"
-    for bad in ("summer.b0." + old[-26:], "summer.b64." + old[-26:], "summer.x1." + old[-26:],
-                "a.b.c." + old[-26:], "summer.b7"):
+    for bad in (
+        "summer.b0." + old[-26:],
+        "summer.b64." + old[-26:],
+        "summer.x1." + old[-26:],
+        "a.b.c." + old[-26:],
+        "summer.b7",
+    ):
         assert not is_order_id(bad), bad
     assert Keys("fg").order(new).startswith("fg:{s:summer:b7}:o:")
     # Homes are stable and spread: 4,000 users over 4 buckets, none far from 1,000.
@@ -111,7 +126,8 @@ def test_order_ids_carry_their_bucket_and_old_ids_stay_valid() -> None:
 
 # -- the ledger on the cluster -------------------------------------------------------------------
 async def test_buckets_spread_over_nodes_each_in_one_slot(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     sale_id = await bucketed_sale(ledger, rc, slot_owner, stock=10)
     k = ledger.keys
     for b in range(BUCKETS):
@@ -119,27 +135,49 @@ async def test_buckets_spread_over_nodes_each_in_one_slot(
         order = await ledger.reserve(request(sale_id, user), now=T0 + 1)
         assert parse_order_id(order.order_id) == (sale_id, b)
         shard = shard_id(sale_id, b)
-        slots = {await keyslot(rc, key) for key in (
-            k.sale(shard), k.buyers(shard), k.idempotency(shard), k.deadlines(shard),
-            k.events(shard), k.transfers(shard), k.transfer_ids(shard), k.deposits(shard),
-            k.imports(shard), k.risk_verdicts(shard), k.order(order.order_id))}
+        slots = {
+            await keyslot(rc, key)
+            for key in (
+                k.sale(shard),
+                k.buyers(shard),
+                k.idempotency(shard),
+                k.deadlines(shard),
+                k.events(shard),
+                k.transfers(shard),
+                k.transfer_ids(shard),
+                k.deposits(shard),
+                k.imports(shard),
+                k.risk_verdicts(shard),
+                k.order(order.order_id),
+            )
+        }
         assert len(slots) == 1
         assert await rc.hget(k.buyers(shard), f"ch_test:{user}") == "1"  # per channel
     rows = await balanced(ledger, sale_id)
     assert [r["total"] for r in rows] == [2, 3, 3, 2]  # import 1's remainder: buckets 1, 2
-    assert await ledger.stock(sale_id) == {"total": 10, "available": 6, "reserved": 4,
-                                           "confirmed": 0, "delivered": 0, "cancelled": 0,
-                                           "expired": 0, "refunded": 0, "voided": 0}
+    assert await ledger.stock(sale_id) == {
+        "total": 10,
+        "available": 6,
+        "reserved": 4,
+        "confirmed": 0,
+        "delivered": 0,
+        "cancelled": 0,
+        "expired": 0,
+        "refunded": 0,
+        "voided": 0,
+    }
 
 
 async def test_concurrent_buyers_never_oversell_over_buckets(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     stock, buyers = 101, 600
     sale_id = await bucketed_sale(ledger, rc, slot_owner, stock=stock)
     # 600 distinct buyers at once (32 connections per node): homes run dry at different
     # moments and refill from the others; sold out only once every bucket is empty.
-    results = await asyncio.gather(*[attempt(ledger, request(sale_id, f"buyer-{i}"))
-                                     for i in range(buyers)])
+    results = await asyncio.gather(
+        *[attempt(ledger, request(sale_id, f"buyer-{i}")) for i in range(buyers)]
+    )
     assert results.count("reserved") == stock
     assert results.count("sold_out") == buyers - stock
     rows = await balanced(ledger, sale_id)
@@ -153,8 +191,10 @@ async def test_concurrent_buyers_never_oversell_over_buckets(
         assert all(home_bucket(u.removeprefix("ch_test:"), BUCKETS) == b for u in held)
         assert len(held) == rows[b]["reserved"]
     # Found empty: every bucket is marked, so the next buyers hear sold_out from their home.
-    marks = [await rc.hget(ledger.keys.sale(shard_id(sale_id, b)), "drained_until")
-             for b in range(BUCKETS)]
+    marks = [
+        await rc.hget(ledger.keys.sale(shard_id(sale_id, b)), "drained_until")
+        for b in range(BUCKETS)
+    ]
     assert all(marks)
     assert await attempt(ledger, request(sale_id, "late")) == "sold_out"
     # One more unit, imported into bucket 2 alone: every mark is cleared, and a buyer of
@@ -166,11 +206,13 @@ async def test_concurrent_buyers_never_oversell_over_buckets(
 
 
 async def test_per_user_limit_is_exact_with_buckets(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     # 8 units, 2 per bucket, limit 3: the greedy buyer's home must refill to give the third.
     sale_id = await bucketed_sale(ledger, rc, slot_owner, stock=8, limit=3)
-    results = await asyncio.gather(*[attempt(ledger, request(sale_id, "greedy"))
-                                     for _ in range(40)])
+    results = await asyncio.gather(
+        *[attempt(ledger, request(sale_id, "greedy")) for _ in range(40)]
+    )
     assert results.count("reserved") == 3
     assert results.count("purchase_limit_exceeded") == 37
     home = shard_id(sale_id, home_bucket("greedy", BUCKETS))
@@ -184,7 +226,8 @@ async def test_per_user_limit_is_exact_with_buckets(
 
 
 async def test_idempotent_replay_with_buckets(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     sale_id = await bucketed_sale(ledger, rc, slot_owner, stock=10)
     req = request(sale_id, "u1", key="raced")
     first = await asyncio.gather(*[ledger.reserve(req, now=T0 + 1) for _ in range(30)])
@@ -206,16 +249,19 @@ async def test_idempotent_replay_with_buckets(
 
 
 async def test_expiry_and_cancel_return_stock_to_the_right_bucket_once(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     sale_id = await bucketed_sale(ledger, rc, slot_owner, stock=20)
     orders = [await ledger.reserve(request(sale_id, f"u{i}"), now=T0 + 1) for i in range(20)]
     assert await attempt(ledger, request(sale_id, "nobody")) == "sold_out"
     before = await balanced(ledger, sale_id)
     cancelled = orders[0]
     bucket = parse_order_id(cancelled.order_id)[1]
-    assert set(await asyncio.gather(*[
-        ledger.cancel(sale_id, cancelled.order_id, "ch_test", now=T0 + 2) for _ in range(10)
-    ])) == {"cancelled"}
+    assert set(
+        await asyncio.gather(
+            *[ledger.cancel(sale_id, cancelled.order_id, "ch_test", now=T0 + 2) for _ in range(10)]
+        )
+    ) == {"cancelled"}
     after = await balanced(ledger, sale_id)
     assert after[bucket]["available"] == before[bucket]["available"] + 1
     assert after[bucket]["cancelled"] == 1
@@ -224,8 +270,7 @@ async def test_expiry_and_cancel_return_stock_to_the_right_bucket_once(
     assert await attempt(ledger, request(sale_id, other), now=T0 + 3) == "reserved"
 
     sweepers = [Sweeper(ledger) for _ in range(8)]
-    expired = await asyncio.gather(*[s.sweep_sale(sale_id, now=T0 + 1 + TTL_MS)
-                                     for s in sweepers])
+    expired = await asyncio.gather(*[s.sweep_sale(sale_id, now=T0 + 1 + TTL_MS) for s in sweepers])
     assert sum(expired) == 19
     rows = await balanced(ledger, sale_id)
     assert sum(r["expired"] for r in rows) == 19 and sum(r["reserved"] for r in rows) == 1
@@ -238,7 +283,8 @@ async def test_expiry_and_cancel_return_stock_to_the_right_bucket_once(
 
 
 async def test_an_interrupted_transfer_is_finished_by_recovery_once(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     sale_id = await bucketed_sale(ledger, rc, slot_owner, stock=8)  # 2 per bucket
     b = ledger.buckets
     # A gateway withdraws 2 units from bucket 1 for bucket 3 and dies before depositing.
@@ -262,17 +308,22 @@ async def test_an_interrupted_transfer_is_finished_by_recovery_once(
     rows = await balanced(ledger, sale_id)
     assert rows[3]["available"] == 2 and all(r["transit"] == 0 for r in rows)
     assert sum(r["total"] for r in rows) == 8
-    late = await asyncio.gather(*[attempt(ledger, request(sale_id, f"y{i}"), now=T0 + 2)
-                                  for i in range(5)])
+    late = await asyncio.gather(
+        *[attempt(ledger, request(sale_id, f"y{i}"), now=T0 + 2) for i in range(5)]
+    )
     assert late.count("reserved") == 2 and late.count("sold_out") == 3
     final = await balanced(ledger, sale_id)
     assert sum(r["reserved"] for r in final) == 8 and sum(r["available"] for r in final) == 0
 
 
 async def test_workers_deliver_a_bucketed_sale_once_on_a_cluster(
-        cluster: EmbeddedRedisCluster, settings: Settings, rc: Redis) -> None:
-    rt = await Runtime.open(dataclasses.replace(
-        settings, redis_url=cluster.url, key_prefix="fgb" + secrets.token_hex(4)))
+    cluster: EmbeddedRedisCluster, settings: Settings, rc: Redis
+) -> None:
+    rt = await Runtime.open(
+        dataclasses.replace(
+            settings, redis_url=cluster.url, key_prefix="fgb" + secrets.token_hex(4)
+        )
+    )
     try:
         assert isinstance(rt.redis, RedisCluster)
         channel, _ = await make_channel(rt)
@@ -309,7 +360,8 @@ async def test_workers_deliver_a_bucketed_sale_once_on_a_cluster(
 
 
 async def test_inline_risk_purchase_on_home_buckets(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     """The gateway's default path: risk keys in the home bucket's slot, scored in the same
     script; a ledger that didn't know the buckets is corrected and plans again."""
     now_s = time.time()
@@ -317,28 +369,46 @@ async def test_inline_risk_purchase_on_home_buckets(
     sale_id = "rb-" + uuid.uuid4().hex[:12]
     await ledger.init_sale(sale_id, now - 1000, now + 3_600_000, 1, TTL_MS, BUCKETS)
     await ledger.add_stock(sale_id, 1, 25)
-    engine = ScoringEngine(rc, ledger.keys, config=risk_config.load(),
-                           datacenter=load_datacenter_ranges(), challenge_secret=b"s" * 32,
-                           cache_ttl_s=0, clock=lambda: now_s)
+    engine = ScoringEngine(
+        rc,
+        ledger.keys,
+        config=risk_config.load(),
+        datacenter=load_datacenter_ranges(),
+        challenge_secret=b"s" * 32,
+        cache_ttl_s=0,
+        clock=lambda: now_s,
+    )
     fresh = Ledger(rc, ledger.keys)  # knows nothing of the buckets yet
 
     async def buy_scored(user: str, ip: str) -> str:
         for _ in range(2):
             buckets, home = fresh.route(sale_id, user)
-            ctx = RiskContext(sale_id=sale_id, channel_id="ch_test", user_id=user,
-                              device_id="d-" + user, client_ip=ip, user_agent="ua", quantity=1,
-                              idempotency_key=uuid.uuid4().hex,
-                              shard=shard_id(sale_id, home) if buckets > 1 else "",
-                              buckets=buckets)
+            ctx = RiskContext(
+                sale_id=sale_id,
+                channel_id="ch_test",
+                user_id=user,
+                device_id="d-" + user,
+                client_ip=ip,
+                user_agent="ua",
+                quantity=1,
+                idempotency_key=uuid.uuid4().hex,
+                shard=shard_id(sale_id, home) if buckets > 1 else "",
+                buckets=buckets,
+            )
             plan = await engine.plan(ctx)
             assert isinstance(plan, RiskPlan)
-            slots = {await keyslot(rc, key) for key in
-                     (*plan.script.keys, ledger.keys.sale(shard_id(sale_id, home)))}
+            slots = {
+                await keyslot(rc, key)
+                for key in (*plan.script.keys, ledger.keys.sale(shard_id(sale_id, home)))
+            }
             assert len(slots) == 1
             try:
                 reservation, outcome = await fresh.purchase(
-                    request(sale_id, user, key=ctx.idempotency_key), plan.script, now=now,
-                    route=(buckets, home))
+                    request(sale_id, user, key=ctx.idempotency_key),
+                    plan.script,
+                    now=now,
+                    route=(buckets, home),
+                )
             except WrongBuckets:
                 continue
             except errors.FlashgateError as exc:
@@ -358,15 +428,30 @@ async def test_inline_risk_purchase_on_home_buckets(
 
 # -- end to end through the gateway (single node) ----------------------------------------------
 async def test_gateway_sells_and_delivers_a_bucketed_sale(
-        client: httpx.AsyncClient, runtime: Runtime) -> None:
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
     channel = await create_channel(client)
-    r = await client.post("/v1/admin/sales", headers=ADMIN, json={
-        "sku": "S", "name": "n", "starts_at": "2020-01-01T00:00:00Z",
-        "ends_at": "2099-01-01T00:00:00Z", "stock_buckets": 65})
+    r = await client.post(
+        "/v1/admin/sales",
+        headers=ADMIN,
+        json={
+            "sku": "S",
+            "name": "n",
+            "starts_at": "2020-01-01T00:00:00Z",
+            "ends_at": "2099-01-01T00:00:00Z",
+            "stock_buckets": 65,
+        },
+    )
     assert r.status_code == 422 and "stock_buckets" in r.json()["detail"]
     sale_id = "g-" + uuid.uuid4().hex[:12]
-    body = {"sale_id": sale_id, "sku": "S", "name": "n", "starts_at": "2020-01-01T00:00:00Z",
-            "ends_at": "2099-01-01T00:00:00Z", "stock_buckets": 3}
+    body = {
+        "sale_id": sale_id,
+        "sku": "S",
+        "name": "n",
+        "starts_at": "2020-01-01T00:00:00Z",
+        "ends_at": "2099-01-01T00:00:00Z",
+        "stock_buckets": 3,
+    }
     r = await client.post("/v1/admin/sales", headers=ADMIN, json=body)
     assert r.status_code == 201, r.text
     assert r.json()["stock_buckets"] == 3 and len(r.json()["buckets"]) == 3
@@ -378,9 +463,11 @@ async def test_gateway_sells_and_delivers_a_bucketed_sale(
     assert r.status_code == 200 and r.json()["stock_total"] == 10
 
     async def buy(user: str, key: str) -> httpx.Response:
-        return await client.post(f"/v1/sales/{sale_id}/purchase",
-                                 headers=channel_headers(channel, key),
-                                 json=purchase_body(user, payment_ref="pay-" + user))
+        return await client.post(
+            f"/v1/sales/{sale_id}/purchase",
+            headers=channel_headers(channel, key),
+            json=purchase_body(user, payment_ref="pay-" + user),
+        )
 
     answers = await asyncio.gather(*[buy(f"e2e-{i}", f"k-{i}") for i in range(16)])
     assert sorted(a.status_code for a in answers) == [201] * 10 + [409] * 6
@@ -400,8 +487,15 @@ async def test_gateway_sells_and_delivers_a_bucketed_sale(
     assert sorted(seen) == sorted(codes)  # every key once
     r = await client.get(f"/v1/admin/sales/{sale_id}", headers=ADMIN)
     out = r.json()
-    assert out["stock"] == {"total": 10, "available": 0, "reserved": 0, "confirmed": 0,
-                            "delivered": 10, "cancelled": 0, "expired": 0}
+    assert out["stock"] == {
+        "total": 10,
+        "available": 0,
+        "reserved": 0,
+        "confirmed": 0,
+        "delivered": 10,
+        "cancelled": 0,
+        "expired": 0,
+    }
     assert sum(b["delivered"] for b in out["buckets"]) == 10
     # The stock gauges sum the buckets; each bucket balances, so no drift.
     # (read for this sale alone: the exported set is bounded to MAX_SALES of the suite's many)

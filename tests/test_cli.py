@@ -51,8 +51,7 @@ def _processes_in(run_dir: Path) -> list[int]:
     return found
 
 
-def _wait_for_line(proc: subprocess.Popen[str], prefix: str, timeout_s: float) -> tuple[str,
-                                                                                          str]:
+def _wait_for_line(proc: subprocess.Popen[str], prefix: str, timeout_s: float) -> tuple[str, str]:
     """Read stdout until a line starts with prefix; returns (that line, everything read)."""
     assert proc.stdout is not None
     seen = []
@@ -84,17 +83,28 @@ def test_up_serves_and_stops_everything(tmp_path: Path, stop_signal: signal.Sign
         env["FLASHGATE_ADMIN_TOKEN"] = given_token  # given: used, never printed
     run_dir = tmp_path / "run"
     # --port 0: 8000 (the default when free) may be another person's on a shared machine.
-    proc = subprocess.Popen([*CLI, "up", "--workers", "1", "--port", "0", "--run-dir",
-                             str(run_dir)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "up", "--workers", "1", "--port", "0", "--run-dir", str(run_dir)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         pids_line, out = _wait_for_line(proc, "pids ", 90)
         pids = {k: int(v) for k, v in (p.split("=") for p in pids_line.split()[1:])}
         assert set(pids) == {"gateway", "worker-1"}
-        url = next(w for line in out.splitlines() if line.strip().startswith("gateway")
-                   for w in line.split() if w.startswith("http://"))
-        token_line = next(line for line in out.splitlines()
-                          if line.strip().startswith("admin token"))
+        url = next(
+            w
+            for line in out.splitlines()
+            if line.strip().startswith("gateway")
+            for w in line.split()
+            if w.startswith("http://")
+        )
+        token_line = next(
+            line for line in out.splitlines() if line.strip().startswith("admin token")
+        )
         assert httpx.get(url + "/healthz").status_code == 200
         servers = _processes_in(run_dir)
         assert servers, "the embedded servers should run under the run dir"
@@ -148,11 +158,24 @@ def _commands_find_the_running_up(cwd: Path, env: dict[str, str]) -> None:
     bare = {k: v for k, v in env.items() if not k.startswith("FLASHGATE_")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args], env=bare, cwd=cwd, capture_output=True,
-                              text=True, timeout=30)
+        return subprocess.run(
+            [*CLI, *args], env=bare, cwd=cwd, capture_output=True, text=True, timeout=30
+        )
 
-    r = cli("sale", "create", "--sale-id", "found", "--sku", "S", "--name", "N",
-            "--starts-at", "now", "--ends-at", "+1h")
+    r = cli(
+        "sale",
+        "create",
+        "--sale-id",
+        "found",
+        "--sku",
+        "S",
+        "--name",
+        "N",
+        "--starts-at",
+        "now",
+        "--ends-at",
+        "+1h",
+    )
     assert r.returncode == 0, r.stderr
     assert "flashgate.env" in r.stderr  # it says which stack it used
     r = cli("reconcile", "found", "--check")
@@ -168,9 +191,25 @@ def _admin_commands_work(url: str, token: str, env: dict[str, str], tmp_path: Pa
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["api_key"]
     sale_id = "cli-" + uuid.uuid4().hex[:8]
-    r = _cli("sale", "create", "--sale-id", sale_id, "--sku", "SKU", "--name", "CLI sale",
-             "--starts-at", "now", "--ends-at", "+1h", "--per-user-limit", "2",
-             "--reservation-ttl-s", "60", env=env)
+    r = _cli(
+        "sale",
+        "create",
+        "--sale-id",
+        sale_id,
+        "--sku",
+        "SKU",
+        "--name",
+        "CLI sale",
+        "--starts-at",
+        "now",
+        "--ends-at",
+        "+1h",
+        "--per-user-limit",
+        "2",
+        "--reservation-ttl-s",
+        "60",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["per_user_limit"] == 2
     (tmp_path / "k.txt").write_text("T1\nT2\nT2\n")
@@ -200,12 +239,32 @@ async def demo_database(service_urls: ServiceURLs) -> AsyncIterator[str]:
 
 @pytest.mark.timeout(240)
 def test_small_demo_passes_its_audit(service_urls: ServiceURLs, demo_database: str) -> None:
-    env = {**os.environ, "FLASHGATE_REDIS_URL": service_urls.redis_url,
-           "FLASHGATE_DATABASE_URL": demo_database,
-           "FLASHGATE_KEY_PREFIX": "fgdemo" + secrets.token_hex(4)}
-    r = subprocess.run([*CLI, "demo", "--keys", "50", "--buyers", "300", "--attempts", "1000",
-                        "--opens-in-s", "2", "--delivery-timeout-s", "60"],
-                       env=env, capture_output=True, text=True, timeout=200)
+    env = {
+        **os.environ,
+        "FLASHGATE_REDIS_URL": service_urls.redis_url,
+        "FLASHGATE_DATABASE_URL": demo_database,
+        "FLASHGATE_KEY_PREFIX": "fgdemo" + secrets.token_hex(4),
+    }
+    r = subprocess.run(
+        [
+            *CLI,
+            "demo",
+            "--keys",
+            "50",
+            "--buyers",
+            "300",
+            "--attempts",
+            "1000",
+            "--opens-in-s",
+            "2",
+            "--delivery-timeout-s",
+            "60",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["ok"] is True

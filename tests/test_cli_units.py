@@ -68,27 +68,50 @@ def test_key_files(tmp_path: Path) -> None:
 
 def test_parser_knows_every_command() -> None:
     parser = build_parser()
-    args = parser.parse_args(["sale", "create", "--sku", "S", "--name", "N", "--starts-at",
-                              "now", "--ends-at", "+1h", "--per-user-limit", "2"])
+    args = parser.parse_args(
+        [
+            "sale",
+            "create",
+            "--sku",
+            "S",
+            "--name",
+            "N",
+            "--starts-at",
+            "now",
+            "--ends-at",
+            "+1h",
+            "--per-user-limit",
+            "2",
+        ]
+    )
     assert (args.command, args.action, args.per_user_limit) == ("sale", "create", 2)
     args = parser.parse_args(["demo"])
     assert (args.keys, args.buyers, args.attempts, args.bots) == (1000, 5000, 20000, None)
     assert parser.parse_args(["demo", "--bots", "0"]).bots == 0
-    for argv in (["up"], ["worker"], ["gateway", "--port", "9"], ["migrate"],
-                 ["channel", "create", "shop"], ["sale", "show", "s"],
-                 ["keys", "import", "s", "f"]):
+    for argv in (
+        ["up"],
+        ["worker"],
+        ["gateway", "--port", "9"],
+        ["migrate"],
+        ["channel", "create", "shop"],
+        ["sale", "show", "s"],
+        ["keys", "import", "s", "f"],
+    ):
         assert parser.parse_args(argv).handler
 
 
 def test_version_and_connection_options_before_or_after_the_command(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     parser = build_parser()
     with pytest.raises(SystemExit) as exit_:
         parser.parse_args(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("flashgate ")
-    for argv in (["--url", "http://h:1", "--token", "t", "sale", "show", "s"],
-                 ["sale", "show", "s", "--url", "http://h:1", "--token", "t"],
-                 ["--token", "t", "sale", "show", "--url", "http://h:1", "s"]):
+    for argv in (
+        ["--url", "http://h:1", "--token", "t", "sale", "show", "s"],
+        ["sale", "show", "s", "--url", "http://h:1", "--token", "t"],
+        ["--token", "t", "sale", "show", "--url", "http://h:1", "s"],
+    ):
         args = parser.parse_args(argv)
         assert (args.url, args.token, args.sale_id) == ("http://h:1", "t", "s"), argv
     args = parser.parse_args(["sale", "show", "s"])
@@ -98,9 +121,13 @@ def test_version_and_connection_options_before_or_after_the_command(
 
 
 def _up_values(pid: int, url: str = "http://127.0.0.1:8123") -> dict[str, str]:
-    return {"FLASHGATE_URL": url, "FLASHGATE_ADMIN_TOKEN": "tok en'$x\"", "FLASHGATE_UP_PID":
-            str(pid), "FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
-            "FLASHGATE_DATABASE_URL": "postgresql://u:p@127.0.0.1:2/db"}
+    return {
+        "FLASHGATE_URL": url,
+        "FLASHGATE_ADMIN_TOKEN": "tok en'$x\"",
+        "FLASHGATE_UP_PID": str(pid),
+        "FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
+        "FLASHGATE_DATABASE_URL": "postgresql://u:p@127.0.0.1:2/db",
+    }
 
 
 def test_env_file_is_private_sourceable_and_removed(tmp_path: Path) -> None:
@@ -114,9 +141,15 @@ def test_env_file_is_private_sourceable_and_removed(tmp_path: Path) -> None:
     assert values["FLASHGATE_ADMIN_TOKEN"] == "tok en'$x\""
     assert values["FLASHGATE_ENV_FILE"] == str(path)
     # bash reads it the same way (`source`), quotes and all
-    out = subprocess.run(["bash", "-c", f"source {pointer} && printf %s "
-                          '"$FLASHGATE_ADMIN_TOKEN" && echo && printf %s "$PATH"'],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'source {pointer} && printf %s "$FLASHGATE_ADMIN_TOKEN" && echo && printf %s "$PATH"',
+        ],
+        capture_output=True,
+        text=True,
+    )
     token, path_var = out.stdout.split("\n")
     assert token == "tok en'$x\""
     assert path_var.startswith(f"{tmp_path / 'b in'}:") and len(path_var) > len(str(tmp_path))
@@ -144,8 +177,9 @@ def test_discover_finds_a_live_up_and_skips_a_dead_one(tmp_path: Path) -> None:
     stale_dir.mkdir(parents=True)
     envfile.write(stale_dir, _up_values(dead.pid), tmp_path / envfile.POINTER)
     assert envfile.discover(tmp_path) is None  # its up was killed: not used
-    sourced = subprocess.run(["bash", "-c", f"source {tmp_path / envfile.POINTER}"],
-                             capture_output=True, text=True)
+    sourced = subprocess.run(
+        ["bash", "-c", f"source {tmp_path / envfile.POINTER}"], capture_output=True, text=True
+    )
     assert sourced.returncode == 0 and "not running: stale values" in sourced.stderr
     live_dir = tmp_path / ".run" / "2"
     live_dir.mkdir()
@@ -154,8 +188,9 @@ def test_discover_finds_a_live_up_and_skips_a_dead_one(tmp_path: Path) -> None:
     assert found is not None and found[1]["FLASHGATE_URL"] == "http://127.0.0.1:9"
 
 
-def test_admin_commands_find_the_running_up(tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_admin_commands_find_the_running_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / ".run" / "x"
     run_dir.mkdir(parents=True)
@@ -165,8 +200,7 @@ def test_admin_commands_find_the_running_up(tmp_path: Path,
     assert connection(args, {}) == ("http://127.0.0.1:8123", "tok en'$x\"")
     # what is set wins: FLASHGATE_URL names another gateway, so the file is not read
     assert connection(args, {"FLASHGATE_URL": "http://other:1"}) == ("http://other:1", "")
-    assert connection(args, {"FLASHGATE_ADMIN_TOKEN": "mine"}) == ("http://127.0.0.1:8123",
-                                                                   "mine")
+    assert connection(args, {"FLASHGATE_ADMIN_TOKEN": "mine"}) == ("http://127.0.0.1:8123", "mine")
     # --url of the running up: its token
     args = parser.parse_args(["sale", "show", "s", "--url", "http://127.0.0.1:8123"])
     assert connection(args, {}) == ("http://127.0.0.1:8123", "tok en'$x\"")
@@ -176,12 +210,12 @@ def test_admin_commands_find_the_running_up(tmp_path: Path,
     env = stack_env({"FLASHGATE_KEY_PREFIX": "p"}, tmp_path)
     assert env["FLASHGATE_REDIS_URL"] == "redis://127.0.0.1:1/0"
     assert env["FLASHGATE_KEY_PREFIX"] == "p"
-    assert "FLASHGATE_DATABASE_URL" not in stack_env({"FLASHGATE_REDIS_URL": "redis://r"},
-                                                     tmp_path)
+    assert "FLASHGATE_DATABASE_URL" not in stack_env({"FLASHGATE_REDIS_URL": "redis://r"}, tmp_path)
 
 
-def test_nothing_running_says_how_to_start_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_nothing_running_says_how_to_start_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     for name in [n for n in os.environ if n.startswith("FLASHGATE_")]:
         monkeypatch.delenv(name)
@@ -194,14 +228,22 @@ def test_nothing_running_says_how_to_start_it(tmp_path: Path, monkeypatch: pytes
 
 def test_up_ignores_what_a_shell_sourced_from_an_earlier_up() -> None:
     assert envfile.sourced_from_previous_up({"FLASHGATE_REDIS_URL": "redis://r"}) == []
-    sourced = {"FLASHGATE_ENV_FILE": "/x/flashgate.env", "FLASHGATE_REDIS_URL": "redis://r",
-               "FLASHGATE_ADMIN_TOKEN": "t", "FLASHGATE_RISK_ENABLED": "0"}
+    sourced = {
+        "FLASHGATE_ENV_FILE": "/x/flashgate.env",
+        "FLASHGATE_REDIS_URL": "redis://r",
+        "FLASHGATE_ADMIN_TOKEN": "t",
+        "FLASHGATE_RISK_ENABLED": "0",
+    }
     assert set(envfile.sourced_from_previous_up(sourced)) == {
-        "FLASHGATE_ENV_FILE", "FLASHGATE_REDIS_URL", "FLASHGATE_ADMIN_TOKEN"}
+        "FLASHGATE_ENV_FILE",
+        "FLASHGATE_REDIS_URL",
+        "FLASHGATE_ADMIN_TOKEN",
+    }
 
 
-def test_up_port_8000_when_free_else_a_free_one(monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_up_port_8000_when_free_else_a_free_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -220,11 +262,16 @@ def test_up_port_8000_when_free_else_a_free_one(monkeypatch: pytest.MonkeyPatch,
 def test_up_banner_shows_a_generated_token_only(tmp_path: Path) -> None:
     env = stack_env_of(ServiceURLs("redis://r:1/0", "postgresql://u:pw@d/db"), {})
     assert len(env["FLASHGATE_ADMIN_TOKEN"]) >= 32
-    stack = Stack(ServiceURLs("redis://r:1/0", "postgresql://u:pw@d/db"),
-                  env["FLASHGATE_ADMIN_TOKEN"], env, tmp_path, "http://127.0.0.1:8000",
-                  admin_token_generated=True, metrics_url="http://127.0.0.1:8000/metrics",
-                  worker_metrics_urls=["http://127.0.0.1:9101/metrics",
-                                       "http://127.0.0.1:9102/metrics"])
+    stack = Stack(
+        ServiceURLs("redis://r:1/0", "postgresql://u:pw@d/db"),
+        env["FLASHGATE_ADMIN_TOKEN"],
+        env,
+        tmp_path,
+        "http://127.0.0.1:8000",
+        admin_token_generated=True,
+        metrics_url="http://127.0.0.1:8000/metrics",
+        worker_metrics_urls=["http://127.0.0.1:9101/metrics", "http://127.0.0.1:9102/metrics"],
+    )
     text = cli_main.up_banner(stack, tmp_path, tmp_path / "flashgate.env", redact)
     assert env["FLASHGATE_ADMIN_TOKEN"] in text and "pw" not in text
     assert "9101/metrics" in text and "9102/metrics" in text
@@ -292,8 +339,7 @@ def test_bot_farm_is_a_few_devices_on_two_subnets_at_the_head_of_the_queue() -> 
     head = plan.buyers[:400]
     assert [b.bot for b in head] == [True, False] * 200
     assert [_body(b)["device_id"] for b in head[:4:2]] != [_body(head[0])["device_id"]] * 2
-    assert {kind for b in plan.buyers if b.bot for s in b.steps for _, kind in s} == {FIRST,
-                                                                                      SECOND}
+    assert {kind for b in plan.buyers if b.bot for s in b.steps for _, kind in s} == {FIRST, SECOND}
 
 
 class _ChallengingGateway:
@@ -306,8 +352,17 @@ class _ChallengingGateway:
 
     def _signals(self, body: bytes) -> Signals:
         doc = json.loads(body)
-        return Signals.of(RiskContext("sale", "ch", doc["user_id"], doc["device_id"],
-                                      doc["client_ip"], doc.get("user_agent"), 1))
+        return Signals.of(
+            RiskContext(
+                "sale",
+                "ch",
+                doc["user_id"],
+                doc["device_id"],
+                doc["client_ip"],
+                doc.get("user_agent"),
+                1,
+            )
+        )
 
     def answer(self, head: dict[str, str], body: bytes) -> tuple[int, dict[str, object]]:
         if not body:
@@ -317,20 +372,26 @@ class _ChallengingGateway:
             self.solutions.append(solution)
             if self.challenges.verify(solution, sig, time.time()).challenge_id:
                 return 201, {"order_id": "sale.o-" + sig.user_id, "status": "reserved"}
-        return 428, {"code": "challenge_required", "reasons": ["subnet_burst"],
-                     "challenge": self.challenges.issue(sig, 2000, 60, time.time())}
+        return 428, {
+            "code": "challenge_required",
+            "reasons": ["subnet_burst"],
+            "challenge": self.challenges.issue(sig, 2000, 60, time.time()),
+        }
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while raw := await reader.readuntil(b"\r\n\r\n"):
                 lines = raw.decode().split("\r\n")
-                head = {k.lower(): v.strip() for k, _, v in
-                        (line.partition(":") for line in lines[1:] if line)}
+                head = {
+                    k.lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
                 body = await reader.readexactly(int(head.get("content-length", "0")))
                 status, doc = self.answer(head, body)
                 out = json.dumps(doc).encode()
-                writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(out)}\r\n\r\n"
-                             .encode() + out)
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\nContent-Length: {len(out)}\r\n\r\n".encode() + out
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -353,41 +414,75 @@ async def test_honest_buyers_solve_challenges_and_bots_do_not() -> None:
         await server.wait_closed()
     honest = [a for a in out if a.user_id not in bots]
     assert sorted((a.kind, a.status) for a in honest) == sorted(
-        [(FIRST, 428), (SOLVED, 201)] * 3)  # three honest buyers, one attempt each
+        [(FIRST, 428), (SOLVED, 201)] * 3
+    )  # three honest buyers, one attempt each
     assert all(a.reasons == "subnet_burst" for a in honest if a.status == 428)
     assert sorted((a.kind, a.status) for a in out if a.user_id in bots) == sorted(
-        [(FIRST, 428), (SECOND, 428)] * 2)  # never solved
+        [(FIRST, 428), (SECOND, 428)] * 2
+    )  # never solved
     assert len(gateway.solutions) == 3
 
 
-def _attempt(user: str, key: str, kind: str, status: int, order: str = "", code: str = "",
-             reasons: str = "") -> Attempt:
+def _attempt(
+    user: str, key: str, kind: str, status: int, order: str = "", code: str = "", reasons: str = ""
+) -> Attempt:
     return Attempt(user, key, kind, status, code, order, 5.0, 1000.0, reasons)
 
 
 def _delivered(order: str, *keys: str) -> Delivery:
-    return Delivery(order, confirm_sent_at=1.0, confirmed_at=1.1, delivered_at=1.2,
-                    delivered_seen_at=1.3, card_keys=list(keys))
+    return Delivery(
+        order,
+        confirm_sent_at=1.0,
+        confirmed_at=1.1,
+        delivered_at=1.2,
+        delivered_seen_at=1.3,
+        card_keys=list(keys),
+    )
 
 
-def _run(attempts: list[Attempt], deliveries: list[Delivery], stock: int = 2,
-         ledger: dict[str, int] | None = None, buyers: int = 3,
-         bots: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
-    ledger = ledger or {"total": stock, "available": 0, "reserved": 0, "confirmed": 0,
-                        "delivered": len(deliveries)}
-    return audit(stock_total=stock, imported={"K1", "K2", "K3"}, buyers=buyers,
-                 per_user_limit=1, attempts=attempts,
-                 deliveries={d.order_id: d for d in deliveries}, sale={"stock": ledger},
-                 opens_at=999.0, imported_count=stock, load_procs=1, concurrency=4, bots=bots,
-                 farm="2 user ids on 1 device(s) in 203.0.113.0/24")
+def _run(
+    attempts: list[Attempt],
+    deliveries: list[Delivery],
+    stock: int = 2,
+    ledger: dict[str, int] | None = None,
+    buyers: int = 3,
+    bots: frozenset[str] = frozenset(),
+):  # type: ignore[no-untyped-def]
+    ledger = ledger or {
+        "total": stock,
+        "available": 0,
+        "reserved": 0,
+        "confirmed": 0,
+        "delivered": len(deliveries),
+    }
+    return audit(
+        stock_total=stock,
+        imported={"K1", "K2", "K3"},
+        buyers=buyers,
+        per_user_limit=1,
+        attempts=attempts,
+        deliveries={d.order_id: d for d in deliveries},
+        sale={"stock": ledger},
+        opens_at=999.0,
+        imported_count=stock,
+        load_procs=1,
+        concurrency=4,
+        bots=bots,
+        farm="2 user ids on 1 device(s) in 203.0.113.0/24",
+    )
 
 
 def test_audit_passes_a_clean_sale() -> None:
-    result = _run([_attempt("u1", "a", FIRST, 201, "o1"), _attempt("u1", "a", RETRY, 201, "o1"),
-                   _attempt("u2", "b", FIRST, 201, "o2"),
-                   _attempt("u2", "c", SECOND, 409, code="purchase_limit_exceeded"),
-                   _attempt("u3", "d", FIRST, 409, code="sold_out")],
-                  [_delivered("o1", "K1"), _delivered("o2", "K2")])
+    result = _run(
+        [
+            _attempt("u1", "a", FIRST, 201, "o1"),
+            _attempt("u1", "a", RETRY, 201, "o1"),
+            _attempt("u2", "b", FIRST, 201, "o2"),
+            _attempt("u2", "c", SECOND, 409, code="purchase_limit_exceeded"),
+            _attempt("u3", "d", FIRST, 409, code="sold_out"),
+        ],
+        [_delivered("o1", "K1"), _delivered("o2", "K2")],
+    )
     assert result.ok, result.failures
     summary = result.summary()
     assert (summary["reserved"], summary["delivered"], summary["oversold"]) == (2, 2, 0)
@@ -395,10 +490,20 @@ def test_audit_passes_a_clean_sale() -> None:
 
 
 def test_audit_catches_oversell_duplicates_and_broken_idempotency() -> None:
-    result = _run([_attempt("u1", "a", FIRST, 201, "o1"), _attempt("u1", "a", RETRY, 201, "oX"),
-                   _attempt("u2", "b", FIRST, 201, "o2"), _attempt("u3", "d", FIRST, 201, "o3")],
-                  [_delivered("o1", "K1"), _delivered("oX", "K1"), _delivered("o2", "K2"),
-                   _delivered("o3", "FOREIGN")])
+    result = _run(
+        [
+            _attempt("u1", "a", FIRST, 201, "o1"),
+            _attempt("u1", "a", RETRY, 201, "oX"),
+            _attempt("u2", "b", FIRST, 201, "o2"),
+            _attempt("u3", "d", FIRST, 201, "o3"),
+        ],
+        [
+            _delivered("o1", "K1"),
+            _delivered("oX", "K1"),
+            _delivered("o2", "K2"),
+            _delivered("o3", "FOREIGN"),
+        ],
+    )
     assert not result.ok
     assert result.oversold == 2  # four orders on a stock of two
     assert result.idempotency_violations == 1 and result.limit_violations == 1
@@ -406,41 +511,60 @@ def test_audit_catches_oversell_duplicates_and_broken_idempotency() -> None:
 
 
 def test_audit_catches_a_ledger_that_does_not_add_up() -> None:
-    result = _run([_attempt("u1", "a", FIRST, 201, "o1"), _attempt("u2", "b", FIRST, 201, "o2")],
-                  [_delivered("o1", "K1"), _delivered("o2", "K2")],
-                  ledger={"total": 2, "available": -1, "reserved": 0, "confirmed": 0,
-                          "delivered": 2})
+    result = _run(
+        [_attempt("u1", "a", FIRST, 201, "o1"), _attempt("u2", "b", FIRST, 201, "o2")],
+        [_delivered("o1", "K1"), _delivered("o2", "K2")],
+        ledger={"total": 2, "available": -1, "reserved": 0, "confirmed": 0, "delivered": 2},
+    )
     assert result.oversold == 1 and not result.ok
 
 
 def test_audit_classes_risk_answers_by_buyer_and_never_as_errors() -> None:
     bots = frozenset({"b1", "b2", "b3"})
-    result = _run([
-        # honest: one plain purchase, one after a challenge (same key), one sold out
-        _attempt("u1", "a", FIRST, 201, "o1"),
-        _attempt("u2", "b", FIRST, 428, code="challenge_required", reasons="ip_burst"),
-        _attempt("u2", "b", SOLVED, 201, "o2"),
-        _attempt("u3", "c", FIRST, 409, code="sold_out"),
-        # bots: one got a key before the farm was detected, the rest were refused
-        _attempt("b1", "x", FIRST, 201, "o3"),
-        _attempt("b1", "y", SECOND, 403, code="risk_denied",
-                 reasons="device_many_users,subnet_burst"),
-        _attempt("b2", "z", FIRST, 428, code="challenge_required", reasons="device_many_users"),
-        _attempt("b2", "z", RETRY, 428, code="challenge_required", reasons="device_many_users"),
-        _attempt("b3", "w", FIRST, 429, code="rate_limited"),
-        _attempt("b3", "v", SECOND, 0),  # no answer, then a refusal: not an error
-        _attempt("b3", "v", NET_RETRY, 403, code="risk_denied", reasons="device_many_users"),
-    ], [_delivered("o1", "K1"), _delivered("o2", "K2"), _delivered("o3", "K3")], stock=3,
-        bots=bots)
+    result = _run(
+        [
+            # honest: one plain purchase, one after a challenge (same key), one sold out
+            _attempt("u1", "a", FIRST, 201, "o1"),
+            _attempt("u2", "b", FIRST, 428, code="challenge_required", reasons="ip_burst"),
+            _attempt("u2", "b", SOLVED, 201, "o2"),
+            _attempt("u3", "c", FIRST, 409, code="sold_out"),
+            # bots: one got a key before the farm was detected, the rest were refused
+            _attempt("b1", "x", FIRST, 201, "o3"),
+            _attempt(
+                "b1", "y", SECOND, 403, code="risk_denied", reasons="device_many_users,subnet_burst"
+            ),
+            _attempt("b2", "z", FIRST, 428, code="challenge_required", reasons="device_many_users"),
+            _attempt("b2", "z", RETRY, 428, code="challenge_required", reasons="device_many_users"),
+            _attempt("b3", "w", FIRST, 429, code="rate_limited"),
+            _attempt("b3", "v", SECOND, 0),  # no answer, then a refusal: not an error
+            _attempt("b3", "v", NET_RETRY, 403, code="risk_denied", reasons="device_many_users"),
+        ],
+        [_delivered("o1", "K1"), _delivered("o2", "K2"), _delivered("o3", "K3")],
+        stock=3,
+        bots=bots,
+    )
     assert result.ok, result.failures
     assert result.errors == 0 and result.idempotency_violations == 0
     s = result.summary()
     assert s["attempts"] == 9  # planned: the solved retry and the network retry are extra
-    assert (s["honest_attempts"], s["honest_reserved"], s["honest_challenged"],
-            s["honest_denied"], s["honest_keys"], s["honest_users_with_key"]) == (3, 2, 1, 0, 2, 2)
+    assert (
+        s["honest_attempts"],
+        s["honest_reserved"],
+        s["honest_challenged"],
+        s["honest_denied"],
+        s["honest_keys"],
+        s["honest_users_with_key"],
+    ) == (3, 2, 1, 0, 2, 2)
     # Per planned attempt, its first answer (b3's key v: no answer, so neither).
-    assert (s["bot_users"], s["bot_attempts"], s["bot_reserved"], s["bot_denied"],
-            s["bot_challenged"], s["bot_rate_limited"], s["bot_keys"]) == (3, 6, 1, 1, 2, 1, 1)
+    assert (
+        s["bot_users"],
+        s["bot_attempts"],
+        s["bot_reserved"],
+        s["bot_denied"],
+        s["bot_challenged"],
+        s["bot_rate_limited"],
+        s["bot_keys"],
+    ) == (3, 6, 1, 1, 2, 1, 1)
     assert result.classes["honest"].solved == 1
     assert result.classes["bot"].reasons["device_many_users"] == 3
     assert result.warnings == ["bots got 1 of 3 keys (over 10%)"]  # reported, not a failure
@@ -452,26 +576,43 @@ def test_audit_classes_risk_answers_by_buyer_and_never_as_errors() -> None:
 
 def test_audit_demand_counts_only_buyers_the_ledger_answered() -> None:
     # Stock 3, but risk refused two of the four buyers outright: two reservations are right.
-    attempts = [_attempt("u1", "a", FIRST, 201, "o1"), _attempt("u2", "b", FIRST, 201, "o2"),
-                _attempt("b1", "x", FIRST, 403, code="risk_denied"),
-                _attempt("b2", "y", FIRST, 428, code="challenge_required")]
-    result = _run(attempts, [_delivered("o1", "K1"), _delivered("o2", "K2")], stock=3,
-                  ledger={"total": 3, "available": 1, "reserved": 0, "confirmed": 0,
-                          "delivered": 2}, buyers=2, bots=frozenset({"b1", "b2"}))
+    attempts = [
+        _attempt("u1", "a", FIRST, 201, "o1"),
+        _attempt("u2", "b", FIRST, 201, "o2"),
+        _attempt("b1", "x", FIRST, 403, code="risk_denied"),
+        _attempt("b2", "y", FIRST, 428, code="challenge_required"),
+    ]
+    result = _run(
+        attempts,
+        [_delivered("o1", "K1"), _delivered("o2", "K2")],
+        stock=3,
+        ledger={"total": 3, "available": 1, "reserved": 0, "confirmed": 0, "delivered": 2},
+        buyers=2,
+        bots=frozenset({"b1", "b2"}),
+    )
     assert result.ok, result.failures
     assert result.warnings == []
     # ... but a sale that stopped short while a buyer reached the ledger is a failure.
-    short = _run([*attempts, _attempt("u3", "c", FIRST, 409, code="sold_out")],
-                 [_delivered("o1", "K1"), _delivered("o2", "K2")], stock=3,
-                 ledger={"total": 3, "available": 1, "reserved": 0, "confirmed": 0,
-                         "delivered": 2}, buyers=3, bots=frozenset({"b1", "b2"}))
+    short = _run(
+        [*attempts, _attempt("u3", "c", FIRST, 409, code="sold_out")],
+        [_delivered("o1", "K1"), _delivered("o2", "K2")],
+        stock=3,
+        ledger={"total": 3, "available": 1, "reserved": 0, "confirmed": 0, "delivered": 2},
+        buyers=3,
+        bots=frozenset({"b1", "b2"}),
+    )
     assert not short.ok and "reserved 2, expected 3" in short.failures[0]
 
 
 def test_audit_a_refusal_then_a_success_on_one_key_is_a_violation() -> None:
-    result = _run([_attempt("u1", "a", FIRST, 403, code="risk_denied"),
-                   _attempt("u1", "a", RETRY, 201, "o1"), _attempt("u2", "b", FIRST, 201, "o2")],
-                  [_delivered("o1", "K1"), _delivered("o2", "K2")])
+    result = _run(
+        [
+            _attempt("u1", "a", FIRST, 403, code="risk_denied"),
+            _attempt("u1", "a", RETRY, 201, "o1"),
+            _attempt("u2", "b", FIRST, 201, "o2"),
+        ],
+        [_delivered("o1", "K1"), _delivered("o2", "K2")],
+    )
     assert result.idempotency_violations == 1 and not result.ok
     assert result.warnings == ["risk refused honest buyers: 1 denied, 0 rate limited"]
 

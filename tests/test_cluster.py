@@ -78,14 +78,16 @@ def cluster() -> Iterator[EmbeddedRedisCluster]:
 
 @pytest.fixture(scope="module")
 def cluster_settings(cluster: EmbeddedRedisCluster) -> Settings:
-    return Settings.from_env({
-        "FLASHGATE_REDIS_URL": cluster.url,
-        "FLASHGATE_DATABASE_URL": "postgresql://unused",  # the ledger needs no database
-        "FLASHGATE_ADMIN_TOKEN": "unused-" + secrets.token_urlsafe(32),
-        "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "FLASHGATE_KEY_PREFIX": "fgc" + secrets.token_hex(4),
-        "FLASHGATE_REDIS_MAX_CONNECTIONS": "32",  # fewer than the tests' concurrent buyers
-    })
+    return Settings.from_env(
+        {
+            "FLASHGATE_REDIS_URL": cluster.url,
+            "FLASHGATE_DATABASE_URL": "postgresql://unused",  # the ledger needs no database
+            "FLASHGATE_ADMIN_TOKEN": "unused-" + secrets.token_urlsafe(32),
+            "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+            "FLASHGATE_KEY_PREFIX": "fgc" + secrets.token_hex(4),
+            "FLASHGATE_REDIS_MAX_CONNECTIONS": "32",  # fewer than the tests' concurrent buyers
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,8 @@ async def slot_owner(nodes: dict[int, Redis]) -> dict[int, int]:
     """slot -> port of the master serving it, from CLUSTER SHARDS."""
     owner: dict[int, int] = {}
     shards: list[dict[str, Any]] = await next(iter(nodes.values())).execute_command(
-        "CLUSTER", "SHARDS")
+        "CLUSTER", "SHARDS"
+    )
     for shard in shards:
         (master,) = [n for n in shard["nodes"] if n["role"] == "master"]
         ranges = shard["slots"]
@@ -133,8 +136,9 @@ async def keyslot(rc: Redis, key: str) -> int:
     return int(await rc.execute_command("CLUSTER KEYSLOT", key))
 
 
-async def spread_sales(ledger: Ledger, rc: Redis, slot_owner: dict[int, int], count: int,
-                       stock: int, *, limit: int = 1) -> list[tuple[str, int]]:
+async def spread_sales(
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int], count: int, stock: int, *, limit: int = 1
+) -> list[tuple[str, int]]:
     """`count` open sales, each on another node (round robin): [(sale_id, port)]."""
     ports = sorted(set(slot_owner.values()))
     sales: list[tuple[str, int]] = []
@@ -150,25 +154,35 @@ async def spread_sales(ledger: Ledger, rc: Redis, slot_owner: dict[int, int], co
     return sales
 
 
-
-
 def sale_keys(keys: Keys, sale_id: str, order_id: str) -> list[str]:
-    return [keys.sale(sale_id), keys.buyers(sale_id), keys.idempotency(sale_id),
-            keys.deadlines(sale_id), keys.events(sale_id), keys.dead_letters(sale_id),
-            keys.imports(sale_id), keys.risk_config(sale_id), keys.risk_admission(sale_id),
-            keys.risk_admission(sale_id, "ch_test"), keys.risk_counter(sale_id, "u", "u1"),
-            keys.risk_distinct_users(sale_id, "i", "203.0.113.7"), keys.risk_memo(sale_id),
-            keys.risk_verdicts(sale_id), keys.risk_solution(sale_id, "c1"), keys.order(order_id)]
+    return [
+        keys.sale(sale_id),
+        keys.buyers(sale_id),
+        keys.idempotency(sale_id),
+        keys.deadlines(sale_id),
+        keys.events(sale_id),
+        keys.dead_letters(sale_id),
+        keys.imports(sale_id),
+        keys.risk_config(sale_id),
+        keys.risk_admission(sale_id),
+        keys.risk_admission(sale_id, "ch_test"),
+        keys.risk_counter(sale_id, "u", "u1"),
+        keys.risk_distinct_users(sale_id, "i", "203.0.113.7"),
+        keys.risk_memo(sale_id),
+        keys.risk_verdicts(sale_id),
+        keys.risk_solution(sale_id, "c1"),
+        keys.order(order_id),
+    ]
 
 
 async def test_sales_spread_over_nodes_and_each_stays_in_one_slot(
-        ledger: Ledger, rc: Redis, nodes: dict[int, Redis], slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, nodes: dict[int, Redis], slot_owner: dict[int, int]
+) -> None:
     sales = await spread_sales(ledger, rc, slot_owner, 3, stock=5)
     assert len({port for _, port in sales}) == 3  # one sale on every master
     for sale_id, port in sales:
         order = await ledger.reserve(request(sale_id, "u1"), now=T0 + 1)
-        slots = {await keyslot(rc, key) for key in sale_keys(ledger.keys, sale_id,
-                                                            order.order_id)}
+        slots = {await keyslot(rc, key) for key in sale_keys(ledger.keys, sale_id, order.order_id)}
         assert len(slots) == 1, f"{sale_id}: keys in slots {slots}"
         (slot,) = slots
         assert slot_owner[slot] == port
@@ -177,48 +191,66 @@ async def test_sales_spread_over_nodes_and_each_stays_in_one_slot(
         for node_port, node in nodes.items():
             found = {k async for k in node.scan_iter(match=pattern, count=1000)}
             if node_port == port:
-                assert {ledger.keys.sale(sale_id), ledger.keys.buyers(sale_id),
-                        ledger.keys.idempotency(sale_id), ledger.keys.deadlines(sale_id),
-                        ledger.keys.events(sale_id), ledger.keys.imports(sale_id),
-                        ledger.keys.order(order.order_id)} <= found
+                assert {
+                    ledger.keys.sale(sale_id),
+                    ledger.keys.buyers(sale_id),
+                    ledger.keys.idempotency(sale_id),
+                    ledger.keys.deadlines(sale_id),
+                    ledger.keys.events(sale_id),
+                    ledger.keys.imports(sale_id),
+                    ledger.keys.order(order.order_id),
+                } <= found
             else:
                 assert found == set()
 
 
 async def test_concurrent_buyers_get_exactly_the_stock_on_every_node(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     stock, buyers = 40, 250
     sales = await spread_sales(ledger, rc, slot_owner, 3, stock=stock)
     # 750 purchases at once through 32 connections per node: they wait for a connection.
-    results = await asyncio.gather(*[
-        attempt(ledger, request(sale_id, f"user-{i}"))
-        for i in range(buyers) for sale_id, _ in sales
-    ])
+    results = await asyncio.gather(
+        *[
+            attempt(ledger, request(sale_id, f"user-{i}"))
+            for i in range(buyers)
+            for sale_id, _ in sales
+        ]
+    )
     assert results.count("reserved") == 3 * stock
     assert results.count("sold_out") == 3 * (buyers - stock)
     for sale_id, _ in sales:
         assert await ledger.stock(sale_id) == {
-            "total": stock, "available": 0, "reserved": stock, "confirmed": 0,
-            "delivered": 0, "cancelled": 0, "expired": 0, "refunded": 0, "voided": 0}
+            "total": stock,
+            "available": 0,
+            "reserved": stock,
+            "confirmed": 0,
+            "delivered": 0,
+            "cancelled": 0,
+            "expired": 0,
+            "refunded": 0,
+            "voided": 0,
+        }
         assert await rc.xlen(ledger.keys.events(sale_id)) == stock
         assert sorted(await rc.hvals(ledger.keys.buyers(sale_id))) == ["1"] * stock
 
 
 async def test_per_user_limit_holds_under_concurrency(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     sales = await spread_sales(ledger, rc, slot_owner, 2, stock=100, limit=2)
-    results = await asyncio.gather(*[attempt(ledger, request(sale_id, "greedy"))
-                                     for _ in range(40) for sale_id, _ in sales])
+    results = await asyncio.gather(
+        *[attempt(ledger, request(sale_id, "greedy")) for _ in range(40) for sale_id, _ in sales]
+    )
     assert results.count("reserved") == 4  # 2 per sale: the limit is per sale
     assert results.count("purchase_limit_exceeded") == 76
     for sale_id, _ in sales:
         assert await rc.hget(ledger.keys.buyers(sale_id), "ch_test:greedy") == "2"
-        assert await attempt(ledger, request(sale_id, "bulk", qty=3)) == \
-            "purchase_limit_exceeded"
+        assert await attempt(ledger, request(sale_id, "bulk", qty=3)) == "purchase_limit_exceeded"
 
 
 async def test_idempotent_replay(ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
-    (sale_id, _), = await spread_sales(ledger, rc, slot_owner, 1, stock=10)
+    ((sale_id, _),) = await spread_sales(ledger, rc, slot_owner, 1, stock=10)
     req = request(sale_id, "u1", key="raced")
     first = await asyncio.gather(*[ledger.reserve(req, now=T0 + 1) for _ in range(30)])
     assert len({r.order_id for r in first}) == 1
@@ -237,14 +269,16 @@ async def sweep(ledger: Ledger, sale_id: str, now: int) -> int:
 
 
 async def test_expiry_returns_stock_exactly_once_with_many_sweepers(
-        ledger: Ledger, rc: Redis, slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     sales = await spread_sales(ledger, rc, slot_owner, 3, stock=20)
     for sale_id, _ in sales:
         for i in range(20):
             await ledger.reserve(request(sale_id, f"u{i}"), now=T0 + 1)
     assert [await sweep(ledger, sale_id, T0 + 2) for sale_id, _ in sales] == [0, 0, 0]
-    expired = await asyncio.gather(*[sweep(ledger, sale_id, T0 + 1 + TTL_MS)
-                                     for _ in range(8) for sale_id, _ in sales])
+    expired = await asyncio.gather(
+        *[sweep(ledger, sale_id, T0 + 1 + TTL_MS) for _ in range(8) for sale_id, _ in sales]
+    )
     assert sum(expired) == 60
     for sale_id, _ in sales:
         stock = await ledger.stock(sale_id)
@@ -255,9 +289,10 @@ async def test_expiry_returns_stock_exactly_once_with_many_sweepers(
         assert await attempt(ledger, request(sale_id, "u0"), now=T0 + 2 + TTL_MS) == "reserved"
 
 
-async def test_expire_due_on_a_cluster(ledger: Ledger, rc: Redis,
-                                       slot_owner: dict[int, int]) -> None:
-    (sale_id, _), = await spread_sales(ledger, rc, slot_owner, 1, stock=3)
+async def test_expire_due_on_a_cluster(
+    ledger: Ledger, rc: Redis, slot_owner: dict[int, int]
+) -> None:
+    ((sale_id, _),) = await spread_sales(ledger, rc, slot_owner, 1, stock=3)
     for i in range(3):
         await ledger.reserve(request(sale_id, f"u{i}"), now=T0 + 1)
     assert await ledger.expire_due(sale_id, now=T0 + 1 + TTL_MS) == 3
@@ -269,18 +304,30 @@ async def test_inline_risk_purchase(ledger: Ledger, rc: Redis) -> None:
     sale_id = "r-" + uuid.uuid4().hex[:12]
     await ledger.init_sale(sale_id, now - 1000, now + 3_600_000, 1, TTL_MS)
     await ledger.add_stock(sale_id, 1, 25)
-    engine = ScoringEngine(rc, ledger.keys, config=risk_config.load(),
-                           datacenter=load_datacenter_ranges(), challenge_secret=b"s" * 32,
-                           cache_ttl_s=0, clock=lambda: now_s)
+    engine = ScoringEngine(
+        rc,
+        ledger.keys,
+        config=risk_config.load(),
+        datacenter=load_datacenter_ranges(),
+        challenge_secret=b"s" * 32,
+        cache_ttl_s=0,
+        clock=lambda: now_s,
+    )
 
     async def buy(user: str, ip: str) -> str:
-        ctx = RiskContext(sale_id=sale_id, channel_id="ch_test", user_id=user,
-                          device_id="d-" + user, client_ip=ip, user_agent="ua", quantity=1,
-                          idempotency_key=uuid.uuid4().hex)
+        ctx = RiskContext(
+            sale_id=sale_id,
+            channel_id="ch_test",
+            user_id=user,
+            device_id="d-" + user,
+            client_ip=ip,
+            user_agent="ua",
+            quantity=1,
+            idempotency_key=uuid.uuid4().hex,
+        )
         plan = await engine.plan(ctx)
         assert isinstance(plan, RiskPlan)
-        slots = {await keyslot(rc, key) for key in
-                 (*plan.script.keys, ledger.keys.sale(sale_id))}
+        slots = {await keyslot(rc, key) for key in (*plan.script.keys, ledger.keys.sale(sale_id))}
         assert len(slots) == 1
         req = request(sale_id, user, key=ctx.idempotency_key)
         try:
@@ -304,15 +351,18 @@ async def test_inline_risk_purchase(ledger: Ledger, rc: Redis) -> None:
 
 
 async def test_flushed_script_cache_on_one_node_is_survived(
-        ledger: Ledger, rc: Redis, nodes: dict[int, Redis], slot_owner: dict[int, int]) -> None:
+    ledger: Ledger, rc: Redis, nodes: dict[int, Redis], slot_owner: dict[int, int]
+) -> None:
     sales = await spread_sales(ledger, rc, slot_owner, 2, stock=30)
     (flushed_sale, port), (other_sale, _) = sales
-    first = await asyncio.gather(*[attempt(ledger, request(sale_id, f"a{i}"))
-                                   for i in range(10) for sale_id, _ in sales])
+    first = await asyncio.gather(
+        *[attempt(ledger, request(sale_id, f"a{i}")) for i in range(10) for sale_id, _ in sales]
+    )
     assert await nodes[port].script_flush()
     assert await nodes[port].script_exists(ledger.scripts.reserve.sha) == [False]
-    second = await asyncio.gather(*[attempt(ledger, request(sale_id, f"b{i}"))
-                                    for i in range(30) for sale_id, _ in sales])
+    second = await asyncio.gather(
+        *[attempt(ledger, request(sale_id, f"b{i}")) for i in range(30) for sale_id, _ in sales]
+    )
     assert (first + second).count("reserved") == 60
     assert (first + second).count("sold_out") == 20
     # NOSCRIPT made redis-py load the script again (on every master) and retry.
@@ -333,13 +383,16 @@ async def test_risk_list_changes_on_a_cluster(rc: Redis) -> None:
 
 
 async def test_workers_deliver_on_a_cluster(
-        cluster: EmbeddedRedisCluster, settings: Settings, rc: Redis,
-        slot_owner: dict[int, int]) -> None:
+    cluster: EmbeddedRedisCluster, settings: Settings, rc: Redis, slot_owner: dict[int, int]
+) -> None:
     """The workers on the cluster client, with the session's PostgreSQL: two sales on two
     masters, every confirmed order delivered once with keys of its own, a malformed entry
     dead-lettered (the dead-letter MULTI: the sale's events and dead letters share a slot)."""
-    rt = await Runtime.open(dataclasses.replace(
-        settings, redis_url=cluster.url, key_prefix="fgw" + secrets.token_hex(4)))
+    rt = await Runtime.open(
+        dataclasses.replace(
+            settings, redis_url=cluster.url, key_prefix="fgw" + secrets.token_hex(4)
+        )
+    )
     try:
         assert isinstance(rt.redis, RedisCluster)
         ports = sorted(set(slot_owner.values()))
@@ -354,11 +407,13 @@ async def test_workers_deliver_on_a_cluster(
         codes: dict[str, list[str]] = {}
         for sale_id in sale_ids:
             _, codes[sale_id] = await make_sale(rt, keys=10, sale_id=sale_id)
-            paid[sale_id] = [await buy_and_confirm(rt, sale_id, channel, qty=q)
-                             for q in (1, 2, 3, 1)]
+            paid[sale_id] = [
+                await buy_and_confirm(rt, sale_id, channel, qty=q) for q in (1, 2, 3, 1)
+            ]
         poisoned = sale_ids[1]
-        await rt.redis.xadd(rt.keys.events(poisoned),
-                            {"t": "bogus", "o": f"{poisoned}.01J00000000000000000000000"})
+        await rt.redis.xadd(
+            rt.keys.events(poisoned), {"t": "bogus", "o": f"{poisoned}.01J00000000000000000000000"}
+        )
 
         # A worker dies between its commit and its ack on the first sale; the heir takes the
         # idle entries over (XAUTOCLAIM, the pipelined XPENDING of redelivered entries).
@@ -396,15 +451,19 @@ async def test_workers_deliver_on_a_cluster(
 
 
 async def test_long_running_worker_and_metrics_on_a_cluster(
-        cluster: EmbeddedRedisCluster, settings: Settings) -> None:
+    cluster: EmbeddedRedisCluster, settings: Settings
+) -> None:
     """`Worker.run()` as `flashgate worker` runs it (sale discovery, consumers, expiry sweeper,
     webhook dispatch, heartbeat and stream gauges), and the gateway's /metrics scrape, on the
     3-master cluster: confirmed orders delivered and announced, abandoned reservations
     expired, the heartbeat key found by `flashgate worker-check`'s scan over every master, the
     stock gauges read from the sale's node; a clean stop removes the heartbeat."""
     cluster_settings = dataclasses.replace(
-        settings, redis_url=cluster.url, key_prefix="fgl" + secrets.token_hex(4),
-        sweep_interval_s=0.1)
+        settings,
+        redis_url=cluster.url,
+        key_prefix="fgl" + secrets.token_hex(4),
+        sweep_interval_s=0.1,
+    )
     rt = await Runtime.open(cluster_settings)
     hook = HookServer()
     server = await asyncio.start_server(hook.handle, "127.0.0.1", 0)
@@ -420,13 +479,19 @@ async def test_long_running_worker_and_metrics_on_a_cluster(
 
         async def settled() -> bool:
             stock = await rt.ledger.stock(sale_id) or {}
-            return stock.get("delivered") == 3 and stock.get("expired") == 2 \
+            return (
+                stock.get("delivered") == 3
+                and stock.get("expired") == 2
                 and len(hook.requests) >= 3
+            )
+
         await until(settled, timeout_s=20)
         rows = await order_rows(rt, sale_id)
         assert {o for o in paid if rows[o]["status"] == "delivered"} == set(paid)
-        assert [(await rt.ledger.order(o) or {}).get("status") for o in abandoned] == \
-            ["expired", "expired"]
+        assert [(await rt.ledger.order(o) or {}).get("status") for o in abandoned] == [
+            "expired",
+            "expired",
+        ]
         revealed = [c for o in paid for c in await revealed_codes(rt, o)]
         assert len(set(revealed)) == 3 and set(revealed) <= set(codes)
         announced = {json.loads(body)["order_id"] for _, body in hook.requests}
@@ -436,17 +501,24 @@ async def test_long_running_worker_and_metrics_on_a_cluster(
 
         async def beating() -> bool:
             return worker.name in await worker_metrics.alive_workers(rt.redis, rt.keys)
+
         await until(beating, timeout_s=20)
 
         app = create_app(cluster_settings, risk=AllowAll())
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=metrics_app(app.state.gateway.runtime, 0.0)),
-                base_url="http://fg.test") as client:  # the metrics port's app
+                base_url="http://fg.test",
+            ) as client,
+        ):  # the metrics port's app
             r = await client.get("/metrics")
         assert r.status_code == 200
-        sample = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                  for line in r.text.splitlines()
-                  if line.startswith("flashgate_sale_stock_units{") and sale_id in line}
+        sample = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in r.text.splitlines()
+            if line.startswith("flashgate_sale_stock_units{") and sale_id in line
+        }
         assert sample[f'flashgate_sale_stock_units{{sale="{sale_id}",state="delivered"}}'] == 3
         assert sample[f'flashgate_sale_stock_units{{sale="{sale_id}",state="available"}}'] == 5
     finally:

@@ -120,11 +120,13 @@ def test_the_image_is_non_root_and_runs_the_cli() -> None:
     assert users and not users[-1].startswith(("root", "0"))
     (cmd,) = [json.loads(args) for keyword, args in final.instructions if keyword == "CMD"]
     assert build_parser().parse_args(cmd[1:]).handler.__name__ == "cmd_gateway"
-    exposed = {int(p) for keyword, args in final.instructions if keyword == "EXPOSE"
-               for p in args.split()}
+    exposed = {
+        int(p) for keyword, args in final.instructions if keyword == "EXPOSE" for p in args.split()
+    }
     assert {8000, 9100, 9108} <= exposed
-    images = {c["image"].rsplit(":", 1)[0] for o in OVERLAYS
-              for _, c in flashgate_containers(render(o))}
+    images = {
+        c["image"].rsplit(":", 1)[0] for o in OVERLAYS for _, c in flashgate_containers(render(o))
+    }
     assert images == {"registry.example.com/flashgate/flashgate"}
 
 
@@ -144,7 +146,8 @@ def test_the_runtime_lock_is_requirements_lock_without_the_extras() -> None:
         for req in extra:
             if not name(req).startswith("flashgate"):
                 assert name(req) not in runtime or name(req) in map(
-                    name, project["project"]["dependencies"]), req
+                    name, project["project"]["dependencies"]
+                ), req
     assert {k: full.get(k) for k in runtime} == runtime
     build = pins(ROOT / "requirements-build.lock")
     for req in project["build-system"]["requires"]:

@@ -19,22 +19,31 @@ class Nested(msgspec.Struct):
 
 
 def test_field_tokens_only_for_flat_structs() -> None:
-    assert field_tokens(PurchaseBody) == (b'"user_id"', b'"client_ip"', b'"device_id"',
-                                          b'"quantity"', b'"user_agent"', b'"payment_ref"')
+    assert field_tokens(PurchaseBody) == (
+        b'"user_id"',
+        b'"client_ip"',
+        b'"device_id"',
+        b'"quantity"',
+        b'"user_agent"',
+        b'"payment_ref"',
+    )
     assert field_tokens(KeysBody) == (b'"keys"',)
     for body_type in (Nested, dict[str, Any], Any, list[dict[str, int]]):
         assert field_tokens(body_type) is None
 
 
-@pytest.mark.parametrize(("raw", "key"), [
-    (b'{"user_id":"a","user_id":"b"}', "user_id"),
-    (b'{"user_id":"a","user\\u005fid":"b"}', "user_id"),  # an escaped spelling of the same
-    (b'{"a":{"x":1,"y":2,"x":3}}', "x"),
-    (b'[{"k":1},{"k":2,"k":3}]', "k"),
-    (b'{"user_id":"user_id"}', None),  # a value may say a key's name
-    (b'{"a":{"x":1},"b":{"x":1}}', None),  # the same key in two objects
-    (b'{"user_id":"a\\"user_id\\""}', None),
-])
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (b'{"user_id":"a","user_id":"b"}', "user_id"),
+        (b'{"user_id":"a","user\\u005fid":"b"}', "user_id"),  # an escaped spelling of the same
+        (b'{"a":{"x":1,"y":2,"x":3}}', "x"),
+        (b'[{"k":1},{"k":2,"k":3}]', "k"),
+        (b'{"user_id":"user_id"}', None),  # a value may say a key's name
+        (b'{"a":{"x":1},"b":{"x":1}}', None),  # the same key in two objects
+        (b'{"user_id":"a\\"user_id\\""}', None),
+    ],
+)
 def test_repeated_key(raw: bytes, key: str | None) -> None:
     assert repeated_key(raw) == key
 
@@ -49,12 +58,23 @@ def test_refuse_names_the_key_and_lets_the_usual_body_pass() -> None:
         refuse_duplicate_keys(b'{"rules":{"z":1,"z":1}}', dict[str, Any])
 
 
-@pytest.mark.parametrize(("content_type", "json"), [
-    (None, True), ("", True), ("application/json", True),
-    ("application/json; charset=utf-8", True), ("APPLICATION/JSON ; charset=UTF-8", True),
-    ("application/problem+json", True), ("application/vnd.api+json", True),
-    ("application/x-www-form-urlencoded", False), ("text/plain", False), ("text/json", False),
-    ("application/jsonl", False), ("multipart/form-data; boundary=x", False), ("+json", False),
-])
+@pytest.mark.parametrize(
+    ("content_type", "json"),
+    [
+        (None, True),
+        ("", True),
+        ("application/json", True),
+        ("application/json; charset=utf-8", True),
+        ("APPLICATION/JSON ; charset=UTF-8", True),
+        ("application/problem+json", True),
+        ("application/vnd.api+json", True),
+        ("application/x-www-form-urlencoded", False),
+        ("text/plain", False),
+        ("text/json", False),
+        ("application/jsonl", False),
+        ("multipart/form-data; boundary=x", False),
+        ("+json", False),
+    ],
+)
 def test_media_type_rule(content_type: str | None, json: bool) -> None:
     assert is_json(content_type) is json

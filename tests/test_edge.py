@@ -26,8 +26,9 @@ from tests.conftest import (
 from tests.live_gateway import LiveGateway, live_gateway  # noqa: F401
 from tests.test_limits import live_state
 
-CHUNKED_GARBAGE = (b"POST /v1/sales/x/purchase HTTP/1.1\r\nHost: x\r\n"
-                   b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n")
+CHUNKED_GARBAGE = (
+    b"POST /v1/sales/x/purchase HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n"
+)
 
 
 async def read_all(port: int, data: bytes, read_timeout: float = 10) -> bytes:
@@ -45,15 +46,25 @@ async def open_sale(gw: LiveGateway, keys: int = 0) -> str:
     sale_id = "t-edge-" + secrets.token_hex(6)
     now = datetime.now(UTC)
     async with httpx.AsyncClient(base_url=gw.url) as c:
-        r = await c.post("/v1/admin/sales", headers=gw.admin, json={
-            "sale_id": sale_id, "sku": "SKU-E", "name": "Edge sale",
-            "starts_at": rfc3339(now - timedelta(seconds=1)),
-            "ends_at": rfc3339(now + timedelta(hours=1)), "per_user_limit": 1})
+        r = await c.post(
+            "/v1/admin/sales",
+            headers=gw.admin,
+            json={
+                "sale_id": sale_id,
+                "sku": "SKU-E",
+                "name": "Edge sale",
+                "starts_at": rfc3339(now - timedelta(seconds=1)),
+                "ends_at": rfc3339(now + timedelta(hours=1)),
+                "per_user_limit": 1,
+            },
+        )
         assert r.status_code == 201, r.text
         if keys:
-            r = await c.post(f"/v1/admin/sales/{sale_id}/keys", headers=gw.admin,
-                             json={"keys": [f"{sale_id}-{i}-{secrets.token_hex(4)}"
-                                            for i in range(keys)]})
+            r = await c.post(
+                f"/v1/admin/sales/{sale_id}/keys",
+                headers=gw.admin,
+                json={"keys": [f"{sale_id}-{i}-{secrets.token_hex(4)}" for i in range(keys)]},
+            )
             assert r.status_code == 200, r.text
     return sale_id
 
@@ -71,14 +82,18 @@ def log_since(gw: LiveGateway, offset: int) -> list[str]:
 
 
 async def test_protocol_errors_are_answered_once_and_logged_in_one_line(
-        live_gateway: LiveGateway) -> None:  # noqa: F811
+    live_gateway: LiveGateway,
+) -> None:  # noqa: F811
     """#11.3: a broken chunked body used to log an error with two tracebacks (6-9 KB) per
     request ("Cannot call write() after write_eof()"): an unauthenticated log flood."""
     gw = live_gateway
     sale_id = await open_sale(gw)
     authed = CHUNKED_GARBAGE.replace(b"/v1/sales/x/", f"/v1/sales/{sale_id}/".encode()).replace(
-        b"Host: x\r\n", b"Host: x\r\nAuthorization: " + gw.channel["Authorization"].encode()
-        + b"\r\nIdempotency-Key: zz-1\r\n")
+        b"Host: x\r\n",
+        b"Host: x\r\nAuthorization: "
+        + gw.channel["Authorization"].encode()
+        + b"\r\nIdempotency-Key: zz-1\r\n",
+    )
     n = 30
     before = log_size(gw)
     answers = [await read_all(gw.port, CHUNKED_GARBAGE if i % 2 else authed) for i in range(n)]
@@ -98,8 +113,11 @@ async def test_protocol_errors_are_answered_once_and_logged_in_one_line(
     # An Upgrade we don't serve (h2c) is served as HTTP/1.1, without uvicorn's two warnings.
     before = log_size(gw)
     for _ in range(5):
-        answer = await read_all(gw.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: "
-                                         b"Upgrade, close\r\nUpgrade: h2c\r\n\r\n")
+        answer = await read_all(
+            gw.port,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: "
+            b"Upgrade, close\r\nUpgrade: h2c\r\n\r\n",
+        )
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     await asyncio.sleep(0.2)
     assert log_since(gw, before) == []
@@ -113,19 +131,31 @@ async def test_413_reaches_an_httpx_client(live_gateway: LiveGateway, size: int)
     sale_id = await open_sale(gw)
     body = json.dumps({**purchase_body("u-big"), "user_agent": "a" * size}).encode()
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-        for headers in ({**gw.channel, "Idempotency-Key": "big-" + secrets.token_hex(4)},
-                        {"Authorization": "Bearer fgk_nope", "Idempotency-Key": "big"}):
-            r = await c.post(f"/v1/sales/{sale_id}/purchase", content=body,
-                             headers={**headers, "Content-Type": "application/json"})
+        for headers in (
+            {**gw.channel, "Idempotency-Key": "big-" + secrets.token_hex(4)},
+            {"Authorization": "Bearer fgk_nope", "Idempotency-Key": "big"},
+        ):
+            r = await c.post(
+                f"/v1/sales/{sale_id}/purchase",
+                content=body,
+                headers={**headers, "Content-Type": "application/json"},
+            )
             assert r.status_code == 413, r.text
             assert r.json()["code"] == "payload_too_large"
 
         async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
             for i in range(0, len(body), 64 * 1024):
-                yield body[i:i + 64 * 1024]
+                yield body[i : i + 64 * 1024]
 
-        r = await c.post(f"/v1/sales/{sale_id}/purchase", content=chunks(), headers={
-            **gw.channel, "Idempotency-Key": "big-chunked", "Content-Type": "application/json"})
+        r = await c.post(
+            f"/v1/sales/{sale_id}/purchase",
+            content=chunks(),
+            headers={
+                **gw.channel,
+                "Idempotency-Key": "big-chunked",
+                "Content-Type": "application/json",
+            },
+        )
         assert r.status_code == 413 and r.json()["code"] == "payload_too_large", r.text
         assert r.headers["connection"] == "close"  # not kept reading an endless stream
         assert (await c.get("/healthz")).status_code == 200
@@ -138,10 +168,15 @@ async def test_media_types_over_the_socket(live_gateway: LiveGateway) -> None:  
     sale_id = await open_sale(gw, keys=4)
     path = f"/v1/sales/{sale_id}/purchase"
     cases: list[tuple[str | None, int]] = [
-        (None, 201), ("application/json; charset=utf-8", 201), ("Application/JSON", 201),
+        (None, 201),
+        ("application/json; charset=utf-8", 201),
+        ("Application/JSON", 201),
         ("application/vnd.flashgate+json", 201),
-        ("application/x-www-form-urlencoded", 415), ("text/plain", 415),
-        ("multipart/form-data; boundary=x", 415), ("application/jsonx", 415), ("json", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("text/plain", 415),
+        ("multipart/form-data; boundary=x", 415),
+        ("application/jsonx", 415),
+        ("json", 415),
     ]
     async with httpx.AsyncClient(base_url=gw.url) as c:
         for i, (content_type, status) in enumerate(cases):
@@ -169,13 +204,19 @@ async def test_v1_responses_are_not_stored(live_gateway: LiveGateway) -> None:  
         r = await c.post("/v1/admin/channels", json={"name": "ns"}, headers=gw.admin)
         assert r.status_code == 201 and "api_key" in r.json()
         answers = [r]
-        r = await c.post(f"/v1/sales/{sale_id}/purchase", json=purchase_body("u-ns"),
-                         headers={**gw.channel, "Idempotency-Key": "ns-1"})
+        r = await c.post(
+            f"/v1/sales/{sale_id}/purchase",
+            json=purchase_body("u-ns"),
+            headers={**gw.channel, "Idempotency-Key": "ns-1"},
+        )
         assert r.status_code == 201, r.text
-        answers += [r, await c.get(f"/v1/orders/{r.json()['order_id']}", headers=gw.channel),
-                    await c.get(f"/v1/admin/sales/{sale_id}", headers=gw.admin),
-                    await c.get("/v1/orders/x", headers=gw.channel),
-                    await c.post("/v1/admin/channels", content=b"x" * 70_000, headers=gw.admin)]
+        answers += [
+            r,
+            await c.get(f"/v1/orders/{r.json()['order_id']}", headers=gw.channel),
+            await c.get(f"/v1/admin/sales/{sale_id}", headers=gw.admin),
+            await c.get("/v1/orders/x", headers=gw.channel),
+            await c.post("/v1/admin/channels", content=b"x" * 70_000, headers=gw.admin),
+        ]
         for r in answers:
             assert r.headers.get("cache-control") == "no-store", (r.request.url, r.headers)
         assert "cache-control" not in (await c.get("/healthz")).headers
@@ -188,26 +229,43 @@ async def test_duplicate_json_keys_are_refused(live_gateway: LiveGateway) -> Non
     before = await live_state(gw)
     good = b'"client_ip":"203.0.113.7","device_id":"d-1"'
     cases: list[tuple[str, str, bytes, str]] = [
-        ("POST", f"/v1/sales/{sale_id}/purchase",
-         b'{"user_id":"a","user_id":"b",' + good + b"}", "user_id"),
-        ("POST", f"/v1/sales/{sale_id}/purchase",  # the same key, written with an escape
-         b'{"user_id":"a","user\\u005fid":"b",' + good + b"}", "user_id"),
-        ("POST", f"/v1/sales/{sale_id}/purchase",
-         b'{"user_id":"a",' + good + b',"quantity":1,"quantity":2}', "quantity"),
+        (
+            "POST",
+            f"/v1/sales/{sale_id}/purchase",
+            b'{"user_id":"a","user_id":"b",' + good + b"}",
+            "user_id",
+        ),
+        (
+            "POST",
+            f"/v1/sales/{sale_id}/purchase",  # the same key, written with an escape
+            b'{"user_id":"a","user\\u005fid":"b",' + good + b"}",
+            "user_id",
+        ),
+        (
+            "POST",
+            f"/v1/sales/{sale_id}/purchase",
+            b'{"user_id":"a",' + good + b',"quantity":1,"quantity":2}',
+            "quantity",
+        ),
         ("POST", "/v1/admin/channels", b'{"name":"a","name":"b"}', "name"),
-        ("PUT", f"/v1/admin/sales/{sale_id}/risk",
-         b'{"rules":{"x":1,"x":2}}', "x"),
+        ("PUT", f"/v1/admin/sales/{sale_id}/risk", b'{"rules":{"x":1,"x":2}}', "x"),
     ]
     async with httpx.AsyncClient(base_url=gw.url) as c:
         for method, path, body, key in cases:
             auth = gw.admin if "/admin/" in path else gw.channel
-            r = await c.request(method, path, content=body, headers={
-                **auth, "Idempotency-Key": "dup-" + secrets.token_hex(4),
-                "Content-Type": "application/json"})
+            r = await c.request(
+                method,
+                path,
+                content=body,
+                headers={
+                    **auth,
+                    "Idempotency-Key": "dup-" + secrets.token_hex(4),
+                    "Content-Type": "application/json",
+                },
+            )
             assert r.status_code == 422, (body, r.text)
             problem = r.json()
-            assert problem["code"] == "invalid_request" and f'"{key}"' in problem["detail"], \
-                problem
+            assert problem["code"] == "invalid_request" and f'"{key}"' in problem["detail"], problem
     assert await live_state(gw) == before
 
 
@@ -229,16 +287,19 @@ async def test_every_log_line_is_json(live_gateway: LiveGateway) -> None:  # noq
         assert "color_message" not in doc, line
 
 
-async def test_order_read_with_card_keys_is_not_stored(client: httpx.AsyncClient,
-                                                       runtime: Runtime) -> None:
+async def test_order_read_with_card_keys_is_not_stored(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
     """#10.5, the answer that matters most: a delivered order's read, with its card keys."""
     from workers.runner import Worker
 
     ch = await create_channel(client)
     sale_id, _ = await create_sale(client, keys=1)
-    r = await client.post(f"/v1/sales/{sale_id}/purchase",
-                          json=purchase_body("u-keys", payment_ref="pay-1"),
-                          headers=channel_headers(ch, "ns-keys"))
+    r = await client.post(
+        f"/v1/sales/{sale_id}/purchase",
+        json=purchase_body("u-keys", payment_ref="pay-1"),
+        headers=channel_headers(ch, "ns-keys"),
+    )
     assert r.status_code == 201, r.text
     await Worker(runtime, sale_ids=[sale_id]).run_burst()
     r = await client.get(f"/v1/orders/{r.json()['order_id']}", headers=channel_headers(ch))
@@ -260,8 +321,7 @@ def test_uvicorn_access_log_when_on_is_json_too() -> None:
     from core import logging as fglog
 
     names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-    saved = [(lg, lg.handlers[:], lg.propagate, lg.level)
-             for lg in map(logging.getLogger, names)]
+    saved = [(lg, lg.handlers[:], lg.propagate, lg.level) for lg in map(logging.getLogger, names)]
     try:
         for access_on in (True, False):
             logging.config.dictConfig(LOGGING_CONFIG)
@@ -271,8 +331,9 @@ def test_uvicorn_access_log_when_on_is_json_too() -> None:
             fglog.configure()
             out = io.StringIO()
             logging.getLogger().handlers[0].setStream(out)  # type: ignore[attr-defined]
-            logging.getLogger("uvicorn.error").info("Started server process [%d]", 1,
-                                                    extra={"color_message": "\x1b[1m"})
+            logging.getLogger("uvicorn.error").info(
+                "Started server process [%d]", 1, extra={"color_message": "\x1b[1m"}
+            )
             access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", "/healthz", "1.1", 200)
             lines = out.getvalue().splitlines()
             assert len(lines) == (2 if access_on else 1), lines

@@ -8,10 +8,14 @@ from core.runtime import Runtime
 from tests.conftest import ADMIN, create_sale
 
 
-async def _import(client: httpx.AsyncClient, sale_id: str, content: str | bytes,
-                  content_type: str) -> httpx.Response:
-    return await client.post(f"/v1/admin/sales/{sale_id}/keys", content=content,
-                             headers={**ADMIN, "Content-Type": content_type})
+async def _import(
+    client: httpx.AsyncClient, sale_id: str, content: str | bytes, content_type: str
+) -> httpx.Response:
+    return await client.post(
+        f"/v1/admin/sales/{sale_id}/keys",
+        content=content,
+        headers={**ADMIN, "Content-Type": content_type},
+    )
 
 
 async def _stock_total(client: httpx.AsyncClient, sale_id: str) -> int:
@@ -27,8 +31,14 @@ async def test_plain_text_with_duplicates_and_malformed_lines(
     body = "AAAA-1111\n\nBBBB-2222\r\nAAAA-1111\n  CCCC-3333  \nbad\x07code\n" + "x" * 600 + "\n"
     r = await _import(client, sale_id, body, "text/plain")
     assert r.status_code == 200, r.text
-    assert r.json() == {"import_id": r.json()["import_id"], "imported": 3, "duplicates": 1,
-                        "rejected": 2, "stock_total": 3, "rejected_lines": [6, 7]}
+    assert r.json() == {
+        "import_id": r.json()["import_id"],
+        "imported": 3,
+        "duplicates": 1,
+        "rejected": 2,
+        "stock_total": 3,
+        "rejected_lines": [6, 7],
+    }
     # importing the same codes again (even into another sale) adds nothing
     other, _ = await create_sale(client)
     r = await _import(client, other, "CCCC-3333\nDDDD-4444\n", "text/plain")
@@ -41,8 +51,11 @@ async def test_csv_and_json(client: httpx.AsyncClient) -> None:
     csv_body = "serial,Code,note\n1,CSV-0001,a\n2,CSV-0002,b\n3,,c\n"
     r = await _import(client, sale_id, csv_body, "text/csv; charset=utf-8")
     assert (r.json()["imported"], r.json()["rejected"]) == (2, 1)
-    r = await client.post(f"/v1/admin/sales/{sale_id}/keys", headers=ADMIN,
-                          json={"keys": ["JSON-1", "JSON-2", "CSV-0001"]})
+    r = await client.post(
+        f"/v1/admin/sales/{sale_id}/keys",
+        headers=ADMIN,
+        json={"keys": ["JSON-1", "JSON-2", "CSV-0001"]},
+    )
     assert (r.json()["imported"], r.json()["duplicates"], r.json()["stock_total"]) == (2, 1, 4)
 
 
@@ -61,12 +74,14 @@ async def test_bad_imports_write_nothing(client: httpx.AsyncClient, runtime: Run
         assert (r.status_code, r.json()["code"]) == (status, code), (ctype, r.text)
     r = await _import(client, "t-no-such-sale", "A\n", "text/plain")
     assert r.status_code == 404
-    r = await client.post(f"/v1/admin/sales/{sale_id}/keys", content="A\n",
-                          headers={"Content-Type": "text/plain"})
+    r = await client.post(
+        f"/v1/admin/sales/{sale_id}/keys", content="A\n", headers={"Content-Type": "text/plain"}
+    )
     assert r.status_code == 401
     assert await _stock_total(client, sale_id) == 0
-    count = await runtime.pool.fetchval("SELECT count(*) FROM card_keys WHERE sale_id = $1",
-                                        sale_id)
+    count = await runtime.pool.fetchval(
+        "SELECT count(*) FROM card_keys WHERE sale_id = $1", sale_id
+    )
     assert count == 0
 
 
@@ -97,10 +112,12 @@ async def test_import_that_missed_redis_is_restocked(
 ) -> None:
     sale_id, _ = await create_sale(client, keys=4)
     # Simulate a crash between the PostgreSQL commit and the Redis stock step.
-    await runtime.pool.execute("UPDATE key_imports SET stocked_at = NULL WHERE sale_id = $1",
-                               sale_id)
-    await runtime.redis.srem(runtime.keys.imports(sale_id),
-                             *await runtime.redis.smembers(runtime.keys.imports(sale_id)))
+    await runtime.pool.execute(
+        "UPDATE key_imports SET stocked_at = NULL WHERE sale_id = $1", sale_id
+    )
+    await runtime.redis.srem(
+        runtime.keys.imports(sale_id), *await runtime.redis.smembers(runtime.keys.imports(sale_id))
+    )
     await runtime.redis.hset(runtime.keys.sale(sale_id), mapping={"total": 0, "available": 0})
     r = await _import(client, sale_id, "LATE-1\n", "text/plain")
     assert r.json()["stock_total"] == 5

@@ -23,24 +23,35 @@ KEYS = 200_000
 
 async def _sale(c: httpx.AsyncClient, admin: dict[str, str]) -> str:
     sale_id, now = new_sale_id(), datetime.now(UTC)
-    r = await c.post("/v1/admin/sales", headers=admin, json={
-        "sale_id": sale_id, "sku": "SKU-L", "name": "Large import",
-        "starts_at": rfc3339(now - timedelta(seconds=1)),
-        "ends_at": rfc3339(now + timedelta(hours=1))})
+    r = await c.post(
+        "/v1/admin/sales",
+        headers=admin,
+        json={
+            "sale_id": sale_id,
+            "sku": "SKU-L",
+            "name": "Large import",
+            "starts_at": rfc3339(now - timedelta(seconds=1)),
+            "ends_at": rfc3339(now + timedelta(hours=1)),
+        },
+    )
     assert r.status_code == 201, r.text
     return sale_id
 
 
-async def _timed(c: httpx.AsyncClient, method: str, path: str, out: list[float],
-                 **kwargs: object) -> httpx.Response:
+async def _timed(
+    c: httpx.AsyncClient, method: str, path: str, out: list[float], **kwargs: object
+) -> httpx.Response:
     start = time.perf_counter()
     r = await c.request(method, path, **kwargs)  # type: ignore[arg-type]
     out.append(time.perf_counter() - start)
     return r
 
 
-async def _finished(c: httpx.AsyncClient, admin: dict[str, str], r: httpx.Response,
-                    ) -> dict[str, object]:
+async def _finished(
+    c: httpx.AsyncClient,
+    admin: dict[str, str],
+    r: httpx.Response,
+) -> dict[str, object]:
     """The import's result: at once (200), or polled from its job (202)."""
     if r.status_code == 200:
         return dict(r.json())
@@ -58,13 +69,15 @@ def _p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def test_large_import_keeps_the_gateway_responsive(
-        live_gateway: LiveGateway) -> None:  # noqa: F811
+async def test_large_import_keeps_the_gateway_responsive(live_gateway: LiveGateway) -> None:  # noqa: F811
     admin = live_gateway.admin
     async with httpx.AsyncClient(base_url=live_gateway.url, timeout=60) as c:
         shop = await _sale(c, admin)
-        r = await c.post(f"/v1/admin/sales/{shop}/keys", headers=admin,
-                         json={"keys": [f"SHOP-{secrets.token_hex(8)}" for _ in range(1000)]})
+        r = await c.post(
+            f"/v1/admin/sales/{shop}/keys",
+            headers=admin,
+            json={"keys": [f"SHOP-{secrets.token_hex(8)}" for _ in range(1000)]},
+        )
         assert r.status_code == 200, r.text
         big = await _sale(c, admin)
         tag = secrets.token_hex(4)
@@ -84,37 +97,50 @@ async def test_large_import_keeps_the_gateway_responsive(
             n = 0
             while not done.is_set():
                 n += 1
-                r = await _timed(c, "POST", f"/v1/sales/{shop}/purchase", buys,
-                                 headers={**live_gateway.channel,
-                                          "Idempotency-Key": f"{tag}-{n}"},
-                                 json={"user_id": f"u-{tag}-{n}", "device_id": f"d-{n}",
-                                       "client_ip": f"198.51.{n // 250}.{n % 250 + 1}"})
+                r = await _timed(
+                    c,
+                    "POST",
+                    f"/v1/sales/{shop}/purchase",
+                    buys,
+                    headers={**live_gateway.channel, "Idempotency-Key": f"{tag}-{n}"},
+                    json={
+                        "user_id": f"u-{tag}-{n}",
+                        "device_id": f"d-{n}",
+                        "client_ip": f"198.51.{n // 250}.{n % 250 + 1}",
+                    },
+                )
                 assert r.status_code == 201, r.text
                 await asyncio.sleep(0.02)
 
         probers = [asyncio.create_task(probe_health()), asyncio.create_task(probe_purchases())]
         await asyncio.sleep(0.3)  # a baseline before the import starts
         start = time.perf_counter()
-        r = await c.post(f"/v1/admin/sales/{big}/keys", content=body.encode(),
-                         headers={**admin, "Content-Type": "text/plain"})
+        r = await c.post(
+            f"/v1/admin/sales/{big}/keys",
+            content=body.encode(),
+            headers={**admin, "Content-Type": "text/plain"},
+        )
         result = await _finished(c, admin, r)
         took = time.perf_counter() - start
         done.set()
         await asyncio.gather(*probers)
 
-    print(f"\nimport of {KEYS} keys: {took:.1f} s; /healthz n={len(health)} "
-          f"median={statistics.median(health) * 1000:.1f} ms p99={_p(health, .99) * 1000:.1f} ms "
-          f"max={max(health) * 1000:.1f} ms; purchase n={len(buys)} "
-          f"median={statistics.median(buys) * 1000:.1f} ms p99={_p(buys, .99) * 1000:.1f} ms "
-          f"max={max(buys) * 1000:.1f} ms")
+    print(
+        f"\nimport of {KEYS} keys: {took:.1f} s; /healthz n={len(health)} "
+        f"median={statistics.median(health) * 1000:.1f} ms p99={_p(health, 0.99) * 1000:.1f} ms "
+        f"max={max(health) * 1000:.1f} ms; purchase n={len(buys)} "
+        f"median={statistics.median(buys) * 1000:.1f} ms p99={_p(buys, 0.99) * 1000:.1f} ms "
+        f"max={max(buys) * 1000:.1f} ms"
+    )
     assert (result["imported"], result["duplicates"], result["rejected"]) == (KEYS, 1, 0)
     assert result["stock_total"] == KEYS
     conn = await asyncpg.connect(live_gateway.database_url)
     try:
         n, distinct = await conn.fetchrow(
-            "SELECT count(*), count(DISTINCT fingerprint) FROM card_keys WHERE sale_id = $1", big)
+            "SELECT count(*), count(DISTINCT fingerprint) FROM card_keys WHERE sale_id = $1", big
+        )
     finally:
         await conn.close()
     assert n == distinct == KEYS
-    assert _p(health, .99) < 0.2 and max(health) < 0.5
-    assert _p(buys, .99) < 0.2 and max(buys) < 0.5
+    assert _p(health, 0.99) < 0.2 and max(health) < 0.5
+    assert _p(buys, 0.99) < 0.2 and max(buys) < 0.5

@@ -33,8 +33,15 @@ OVERLAYS = ("dev", "prod")
 K8S_VERSION = "1.30.0"
 SECRET_ENV = re.compile(r"(TOKEN|MASTER_KEY|SECRET|PASSWORD|_URL)$")
 # Kinds the Kubernetes schemas don't know (CRDs); checked by the tests below instead.
-CRDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PodMonitor",
-        "PrometheusRule", "Cluster", "RedisCluster"}
+CRDS = {
+    "ScaledObject",
+    "TriggerAuthentication",
+    "ServiceMonitor",
+    "PodMonitor",
+    "PrometheusRule",
+    "Cluster",
+    "RedisCluster",
+}
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 # The gateway's /readyz and /healthz answer within this (their own deadline): a probe's
 # timeoutSeconds must be longer, or a slow-but-healthy answer counts as a failure.
@@ -43,8 +50,9 @@ HEALTH_DEADLINE_S = 1.5
 
 def render_dir(path: Path) -> tuple[dict[str, Any], ...]:
     kubectl = find_tool("kubectl")
-    out = subprocess.run([kubectl, "kustomize", str(path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -64,8 +72,11 @@ def named(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, A
 
 
 def pod_specs(docs: tuple[dict[str, Any], ...]) -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
-            for d in docs if d["kind"] in WORKLOADS]
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in WORKLOADS
+    ]
 
 
 def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -73,8 +84,9 @@ def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
-def flashgate_containers(docs: tuple[dict[str, Any], ...],
-                         ) -> Iterator[tuple[str, dict[str, Any]]]:
+def flashgate_containers(
+    docs: tuple[dict[str, Any], ...],
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every container that runs the Flashgate CLI, init containers included (found by its
     command, not by its image: the image is what some tests check)."""
     for where, spec in pod_specs(docs):
@@ -87,8 +99,17 @@ def flashgate_containers(docs: tuple[dict[str, Any], ...],
 def test_renders_and_matches_the_kubernetes_schemas(overlay: str) -> None:
     docs = render(overlay)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-            "ScaledObject", "PodMonitor", "PrometheusRule", "ConfigMap", "Cluster"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "PodMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+        "Cluster",
+    } <= kinds
     assert "Secret" not in kinds  # referenced, never inlined
     for doc in docs:
         if doc["kind"] in CRDS:
@@ -143,16 +164,20 @@ def test_commands_are_the_cli_and_probes_use_declared_ports(overlay: str) -> Non
     parser = build_parser()
     scripts = (ROOT / "pyproject.toml").read_text()
     assert 'flashgate = "cli.main:main"' in scripts
-    for name, main, role in (("flashgate-gateway", "gateway", "cmd_gateway"),
-                             ("flashgate-worker", "worker", "cmd_worker")):
+    for name, main, role in (
+        ("flashgate-gateway", "gateway", "cmd_gateway"),
+        ("flashgate-worker", "worker", "cmd_worker"),
+    ):
         spec = named(docs, "Deployment", name)["spec"]["template"]["spec"]
         # Exactly these containers: a patch keyed by a container name that doesn't exist
         # would add a half-defined container instead of failing.
         assert [c["name"] for c in spec["containers"]] == [main], name
         assert [c["name"] for c in spec.get("initContainers", [])] == ["migrate"], name
         parsed = {}
-        for c, expected in ((spec["initContainers"][0], "cmd_migrate"),
-                            (spec["containers"][0], role)):
+        for c, expected in (
+            (spec["initContainers"][0], "cmd_migrate"),
+            (spec["containers"][0], role),
+        ):
             argv = [*c.get("command", []), *c.get("args", [])]
             assert argv[0] == "flashgate", name
             parsed[c["name"]] = parser.parse_args(argv[1:])
@@ -175,8 +200,11 @@ def test_commands_are_the_cli_and_probes_use_declared_ports(overlay: str) -> Non
 def test_gateway_probes_keep_their_paths_and_outlast_the_endpoint_deadline(overlay: str) -> None:
     spec = named(render(overlay), "Deployment", "flashgate-gateway")["spec"]["template"]["spec"]
     (c,) = spec["containers"]
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
-                        ("startupProbe", "/healthz")):
+    for probe, path in (
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ):
         assert c[probe]["httpGet"] == {"path": path, "port": "http"}, probe
         # Kubernetes' default timeoutSeconds is 1: shorter than the endpoint's own deadline
         assert c[probe].get("timeoutSeconds", 1) > HEALTH_DEADLINE_S, probe
@@ -198,8 +226,11 @@ def test_selectors_and_scalers_point_at_what_exists(overlay: str) -> None:
     deployments = {d["metadata"]["name"]: d for d in of_kind(docs, "Deployment")}
 
     def pods_of(selector: dict[str, str]) -> list[str]:
-        return [n for n, d in deployments.items()
-                if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        return [
+            n
+            for n, d in deployments.items()
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
 
     for pdb in of_kind(docs, "PodDisruptionBudget"):
         assert pods_of(pdb["spec"]["selector"]["matchLabels"]) == [pdb["metadata"]["name"]]
@@ -232,7 +263,8 @@ def test_keda_follows_every_sale_not_one_name_or_hour(overlay: str) -> None:
     # every gateway pod exports each sale's gauges: one copy per sale, then the sum of sales
     assert query.startswith("sum(max by (sale) (") and query.endswith("or vector(0)")
     assert float(trigger["metadata"]["activationThreshold"]) < float(
-        trigger["metadata"]["threshold"])
+        trigger["metadata"]["threshold"]
+    )
 
 
 def test_the_optional_prescale_component_appends_a_cron_trigger(tmp_path: Path) -> None:
@@ -251,10 +283,10 @@ def copy_k8s(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-@pytest.mark.parametrize("pin", [{"newTag": "9.8.7-rc.1"},
-                                 {"digest": "sha256:" + "ab" * 32}])
+@pytest.mark.parametrize("pin", [{"newTag": "9.8.7-rc.1"}, {"digest": "sha256:" + "ab" * 32}])
 def test_the_overlay_image_reaches_every_flashgate_container(
-        overlay: str, pin: dict[str, str], tmp_path: Path) -> None:
+    overlay: str, pin: dict[str, str], tmp_path: Path
+) -> None:
     """What `kustomize edit set image flashgate=<name>:<tag>` writes in the overlay is what the
     gateway, the workers and their migrate init containers run (an `images:` entry in the base
     once renamed the image first, so the overlays' entries matched nothing)."""
@@ -265,11 +297,15 @@ def test_the_overlay_image_reaches_every_flashgate_container(
     entry.update(newName="registry.test/team/flashgate", **pin)
     kust.write_text(yaml.safe_dump(doc))
     expected = "registry.test/team/flashgate" + (
-        f":{pin['newTag']}" if "newTag" in pin else f"@{pin['digest']}")
+        f":{pin['newTag']}" if "newTag" in pin else f"@{pin['digest']}"
+    )
     found = dict(flashgate_containers(render_dir(kust.parent)))
-    assert {"Deployment/flashgate-gateway/gateway", "Deployment/flashgate-gateway/migrate",
-            "Deployment/flashgate-worker/worker", "Deployment/flashgate-worker/migrate",
-            } <= set(found)
+    assert {
+        "Deployment/flashgate-gateway/gateway",
+        "Deployment/flashgate-gateway/migrate",
+        "Deployment/flashgate-worker/worker",
+        "Deployment/flashgate-worker/migrate",
+    } <= set(found)
     assert {where: c["image"] for where, c in found.items()} == dict.fromkeys(found, expected)
 
 
@@ -298,8 +334,7 @@ def test_migrations_re_apply_with_a_new_image(overlay: str) -> None:
         (init,) = spec["initContainers"]
         assert init["command"] == ["flashgate", "migrate"]
         assert init["image"] == spec["containers"][0]["image"]
-        main_db = [e for e in spec["containers"][0]["env"]
-                   if e["name"] == "FLASHGATE_DATABASE_URL"]
+        main_db = [e for e in spec["containers"][0]["env"] if e["name"] == "FLASHGATE_DATABASE_URL"]
         assert [e for e in init["env"] if e["name"] == "FLASHGATE_DATABASE_URL"] == main_db
 
 
@@ -324,7 +359,7 @@ def test_patches_never_edit_a_list_by_position_unchecked(path: Path) -> None:
                 pinned.add("/".join(segments[:-1]))
                 continue
             for i, seg in enumerate(segments):
-                prefix = "/".join(segments[:i + 1])
+                prefix = "/".join(segments[: i + 1])
                 assert not seg.isdigit() or prefix in pinned, (path.name, op)
 
 
@@ -352,6 +387,9 @@ def test_prometheus_rule_and_risk_config_come_from_their_sources() -> None:
         docs = render(overlay)
         (rule,) = of_kind(docs, "PrometheusRule")
         assert rule["spec"]["groups"] == alerts["groups"]
-        (cm,) = [c for c in of_kind(docs, "ConfigMap")
-                 if c["metadata"]["name"].startswith("flashgate-risk-rules")]
+        (cm,) = [
+            c
+            for c in of_kind(docs, "ConfigMap")
+            if c["metadata"]["name"].startswith("flashgate-risk-rules")
+        ]
         assert json.loads(cm["data"]["rules.json"]) == risk

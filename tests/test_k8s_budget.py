@@ -36,8 +36,11 @@ SECRET_STANDINS = {
     "FLASHGATE_MASTER_KEY": base64.b64encode(bytes(32)).decode(),
 }
 # Pool sizes belong to one Deployment each (sized from its autoscaler's maximum).
-PER_DEPLOYMENT = ("FLASHGATE_DB_POOL_MAX", "FLASHGATE_REDIS_MAX_CONNECTIONS",
-                  "FLASHGATE_REDIS_PIPELINE_CONNECTIONS")
+PER_DEPLOYMENT = (
+    "FLASHGATE_DB_POOL_MAX",
+    "FLASHGATE_REDIS_MAX_CONNECTIONS",
+    "FLASHGATE_REDIS_PIPELINE_CONNECTIONS",
+)
 
 
 @dataclass(frozen=True)
@@ -68,19 +71,32 @@ def resolved_env(docs: tuple[dict[str, Any], ...], container: dict[str, Any]) ->
 
 def exec_probes_using_redis(container: dict[str, Any]) -> int:
     """`flashgate worker-check` opens its own Redis client on every run."""
-    return sum(1 for probe in ("livenessProbe", "readinessProbe", "startupProbe")
-               if container.get(probe, {}).get("exec", {}).get("command", [""])[0] == "flashgate")
+    return sum(
+        1
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe")
+        if container.get(probe, {}).get("exec", {}).get("command", [""])[0] == "flashgate"
+    )
 
 
 def max_pods(docs: tuple[dict[str, Any], ...], deployment: dict[str, Any]) -> int:
     name = deployment["metadata"]["name"]
-    maxima = [h["spec"]["maxReplicas"] for h in of_kind(docs, "HorizontalPodAutoscaler")
-              if h["spec"]["scaleTargetRef"]["name"] == name]
-    maxima += [s["spec"]["maxReplicaCount"] for s in of_kind(docs, "ScaledObject")
-               if s["spec"]["scaleTargetRef"]["name"] == name]
+    maxima = [
+        h["spec"]["maxReplicas"]
+        for h in of_kind(docs, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == name
+    ]
+    maxima += [
+        s["spec"]["maxReplicaCount"]
+        for s in of_kind(docs, "ScaledObject")
+        if s["spec"]["scaleTargetRef"]["name"] == name
+    ]
     top = max(maxima) if maxima else deployment["spec"].get("replicas", 1)
-    surge = (deployment["spec"].get("strategy", {}).get("rollingUpdate", {})
-             .get("maxSurge", DEFAULT_SURGE))
+    surge = (
+        deployment["spec"]
+        .get("strategy", {})
+        .get("rollingUpdate", {})
+        .get("maxSurge", DEFAULT_SURGE)
+    )
     extra = math.ceil(top * int(surge[:-1]) / 100) if isinstance(surge, str) else int(surge)
     return int(top) + extra
 
@@ -103,17 +119,20 @@ def flashgate_pods(docs: tuple[dict[str, Any], ...]) -> list[PodCost]:
                 init_pg = max(init_pg, 1)
                 continue
             pg += settings.db_pool_max
-            redis += (settings.redis_max_connections + settings.redis_pipeline_connections
-                      + exec_probes_using_redis(c))
+            redis += (
+                settings.redis_max_connections
+                + settings.redis_pipeline_connections
+                + exec_probes_using_redis(c)
+            )
         if runs:
-            costs.append(PodCost(d["metadata"]["name"], max_pods(docs, d), max(pg, init_pg),
-                                 redis))
+            costs.append(PodCost(d["metadata"]["name"], max_pods(docs, d), max(pg, init_pg), redis))
     return costs
 
 
 def postgres_max_connections(docs: tuple[dict[str, Any], ...]) -> int:
-    (cluster,) = [c for c in of_kind(docs, "Cluster")
-                  if c["apiVersion"].startswith("postgresql.cnpg.io/")]
+    (cluster,) = [
+        c for c in of_kind(docs, "Cluster") if c["apiVersion"].startswith("postgresql.cnpg.io/")
+    ]
     params = cluster["spec"].get("postgresql", {}).get("parameters", {})
     return int(params.get("max_connections", PG_DEFAULT_MAX_CONNECTIONS))
 

@@ -13,9 +13,13 @@ from workers.runner import Worker
 
 
 async def events_of(rt: Runtime, sale_id: str) -> list[asyncpg.Record]:
-    return list(await rt.pool.fetch(
-        "SELECT e.* FROM key_events e JOIN card_keys k USING (key_id) WHERE k.sale_id = $1"
-        " ORDER BY e.id", sale_id))
+    return list(
+        await rt.pool.fetch(
+            "SELECT e.* FROM key_events e JOIN card_keys k USING (key_id) WHERE k.sale_id = $1"
+            " ORDER BY e.id",
+            sale_id,
+        )
+    )
 
 
 async def test_refund_endpoint_over_http(client: httpx.AsyncClient, runtime: Runtime) -> None:
@@ -37,11 +41,13 @@ async def test_refund_endpoint_over_http(client: httpx.AsyncClient, runtime: Run
             assert r.json() == {"order_id": order_id, "status": "refunded"}
         r = await client.get(f"/v1/orders/{order_id}", headers=channel_headers(ch))
         assert r.json()["status"] == "refunded" and "card_keys" not in r.json()
-    r = await client.post(f"/v1/orders/{sale_id}.01J00000000000000000000000/refund",
-                          headers=channel_headers(ch))
+    r = await client.post(
+        f"/v1/orders/{sale_id}.01J00000000000000000000000/refund", headers=channel_headers(ch)
+    )
     assert r.status_code == 404
-    r = await client.post(f"/v1/orders/{reserved}/confirm", headers=channel_headers(ch),
-                          json={"payment_ref": "late"})
+    r = await client.post(
+        f"/v1/orders/{reserved}/confirm", headers=channel_headers(ch), json={"payment_ref": "late"}
+    )
     assert r.status_code == 409 and r.json()["code"] == "order_refunded"
     r = await client.post(f"/v1/orders/{paid}/refund")
     assert r.status_code == 401
@@ -54,25 +60,31 @@ async def test_refund_endpoint_over_http(client: httpx.AsyncClient, runtime: Run
 
 
 async def test_key_lifecycle_is_logged_and_reveals_are_audited(
-        client: httpx.AsyncClient, runtime: Runtime) -> None:
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
     ch = await create_channel(client)
     sale_id, codes = await create_sale(client, keys=2)
     order = (await buy(client, ch, sale_id, "u1", payment_ref="p")).json()["order_id"]
     await Worker(runtime, sale_ids=[sale_id]).run_burst()
     for request_id in ("req-one", "req-two"):
-        r = await client.get(f"/v1/orders/{order}",
-                             headers={**channel_headers(ch), "X-Request-Id": request_id})
+        r = await client.get(
+            f"/v1/orders/{order}", headers={**channel_headers(ch), "X-Request-Id": request_id}
+        )
         assert len(r.json()["card_keys"]) == 1
-    r = await client.post(f"/v1/orders/{order}/refund",
-                          headers={**channel_headers(ch), "X-Request-Id": "req-refund"})
+    r = await client.post(
+        f"/v1/orders/{order}/refund", headers={**channel_headers(ch), "X-Request-Id": "req-refund"}
+    )
     assert r.status_code == 200
     r = await client.get(f"/v1/orders/{order}", headers=channel_headers(ch))
     assert "card_keys" not in r.json()  # not revealed, so not audited
 
     events = await events_of(runtime, sale_id)
     key_id = next(e["key_id"] for e in events if e["event"] == "allocated")
-    life = [(e["event"], e["order_id"], e["actor"], e["client_request_id"])
-            for e in events if e["key_id"] == key_id]
+    life = [
+        (e["event"], e["order_id"], e["actor"], e["client_request_id"])
+        for e in events
+        if e["key_id"] == key_id
+    ]
     actor = f"channel:{ch['channel_id']}"
     assert life[0][:3] == ("imported", None, "admin")
     # request_id: always the server's own (#11.9); the caller's X-Request-Id apart
@@ -93,17 +105,21 @@ async def test_key_lifecycle_is_logged_and_reveals_are_audited(
     assert not any(code in dump for code in codes)
 
 
-@pytest.mark.parametrize(("statement", "message"), [
-    ("UPDATE key_events SET actor = 'someone else'", "append-only"),
-    ("DELETE FROM key_events", "append-only"),
-    ("TRUNCATE key_events", "append-only"),
-    # key_events.key_id has no foreign key (migration 0004): keys are never deleted instead,
-    # so no event can be left pointing at nothing.
-    ("DELETE FROM card_keys", "never deleted"),
-    ("TRUNCATE card_keys CASCADE", "never deleted"),
-])
-async def test_key_events_refuse_update_delete_truncate(runtime: Runtime, client: httpx.AsyncClient,
-                                                        statement: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        ("UPDATE key_events SET actor = 'someone else'", "append-only"),
+        ("DELETE FROM key_events", "append-only"),
+        ("TRUNCATE key_events", "append-only"),
+        # key_events.key_id has no foreign key (migration 0004): keys are never deleted instead,
+        # so no event can be left pointing at nothing.
+        ("DELETE FROM card_keys", "never deleted"),
+        ("TRUNCATE card_keys CASCADE", "never deleted"),
+    ],
+)
+async def test_key_events_refuse_update_delete_truncate(
+    runtime: Runtime, client: httpx.AsyncClient, statement: str, message: str
+) -> None:
     await create_sale(client, keys=1)  # at least one row
     before = await runtime.pool.fetchval("SELECT count(*) FROM key_events")
     keys = await runtime.pool.fetchval("SELECT count(*) FROM card_keys")
@@ -112,9 +128,13 @@ async def test_key_events_refuse_update_delete_truncate(runtime: Runtime, client
         await runtime.pool.execute(statement)
     assert await runtime.pool.fetchval("SELECT count(*) FROM key_events") == before
     assert await runtime.pool.fetchval("SELECT count(*) FROM card_keys") == keys
-    assert await runtime.pool.fetchval(
-        "SELECT count(*) FROM key_events e WHERE NOT EXISTS"
-        " (SELECT 1 FROM card_keys k WHERE k.key_id = e.key_id)") == 0
+    assert (
+        await runtime.pool.fetchval(
+            "SELECT count(*) FROM key_events e WHERE NOT EXISTS"
+            " (SELECT 1 FROM card_keys k WHERE k.key_id = e.key_id)"
+        )
+        == 0
+    )
 
 
 async def test_admin_sale_shows_refund_counters(client: httpx.AsyncClient) -> None:

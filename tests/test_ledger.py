@@ -24,11 +24,18 @@ async def open_sale(ledger: Ledger, stock: int, *, limit: int = 1) -> str:
     return sale_id
 
 
-def request(sale_id: str, user: str, *, key: str | None = None, qty: int = 1,
-            pay: str = "", fp: str = "fp") -> PurchaseRequest:
-    return PurchaseRequest(sale_id=sale_id, channel_id="ch_test",
-                           idempotency_key=key or uuid.uuid4().hex, fingerprint=fp,
-                           user_id=user, quantity=qty, payment_ref=pay)
+def request(
+    sale_id: str, user: str, *, key: str | None = None, qty: int = 1, pay: str = "", fp: str = "fp"
+) -> PurchaseRequest:
+    return PurchaseRequest(
+        sale_id=sale_id,
+        channel_id="ch_test",
+        idempotency_key=key or uuid.uuid4().hex,
+        fingerprint=fp,
+        user_id=user,
+        quantity=qty,
+        payment_ref=pay,
+    )
 
 
 async def attempt(ledger: Ledger, req: PurchaseRequest, now: int = T0 + 1) -> str:
@@ -42,9 +49,9 @@ async def attempt(ledger: Ledger, req: PurchaseRequest, now: int = T0 + 1) -> st
 async def test_concurrent_buyers_get_exactly_the_stock(runtime: Runtime) -> None:
     ledger = runtime.ledger
     sale_id = await open_sale(ledger, stock=50)
-    results = await asyncio.gather(*[
-        attempt(ledger, request(sale_id, f"user-{i}")) for i in range(500)
-    ])
+    results = await asyncio.gather(
+        *[attempt(ledger, request(sale_id, f"user-{i}")) for i in range(500)]
+    )
     assert results.count("reserved") == 50
     assert results.count("sold_out") == 450
     stock = await ledger.stock(sale_id)
@@ -58,8 +65,9 @@ async def test_concurrent_buyers_get_exactly_the_stock(runtime: Runtime) -> None
 async def test_per_user_limit_holds_under_concurrency(runtime: Runtime) -> None:
     ledger = runtime.ledger
     sale_id = await open_sale(ledger, stock=100, limit=2)
-    results = await asyncio.gather(*[attempt(ledger, request(sale_id, "greedy"))
-                                     for _ in range(50)])
+    results = await asyncio.gather(
+        *[attempt(ledger, request(sale_id, "greedy")) for _ in range(50)]
+    )
     assert results.count("reserved") == 2
     assert results.count("purchase_limit_exceeded") == 48
     # quantity counts against the limit, not the number of orders
@@ -126,8 +134,9 @@ async def test_expiry_returns_stock_exactly_once_with_many_sweepers(runtime: Run
     for i in range(20):
         await ledger.reserve(request(sale_id, f"u{i}"), now=T0 + 1)
     assert await ledger.expire_due(sale_id, now=T0 + 2) == 0  # not yet due
-    expired = await asyncio.gather(*[ledger.expire_due(sale_id, now=T0 + 1 + TTL_MS)
-                                     for _ in range(8)])
+    expired = await asyncio.gather(
+        *[ledger.expire_due(sale_id, now=T0 + 1 + TTL_MS) for _ in range(8)]
+    )
     assert sum(expired) == 20
     stock = await ledger.stock(sale_id)
     assert stock is not None
@@ -142,8 +151,9 @@ async def test_cancel_and_confirm_settle_once(runtime: Runtime) -> None:
     sale_id = await open_sale(ledger, stock=3)
     a = await ledger.reserve(request(sale_id, "a"), now=T0 + 1)
     b = await ledger.reserve(request(sale_id, "b"), now=T0 + 1)
-    cancels = await asyncio.gather(*[ledger.cancel(sale_id, a.order_id, "ch_test", now=T0 + 2)
-                                     for _ in range(10)])
+    cancels = await asyncio.gather(
+        *[ledger.cancel(sale_id, a.order_id, "ch_test", now=T0 + 2) for _ in range(10)]
+    )
     assert set(cancels) == {"cancelled"}
     with pytest.raises(errors.OrderCancelled):
         await ledger.confirm(sale_id, a.order_id, "ch_test", "p", now=T0 + 3)
@@ -154,9 +164,17 @@ async def test_cancel_and_confirm_settle_once(runtime: Runtime) -> None:
     with pytest.raises(errors.NotFound):  # another channel can't touch it
         await ledger.cancel(sale_id, b.order_id, "ch_other", now=T0 + 5)
     stock = await ledger.stock(sale_id)
-    assert stock == {"total": 3, "available": 2, "reserved": 0, "confirmed": 1,
-                     "delivered": 0, "cancelled": 1, "expired": 0,
-                     "refunded": 0, "voided": 0}
+    assert stock == {
+        "total": 3,
+        "available": 2,
+        "reserved": 0,
+        "confirmed": 1,
+        "delivered": 0,
+        "cancelled": 1,
+        "expired": 0,
+        "refunded": 0,
+        "voided": 0,
+    }
 
 
 async def test_confirm_after_deadline_expires_the_reservation(runtime: Runtime) -> None:

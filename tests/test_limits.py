@@ -35,8 +35,14 @@ async def _answer(reader: asyncio.StreamReader) -> bytes:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
         return exc.partial
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
     return head + await reader.readexactly(length)
 
 
@@ -63,18 +69,25 @@ async def live_state(gw: LiveGateway) -> tuple[Any, ...]:
         await redis.aclose()
     conn = await asyncpg.connect(gw.database_url)
     try:
-        rows = tuple(await conn.fetchrow(
-            "SELECT (SELECT count(*) FROM channels), (SELECT count(*) FROM sales),"
-            " (SELECT count(*) FROM orders), (SELECT count(*) FROM card_keys)"))
+        rows = tuple(
+            await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM channels), (SELECT count(*) FROM sales),"
+                " (SELECT count(*) FROM orders), (SELECT count(*) FROM card_keys)"
+            )
+        )
     finally:
         await conn.close()
     return tuple(sizes), rows
 
 
 def _post(path: str, headers: dict[str, str], body: bytes, *, length: int | None = None) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: t", "Content-Type: application/json",
-             f"Content-Length: {len(body) if length is None else length}",
-             *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "Host: t",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body) if length is None else length}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -94,15 +107,15 @@ async def test_huge_header_is_refused_or_closed(live_gateway: LiveGateway, size:
     assert await healthz_ms(live_gateway.url) < 2000
 
 
-async def test_a_request_that_is_not_http_gets_a_400_problem(
-        live_gateway: LiveGateway) -> None:  # noqa: F811
+async def test_a_request_that_is_not_http_gets_a_400_problem(live_gateway: LiveGateway) -> None:  # noqa: F811
     answer = await raw_request(live_gateway.port, b"GET /healthz HTTP/1.1\r\nHost t\r\n\r\n")
     assert status_of(answer) == 400, answer[:200]
     assert b"application/problem+json" in answer and b'"code":"malformed_request"' in answer
 
 
 async def test_slow_or_stalled_body_gets_408_and_others_are_served(
-        live_gateway: LiveGateway) -> None:  # noqa: F811
+    live_gateway: LiveGateway,
+) -> None:  # noqa: F811
     gw = live_gateway
     before = await live_state(gw)
     path = "/v1/sales/t-slow/purchase"
@@ -168,29 +181,80 @@ async def test_limits_over_the_socket_change_nothing(live_gateway: LiveGateway) 
         (_post(buy, store, b"", length=10**12), 413, b"payload_too_large"),
         (_post(buy, store, b'{"a":' * 5000 + b"1" + b"}" * 5000), 422, b"invalid_request"),
         (_post(buy, store, deep[:60_000]), 422, b"invalid_request"),
-        (_post("/v1/admin/sales/t-x/risk", gw.admin, b'{"a":' * 10_000 + b"1" + b"}" * 10_000)
-         .replace(b"POST", b"PUT", 1), 422, b"invalid_request"),
-        (_post("/v1/admin/sales/t-x/risk", gw.admin, b'{"a":' * 50 + b"1" + b"}" * 50)
-         .replace(b"POST", b"PUT", 1), 422, b"invalid_request"),
-        (_post(buy, store, b'{"user_id":"u\\u0000","client_ip":"1.2.3.4","device_id":"d"}'),
-         422, b"invalid_request"),
-        (_post(buy, store, b'{"user_id":"u\\n","client_ip":"1.2.3.4","device_id":"d"}'),
-         422, b"invalid_request"),
-        (_post(buy, store, b'{"user_id":"\\ud800","client_ip":"1.2.3.4","device_id":"d"}'),
-         400, b"malformed_request"),
-        (_post(buy, store, b'{"user_id":"u","client_ip":"1.2.3.4","device_id":"d","quantity":'
-                           b'100000000000000000000000}'), 422, b"invalid_request"),
+        (
+            _post(
+                "/v1/admin/sales/t-x/risk", gw.admin, b'{"a":' * 10_000 + b"1" + b"}" * 10_000
+            ).replace(b"POST", b"PUT", 1),
+            422,
+            b"invalid_request",
+        ),
+        (
+            _post("/v1/admin/sales/t-x/risk", gw.admin, b'{"a":' * 50 + b"1" + b"}" * 50).replace(
+                b"POST", b"PUT", 1
+            ),
+            422,
+            b"invalid_request",
+        ),
+        (
+            _post(buy, store, b'{"user_id":"u\\u0000","client_ip":"1.2.3.4","device_id":"d"}'),
+            422,
+            b"invalid_request",
+        ),
+        (
+            _post(buy, store, b'{"user_id":"u\\n","client_ip":"1.2.3.4","device_id":"d"}'),
+            422,
+            b"invalid_request",
+        ),
+        (
+            _post(buy, store, b'{"user_id":"\\ud800","client_ip":"1.2.3.4","device_id":"d"}'),
+            400,
+            b"malformed_request",
+        ),
+        (
+            _post(
+                buy,
+                store,
+                b'{"user_id":"u","client_ip":"1.2.3.4","device_id":"d","quantity":'
+                b"100000000000000000000000}",
+            ),
+            422,
+            b"invalid_request",
+        ),
         (_post("/v1/admin/channels", gw.admin, b'{"name":"a\\u0000b"}'), 422, b"invalid_request"),
-        (_post("/v1/admin/sales", gw.admin, b'{"sku":"a","name":"b","starts_at":'
-               b'"0001-01-01T00:00:00+23:59","ends_at":"2030-01-01T00:00:00Z"}'),
-         422, b"invalid_request"),
-        (b"GET /v1/orders/%00%ff HTTP/1.1\r\nHost: t\r\n" + b"Authorization: "
-         + gw.channel["Authorization"].encode() + b"\r\n\r\n", 404, b"not_found"),
-        (b"GET /v1/orders/x\xff\x01y HTTP/1.1\r\nHost: t\r\n" + b"Authorization: "
-         + gw.channel["Authorization"].encode() + b"\r\n\r\n", 0, b""),
-        (b"GET /v1/orders/t-a.01ARZ3NDEKTSV4RRFFQ69G5FAV%0A HTTP/1.1\r\nHost: t\r\n"
-         + b"Authorization: " + gw.channel["Authorization"].encode() + b"\r\n\r\n",
-         404, b"not_found"),
+        (
+            _post(
+                "/v1/admin/sales",
+                gw.admin,
+                b'{"sku":"a","name":"b","starts_at":'
+                b'"0001-01-01T00:00:00+23:59","ends_at":"2030-01-01T00:00:00Z"}',
+            ),
+            422,
+            b"invalid_request",
+        ),
+        (
+            b"GET /v1/orders/%00%ff HTTP/1.1\r\nHost: t\r\n"
+            + b"Authorization: "
+            + gw.channel["Authorization"].encode()
+            + b"\r\n\r\n",
+            404,
+            b"not_found",
+        ),
+        (
+            b"GET /v1/orders/x\xff\x01y HTTP/1.1\r\nHost: t\r\n"
+            + b"Authorization: "
+            + gw.channel["Authorization"].encode()
+            + b"\r\n\r\n",
+            0,
+            b"",
+        ),
+        (
+            b"GET /v1/orders/t-a.01ARZ3NDEKTSV4RRFFQ69G5FAV%0A HTTP/1.1\r\nHost: t\r\n"
+            + b"Authorization: "
+            + gw.channel["Authorization"].encode()
+            + b"\r\n\r\n",
+            404,
+            b"not_found",
+        ),
     ]
     failures = []
     for data, status, code in cases:

@@ -33,18 +33,49 @@ async def loadtest_database(service_urls: ServiceURLs) -> AsyncIterator[str]:
 
 
 @pytest.mark.timeout(150)
-def test_smoke_load_test_passes_its_gate(service_urls: ServiceURLs, loadtest_database: str,
-                                          tmp_path: Path) -> None:
-    env = {**os.environ, "FLASHGATE_REDIS_URL": service_urls.redis_url,
-           "FLASHGATE_DATABASE_URL": loadtest_database,
-           "FLASHGATE_KEY_PREFIX": "fglt" + secrets.token_hex(4)}
+def test_smoke_load_test_passes_its_gate(
+    service_urls: ServiceURLs, loadtest_database: str, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "FLASHGATE_REDIS_URL": service_urls.redis_url,
+        "FLASHGATE_DATABASE_URL": loadtest_database,
+        "FLASHGATE_KEY_PREFIX": "fglt" + secrets.token_hex(4),
+    }
     # Latency is not what the smoke checks (the suite shares the machine): 1 s p99 bound.
-    r = subprocess.run([sys.executable, "-m", "loadtest.run", "--shape", "none", "--users", "12",
-                        "--duration-s", "4", "--keys", "30", "--opens-in-s", "0",
-                        "--bots", "2", "--solvers", "1", "--workers", "1",
-                        "--results-dir", str(tmp_path), "--sla-set", "purchase_p99_ms=1000",
-                        "--progress-s", "1"],
-                       env=env, capture_output=True, text=True, timeout=140)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.run",
+            "--shape",
+            "none",
+            "--users",
+            "12",
+            "--duration-s",
+            "4",
+            "--keys",
+            "30",
+            "--opens-in-s",
+            "0",
+            "--bots",
+            "2",
+            "--solvers",
+            "1",
+            "--workers",
+            "1",
+            "--results-dir",
+            str(tmp_path),
+            "--sla-set",
+            "purchase_p99_ms=1000",
+            "--progress-s",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=140,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     assert "VERDICT: PASS" in r.stdout
     results = Path(json.loads(r.stdout.strip().splitlines()[-1])["results"])
@@ -91,10 +122,18 @@ def test_cpu_windows_split_the_machine_by_process() -> None:
     sampler = CpuSampler({}, discover=False)
     sampler.samples = [
         Sample(0.0, busy=0, total=0, procs={"gateway": 0.0}),
-        Sample(1.0, busy=int(1.5 * tick), total=2 * int(tick),
-               procs={"gateway": 0.5 * tick, "locust": 0.25 * tick}),  # locust born since
-        Sample(2.0, busy=int(1.6 * tick), total=4 * int(tick),
-               procs={"gateway": 0.6 * tick, "locust": 0.3 * tick, "worker-1": 0.1 * tick}),
+        Sample(
+            1.0,
+            busy=int(1.5 * tick),
+            total=2 * int(tick),
+            procs={"gateway": 0.5 * tick, "locust": 0.25 * tick},
+        ),  # locust born since
+        Sample(
+            2.0,
+            busy=int(1.6 * tick),
+            total=4 * int(tick),
+            procs={"gateway": 0.6 * tick, "locust": 0.3 * tick, "worker-1": 0.1 * tick},
+        ),
     ]
     busiest = sampler.busiest(seconds=SAMPLE_S)
     assert busiest is not None and busiest.start == 0.0
@@ -102,26 +141,44 @@ def test_cpu_windows_split_the_machine_by_process() -> None:
     assert busiest.idle == pytest.approx(0.25)
     whole = sampler.whole()
     assert whole is not None and whole.idle == pytest.approx(0.6)
-    assert whole.cores == pytest.approx({"gateway": 0.3, "locust": 0.15, "worker": 0.05,
-                                         "rest": 0.3})
+    assert whole.cores == pytest.approx(
+        {"gateway": 0.3, "locust": 0.15, "worker": 0.05, "rest": 0.3}
+    )
 
 
 def _stats(p99: float, failures: int = 0) -> list[RequestStats]:
-    return [RequestStats("purchase", 1000, failures, 5, p99, 100),
-            RequestStats("Aggregated", 1000, failures, 5, p99, 100)]
+    return [
+        RequestStats("purchase", 1000, failures, 5, p99, 100),
+        RequestStats("Aggregated", 1000, failures, 5, p99, 100),
+    ]
 
 
 def _good() -> dict[str, Any]:
-    orders = {"s.1": {"status": "delivered", "user_id": "a", "quantity": 1, "card_keys": ["K1"]},
-              "s.2": {"status": "delivered", "user_id": "b", "quantity": 1, "card_keys": ["K2"]}}
+    orders = {
+        "s.1": {"status": "delivered", "user_id": "a", "quantity": 1, "card_keys": ["K1"]},
+        "s.2": {"status": "delivered", "user_id": "b", "quantity": 1, "card_keys": ["K2"]},
+    }
     stock = {"total": 3, "available": 1, "reserved": 0, "confirmed": 0, "delivered": 2}
     return {"orders": orders, "stock": stock}
 
 
-def _judge(stats: list[RequestStats], orders: dict[str, Any], stock: dict[str, Any],
-           ) -> dict[str, bool]:
-    v = judge(SLA(), stats, [], orders, stock, stock_total=3, imported={"K1", "K2", "K3"},
-              per_user_limit=1, delivery_ms=[10.0, 20.0], gateway=(1000, 10.0))
+def _judge(
+    stats: list[RequestStats],
+    orders: dict[str, Any],
+    stock: dict[str, Any],
+) -> dict[str, bool]:
+    v = judge(
+        SLA(),
+        stats,
+        [],
+        orders,
+        stock,
+        stock_total=3,
+        imported={"K1", "K2", "K3"},
+        per_user_limit=1,
+        delivery_ms=[10.0, 20.0],
+        gateway=(1000, 10.0),
+    )
     return {name: bool(ok) for name, ok, _ in v.checks}
 
 
@@ -146,14 +203,25 @@ def test_gate_judges_a_p99_only_from_enough_samples() -> None:
     """A class of 40 samples has no p99 (it is their maximum): reported as not judged, never
     a pass or a fail; the gateway's own histogram judges every purchase of the run."""
     g = _good()
-    stats = [RequestStats("purchase", 5000, 0, 5, 30, 100),
-             RequestStats("purchase [solved]", 40, 0, 50, 900, 1),
-             RequestStats("Aggregated", 5040, 0, 5, 30, 100)]
+    stats = [
+        RequestStats("purchase", 5000, 0, 5, 30, 100),
+        RequestStats("purchase [solved]", 40, 0, 50, 900, 1),
+        RequestStats("Aggregated", 5040, 0, 5, 30, 100),
+    ]
 
     def run(stats: list[RequestStats], gateway: tuple[int, float] | None) -> dict[str, Any]:
-        v = judge(SLA(), stats, [], g["orders"], g["stock"], stock_total=3,
-                  imported={"K1", "K2"}, per_user_limit=1, delivery_ms=[10.0],
-                  gateway=gateway)
+        v = judge(
+            SLA(),
+            stats,
+            [],
+            g["orders"],
+            g["stock"],
+            stock_total=3,
+            imported={"K1", "K2"},
+            per_user_limit=1,
+            delivery_ms=[10.0],
+            gateway=gateway,
+        )
         return {"ok": v.ok, **{c["name"]: c["result"] for c in v.to_json()["checks"]}}
 
     out = run(stats, (5040, 25.0))
@@ -173,8 +241,10 @@ def test_progress_lines_follow_a_growing_file(tmp_path: Path) -> None:
     path = tmp_path / "progress.jsonl"
     follower = Follower(path)
     assert follower.new() == []  # not written yet
-    path.write_text('{"t_s": 3, "users": 50, "rps": 120.5, "requests": 360, "purchases": 300, '
-                    '"purchase_p99_ms": 12, "failures": 0}\n{"t_s": 6, "us')
+    path.write_text(
+        '{"t_s": 3, "users": 50, "rps": 120.5, "requests": 360, "purchases": 300, '
+        '"purchase_p99_ms": 12, "failures": 0}\n{"t_s": 6, "us'
+    )
     (snap,) = follower.new()
     assert "50 users" in describe(snap) and "p99 so far 12 ms" in describe(snap)
     with open(path, "a") as f:
@@ -198,8 +268,14 @@ def test_shapes() -> None:
 def test_audit_waits_for_open_reservations_to_settle() -> None:
     """The orders and the ledger are read once nothing moves: a reservation expiring between
     the two reads would look like an oversold unit."""
-    ledgers = iter([{"confirmed": 2, "reserved": 3}, {"confirmed": 0, "reserved": 3},
-                    {"confirmed": 0, "reserved": 1}, {"confirmed": 0, "reserved": 0}])
+    ledgers = iter(
+        [
+            {"confirmed": 2, "reserved": 3},
+            {"confirmed": 0, "reserved": 3},
+            {"confirmed": 0, "reserved": 1},
+            {"confirmed": 0, "reserved": 0},
+        ]
+    )
     reads: list[dict[str, int]] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -219,7 +295,20 @@ def test_audit_waits_for_open_reservations_to_settle() -> None:
 
 
 def test_load_goes_only_to_loopback(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "loadtest.run", "--url", "http://example.com:8000",
-                        "--admin-token", "t", "--results-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.run",
+            "--url",
+            "http://example.com:8000",
+            "--admin-token",
+            "t",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "loopback" in r.stderr, r.stderr

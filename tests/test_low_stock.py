@@ -35,8 +35,7 @@ def test_low_is_a_share_of_the_total() -> None:
     assert not lowstock.is_low({"total": 0, "available": 0}, 0.1)  # no stock yet: new, not low
 
 
-async def test_each_low_stock_event_happens_once_and_a_restock_rearms_it(
-        runtime: Runtime) -> None:
+async def test_each_low_stock_event_happens_once_and_a_restock_rearms_it(runtime: Runtime) -> None:
     channel, _ = await make_channel(runtime)
     sale, _ = await make_sale(runtime, keys=20)
     before = value(metrics.LOW_STOCK_EVENTS)
@@ -46,8 +45,9 @@ async def test_each_low_stock_event_happens_once_and_a_restock_rearms_it(
     await buy(runtime, sale, channel)  # 1 of 20 left: under 10%
     seen = await rows(runtime, sale)
     # Eight workers looking at once: one event.
-    results = await asyncio.gather(*(lowstock.check(runtime.redis, runtime.keys, seen, 0.1)
-                                     for _ in range(8)))
+    results = await asyncio.gather(
+        *(lowstock.check(runtime.redis, runtime.keys, seen, 0.1) for _ in range(8))
+    )
     assert sorted(r for r in results if r) == [[sale]]
     assert await lowstock.check(runtime.redis, runtime.keys, seen, 0.1) == []
     assert value(metrics.LOW_STOCK_EVENTS) - before == 1
@@ -56,8 +56,9 @@ async def test_each_low_stock_event_happens_once_and_a_restock_rearms_it(
     assert await lowstock.check(runtime.redis, runtime.keys, await rows(runtime, sale), 0.1) == []
     for _ in range(9):
         await buy(runtime, sale, channel)  # 2 of 30 left
-    assert await lowstock.check(runtime.redis, runtime.keys, await rows(runtime, sale),
-                                0.1) == [sale]
+    assert await lowstock.check(runtime.redis, runtime.keys, await rows(runtime, sale), 0.1) == [
+        sale
+    ]
     assert value(metrics.LOW_STOCK_EVENTS) - before == 2
 
 
@@ -82,11 +83,17 @@ async def test_the_heartbeat_fires_the_event(runtime: Runtime) -> None:
 async def test_imports_are_counted_by_result(client: httpx.AsyncClient) -> None:
     sale_id, _ = await create_sale(client)
     before = [value(metrics.KEYS_IMPORTED, r) for r in ("imported", "duplicate", "rejected")]
-    r = await client.post(f"/v1/admin/sales/{sale_id}/keys", headers=ADMIN,
-                          json={"keys": ["LS-A-0001", "LS-A-0002", "LS-A-0001", "bad\x00key"]})
+    r = await client.post(
+        f"/v1/admin/sales/{sale_id}/keys",
+        headers=ADMIN,
+        json={"keys": ["LS-A-0001", "LS-A-0002", "LS-A-0001", "bad\x00key"]},
+    )
     assert r.status_code == 200, r.text
     doc = r.json()
     after = [value(metrics.KEYS_IMPORTED, r) for r in ("imported", "duplicate", "rejected")]
-    assert [a - b for a, b in zip(after, before, strict=True)] == \
-        [doc["imported"], doc["duplicates"], doc["rejected"]]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [
+        doc["imported"],
+        doc["duplicates"],
+        doc["rejected"],
+    ]
     assert doc["imported"] == 2 and doc["duplicates"] + doc["rejected"] == 2

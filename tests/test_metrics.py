@@ -47,22 +47,25 @@ def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[typ
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-async def test_purchases_http_and_stock_are_exported(client: httpx.AsyncClient,
-                                                     metrics_client: httpx.AsyncClient,
-                                                     runtime: Runtime) -> None:
+async def test_purchases_http_and_stock_are_exported(
+    client: httpx.AsyncClient, metrics_client: httpx.AsyncClient, runtime: Runtime
+) -> None:
     ch = await create_channel(client)
     sale_id, _ = await create_sale(client, keys=2)
     before = await scrape(metrics_client)
     route = "/v1/sales/{sale_id}/purchase"
     statuses = []
     for i in range(3):
-        r = await client.post(f"/v1/sales/{sale_id}/purchase",
-                              json=purchase_body(f"metrics-user-{i}"),
-                              headers=channel_headers(ch, uuid.uuid4().hex))
+        r = await client.post(
+            f"/v1/sales/{sale_id}/purchase",
+            json=purchase_body(f"metrics-user-{i}"),
+            headers=channel_headers(ch, uuid.uuid4().hex),
+        )
         statuses.append(r.status_code)
     assert statuses == [201, 201, 409]
-    bad = await client.post(f"/v1/sales/{sale_id}/purchase", content=b"{",
-                            headers=channel_headers(ch, uuid.uuid4().hex))
+    bad = await client.post(
+        f"/v1/sales/{sale_id}/purchase", content=b"{", headers=channel_headers(ch, uuid.uuid4().hex)
+    )
     assert bad.status_code == 400
     after = await scrape(metrics_client)
 
@@ -72,15 +75,18 @@ async def test_purchases_http_and_stock_are_exported(client: httpx.AsyncClient,
     assert delta("flashgate_purchases_total", result="reserved") == 2
     assert delta("flashgate_purchases_total", result="sold_out") == 1
     assert delta("flashgate_purchases_total", result="invalid") == 1
-    assert delta("flashgate_http_requests_total", route=route, method="POST",
-                 status_class="2xx") == 2
-    assert delta("flashgate_http_requests_total", route=route, method="POST",
-                 status_class="4xx") == 2
-    assert delta("flashgate_http_request_duration_seconds_count", route=route,
-                 method="POST") == 4
+    assert (
+        delta("flashgate_http_requests_total", route=route, method="POST", status_class="2xx") == 2
+    )
+    assert (
+        delta("flashgate_http_requests_total", route=route, method="POST", status_class="4xx") == 2
+    )
+    assert delta("flashgate_http_request_duration_seconds_count", route=route, method="POST") == 4
     # The 50 ms SLA threshold is a bucket edge.
-    assert ("flashgate_http_request_duration_seconds_bucket",
-            (("le", "0.05"), ("method", "POST"), ("route", route))) in after
+    assert (
+        "flashgate_http_request_duration_seconds_bucket",
+        (("le", "0.05"), ("method", "POST"), ("route", route)),
+    ) in after
 
     # Stock and stream gauges of the sale, read from the Redis ledger on scrape.
     assert value(after, "flashgate_sale_stock_units", sale=sale_id, state="total") == 2
@@ -92,13 +98,17 @@ async def test_purchases_http_and_stock_are_exported(client: httpx.AsyncClient,
     assert value(after, "flashgate_ledger_scrape_success") == 1
 
 
-async def test_labels_are_bounded(client: httpx.AsyncClient,
-                                  metrics_client: httpx.AsyncClient) -> None:
+async def test_labels_are_bounded(
+    client: httpx.AsyncClient, metrics_client: httpx.AsyncClient
+) -> None:
     ch = await create_channel(client)
     sale_id, _ = await create_sale(client, keys=1)
     user = "user-" + uuid.uuid4().hex
-    r = await client.post(f"/v1/sales/{sale_id}/purchase", json=purchase_body(user),
-                          headers=channel_headers(ch, uuid.uuid4().hex))
+    r = await client.post(
+        f"/v1/sales/{sale_id}/purchase",
+        json=purchase_body(user),
+        headers=channel_headers(ch, uuid.uuid4().hex),
+    )
     assert r.status_code == 201
     order_id = r.json()["order_id"]
     await client.get(f"/v1/orders/{order_id}", headers=channel_headers(ch))
@@ -108,8 +118,11 @@ async def test_labels_are_bounded(client: httpx.AsyncClient,
     for secret in (user, order_id, ch["api_key"], ch["channel_id"], "203.0.113.7"):
         assert secret not in text
     samples = await scrape(metrics_client)
-    routes = {dict(labels).get("route") for (name, labels) in samples
-              if name == "flashgate_http_requests_total"}
+    routes = {
+        dict(labels).get("route")
+        for (name, labels) in samples
+        if name == "flashgate_http_requests_total"
+    }
     assert "/v1/orders/{order_id}" in routes and "unmatched" in routes
     for route in routes:  # templates, never a raw path (other apps of the suite add theirs)
         assert sale_id not in route and stray not in route and order_id not in route
@@ -128,23 +141,46 @@ def test_risk_counts_mirror_into_counters() -> None:
     counts["rule:Not A Rule; id=42:fired"] += 1  # unbounded text never becomes a label
     assert counts["rule:device_many_users:fired"] == 2  # still the admin API's plain counts
     assert (fired._value.get(), shadow._value.get(), deny._value.get()) == (
-        before[0] + 2, before[1] + 1, before[2] + 1)
+        before[0] + 2,
+        before[1] + 1,
+        before[2] + 1,
+    )
     assert metrics.RISK_RULES.labels("other", "fired")._value.get() >= 1
 
 
 def test_every_metric_name_follows_the_conventions() -> None:
     names = metrics.metric_names()
     assert "flashgate_purchases_total" in names and "flashgate_sale_stock_units" in names
-    units = ("_total", "_seconds", "_units", "_entries", "_bucket", "_count", "_sum",
-             "_created", "_in_flight", "_active", "_upcoming", "_success", "_violations")
+    units = (
+        "_total",
+        "_seconds",
+        "_units",
+        "_entries",
+        "_bucket",
+        "_count",
+        "_sum",
+        "_created",
+        "_in_flight",
+        "_active",
+        "_upcoming",
+        "_success",
+        "_violations",
+    )
     for name in names:
         assert name.endswith(units), name
 
 
 def test_json_logs_carry_the_request_id_and_never_a_secret() -> None:
-    record = logging.LogRecord("flashgate.test", logging.INFO, __file__, 1,
-                               "channel key fgk_abcDEF123 with Authorization: Bearer s3cr3t "
-                               "master_key=AAAA webhook_secret: zzz", None, None)
+    record = logging.LogRecord(
+        "flashgate.test",
+        logging.INFO,
+        __file__,
+        1,
+        "channel key fgk_abcDEF123 with Authorization: Bearer s3cr3t "
+        "master_key=AAAA webhook_secret: zzz",
+        None,
+        None,
+    )
     record.sale_id = "launch"
     token = fglog.REQUEST_ID.set("req-1")
     try:
@@ -173,11 +209,13 @@ async def test_the_public_app_has_no_metrics_route(client: httpx.AsyncClient) ->
 
 
 async def test_a_sale_not_open_yet_is_counted_never_named(
-        client: httpx.AsyncClient, metrics_client: httpx.AsyncClient) -> None:
+    client: httpx.AsyncClient, metrics_client: httpx.AsyncClient
+) -> None:
     # an id that sorts first: the suite leaves hundreds of active sales, and the metrics read
     # the windows of the first MAX_SALES_SCANNED by name
-    secret_sale, _ = await create_sale(client, keys=3, starts_in_s=14 * 86400,
-                                       sale_id="a-upcoming-" + secrets.token_hex(6))
+    secret_sale, _ = await create_sale(
+        client, keys=3, starts_in_s=14 * 86400, sale_id="a-upcoming-" + secrets.token_hex(6)
+    )
     open_sale, _ = await create_sale(client, keys=1)
     text = (await metrics_client.get("/metrics")).text
     assert secret_sale not in text  # no stock, stream or settled series names it
@@ -187,18 +225,24 @@ async def test_a_sale_not_open_yet_is_counted_never_named(
 
 
 async def test_reservations_that_end_expired_or_confirmed_are_counted_per_sale(
-        client: httpx.AsyncClient, metrics_client: httpx.AsyncClient, runtime: Runtime) -> None:
+    client: httpx.AsyncClient, metrics_client: httpx.AsyncClient, runtime: Runtime
+) -> None:
     ch = await create_channel(client)
     sale_id, _ = await create_sale(client, keys=4, ttl_s=60)
     orders = []
     for i in range(3):
-        r = await client.post(f"/v1/sales/{sale_id}/purchase",
-                              json=purchase_body(f"hoarder-{i}-{uuid.uuid4().hex[:6]}"),
-                              headers=channel_headers(ch, uuid.uuid4().hex))
+        r = await client.post(
+            f"/v1/sales/{sale_id}/purchase",
+            json=purchase_body(f"hoarder-{i}-{uuid.uuid4().hex[:6]}"),
+            headers=channel_headers(ch, uuid.uuid4().hex),
+        )
         assert r.status_code == 201, r.text
         orders.append(r.json()["order_id"])
-    r = await client.post(f"/v1/orders/{orders[0]}/confirm", headers=channel_headers(ch),
-                          json={"payment_ref": "pay-1"})
+    r = await client.post(
+        f"/v1/orders/{orders[0]}/confirm",
+        headers=channel_headers(ch),
+        json={"payment_ref": "pay-1"},
+    )
     assert r.status_code == 202, r.text
     held = await scrape(metrics_client)
     assert value(held, "flashgate_sale_stock_units", sale=sale_id, state="reserved") == 2

@@ -34,16 +34,24 @@ def sample(counter: Any, *labels: str) -> float:
 async def test_batches_deliveries_and_expiry_are_counted(runtime: Runtime) -> None:
     channel, _ = await make_channel(runtime)
     sale, _ = await make_sale(runtime, keys=3, ttl_ms=1)
-    before = (sample(metrics.ORDERS_DELIVERED), sample(metrics.DELIVERY_LATENCY),
-              sample(metrics.WORKER_BATCH_SIZE), sample(metrics.RESERVATIONS_EXPIRED))
+    before = (
+        sample(metrics.ORDERS_DELIVERED),
+        sample(metrics.DELIVERY_LATENCY),
+        sample(metrics.WORKER_BATCH_SIZE),
+        sample(metrics.RESERVATIONS_EXPIRED),
+    )
     for i in range(2):
         await buy(runtime, sale, channel, pay=f"pay-{i}")  # confirmed at reservation
     assert await Worker(runtime, sale_ids=[sale]).run_burst() > 0
     await buy(runtime, sale, channel)
     await asyncio.sleep(0.01)
     assert await Sweeper(runtime.ledger).sweep([sale]) == 1
-    after = (sample(metrics.ORDERS_DELIVERED), sample(metrics.DELIVERY_LATENCY),
-             sample(metrics.WORKER_BATCH_SIZE), sample(metrics.RESERVATIONS_EXPIRED))
+    after = (
+        sample(metrics.ORDERS_DELIVERED),
+        sample(metrics.DELIVERY_LATENCY),
+        sample(metrics.WORKER_BATCH_SIZE),
+        sample(metrics.RESERVATIONS_EXPIRED),
+    )
     assert after[0] - before[0] == 2 and after[1] - before[1] == 2
     assert after[2] > before[2]
     assert after[3] - before[3] == 1
@@ -89,13 +97,16 @@ async def test_heartbeat_key_lives_while_the_worker_runs(runtime: Runtime) -> No
 
 
 def test_worker_check_exits_0_with_a_live_worker_else_1(
-        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"FLASHGATE_REDIS_URL": settings.redis_url,
-           "FLASHGATE_DATABASE_URL": settings.database_url.reveal(),
-           "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-           "FLASHGATE_MASTER_KEY": os.environ.get("FLASHGATE_MASTER_KEY") or
-           "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-           "FLASHGATE_KEY_PREFIX": settings.key_prefix + "c"}  # a prefix no other test uses
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {
+        "FLASHGATE_REDIS_URL": settings.redis_url,
+        "FLASHGATE_DATABASE_URL": settings.database_url.reveal(),
+        "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "FLASHGATE_MASTER_KEY": os.environ.get("FLASHGATE_MASTER_KEY")
+        or "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "FLASHGATE_KEY_PREFIX": settings.key_prefix + "c",
+    }  # a prefix no other test uses
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     key = f"{env['FLASHGATE_KEY_PREFIX']}:workers:hb:{socket.gethostname()}-4242"
@@ -118,18 +129,23 @@ async def test_audit_finds_oversold_units_and_extra_keys(runtime: Runtime) -> No
     sale, _ = await make_sale(runtime, keys=3)
     order = await buy(runtime, sale, channel, pay="pay-a")
     await Worker(runtime, sale_ids=[sale]).run_burst()
-    assert await worker_metrics.audit(runtime.pool, [sale]) == {"oversold": 0,
-                                                              "duplicate_keys": 0}
+    assert await worker_metrics.audit(runtime.pool, [sale]) == {"oversold": 0, "duplicate_keys": 0}
     assert metrics.INVARIANT_VIOLATIONS.labels("oversold")._value.get() == 0
     # A free key handed to the delivered order too: more keys than it bought.
     await runtime.pool.execute(
         "UPDATE card_keys SET order_id = $2 WHERE key_id = (SELECT min(key_id) FROM card_keys"
-        " WHERE sale_id = $1 AND order_id IS NULL)", sale, order)
+        " WHERE sale_id = $1 AND order_id IS NULL)",
+        sale,
+        order,
+    )
     # An order row for more units than the sale has keys.
     await runtime.pool.execute(
         "INSERT INTO orders (order_id, sale_id, channel_id, user_id, quantity, status,"
         " reserved_at) SELECT $2, sale_id, channel_id, 'u-x', 5, 'confirmed', now()"
-        " FROM orders WHERE order_id = $1", order, order + "X")
+        " FROM orders WHERE order_id = $1",
+        order,
+        order + "X",
+    )
     found = await worker_metrics.audit(runtime.pool, [sale])
     assert found == {"oversold": 3, "duplicate_keys": 1}
     assert metrics.INVARIANT_VIOLATIONS.labels("duplicate_keys")._value.get() == 1

@@ -28,15 +28,17 @@ async def postgres_hits(rt: Runtime, codes: list[str]) -> list[str]:
     patterns = ["%" + n.decode() + "%" for n in needles(codes)]
     tables = await rt.pool.fetch(
         "SELECT table_name FROM information_schema.tables"
-        " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'")
+        " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
+    )
     assert {"card_keys", "orders", "key_events", "webhook_outbox", "data_keys"} <= {
-        t["table_name"] for t in tables}
+        t["table_name"] for t in tables
+    }
     hits = []
     for t in tables:
         name = t["table_name"]
         n = await rt.pool.fetchval(
-            f'SELECT count(*) FROM "{name}" AS row WHERE row::text LIKE ANY($1::text[])',
-            patterns)
+            f'SELECT count(*) FROM "{name}" AS row WHERE row::text LIKE ANY($1::text[])', patterns
+        )
         if n:
             hits.append(f"{name}: {n} row(s)")
     return hits
@@ -61,8 +63,9 @@ async def redis_hits(url: str, codes: list[str]) -> list[str]:
             elif kind == "list":
                 values += list(await raw.lrange(key, 0, -1))
             elif kind == "stream":
-                values += [b for _, fields in await raw.xrange(key)
-                           for kv in fields.items() for b in kv]
+                values += [
+                    b for _, fields in await raw.xrange(key) for kv in fields.items() for b in kv
+                ]
             values.append(await raw.dump(key) or b"")
             if any(n in v for v in values for n in found):
                 hits.append(key.decode(errors="replace"))
@@ -71,8 +74,9 @@ async def redis_hits(url: str, codes: list[str]) -> list[str]:
     return hits
 
 
-async def test_no_plaintext_card_key_anywhere(client: httpx.AsyncClient, runtime: Runtime,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_plaintext_card_key_anywhere(
+    client: httpx.AsyncClient, runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     bodies: list[tuple[str, bytes]] = []  # every response but the reveals
 
@@ -85,26 +89,46 @@ async def test_no_plaintext_card_key_anywhere(client: httpx.AsyncClient, runtime
     other = await create_channel(client, "other")
     sale_id, codes = await create_sale(client, keys=4)
     # Imports that fail or repeat: never an echo of a code.
-    await call("POST", f"/v1/admin/sales/{sale_id}/keys", headers=ADMIN,
-               json={"keys": [codes[0], codes[1]]})  # duplicates
-    await call("POST", f"/v1/admin/sales/{sale_id}/keys", headers=ADMIN,
-               json={"keys": [codes[2], 5]})
-    await call("POST", f"/v1/admin/sales/{sale_id}/keys",
-               headers={**ADMIN, "Content-Type": "text/csv"}, content=f"serial\n{codes[3]}\n")
-    await call("POST", f"/v1/admin/sales/{sale_id}/keys",
-               headers={**ADMIN, "Content-Type": "text/plain"},
-               content=f"{codes[1]}\x07bell\n".encode())
+    await call(
+        "POST",
+        f"/v1/admin/sales/{sale_id}/keys",
+        headers=ADMIN,
+        json={"keys": [codes[0], codes[1]]},
+    )  # duplicates
+    await call(
+        "POST", f"/v1/admin/sales/{sale_id}/keys", headers=ADMIN, json={"keys": [codes[2], 5]}
+    )
+    await call(
+        "POST",
+        f"/v1/admin/sales/{sale_id}/keys",
+        headers={**ADMIN, "Content-Type": "text/csv"},
+        content=f"serial\n{codes[3]}\n",
+    )
+    await call(
+        "POST",
+        f"/v1/admin/sales/{sale_id}/keys",
+        headers={**ADMIN, "Content-Type": "text/plain"},
+        content=f"{codes[1]}\x07bell\n".encode(),
+    )
 
     orders = []
     for i in range(5):
-        r = await call("POST", f"/v1/sales/{sale_id}/purchase", json=purchase_body(f"u{i}"),
-                       headers=channel_headers(ch, uuid.uuid4().hex))
+        r = await call(
+            "POST",
+            f"/v1/sales/{sale_id}/purchase",
+            json=purchase_body(f"u{i}"),
+            headers=channel_headers(ch, uuid.uuid4().hex),
+        )
         if r.status_code == 201:
             orders.append(r.json()["order_id"])
     assert len(orders) == 4  # the fifth is sold out
     for order in orders[:3]:
-        await call("POST", f"/v1/orders/{order}/confirm", headers=channel_headers(ch),
-                   json={"payment_ref": "pay-" + order[-4:]})
+        await call(
+            "POST",
+            f"/v1/orders/{order}/confirm",
+            headers=channel_headers(ch),
+            json={"payment_ref": "pay-" + order[-4:]},
+        )
     await Worker(runtime, sale_ids=[sale_id]).run_burst()
     revealed = []
     for order in orders[:3]:
@@ -114,8 +138,12 @@ async def test_no_plaintext_card_key_anywhere(client: httpx.AsyncClient, runtime
     await call("POST", f"/v1/orders/{orders[0]}/refund", headers=channel_headers(ch))
     await call("POST", f"/v1/orders/{orders[3]}/refund", headers=channel_headers(ch))
     await call("POST", f"/v1/orders/{orders[1]}/refund", headers=channel_headers(other))
-    await call("POST", f"/v1/orders/{orders[0]}/confirm", headers=channel_headers(ch),
-               json={"payment_ref": "again"})
+    await call(
+        "POST",
+        f"/v1/orders/{orders[0]}/confirm",
+        headers=channel_headers(ch),
+        json={"payment_ref": "again"},
+    )
     await call("GET", f"/v1/orders/{orders[0]}", headers=channel_headers(ch))
     await Worker(runtime, sale_ids=[sale_id]).run_burst()
     await call("GET", f"/v1/admin/sales/{sale_id}", headers=ADMIN)

@@ -24,8 +24,7 @@ from gateway.routes import admin, health, openapi, risk_admin, storefront
 from risk.challenge import Challenges
 from risk.signals import Signals
 
-ROUTES = [*health.routes, *openapi.routes, *storefront.routes, *admin.routes,
-          *risk_admin.routes]
+ROUTES = [*health.routes, *openapi.routes, *storefront.routes, *admin.routes, *risk_admin.routes]
 
 
 def _codes() -> set[str]:
@@ -78,18 +77,23 @@ async def test_served_document_is_openapi_31(client: httpx.AsyncClient) -> None:
                 content = response.get("content", {})
                 if int(status) >= 400 and "application/problem+json" in content:
                     assert content["application/problem+json"]["schema"] == {
-                        "$ref": "#/components/schemas/Problem"}, (method, path)
+                        "$ref": "#/components/schemas/Problem"
+                    }, (method, path)
                     assert set(response["x-problem-codes"]) <= codes, (method, path)
-                    assert {c.status for c in _classes() if c.code in
-                            response["x-problem-codes"]} == {int(status)}, (method, path)
+                    assert {
+                        c.status for c in _classes() if c.code in response["x-problem-codes"]
+                    } == {int(status)}, (method, path)
                 if status in ("429", "503") and "x-problem-codes" in response:
                     assert "Retry-After" in response["headers"], (method, path, status)
     # Patterns are ECMA-262 (the models' Python \Z is written as $).
     assert "\\Z" not in r.text
     purchase = doc["paths"]["/v1/sales/{sale_id}/purchase"]["post"]["responses"]
-    assert purchase["409"]["x-problem-codes"] == ["insufficient_stock",
-                                                  "purchase_limit_exceeded", "sale_not_active",
-                                                  "sold_out"]
+    assert purchase["409"]["x-problem-codes"] == [
+        "insufficient_stock",
+        "purchase_limit_exceeded",
+        "sale_not_active",
+        "sold_out",
+    ]
 
 
 def _classes() -> list[type[errors.FlashgateError]]:
@@ -104,8 +108,7 @@ def test_a_new_error_code_is_in_the_document() -> None:
     class Tarpitted(errors.FlashgateError):
         status, code = 429, "tarpitted_for_test"
 
-    assert "tarpitted_for_test" in document(ROUTES)["components"]["schemas"]["ProblemCode"][
-        "enum"]
+    assert "tarpitted_for_test" in document(ROUTES)["components"]["schemas"]["ProblemCode"]["enum"]
     del Tarpitted
     gc.collect()
     assert "tarpitted_for_test" not in _codes()
@@ -113,21 +116,24 @@ def test_a_new_error_code_is_in_the_document() -> None:
 
 def test_a_paused_sale_is_documented_where_it_answers_503() -> None:
     doc = document(ROUTES)
-    for method, path in [("post", "/v1/sales/{sale_id}/purchase"),
-                         ("post", "/v1/orders/{order_id}/confirm"),
-                         ("post", "/v1/orders/{order_id}/cancel"),
-                         ("post", "/v1/orders/{order_id}/refund"),
-                         ("post", "/v1/admin/sales"), ("post", "/v1/admin/sales/{sale_id}/keys")]:
-        assert "sale_not_ready" in doc["paths"][path][method]["responses"]["503"][
-            "x-problem-codes"], (method, path)
+    for method, path in [
+        ("post", "/v1/sales/{sale_id}/purchase"),
+        ("post", "/v1/orders/{order_id}/confirm"),
+        ("post", "/v1/orders/{order_id}/cancel"),
+        ("post", "/v1/orders/{order_id}/refund"),
+        ("post", "/v1/admin/sales"),
+        ("post", "/v1/admin/sales/{sale_id}/keys"),
+    ]:
+        assert (
+            "sale_not_ready" in doc["paths"][path][method]["responses"]["503"]["x-problem-codes"]
+        ), (method, path)
 
 
 def test_order_status_is_one_named_enum() -> None:
     schemas = document(ROUTES)["components"]["schemas"]
     assert schemas["OrderStatus"]["enum"] == list(STATUSES) == list(models.ORDER_STATUSES)
     for name in ("PurchaseOut", "OrderStatusOut", "OrderOut"):
-        assert schemas[name]["properties"]["status"] == {
-            "$ref": "#/components/schemas/OrderStatus"}
+        assert schemas[name]["properties"]["status"] == {"$ref": "#/components/schemas/OrderStatus"}
 
 
 def _walk(node: Any) -> Any:
@@ -144,8 +150,11 @@ def test_optional_fields_are_optional_not_null() -> None:
     """openapi-typescript makes a field with a `default` required (requests) or always present
     (answers); the server omits unset answer fields, it never sends null."""
     schemas = document(ROUTES)["components"]["schemas"]
-    assert not [n for n in _walk(schemas) if isinstance(n, dict) and "default" in n
-                and isinstance(n.get("type"), str | list)]
+    assert not [
+        n
+        for n in _walk(schemas)
+        if isinstance(n, dict) and "default" in n and isinstance(n.get("type"), str | list)
+    ]
     order = schemas["OrderOut"]
     assert order["properties"]["expires_at"] == {"type": "string", "format": "date-time"}
     assert order["properties"]["card_keys"] == {"type": "array", "items": {"type": "string"}}
@@ -157,13 +166,15 @@ def test_optional_fields_are_optional_not_null() -> None:
     assert schemas["PurchaseOut"]["properties"]["expires_at"]["format"] == "date-time"
     assert schemas["SaleOut"]["properties"]["starts_at"]["format"] == "date-time"
     assert schemas["Problem"]["properties"]["challenge"] == {
-        "$ref": "#/components/schemas/Challenge"}
+        "$ref": "#/components/schemas/Challenge"
+    }
 
 
 def _check(doc: dict[str, Any], schema: dict[str, Any], example: Any) -> None:
     root = {**schema, "components": doc["components"]}
     jsonschema.Draft202012Validator(
-        root, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER).validate(example)
+        root, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    ).validate(example)
 
 
 def test_every_operation_has_examples_that_fit_its_schemas() -> None:
@@ -188,8 +199,9 @@ def test_public_endpoints_say_so_and_the_rest_name_their_scheme() -> None:
     for path, item in doc["paths"].items():
         for method, op in item.items():
             public = path in ("/healthz", "/readyz", "/openapi.json")
-            assert op["security"] == ([] if public else [{"admin": []}] if "/admin/" in path
-                                      else [{"channel": []}]), (method, path)
+            assert op["security"] == (
+                [] if public else [{"admin": []}] if "/admin/" in path else [{"channel": []}]
+            ), (method, path)
     assert doc["servers"][0]["url"] == "/"
 
 
@@ -208,13 +220,26 @@ def test_webhooks_are_described(event: str) -> None:
 
 def test_a_real_challenge_fits_the_challenge_schema() -> None:
     """A 428's `challenge` is the dict risk/challenge.py issues (ALTCHA v2): typed, not `{}`."""
-    sig = Signals(sale_id="s-1", channel_id="ch", user_id="u-42", device_id="d-9",
-                  ip="203.0.113.7", subnet="203.0.113.0/24", address=None, user_agent=None)
+    sig = Signals(
+        sale_id="s-1",
+        channel_id="ch",
+        user_id="u-42",
+        device_id="d-9",
+        ip="203.0.113.7",
+        subnet="203.0.113.0/24",
+        address=None,
+        user_agent=None,
+    )
     issued = Challenges(b"k" * 32).issue(sig, work=1000, ttl_s=60, now_s=time.time())
     doc = document(ROUTES)
     _check(doc, {"$ref": "#/components/schemas/Challenge"}, issued)
-    problem = msgspec.json.decode(msgspec.json.encode(models.Problem(
-        type="t", title="t", status=428, code="challenge_required", challenge=issued)))
+    problem = msgspec.json.decode(
+        msgspec.json.encode(
+            models.Problem(
+                type="t", title="t", status=428, code="challenge_required", challenge=issued
+            )
+        )
+    )
     _check(doc, {"$ref": "#/components/schemas/Problem"}, problem)
     params = doc["components"]["schemas"]["ChallengeParameters"]
     assert set(params["required"]) <= set(issued["parameters"])

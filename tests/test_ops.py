@@ -49,11 +49,17 @@ def dashboard_exprs() -> list[str]:
 
 def test_promtool_checks_and_unit_tests_the_alert_rules() -> None:
     promtool = find_tool("promtool")
-    check = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
-                           text=True, timeout=60)
+    check = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout + check.stderr
-    unit = subprocess.run([promtool, "test", "rules", ALERTS_TEST.name], cwd=ALERTS_TEST.parent,
-                          capture_output=True, text=True, timeout=60)
+    unit = subprocess.run(
+        [promtool, "test", "rules", ALERTS_TEST.name],
+        cwd=ALERTS_TEST.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 
@@ -80,13 +86,19 @@ def github_anchor(heading: str) -> str:
 
 
 def test_every_runbook_url_is_a_real_url_to_a_heading_of_the_runbook() -> None:
-    headings = [line.lstrip("#").strip()
-                for line in (ROOT / "docs" / "OPERATIONS.md").read_text().splitlines()
-                if line.startswith("#")]
+    headings = [
+        line.lstrip("#").strip()
+        for line in (ROOT / "docs" / "OPERATIONS.md").read_text().splitlines()
+        if line.startswith("#")
+    ]
     anchors = {github_anchor(h) for h in headings}
     doc = yaml.safe_load(ALERTS.read_text())
-    urls = [r["annotations"].get("runbook_url") for g in doc["groups"] for r in g["rules"]
-            if "alert" in r]
+    urls = [
+        r["annotations"].get("runbook_url")
+        for g in doc["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    ]
     assert urls and all(urls), "every alert carries a runbook_url"
     for url in urls:
         assert url.startswith(RUNBOOK_URL), url
@@ -124,6 +136,14 @@ def test_dashboard_has_a_stable_uid_and_a_datasource_variable() -> None:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for needed in ("stock left", "by result", "p50 / p99", "delivery latency", "stream lag",
-                   "dead letters", "risk decisions by rule", "share ending expired"):
+    for needed in (
+        "stock left",
+        "by result",
+        "p50 / p99",
+        "delivery latency",
+        "stream lag",
+        "dead letters",
+        "risk decisions by rule",
+        "share ending expired",
+    ):
         assert needed in titles, needed

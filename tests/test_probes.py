@@ -53,30 +53,35 @@ class ProxiedGateway:
 
 
 @pytest.fixture
-async def proxied_gateway(service_urls: ServiceURLs, tmp_path: Path,
-                          ) -> AsyncIterator[ProxiedGateway]:
-    redis, postgres = (TcpProxy(*_hostport(service_urls.redis_url)),
-                       TcpProxy(*_hostport(service_urls.database_url)))
+async def proxied_gateway(
+    service_urls: ServiceURLs,
+    tmp_path: Path,
+) -> AsyncIterator[ProxiedGateway]:
+    redis, postgres = (
+        TcpProxy(*_hostport(service_urls.redis_url)),
+        TcpProxy(*_hostport(service_urls.database_url)),
+    )
     await redis.start()
     await postgres.start()
     async with scratch_database(service_urls.database_url, "flashgate_probe_") as db_url:
         port, metrics_port = free_port(), free_port()
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLASHGATE_")},
-               "FLASHGATE_REDIS_URL": _via(service_urls.redis_url, redis.port),
-               "FLASHGATE_DATABASE_URL": _via(db_url, postgres.port),
-               "FLASHGATE_ADMIN_TOKEN": "probe-" + secrets.token_urlsafe(32),
-               "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-               "FLASHGATE_KEY_PREFIX": "fgp" + secrets.token_hex(4),
-               "FLASHGATE_REDIS_MIN_CONNECTIONS": "2",
-               "FLASHGATE_METRICS_PORT": str(metrics_port),
-               "FLASHGATE_METRICS_HOST": "127.0.0.1",
-               "FLASHGATE_METRICS_REFRESH_S": "0"}  # each scrape reads Redis
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("FLASHGATE_")},
+            "FLASHGATE_REDIS_URL": _via(service_urls.redis_url, redis.port),
+            "FLASHGATE_DATABASE_URL": _via(db_url, postgres.port),
+            "FLASHGATE_ADMIN_TOKEN": "probe-" + secrets.token_urlsafe(32),
+            "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+            "FLASHGATE_KEY_PREFIX": "fgp" + secrets.token_hex(4),
+            "FLASHGATE_REDIS_MIN_CONNECTIONS": "2",
+            "FLASHGATE_METRICS_PORT": str(metrics_port),
+            "FLASHGATE_METRICS_HOST": "127.0.0.1",
+            "FLASHGATE_METRICS_REFRESH_S": "0",
+        }  # each scrape reads Redis
         child = spawn("gateway", gateway_argv("127.0.0.1", port), env, tmp_path)
         url = f"http://127.0.0.1:{port}"
         try:
             await asyncio.to_thread(wait_healthy, child, url)
-            yield ProxiedGateway(url, f"http://127.0.0.1:{metrics_port}/metrics", redis,
-                                 postgres)
+            yield ProxiedGateway(url, f"http://127.0.0.1:{metrics_port}/metrics", redis, postgres)
         finally:
             await asyncio.to_thread(stop_children, [child], 10)
             await redis.close()
@@ -90,7 +95,8 @@ async def _timed(client: httpx.AsyncClient, url: str) -> tuple[httpx.Response, f
 
 
 async def test_metrics_only_on_the_metrics_port_and_readiness_needs_only_redis(
-        proxied_gateway: ProxiedGateway) -> None:
+    proxied_gateway: ProxiedGateway,
+) -> None:
     gw = proxied_gateway
     async with httpx.AsyncClient(timeout=5) as client:
         public = await client.get(gw.url + "/metrics")
@@ -98,13 +104,18 @@ async def test_metrics_only_on_the_metrics_port_and_readiness_needs_only_redis(
         private = await client.get(gw.metrics_url)
         assert private.status_code == 200
         assert "flashgate_ledger_scrape_success 1.0" in private.text
-        assert (await client.get(gw.metrics_url.replace("/metrics", "/readyz"))
-                ).status_code == 404  # the metrics port serves metrics only
+        assert (
+            await client.get(gw.metrics_url.replace("/metrics", "/readyz"))
+        ).status_code == 404  # the metrics port serves metrics only
 
         r = await client.get(gw.url + "/readyz")
         assert r.status_code == 200, r.text
-        assert r.json()["checks"] == {"redis": "ok", "scripts": "ok", "postgres": "ok",
-                                      "migrations": "ok"}
+        assert r.json()["checks"] == {
+            "redis": "ok",
+            "scripts": "ok",
+            "postgres": "ok",
+            "migrations": "ok",
+        }
 
         # PostgreSQL gone (its port closed, connections cut): still ready, and it says so.
         await gw.postgres.close()
@@ -133,21 +144,30 @@ STALL_S = 2.0
 
 
 async def test_worker_liveness_survives_a_redis_outage_but_not_a_stuck_loop(
-        settings: Settings, service_urls: ServiceURLs) -> None:
+    settings: Settings, service_urls: ServiceURLs
+) -> None:
     proxy = TcpProxy(*_hostport(service_urls.redis_url))
     await proxy.start()
-    rt = await Runtime.open(dataclasses.replace(
-        settings, redis_url=_via(service_urls.redis_url, proxy.port), redis_timeout_s=0.3,
-        redis_min_connections=2, redis_pipeline_connections=0, worker_stall_s=STALL_S,
-        sweep_interval_s=0.1))
+    rt = await Runtime.open(
+        dataclasses.replace(
+            settings,
+            redis_url=_via(service_urls.redis_url, proxy.port),
+            redis_timeout_s=0.3,
+            redis_min_connections=2,
+            redis_pipeline_connections=0,
+            worker_stall_s=STALL_S,
+            sweep_interval_s=0.1,
+        )
+    )
     worker = Worker(rt, name="probe-" + secrets.token_hex(3), sale_ids=[])
     server = await worker_metrics.serve(worker, free_port(), "127.0.0.1")
     assert server is not None
     running = asyncio.create_task(worker.run())
     stuck = asyncio.Event()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}",
-                                     timeout=1.0) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{server.port}", timeout=1.0
+        ) as client:
             await asyncio.sleep(0.5)
             r = await client.get("/healthz")
             assert r.status_code == 200 and r.json()["loops"] >= 4, r.text
@@ -163,6 +183,7 @@ async def test_worker_liveness_survives_a_redis_outage_but_not_a_stuck_loop(
             async def wedged(_sales: object, now: int | None = None) -> int:
                 await stuck.wait()  # an await that never returns: a wedged loop
                 return 0
+
             worker.sweeper.sweep = wedged  # type: ignore[method-assign,assignment]
             await asyncio.sleep(STALL_S + 1.0)
             r = await client.get("/healthz")
@@ -181,8 +202,10 @@ def test_up_serves_gateway_and_worker_metrics_on_private_ports(tmp_path: Path) -
     the Stack for the banner; the API port has no /metrics."""
     from cli.stack import running_stack
 
-    with running_stack(run_dir=tmp_path / "run", workers=1) as stack, \
-            httpx.Client(timeout=5) as client:
+    with (
+        running_stack(run_dir=tmp_path / "run", workers=1) as stack,
+        httpx.Client(timeout=5) as client,
+    ):
         assert stack.gateway_url and stack.metrics_url and len(stack.worker_metrics_urls) == 1
         assert client.get(stack.gateway_url + "/metrics").status_code == 404
         r = client.get(stack.metrics_url)

@@ -47,7 +47,9 @@ async def agree(rt: Runtime, sale: str) -> dict[str, int]:
         " count(*) FILTER (WHERE order_id IS NOT NULL AND voided_at IS NULL) AS live,"
         " count(*) FILTER (WHERE voided_at IS NOT NULL) AS voided,"
         " count(*) FILTER (WHERE voided_at IS NOT NULL AND order_id IS NULL) AS voided_free"
-        " FROM card_keys WHERE sale_id = $1", sale)
+        " FROM card_keys WHERE sale_id = $1",
+        sale,
+    )
     assert pg["voided_free"] == 0
     assert pg["live"] == stock["delivered"], (dict(pg), stock)
     assert pg["voided"] == stock["voided"], (dict(pg), stock)
@@ -67,14 +69,20 @@ async def agree(rt: Runtime, sale: str) -> dict[str, int]:
 
 
 async def lock_waiters(rt: Runtime) -> int:
-    return int(await rt.pool.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-        " AND datname = current_database()"))
+    return int(
+        await rt.pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()"
+        )
+    )
 
 
 async def voided_keys(rt: Runtime, order_id: str) -> list[asyncpg.Record]:
-    return list(await rt.pool.fetch(
-        "SELECT key_id, order_id, voided_at FROM card_keys WHERE order_id = $1", order_id))
+    return list(
+        await rt.pool.fetch(
+            "SELECT key_id, order_id, voided_at FROM card_keys WHERE order_id = $1", order_id
+        )
+    )
 
 
 async def revealed(rt: Runtime, order_id: str) -> list[str]:
@@ -84,7 +92,8 @@ async def revealed(rt: Runtime, order_id: str) -> list[str]:
 
 # -- before delivery: the stock returns exactly once -------------------------------------------
 async def test_reserved_refund_returns_stock_once_against_expiry_and_replays(
-        runtime: Runtime) -> None:
+    runtime: Runtime,
+) -> None:
     channel, _ = await make_channel(runtime)
     sale, _ = await make_sale(runtime, keys=4, ttl_ms=1000)
     t0 = now_ms()
@@ -98,7 +107,11 @@ async def test_reserved_refund_returns_stock_once_against_expiry_and_replays(
     stock = await runtime.ledger.stock(sale)
     assert stock is not None
     assert (stock["available"], stock["reserved"], stock["refunded"], stock["expired"]) == (
-        4, 0, 1, 1)
+        4,
+        0,
+        1,
+        1,
+    )
     # Expired first, then a refund: nothing was paid, nothing comes back twice.
     with pytest.raises(errors.OrderNotRefundable):
         await refund(runtime, second, channel)
@@ -133,8 +146,7 @@ async def test_confirmed_refund_before_any_worker_returns_stock(runtime: Runtime
 
 
 # -- the race with a worker delivering the order ------------------------------------------------
-async def test_refund_between_workers_commit_and_deliver_voids_the_keys(
-        runtime: Runtime) -> None:
+async def test_refund_between_workers_commit_and_deliver_voids_the_keys(runtime: Runtime) -> None:
     channel, _ = await make_channel(runtime)
     sale, codes = await make_sale(runtime, keys=3)
     order = await buy_and_confirm(runtime, sale, channel, qty=2)
@@ -165,12 +177,14 @@ async def test_refund_between_workers_commit_and_deliver_voids_the_keys(
     (got,) = await revealed(runtime, other)
     assert got in codes
     assert {k["key_id"] for k in await voided_keys(runtime, other)}.isdisjoint(
-        {k["key_id"] for k in keys})
+        {k["key_id"] for k in keys}
+    )
     await agree(runtime, sale)
 
 
 async def test_refund_waiting_on_the_workers_transaction_voids_the_keys(
-        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     channel, _ = await make_channel(runtime)
     sale, _ = await make_sale(runtime, keys=2)
     order = await buy_and_confirm(runtime, sale, channel)
@@ -200,7 +214,8 @@ async def test_refund_waiting_on_the_workers_transaction_voids_the_keys(
 
 
 async def test_worker_waiting_on_the_refunds_transaction_allocates_nothing(
-        runtime: Runtime) -> None:
+    runtime: Runtime,
+) -> None:
     channel, _ = await make_channel(runtime)
     sale, _ = await make_sale(runtime, keys=2)
     order = await buy_and_confirm(runtime, sale, channel)
@@ -241,8 +256,7 @@ async def test_refund_after_delivery_voids_keys_and_stock_stays_out(runtime: Run
 
 # -- a gateway dying half-way: the worker finishes the refund -----------------------------------
 @pytest.mark.parametrize("steps", ["requested", "settled"])
-async def test_refund_left_half_done_is_finished_by_a_worker(runtime: Runtime,
-                                                             steps: str) -> None:
+async def test_refund_left_half_done_is_finished_by_a_worker(runtime: Runtime, steps: str) -> None:
     channel, _ = await make_channel(runtime)
     sale, _ = await make_sale(runtime, keys=2)
     order = await buy_and_confirm(runtime, sale, channel)
@@ -250,8 +264,7 @@ async def test_refund_left_half_done_is_finished_by_a_worker(runtime: Runtime,
     req = await runtime.ledger.request_refund(order, channel)
     assert req.pending and req.status == "delivered"
     if steps == "settled":
-        target = RefundTarget(order, channel, req.user_id, req.quantity,
-                              from_ms(req.created_ms))
+        target = RefundTarget(order, channel, req.user_id, req.quantity, from_ms(req.created_ms))
         async with runtime.pool.acquire() as conn:
             assert await settle(conn, target, from_ms(now_ms()), actor=ACTOR) == VOIDED
         assert await revealed(runtime, order) == []  # voided already
@@ -307,7 +320,9 @@ async def test_refund_webhook_goes_through_the_outbox(runtime: Runtime) -> None:
     await Worker(runtime, sale_ids=[sale]).run_burst()
     rows = await runtime.pool.fetch(
         "SELECT order_id, payload FROM webhook_outbox WHERE order_id = ANY($1::text[])"
-        " AND event = 'order.refunded'", [early, late])
+        " AND event = 'order.refunded'",
+        [early, late],
+    )
     bodies = {r["order_id"]: msgspec.json.decode(r["payload"]) for r in rows}
     assert set(bodies) == {early, late}
     assert bodies[early]["keys_voided"] == 0 and bodies[late]["keys_voided"] == 1

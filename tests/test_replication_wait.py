@@ -60,6 +60,7 @@ async def linked(pair: Pair) -> AsyncIterator[Pair]:
         info = await primary.info("replication")
         replica = info.get("slave0") or {}
         return isinstance(replica, dict) and replica.get("state") == "online"
+
     try:
         await until(link_up, timeout_s=15)
         yield pair
@@ -70,8 +71,9 @@ async def linked(pair: Pair) -> AsyncIterator[Pair]:
 async def test_auto_waits_for_the_replica_before_answering(linked: Pair) -> None:
     """With a replica connected, `auto` waits for one: whatever a caller was told is already
     on the replica when it hears it."""
-    pipe = AutoPipeline.from_url(linked.primary.url, timeout_s=2, connections=2,
-                                 wait_replicas=None, wait_timeout_ms=500)
+    pipe = AutoPipeline.from_url(
+        linked.primary.url, timeout_s=2, connections=2, wait_replicas=None, wait_timeout_ms=500
+    )
     replica = Redis.from_url(linked.replica.url, decode_responses=True)
     try:
         await pipe.warm_up()
@@ -87,15 +89,17 @@ async def test_auto_waits_for_the_replica_before_answering(linked: Pair) -> None
 
 
 async def test_a_stalled_replica_fails_the_call_and_a_retry_succeeds(linked: Pair) -> None:
-    pipe = AutoPipeline.from_url(linked.primary.url, timeout_s=2, connections=1,
-                                 wait_replicas=1, wait_timeout_ms=100)
+    pipe = AutoPipeline.from_url(
+        linked.primary.url, timeout_s=2, connections=1, wait_replicas=1, wait_timeout_ms=100
+    )
     primary = Redis.from_url(linked.primary.url, decode_responses=True)
     try:
         before = int(await pipe.execute("INCR", "wait:stall"))
         linked.stall()
         try:
-            results = await asyncio.gather(*(pipe.execute("INCR", "wait:stall")
-                                             for _ in range(3)), return_exceptions=True)
+            results = await asyncio.gather(
+                *(pipe.execute("INCR", "wait:stall") for _ in range(3)), return_exceptions=True
+            )
         finally:
             linked.resume()
         assert all(isinstance(r, NotReplicated) for r in results), results
@@ -129,8 +133,9 @@ async def own_database(service_urls: ServiceURLs) -> AsyncIterator[str]:
         yield url
 
 
-async def test_a_purchase_is_acknowledged_only_once_replicated(linked: Pair,
-                                                               own_database: str) -> None:
+async def test_a_purchase_is_acknowledged_only_once_replicated(
+    linked: Pair, own_database: str
+) -> None:
     """Through the gateway: with the replica stalled a purchase answers 503 with Retry-After
     (its reservation did happen on the primary); the storefront's retry with the same
     Idempotency-Key, once the replica is back, gets that same order with 201."""
@@ -150,13 +155,16 @@ async def test_a_purchase_is_acknowledged_only_once_replicated(linked: Pair,
         purchase_body,
     )
 
-    settings = Settings.from_env({
-        "FLASHGATE_REDIS_URL": linked.primary.url, "FLASHGATE_DATABASE_URL": own_database,
-        "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "FLASHGATE_KEY_PREFIX": "fgr" + secrets.token_hex(4),
-        "FLASHGATE_REDIS_WAIT_TIMEOUT_MS": "100",
-    })
+    settings = Settings.from_env(
+        {
+            "FLASHGATE_REDIS_URL": linked.primary.url,
+            "FLASHGATE_DATABASE_URL": own_database,
+            "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "FLASHGATE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+            "FLASHGATE_KEY_PREFIX": "fgr" + secrets.token_hex(4),
+            "FLASHGATE_REDIS_WAIT_TIMEOUT_MS": "100",
+        }
+    )
     app = create_app(settings, risk=AllowAll())
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

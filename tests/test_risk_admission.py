@@ -23,11 +23,20 @@ def test_the_shipped_config_sets_no_admission_limit() -> None:
 async def test_429_names_the_channel_limit(rc: httpx.AsyncClient) -> None:
     ch = await create_channel(rc)
     sale_id, _ = await create_sale(rc, keys=50)
-    await override(rc, sale_id, {"admission": {"channel_rate": 1, "channel_burst": 2,
-                                               "sale_rate": 1000, "sale_burst": 1000}})
+    await override(
+        rc,
+        sale_id,
+        {
+            "admission": {
+                "channel_rate": 1,
+                "channel_burst": 2,
+                "sale_rate": 1000,
+                "sale_burst": 1000,
+            }
+        },
+    )
     t = tag()
-    answers = [await buy(rc, ch, sale_id, f"lc-{t}-{i}", ip=honest_ip(6000 + i))
-               for i in range(3)]
+    answers = [await buy(rc, ch, sale_id, f"lc-{t}-{i}", ip=honest_ip(6000 + i)) for i in range(3)]
     assert [r.status_code for r in answers] == [201, 201, 429]
     body = answers[2].json()
     assert body["code"] == "rate_limited" and body["limit"] == "channel_rate"
@@ -39,11 +48,16 @@ async def test_429_names_the_channel_limit(rc: httpx.AsyncClient) -> None:
 async def test_429_names_the_sale_limit(rc: httpx.AsyncClient) -> None:
     a, b = await create_channel(rc, "a"), await create_channel(rc, "b")
     sale_id, _ = await create_sale(rc, keys=50)
-    await override(rc, sale_id, {"admission": {"sale_rate": 0.5, "sale_burst": 2,
-                                               "channel_rate": 1, "channel_burst": 5}})
+    await override(
+        rc,
+        sale_id,
+        {"admission": {"sale_rate": 0.5, "sale_burst": 2, "channel_rate": 1, "channel_burst": 5}},
+    )
     t = tag()
-    first = [await buy(rc, ch, sale_id, f"ls-{t}-{i}", ip=honest_ip(6100 + i))
-             for i, ch in enumerate((a, b))]
+    first = [
+        await buy(rc, ch, sale_id, f"ls-{t}-{i}", ip=honest_ip(6100 + i))
+        for i, ch in enumerate((a, b))
+    ]
     assert [r.status_code for r in first] == [201, 201]
     limited = await buy(rc, a, sale_id, f"ls-{t}-x", ip=honest_ip(6200))
     assert limited.status_code == 429, limited.text

@@ -27,8 +27,9 @@ DC = "198.51.100.41"  # in the shipped datacenter sample: scored 40, challenged
 async def risk_app(request, settings, runtime):  # type: ignore[no-untyped-def]
     from gateway.app import create_app
 
-    application = create_app(replace(settings, risk_inline=request.param == "inline",
-                                     risk_timeout_ms=2000))
+    application = create_app(
+        replace(settings, risk_inline=request.param == "inline", risk_timeout_ms=2000)
+    )
     async with application.router.lifespan_context(application):
         yield application
 
@@ -42,7 +43,8 @@ async def rc(risk_app) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-u
 
 # -- item 1: a stored verdict is honoured only for the request it was given to --------------
 async def test_challenged_key_reused_with_another_body_is_idempotency_mismatch(
-        rc: httpx.AsyncClient) -> None:
+    rc: httpx.AsyncClient,
+) -> None:
     """Key K is challenged for user A; a challenge is solved for user B under another key; K
     retried with B's body and B's solution answered 201. Now 422 idempotency_mismatch, and K
     still works for A's own body and solution."""
@@ -80,11 +82,11 @@ async def test_no_challenge_is_issued_before_the_opening(rc: httpx.AsyncClient) 
     ch = await create_channel(rc)
     sale_id, _ = await create_sale(rc, keys=10, starts_in_s=1.5)
     opens_at = time.time() + 1.5
-    await override(rc, sale_id, {**EASY_POW,
-                                 "admission": {"sale_rate": 0.5, "sale_burst": 1}})
+    await override(rc, sale_id, {**EASY_POW, "admission": {"sale_rate": 0.5, "sale_burst": 1}})
     t = tag()
-    early = await asyncio.gather(*[buy(rc, ch, sale_id, f"farm-{t}-{i}", ip=DC,
-                                       key=f"farm-{t}-{i}") for i in range(5)])
+    early = await asyncio.gather(
+        *[buy(rc, ch, sale_id, f"farm-{t}-{i}", ip=DC, key=f"farm-{t}-{i}") for i in range(5)]
+    )
     for r in early:
         assert r.status_code == 409, r.text
         problem = r.json()
@@ -95,8 +97,7 @@ async def test_no_challenge_is_issued_before_the_opening(rc: httpx.AsyncClient) 
     # The farm's keys hold nothing: retried now, the first one is admitted and challenged.
     bot = await buy(rc, ch, sale_id, f"farm-{t}-0", ip=DC, key=f"farm-{t}-0")
     assert bot.status_code == 428, bot.text
-    assert (await buy(rc, ch, sale_id, f"farm-{t}-1", ip=DC,
-                      key=f"farm-{t}-1")).status_code == 429
+    assert (await buy(rc, ch, sale_id, f"farm-{t}-1", ip=DC, key=f"farm-{t}-1")).status_code == 429
 
 
 async def test_solved_retry_passes_admission(rc: httpx.AsyncClient) -> None:
@@ -104,16 +105,16 @@ async def test_solved_retry_passes_admission(rc: httpx.AsyncClient) -> None:
     limit it got 201 while the honest first try before it got 429."""
     ch = await create_channel(rc)
     sale_id, _ = await create_sale(rc, keys=10)
-    await override(rc, sale_id, {**EASY_POW,
-                                 "admission": {"sale_rate": 0.5, "sale_burst": 1}})
+    await override(rc, sale_id, {**EASY_POW, "admission": {"sale_rate": 0.5, "sale_burst": 1}})
     t = tag()
     bot = await buy(rc, ch, sale_id, f"bot-{t}", ip=DC, key=f"bot-{t}")
     assert bot.status_code == 428, bot.text
     # That used the sale's burst of 1: the next first try waits, as does the solved retry.
     honest = await buy(rc, ch, sale_id, f"h-{t}", ip=honest_ip(7000))
     assert honest.status_code == 429 and honest.headers["Retry-After"] == "2"
-    solved = await buy(rc, ch, sale_id, f"bot-{t}", ip=DC, key=f"bot-{t}",
-                       solution=solve(bot.json()["challenge"]))
+    solved = await buy(
+        rc, ch, sale_id, f"bot-{t}", ip=DC, key=f"bot-{t}", solution=solve(bot.json()["challenge"])
+    )
     assert solved.status_code == 429, solved.text
     assert int(solved.headers["Retry-After"]) <= 2
 
@@ -160,16 +161,19 @@ async def test_limiter_state_follows_a_config_change(rc: httpx.AsyncClient, runt
 
     # A slow override filled legitimately (1 per 100 s, burst 3), then reverted.
     await override(rc, sale_id, {"admission": {"sale_rate": 0.01, "sale_burst": 3}})
-    codes = [(await buy(rc, ch, sale_id, f"s-{t}-{i}", ip=honest_ip(7210 + i))).status_code
-             for i in range(1, 5)]
+    codes = [
+        (await buy(rc, ch, sale_id, f"s-{t}-{i}", ip=honest_ip(7210 + i))).status_code
+        for i in range(1, 5)
+    ]
     assert codes[-1] == 429, codes
     await override(rc, sale_id, fast)
     r = await buy(rc, ch, sale_id, f"s-{t}-5", ip=honest_ip(7220))
     assert r.status_code == 201, (r.status_code, r.headers.get("Retry-After"))
     # Tightened: a Retry-After never exceeds the current config's interval (1 s).
     await override(rc, sale_id, {"admission": {"sale_rate": 1, "sale_burst": 1}})
-    answers = [await buy(rc, ch, sale_id, f"s-{t}-{6 + i}", ip=honest_ip(7230 + i))
-               for i in range(3)]
+    answers = [
+        await buy(rc, ch, sale_id, f"s-{t}-{6 + i}", ip=honest_ip(7230 + i)) for i in range(3)
+    ]
     limited = [r for r in answers if r.status_code == 429]
     assert limited and all(r.headers["Retry-After"] == "1" for r in limited)
 
@@ -178,8 +182,9 @@ def test_config_file_out_of_range_fails_at_start(tmp_path: Path) -> None:
     doc = Path(risk_config.__file__).with_name("rules.json").read_text()
     bad = tmp_path / "rules.json"
     bad.write_text(doc.replace('"sale_rate": 0', '"sale_rate": 1e-300'))
-    with pytest.raises(risk_config.ConfigInvalid,
-                       match=r"rules\.json: .*`\$\.admission\.sale_rate`"):
+    with pytest.raises(
+        risk_config.ConfigInvalid, match=r"rules\.json: .*`\$\.admission\.sale_rate`"
+    ):
         risk_config.load(bad)
     bad.write_text(doc.replace('"limit": 5}', '"limit": 100000000000}', 1))
     with pytest.raises(risk_config.ConfigInvalid, match=r"`\$\.rules\.user_burst\.limit`"):
@@ -187,7 +192,8 @@ def test_config_file_out_of_range_fails_at_start(tmp_path: Path) -> None:
 
 
 async def test_gateway_refuses_to_start_with_an_out_of_range_config_file(
-        settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     from gateway.app import create_app
 
     doc = Path(risk_config.__file__).with_name("rules.json").read_text()
@@ -214,15 +220,17 @@ async def test_user_ids_are_per_channel_and_devices_global(rc: httpx.AsyncClient
     assert again.status_code == 409 and again.json()["code"] == "purchase_limit_exceeded"
     # A cancel gives the unit back to that channel's user only.
     order = r.json()["order_id"]
-    assert (await rc.post(f"/v1/orders/{order}/cancel",
-                          headers=channel_headers(b))).status_code == 200
+    assert (
+        await rc.post(f"/v1/orders/{order}/cancel", headers=channel_headers(b))
+    ).status_code == 200
     r = await buy(rc, b, sale_id, user, ip=honest_ip(7303))
     assert r.status_code == 201
     assert (await buy(rc, a, sale_id, user, ip=honest_ip(7304))).status_code == 409
     # So does a refund of a confirmed order (refund_finish.lua).
     order = r.json()["order_id"]
-    confirm = await rc.post(f"/v1/orders/{order}/confirm", json={"payment_ref": "p-1"},
-                            headers=channel_headers(b))
+    confirm = await rc.post(
+        f"/v1/orders/{order}/confirm", json={"payment_ref": "p-1"}, headers=channel_headers(b)
+    )
     assert confirm.status_code == 202, confirm.text
     refund = await rc.post(f"/v1/orders/{order}/refund", headers=channel_headers(b))
     assert refund.status_code == 200 and refund.json()["status"] == "refunded", refund.text
@@ -231,24 +239,37 @@ async def test_user_ids_are_per_channel_and_devices_global(rc: httpx.AsyncClient
 
     # One device, one user id, five storefronts: five users on the device (limit 3).
     shops = [await create_channel(rc, f"farm{i}") for i in range(5)]
-    farm = [await buy(rc, shop, sale_id, f"f-{t}", device=f"farmdev-{t}",
-                      ip=honest_ip(7310 + i)) for i, shop in enumerate(shops)]
+    farm = [
+        await buy(rc, shop, sale_id, f"f-{t}", device=f"farmdev-{t}", ip=honest_ip(7310 + i))
+        for i, shop in enumerate(shops)
+    ]
     assert [r.status_code for r in farm] == [201, 201, 201, 428, 428]
     assert "device_many_users" in farm[3].json()["reasons"]
 
 
 # -- also seen b: a malformed client_ip is the client's mistake ------------------------------
-async def test_malformed_client_ip_is_422_and_never_scored(rc: httpx.AsyncClient,
-                                                           runtime) -> None:  # type: ignore[no-untyped-def]
+async def test_malformed_client_ip_is_422_and_never_scored(rc: httpx.AsyncClient, runtime) -> None:  # type: ignore[no-untyped-def]
     ch = await create_channel(rc)
     sale_id, _ = await create_sale(rc, keys=5)
-    for ip in ("not-an-ip", "1.2.3.4\n", " 1.2.3.4", "1.2.3.4\x00", "01.2.3.4", "fe80::1%eth0",
-               "1.2.3.4/24", "::ffff:1.2.3.4 "):
+    for ip in (
+        "not-an-ip",
+        "1.2.3.4\n",
+        " 1.2.3.4",
+        "1.2.3.4\x00",
+        "01.2.3.4",
+        "fe80::1%eth0",
+        "1.2.3.4/24",
+        "::ffff:1.2.3.4 ",
+    ):
         r = await buy(rc, ch, sale_id, f"ip-{tag()}", ip=ip)
         assert r.status_code == 422, (ip, r.status_code, r.text)
         assert r.json()["code"] == "invalid_request" and "$.client_ip" in r.json()["detail"]
-    keys = [k async for k in runtime.redis.scan_iter(
-        match=runtime.keys.sale_pattern(sale_id).replace(":*", ":risk:*"))]
+    keys = [
+        k
+        async for k in runtime.redis.scan_iter(
+            match=runtime.keys.sale_pattern(sale_id).replace(":*", ":risk:*")
+        )
+    ]
     assert keys == [], keys  # neither admitted nor counted
     for ip in ("203.0.113.9", "2001:db8::7", "::ffff:203.0.113.10"):
         assert (await buy(rc, ch, sale_id, f"ip-{tag()}", ip=ip)).status_code == 201
@@ -277,14 +298,17 @@ async def test_sale_not_active_says_when_without_risk(client: httpx.AsyncClient)
     """The same answer from reserve.lua (risk switched off)."""
     ch = await create_channel(client)
     later, _ = await create_sale(client, starts_in_s=90)
-    r = await client.post(f"/v1/sales/{later}/purchase", headers=channel_headers(ch, tag()),
-                          json={"user_id": "u", "client_ip": "203.0.113.1", "device_id": "d"})
+    r = await client.post(
+        f"/v1/sales/{later}/purchase",
+        headers=channel_headers(ch, tag()),
+        json={"user_id": "u", "client_ip": "203.0.113.1", "device_id": "d"},
+    )
     assert r.status_code == 409 and "opens at" in r.json()["detail"]
     assert r.json()["starts_at"] and 80 <= int(r.headers["Retry-After"]) <= 90
 
 
 def test_span_reads_like_a_person_wrote_it() -> None:
-    assert [_span(ms) for ms in (0, 400, 45_000, 61_000, 3_600_000, 10_920_000 + 5_000,
-                                 90_061_000)] == [
-        "0 s", "1 s", "45 s", "1 min 1 s", "1 h", "3 h 2 min", "1 d 1 h"]
+    assert [
+        _span(ms) for ms in (0, 400, 45_000, 61_000, 3_600_000, 10_920_000 + 5_000, 90_061_000)
+    ] == ["0 s", "1 s", "45 s", "1 min 1 s", "1 h", "3 h 2 min", "1 d 1 h"]
     assert from_ms(0).year == 1970

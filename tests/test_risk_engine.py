@@ -21,15 +21,25 @@ from risk.solver import solve
 T0 = 1_900_000_000.0
 
 
-def engine(runtime: Runtime, override: dict[str, object] | None = None,
-           clock: float | None = None, timeout_s: float = 0.05) -> ScoringEngine:
+def engine(
+    runtime: Runtime,
+    override: dict[str, object] | None = None,
+    clock: float | None = None,
+    timeout_s: float = 0.05,
+) -> ScoringEngine:
     cfg = risk_config.load()
     if override:
         cfg = risk_config.with_override(cfg, override)
-    return ScoringEngine(runtime.redis, runtime.keys, config=cfg,
-                         datacenter=load_datacenter_ranges(), challenge_secret=b"s" * 32,
-                         timeout_s=timeout_s, cache_ttl_s=0,
-                         clock=(lambda: clock) if clock is not None else time.time)
+    return ScoringEngine(
+        runtime.redis,
+        runtime.keys,
+        config=cfg,
+        datacenter=load_datacenter_ranges(),
+        challenge_secret=b"s" * 32,
+        timeout_s=timeout_s,
+        cache_ttl_s=0,
+        clock=(lambda: clock) if clock is not None else time.time,
+    )
 
 
 async def open_sale(runtime: Runtime, now_s: float | None = None) -> str:
@@ -41,8 +51,14 @@ async def open_sale(runtime: Runtime, now_s: float | None = None) -> str:
 
 def ctx(sale_id: str, user: str, ip: str = "100.70.1.1", **kw: object) -> RiskContext:
     fields: dict[str, object] = {
-        "sale_id": sale_id, "channel_id": "ch_t", "user_id": user, "device_id": "d-" + user,
-        "client_ip": ip, "user_agent": "ua", "quantity": 1, "idempotency_key": uuid.uuid4().hex,
+        "sale_id": sale_id,
+        "channel_id": "ch_t",
+        "user_id": user,
+        "device_id": "d-" + user,
+        "client_ip": ip,
+        "user_agent": "ua",
+        "quantity": 1,
+        "idempotency_key": uuid.uuid4().hex,
     }
     fields.update(kw)
     return RiskContext(**fields)  # type: ignore[arg-type]
@@ -72,13 +88,18 @@ async def test_failure_policy_open_by_default_closed_per_rule(runtime: Runtime) 
 async def test_expired_solution_is_refused(runtime: Runtime) -> None:
     sale_id = await open_sale(runtime, T0)
     easy = {"challenge": {"min_work": 100, "max_work": 200, "ttl_s": 60}}
-    request = ctx(sale_id, "late", ip="198.51.100.1")           # datacenter: challenged
+    request = ctx(sale_id, "late", ip="198.51.100.1")  # datacenter: challenged
     first = await engine(runtime, easy, clock=T0).assess(request)
     assert first.verdict is Verdict.CHALLENGE and first.challenge is not None
     solution = solve(first.challenge)
     later = engine(runtime, easy, clock=T0 + 61)
-    retry = ctx(sale_id, "late", ip="198.51.100.1", idempotency_key=request.idempotency_key,
-                challenge_solution=solution)
+    retry = ctx(
+        sale_id,
+        "late",
+        ip="198.51.100.1",
+        idempotency_key=request.idempotency_key,
+        challenge_solution=solution,
+    )
     decision = await later.assess(retry)
     assert decision.verdict is Verdict.CHALLENGE and "solution_expired" in decision.reasons
     in_time = await engine(runtime, easy, clock=T0 + 30).assess(retry)

@@ -51,18 +51,24 @@ async def read_everything(pool: asyncpg.Pool, keyring: Keyring) -> tuple[list[st
     """Every card key and webhook secret, opened with a fresh keyring (nothing cached)."""
     async with pool.acquire() as conn:
         codes = []
-        for r in await conn.fetch("SELECT sale_id, dek_id, nonce, ciphertext FROM card_keys"
-                                  " ORDER BY key_id"):
+        for r in await conn.fetch(
+            "SELECT sale_id, dek_id, nonce, ciphertext FROM card_keys ORDER BY key_id"
+        ):
             dek = await keyring.dek(conn, r["dek_id"])
-            codes.append(open_sealed(dek, r["nonce"], r["ciphertext"],
-                                     r["sale_id"].encode()).decode())
+            codes.append(
+                open_sealed(dek, r["nonce"], r["ciphertext"], r["sale_id"].encode()).decode()
+            )
         hooks = []
-        for r in await conn.fetch("SELECT channel_id, webhook_secret, webhook_dek_id"
-                                  " FROM channels ORDER BY channel_id"):
+        for r in await conn.fetch(
+            "SELECT channel_id, webhook_secret, webhook_dek_id FROM channels ORDER BY channel_id"
+        ):
             dek = await keyring.dek(conn, r["webhook_dek_id"])
             sealed = r["webhook_secret"]
-            hooks.append(open_sealed(dek, sealed[:NONCE_BYTES], sealed[NONCE_BYTES:],
-                                     r["channel_id"].encode()))
+            hooks.append(
+                open_sealed(
+                    dek, sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], r["channel_id"].encode()
+                )
+            )
         await keyring.fingerprint_key(conn)
     return codes, hooks
 
@@ -89,11 +95,24 @@ async def test_rotation_rewraps_everything_online_and_only_once(own_runtime: Run
 
     # The CLI, with the new key first and the old one listed, one data key per batch. Meanwhile
     # a gateway (a keyring listing both) reads every key between the batches.
-    env = {**os.environ, "FLASHGATE_DATABASE_URL": rt.settings.database_url.reveal(),
-           "FLASHGATE_MASTER_KEY": env_keys(new, *old), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "FLASHGATE_DATABASE_URL": rt.settings.database_url.reveal(),
+        "FLASHGATE_MASTER_KEY": env_keys(new, *old),
+        "PYTHONPATH": str(ROOT),
+    }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "rotate-master-key", "--batch-size", "1", env=env,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "cli.main",
+        "rotate-master-key",
+        "--batch-size",
+        "1",
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     reads = 0
     while proc.returncode is None:
         assert await read_everything(rt.pool, Keyring((new, *old))) == (codes, hooks)
@@ -120,12 +139,12 @@ async def test_rotation_rewraps_everything_online_and_only_once(own_runtime: Run
     wrapped_before = await rt.pool.fetch("SELECT dek_id, wrapped FROM data_keys ORDER BY 1")
     again = await rotate_master_key(rt.pool, Keyring((new, *old)), batch_size=2)
     assert (again.rewrapped, again.batches) == (0, 0)
-    assert await rt.pool.fetch("SELECT dek_id, wrapped FROM data_keys ORDER BY 1") == \
-        wrapped_before
+    assert await rt.pool.fetch("SELECT dek_id, wrapped FROM data_keys ORDER BY 1") == wrapped_before
 
 
 async def test_rotation_refuses_a_data_key_whose_master_key_is_missing(
-        own_runtime: Runtime) -> None:
+    own_runtime: Runtime,
+) -> None:
     rt = own_runtime
     await make_sale(rt, keys=1)
     stranger = Keyring((MasterKey("mk-other", secrets.token_bytes(32)),))

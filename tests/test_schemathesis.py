@@ -22,8 +22,14 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.live_gateway import LiveGateway, live_gateway  # noqa: F401 - the fixture
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance, negative_data_rejection]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
 
 
 EXAMPLES = 12  # per operation and generation mode: ~20 operations x 2 modes, well under 60 s
@@ -37,11 +43,20 @@ def operations(url: str) -> list[schemathesis.APIOperation]:
     return [result.ok() for result in schema.get_all_operations()]
 
 
-def _exercise(operation: schemathesis.APIOperation, mode: GenerationMode,
-              headers: dict[str, str], statuses: dict[int, int]) -> Callable[[], None]:
+def _exercise(
+    operation: schemathesis.APIOperation,
+    mode: GenerationMode,
+    headers: dict[str, str],
+    statuses: dict[int, int],
+) -> Callable[[], None]:
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                         database=None, suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
     def exercise(case: schemathesis.Case) -> None:
         response = case.call_and_validate(headers=headers, checks=CHECKS, timeout=10)
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
@@ -51,7 +66,8 @@ def _exercise(operation: schemathesis.APIOperation, mode: GenerationMode,
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_every_operation_answers_as_documented(
-        live_gateway: LiveGateway, mode: GenerationMode) -> None:  # noqa: F811
+    live_gateway: LiveGateway, mode: GenerationMode
+) -> None:  # noqa: F811
     credentials = {"admin": live_gateway.admin, "channel": live_gateway.channel}
     failures: list[str] = []
     statuses: dict[int, int] = {}

@@ -20,10 +20,12 @@ from core.crypto import (
 from core.settings import ConfigError, Settings, parse_master_keys
 
 KEY = base64.b64encode(b"k" * 32).decode()
-BASE = {"FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
-        "FLASHGATE_DATABASE_URL": "postgresql://u:secret-pw@127.0.0.1:1/db",
-        "FLASHGATE_ADMIN_TOKEN": "admin-secret-PzYMKqsw4VRfQBGEqMJsrtniqKJ2Uv8TzQovz_N_1Ms",
-        "FLASHGATE_MASTER_KEY": KEY}
+BASE = {
+    "FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
+    "FLASHGATE_DATABASE_URL": "postgresql://u:secret-pw@127.0.0.1:1/db",
+    "FLASHGATE_ADMIN_TOKEN": "admin-secret-PzYMKqsw4VRfQBGEqMJsrtniqKJ2Uv8TzQovz_N_1Ms",
+    "FLASHGATE_MASTER_KEY": KEY,
+}
 
 
 def test_defaults_and_secrets_never_print() -> None:
@@ -33,15 +35,18 @@ def test_defaults_and_secrets_never_print() -> None:
     assert "secret-pw" not in text and "admin-secret" not in text and KEY not in text
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("FLASHGATE_REDIS_URL", "", "FLASHGATE_REDIS_URL is required"),
-    ("FLASHGATE_MASTER_KEY", "not base64!", "FLASHGATE_MASTER_KEY: not valid base64"),
-    ("FLASHGATE_MASTER_KEY", base64.b64encode(b"short").decode(), "32 bytes"),
-    ("FLASHGATE_WORKER_BATCH_SIZE", "many", "expected an integer"),
-    ("FLASHGATE_WORKER_BATCH_SIZE", "0", "between 1 and 10000"),
-    ("FLASHGATE_REDIS_TIMEOUT_S", "fast", "expected a number"),
-    ("FLASHGATE_KEY_PREFIX", "a{b}", "FLASHGATE_KEY_PREFIX"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("FLASHGATE_REDIS_URL", "", "FLASHGATE_REDIS_URL is required"),
+        ("FLASHGATE_MASTER_KEY", "not base64!", "FLASHGATE_MASTER_KEY: not valid base64"),
+        ("FLASHGATE_MASTER_KEY", base64.b64encode(b"short").decode(), "32 bytes"),
+        ("FLASHGATE_WORKER_BATCH_SIZE", "many", "expected an integer"),
+        ("FLASHGATE_WORKER_BATCH_SIZE", "0", "between 1 and 10000"),
+        ("FLASHGATE_REDIS_TIMEOUT_S", "fast", "expected a number"),
+        ("FLASHGATE_KEY_PREFIX", "a{b}", "FLASHGATE_KEY_PREFIX"),
+    ],
+)
 def test_bad_settings_name_the_variable(name: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         Settings.from_env({**BASE, name: value})

@@ -53,8 +53,9 @@ async def hook() -> AsyncIterator[HookServer]:
 
 async def dispatch(rt: Runtime, channel: str, hook: HookServer) -> Request:
     async with httpx.AsyncClient(trust_env=False) as http:
-        await Dispatcher(rt.pool, rt.keyring, rt.settings, http,
-                         channel_ids=[channel]).dispatch_due()
+        await Dispatcher(
+            rt.pool, rt.keyring, rt.settings, http, channel_ids=[channel]
+        ).dispatch_due()
     return hook.requests[-1]
 
 
@@ -70,7 +71,10 @@ async def queued_webhook(rt: Runtime, channel: str, hook: HookServer) -> Request
     await rt.pool.execute(
         "INSERT INTO webhook_outbox (channel_id, order_id, event, payload)"
         " VALUES ($1, $2, 'order.delivered', $3)",
-        channel, "o-" + secrets.token_hex(8), b'{"event":"order.delivered"}')
+        channel,
+        "o-" + secrets.token_hex(8),
+        b'{"event":"order.delivered"}',
+    )
     return await dispatch(rt, channel, hook)
 
 
@@ -78,9 +82,13 @@ async def snippet(lang: str, secret: str, body: bytes, header: str) -> int:
     if shutil.which(SNIPPETS[lang][0]) is None:
         pytest.skip(f"{lang} is not installed")
     proc = await asyncio.create_subprocess_exec(
-        *SNIPPETS[lang], header, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "WEBHOOK_SECRET": secret})
+        *SNIPPETS[lang],
+        header,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "WEBHOOK_SECRET": secret},
+    )
     out, err = await asyncio.wait_for(proc.communicate(body), 30)
     assert proc.returncode in (0, 1), err.decode()
     assert out.decode().strip() == ("valid" if proc.returncode == 0 else "INVALID")
@@ -100,16 +108,16 @@ def raw_of(whsec: str) -> bytes:
 
 
 @pytest.mark.parametrize("lang", ["python", "node"])
-async def test_snippet_verifies_a_real_webhook(runtime: Runtime, hook: HookServer,
-                                               client: httpx.AsyncClient, lang: str) -> None:
+async def test_snippet_verifies_a_real_webhook(
+    runtime: Runtime, hook: HookServer, client: httpx.AsyncClient, lang: str
+) -> None:
     channel = await create_channel(client, webhook_url=hook.url)  # the secret as the API shows
     secret = channel["webhook_secret"]
     assert secret.startswith("whsec_") and len(raw_of(secret)) == 32
     headers, body = await real_webhook(runtime, channel["channel_id"], hook)
     header = headers[SIGNATURE_HEADER.lower()]
     assert await snippet(lang, secret, body, header) == 0
-    assert await snippet(lang, secret, body.replace(b'"quantity":1', b'"quantity":9'),
-                         header) == 1
+    assert await snippet(lang, secret, body.replace(b'"quantity":1', b'"quantity":9'), header) == 1
     assert await snippet(lang, show_webhook_secret(os.urandom(32)), body, header) == 1
     stale = sign_webhook(secret, body, int(time.time()) - 301)  # outside the tolerance
     assert await snippet(lang, secret, body, stale) == 1
@@ -117,7 +125,8 @@ async def test_snippet_verifies_a_real_webhook(runtime: Runtime, hook: HookServe
 
 
 async def test_core_and_standard_webhooks_verify_the_same_delivery(
-        runtime: Runtime, hook: HookServer, client: httpx.AsyncClient) -> None:
+    runtime: Runtime, hook: HookServer, client: httpx.AsyncClient
+) -> None:
     channel = await create_channel(client, webhook_url=hook.url)
     secret = channel["webhook_secret"]
     headers, body = await real_webhook(runtime, channel["channel_id"], hook)
@@ -132,13 +141,15 @@ async def test_core_and_standard_webhooks_verify_the_same_delivery(
     assert headers["flashgate-signature"].startswith(f"t={headers['webhook-timestamp']},v1=")
 
 
-async def test_channel_from_before_whsec_keeps_its_secret(runtime: Runtime,
-                                                          hook: HookServer) -> None:
+async def test_channel_from_before_whsec_keeps_its_secret(
+    runtime: Runtime, hook: HookServer
+) -> None:
     """A channel created before migration 0006 was shown base64url: that string stays its
     Flashgate-Signature key; its Standard Webhooks secret is the same bytes as whsec_."""
     channel, whsec = await make_channel(runtime, webhook_url=hook.url)
     await runtime.pool.execute(
-        "UPDATE channels SET webhook_secret_form = 'b64url' WHERE channel_id = $1", channel)
+        "UPDATE channels SET webhook_secret_form = 'b64url' WHERE channel_id = $1", channel
+    )
     legacy = show_webhook_secret(raw_of(whsec), "b64url")
     headers, body = await queued_webhook(runtime, channel, hook)
     header = headers[SIGNATURE_HEADER.lower()]
@@ -148,7 +159,8 @@ async def test_channel_from_before_whsec_keeps_its_secret(runtime: Runtime,
 
 
 async def test_rotation_signs_with_both_secrets_during_the_overlap(
-        runtime: Runtime, hook: HookServer, client: httpx.AsyncClient) -> None:
+    runtime: Runtime, hook: HookServer, client: httpx.AsyncClient
+) -> None:
     channel = await create_channel(client, webhook_url=hook.url)
     channel_id, old = channel["channel_id"], channel["webhook_secret"]
     path = f"/v1/admin/channels/{channel_id}/webhook-secret/rotate"
@@ -186,14 +198,21 @@ async def test_rotation_refuses_bad_requests(client: httpx.AsyncClient) -> None:
         (path, {}, None, 401, "unauthorized"),
         (path, ADMIN, {"overlap_s": -1}, 422, "invalid_request"),
         (path, ADMIN, {"overlap_s": 1, "extra": 1}, 422, "invalid_request"),
-        ("/v1/admin/channels/ch_nosuchchannel/webhook-secret/rotate", ADMIN, None, 404,
-         "not_found"),
-        ("/v1/admin/channels/not-a-channel/webhook-secret/rotate", ADMIN, None, 404,
-         "not_found"),
+        (
+            "/v1/admin/channels/ch_nosuchchannel/webhook-secret/rotate",
+            ADMIN,
+            None,
+            404,
+            "not_found",
+        ),
+        ("/v1/admin/channels/not-a-channel/webhook-secret/rotate", ADMIN, None, 404, "not_found"),
     ]
     for url, headers, body, status, code in cases:
-        r = await client.post(url, headers=headers, json=body) if body is not None \
+        r = (
+            await client.post(url, headers=headers, json=body)
+            if body is not None
             else await client.post(url, headers=headers)
+        )
         assert (r.status_code, r.json()["code"]) == (status, code), (url, body, r.text)
 
 
@@ -204,7 +223,8 @@ def test_docs_carry_the_tested_snippets_verbatim() -> None:
 
 
 async def test_migration_keeps_existing_channels_on_their_shown_secret(
-        service_urls: ServiceURLs) -> None:
+    service_urls: ServiceURLs,
+) -> None:
     """Rows that exist when 0006 runs were shown base64url and stay 'b64url'; rows inserted
     afterwards without naming the form (bench, fixtures) are 'whsec'."""
     async with scratch_database(service_urls.database_url, "flashgate_wh_") as url:
@@ -214,13 +234,16 @@ async def test_migration_keeps_existing_channels_on_their_shown_secret(
                 if version.startswith("0006_webhook_secrets"):
                     await conn.execute(
                         "INSERT INTO channels (channel_id, name, api_key_hash, webhook_secret,"
-                        " webhook_dek_id) VALUES ('ch_old', 'old', '\\x01', '\\x02', 'dek_x')")
+                        " webhook_dek_id) VALUES ('ch_old', 'old', '\\x01', '\\x02', 'dek_x')"
+                    )
                 await conn.execute(sql)
             await conn.execute(
                 "INSERT INTO channels (channel_id, name, api_key_hash, webhook_secret,"
-                " webhook_dek_id) VALUES ('ch_new', 'new', '\\x03', '\\x04', 'dek_x')")
-            forms = dict(await conn.fetch(
-                "SELECT channel_id, webhook_secret_form FROM channels ORDER BY 1"))
+                " webhook_dek_id) VALUES ('ch_new', 'new', '\\x03', '\\x04', 'dek_x')"
+            )
+            forms = dict(
+                await conn.fetch("SELECT channel_id, webhook_secret_form FROM channels ORDER BY 1")
+            )
         finally:
             await conn.close()
     assert forms == {"ch_new": "whsec", "ch_old": "b64url"}

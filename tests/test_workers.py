@@ -35,8 +35,9 @@ async def pending(rt: Runtime, sale_id: str) -> int:
 
 
 async def test_confirmed_orders_get_exactly_their_keys(runtime: Runtime) -> None:
-    rt = dataclasses.replace(runtime, settings=dataclasses.replace(
-        runtime.settings, worker_batch_size=3))  # several batches, events of one order split
+    rt = dataclasses.replace(
+        runtime, settings=dataclasses.replace(runtime.settings, worker_batch_size=3)
+    )  # several batches, events of one order split
     channel, _ = await make_channel(rt)
     sale, codes = await make_sale(rt, keys=12)
     paid = [await buy(rt, sale, channel, qty=2, pay="pay-1")]  # confirmed at reservation
@@ -83,6 +84,7 @@ async def test_replayed_batches_allocate_nothing(runtime: Runtime) -> None:
     events = [parse_event(sale, i, f) for i, f in entries]
     async with runtime.pool.acquire() as conn:
         from workers.events import from_ms
+
         outcome = await persist_batch(conn, sale, list(fold(events).values()), from_ms(now_ms()))
     assert outcome.keys_allocated == 0 and not outcome.short
     assert sorted(outcome.delivered) == sorted(before)
@@ -138,7 +140,8 @@ async def test_short_of_keys_serves_whole_orders_then_dead_letters(runtime: Runt
     rows = await order_rows(runtime, sale)
     assert rows[second]["status"] == "confirmed"  # not half-served, not lost
     free = await runtime.pool.fetchval(
-        "SELECT count(*) FROM card_keys WHERE sale_id = $1 AND order_id IS NULL", sale)
+        "SELECT count(*) FROM card_keys WHERE sale_id = $1 AND order_id IS NULL", sale
+    )
     assert free == 1
     dead = await runtime.redis.xrange(runtime.keys.dead_letters(sale))
     assert [(f["t"], f["o"]) for _, f in dead] == [("confirmed", second)]
@@ -152,8 +155,16 @@ async def test_malformed_and_unknown_entries_go_to_dead_letters(runtime: Runtime
     sale, _ = await make_sale(runtime, keys=1)
     good = await buy_and_confirm(runtime, sale, channel)
     stream = runtime.keys.events(sale)
-    ok = {"t": "confirmed", "o": f"{sale}.01J00000000000000000000000", "ch": channel, "u": "u1",
-          "q": "1", "at": str(now_ms()), "exp": "0", "pay": ""}
+    ok = {
+        "t": "confirmed",
+        "o": f"{sale}.01J00000000000000000000000",
+        "ch": channel,
+        "u": "u1",
+        "q": "1",
+        "at": str(now_ms()),
+        "exp": "0",
+        "pay": "",
+    }
     poison = [
         {"t": "bogus", "o": ok["o"]},
         {**ok, "o": "not-an-order"},
@@ -168,9 +179,13 @@ async def test_malformed_and_unknown_entries_go_to_dead_letters(runtime: Runtime
 
     dead = await runtime.redis.xrange(runtime.keys.dead_letters(sale))
     reasons = [f["dl_reason"] for _, f in dead]
-    assert reasons == ["malformed: unknown event type", "malformed: not an order id",
-                       "malformed: order belongs to another sale",
-                       "malformed: field 'q' is not an integer", "unknown channel"]
+    assert reasons == [
+        "malformed: unknown event type",
+        "malformed: not an order id",
+        "malformed: order belongs to another sale",
+        "malformed: field 'q' is not an integer",
+        "unknown channel",
+    ]
     assert all(f["dl_src"] for _, f in dead) and dead[1][1]["o"] == "not-an-order"
     assert set(await keys_by_order(runtime, sale)) == {good}
     assert await pending(runtime, sale) == 0
@@ -226,15 +241,15 @@ async def test_consumer_rereads_its_own_pending_entries(runtime: Runtime) -> Non
 
 
 async def test_concurrent_workers_never_hand_out_a_key_twice(runtime: Runtime) -> None:
-    rt = dataclasses.replace(runtime, settings=dataclasses.replace(
-        runtime.settings, worker_batch_size=7))  # many small batches, interleaved
+    rt = dataclasses.replace(
+        runtime, settings=dataclasses.replace(runtime.settings, worker_batch_size=7)
+    )  # many small batches, interleaved
     channel, _ = await make_channel(rt)
     quantities = [1 + i % 3 for i in range(120)]
     sale, _ = await make_sale(rt, keys=sum(quantities))
     orders = [await buy_and_confirm(rt, sale, channel, qty=q) for q in quantities]
 
-    await asyncio.gather(*(Worker(rt, name=f"w{i}", sale_ids=[sale]).run_burst()
-                           for i in range(4)))
+    await asyncio.gather(*(Worker(rt, name=f"w{i}", sale_ids=[sale]).run_burst() for i in range(4)))
 
     allocated = await keys_by_order(rt, sale)
     rows = await order_rows(rt, sale)

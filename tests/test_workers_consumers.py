@@ -25,8 +25,12 @@ from workers.runner import Worker
 
 
 def crew(runtime: Runtime, consumers: int, batch: int) -> Runtime:
-    return dataclasses.replace(runtime, settings=dataclasses.replace(
-        runtime.settings, worker_consumers_per_sale=consumers, worker_batch_size=batch))
+    return dataclasses.replace(
+        runtime,
+        settings=dataclasses.replace(
+            runtime.settings, worker_consumers_per_sale=consumers, worker_batch_size=batch
+        ),
+    )
 
 
 async def pending(rt: Runtime, sale_id: str) -> int:
@@ -35,7 +39,8 @@ async def pending(rt: Runtime, sale_id: str) -> int:
 
 async def group_consumers(rt: Runtime, sale_id: str) -> dict[str, int]:
     info: list[dict[str, Any]] = await rt.redis.xinfo_consumers(
-        rt.keys.events(sale_id), WORKER_GROUP)
+        rt.keys.events(sale_id), WORKER_GROUP
+    )
     return {str(c["name"]): int(c["pending"]) for c in info}
 
 
@@ -119,8 +124,7 @@ async def test_a_restarted_worker_rereads_the_pending_lists_of_all_its_consumers
     await (await worker.consumer(sale, 0)).ensure_group()
     # Both consumers read without handling (the process died): each holds two entries.
     for index in (0, 1):
-        await rt.redis.xreadgroup(WORKER_GROUP, worker.consumer_name(index), {stream: ">"},
-                                  count=2)
+        await rt.redis.xreadgroup(WORKER_GROUP, worker.consumer_name(index), {stream: ">"}, count=2)
     assert await group_consumers(rt, sale) == {"again": 2, "again/2": 2}
 
     # Same names after the restart: each consumer finishes its own entries, no reclaim wait.
@@ -130,13 +134,19 @@ async def test_a_restarted_worker_rereads_the_pending_lists_of_all_its_consumers
 
 
 def test_consumers_per_sale_setting() -> None:
-    env = {"FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
-           "FLASHGATE_DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
-           "FLASHGATE_ADMIN_TOKEN": "hB6eak3fLDwfFu-idEGZvjYlNrYS-1DaDjadJjUAPKA",
-           "FLASHGATE_MASTER_KEY": "A" * 43 + "="}
+    env = {
+        "FLASHGATE_REDIS_URL": "redis://127.0.0.1:1/0",
+        "FLASHGATE_DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
+        "FLASHGATE_ADMIN_TOKEN": "hB6eak3fLDwfFu-idEGZvjYlNrYS-1DaDjadJjUAPKA",
+        "FLASHGATE_MASTER_KEY": "A" * 43 + "=",
+    }
     assert Settings.from_env(env).worker_consumers_per_sale == 3
-    assert Settings.from_env(
-        {**env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE": "1"}).worker_consumers_per_sale == 1
+    assert (
+        Settings.from_env(
+            {**env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE": "1"}
+        ).worker_consumers_per_sale
+        == 1
+    )
     with pytest.raises(ConfigError, match="FLASHGATE_WORKER_CONSUMERS_PER_SALE"):
         Settings.from_env({**env, "FLASHGATE_WORKER_CONSUMERS_PER_SALE": "0"})
 
@@ -145,8 +155,10 @@ async def test_a_partial_batch_lingers_for_more_entries(runtime: Runtime) -> Non
     """worker_linger_ms: a busy consumer's read that finds less than a batch waits, then takes
     what arrived meanwhile into the same PostgreSQL transaction (fewer, larger batches at an
     opening); an idle consumer handles the first entry at once."""
-    rt = dataclasses.replace(runtime, settings=dataclasses.replace(
-        runtime.settings, worker_linger_ms=300, worker_batch_size=100))
+    rt = dataclasses.replace(
+        runtime,
+        settings=dataclasses.replace(runtime.settings, worker_linger_ms=300, worker_batch_size=100),
+    )
     channel, _ = await make_channel(rt)
     sale, _ = await make_sale(rt, keys=5)
     c = SaleConsumer(rt, sale, "linger")

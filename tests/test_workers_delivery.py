@@ -47,13 +47,16 @@ class HookServer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
         lines = head.split("\r\n")[1:]
-        headers = {k.strip().lower(): v.strip() for k, v in
-                   (line.split(":", 1) for line in lines if ":" in line)}
+        headers = {
+            k.strip().lower(): v.strip()
+            for k, v in (line.split(":", 1) for line in lines if ":" in line)
+        }
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         self.requests.append((headers, body))
         status = self.statuses.pop(0) if self.statuses else 200
-        writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                     .encode())
+        writer.write(
+            f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".encode()
+        )
         await writer.drain()
         writer.close()
         await writer.wait_closed()
@@ -76,8 +79,9 @@ async def outbox(rt: Runtime, order_id: str) -> list[dict[str, object]]:
     return [dict(r) for r in rows]
 
 
-async def test_webhook_is_signed_and_retried_after_a_500(runtime: Runtime,
-                                                         hook: HookServer) -> None:
+async def test_webhook_is_signed_and_retried_after_a_500(
+    runtime: Runtime, hook: HookServer
+) -> None:
     channel, secret = await make_channel(runtime, webhook_url=hook.url)
     quiet, _ = await make_channel(runtime)  # no webhook_url: no outbox rows
     sale, codes = await make_sale(runtime, keys=3)
@@ -89,8 +93,14 @@ async def test_webhook_is_signed_and_retried_after_a_500(runtime: Runtime,
     assert (row["event"], row["attempts"], row["delivered_at"]) == ("order.delivered", 0, None)
 
     async with httpx.AsyncClient(trust_env=False) as http:
-        dispatcher = Dispatcher(runtime.pool, runtime.keyring, runtime.settings, http,
-                                channel_ids=[channel], backoff_base_s=0.05)
+        dispatcher = Dispatcher(
+            runtime.pool,
+            runtime.keyring,
+            runtime.settings,
+            http,
+            channel_ids=[channel],
+            backoff_base_s=0.05,
+        )
         hook.statuses = [500]
         assert await dispatcher.dispatch_once() == 1
         (row,) = await outbox(runtime, order)
@@ -109,8 +119,11 @@ async def test_webhook_is_signed_and_retried_after_a_500(runtime: Runtime,
     payload = msgspec.json.decode(hook.requests[-1][1])
     delivered_at = (await order_rows(runtime, sale))[order]["delivered_at"]
     assert payload == {
-        "event": "order.delivered", "order_id": order, "sale_id": sale,
-        "user_id": payload["user_id"], "quantity": 2,
+        "event": "order.delivered",
+        "order_id": order,
+        "sale_id": sale,
+        "user_id": payload["user_id"],
+        "quantity": 2,
         "delivered_at": delivered_at.isoformat().replace("+00:00", "Z"),  # type: ignore[union-attr]
     }
     assert not any(code.encode() in hook.requests[-1][1] for code in codes)
@@ -124,8 +137,14 @@ async def test_webhook_gives_up_after_max_attempts(runtime: Runtime, hook: HookS
     settings = dataclasses.replace(runtime.settings, webhook_max_attempts=2)
     hook.statuses = [503, 503, 200]
     async with httpx.AsyncClient(trust_env=False) as http:
-        dispatcher = Dispatcher(runtime.pool, runtime.keyring, settings, http,
-                                channel_ids=[channel], backoff_base_s=0.01)
+        dispatcher = Dispatcher(
+            runtime.pool,
+            runtime.keyring,
+            settings,
+            http,
+            channel_ids=[channel],
+            backoff_base_s=0.01,
+        )
         assert await dispatcher.dispatch_once() == 1
         await asyncio.sleep(0.05)
         assert await dispatcher.dispatch_due() == 1
@@ -139,8 +158,7 @@ async def test_webhook_gives_up_after_max_attempts(runtime: Runtime, hook: HookS
 # -- a real worker process ---------------------------------------------------------------------
 def worker_env(rt: Runtime, prefix: str) -> dict[str, str]:
     s = rt.settings
-    masters = ",".join(f"{k.key_id}:{base64.b64encode(k.material).decode()}"
-                       for k in s.master_keys)
+    masters = ",".join(f"{k.key_id}:{base64.b64encode(k.material).decode()}" for k in s.master_keys)
     return {
         **os.environ,
         "FLASHGATE_REDIS_URL": s.redis_url,
@@ -167,12 +185,20 @@ async def test_worker_process_drains_on_sigterm(runtime: Runtime) -> None:
     # A key prefix of its own, so the process sees only this test's sales.
     prefix = runtime.settings.key_prefix + "w"
     keys = Keys(prefix)
-    rt = dataclasses.replace(runtime, keys=keys, ledger=Ledger(runtime.redis, keys),
-                             settings=dataclasses.replace(runtime.settings, key_prefix=prefix))
+    rt = dataclasses.replace(
+        runtime,
+        keys=keys,
+        ledger=Ledger(runtime.redis, keys),
+        settings=dataclasses.replace(runtime.settings, key_prefix=prefix),
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from workers.runner import main; main()",
-        env=worker_env(runtime, prefix), cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-c",
+        "from workers.runner import main; main()",
+        env=worker_env(runtime, prefix),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     try:
@@ -183,8 +209,10 @@ async def test_worker_process_drains_on_sigterm(runtime: Runtime) -> None:
 
         async def settled() -> bool:
             rows = await order_rows(rt, sale)
-            return (all(rows.get(o, {}).get("status") == "delivered" for o in paid)
-                    and rows.get(lapsed, {}).get("status") == "expired")
+            return (
+                all(rows.get(o, {}).get("status") == "delivered" for o in paid)
+                and rows.get(lapsed, {}).get("status") == "expired"
+            )
 
         await wait_for(settled)
         assert await redis_statuses(rt, paid) == {"delivered"}
@@ -219,8 +247,9 @@ async def test_refund_webhook_is_delivered_signed(runtime: Runtime, hook: HookSe
     assert await refund_order(runtime, order, channel, actor="channel:test") == "refunded"
     await Worker(runtime, sale_ids=[sale]).run_burst()  # settled, order.refunded queued
     async with httpx.AsyncClient(trust_env=False) as http:
-        dispatcher = Dispatcher(runtime.pool, runtime.keyring, runtime.settings, http,
-                                channel_ids=[channel])
+        dispatcher = Dispatcher(
+            runtime.pool, runtime.keyring, runtime.settings, http, channel_ids=[channel]
+        )
         assert await dispatcher.dispatch_once() == 2
     events = {}
     for headers, body in hook.requests:
@@ -230,6 +259,5 @@ async def test_refund_webhook_is_delivered_signed(runtime: Runtime, hook: HookSe
         assert not any(code.encode() in body for code in codes)
     assert set(events) == {"order.delivered", "order.refunded"}
     refunded = events["order.refunded"]
-    assert (refunded["order_id"], refunded["sale_id"], refunded["keys_voided"]) == \
-        (order, sale, 1)
+    assert (refunded["order_id"], refunded["sale_id"], refunded["keys_voided"]) == (order, sale, 1)
     assert all(r["delivered_at"] is not None for r in await outbox(runtime, order))

@@ -48,8 +48,14 @@ TOO_MANY_DELIVERIES = "delivered too many times"
 
 
 class SaleConsumer:
-    def __init__(self, rt: Runtime, sale_id: str, consumer: str,
-                 after_commit: AfterCommit | None = None, shard: str | None = None) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        sale_id: str,
+        consumer: str,
+        after_commit: AfterCommit | None = None,
+        shard: str | None = None,
+    ) -> None:
         """`shard`: the stock bucket's ledger shard whose stream this reads (default: the
         sale's, i.e. bucket 0)."""
         self.rt = rt
@@ -87,8 +93,12 @@ class SaleConsumer:
             self.cursor = NEW
         entries = await self._read(NEW, size, block_ms)
         linger_ms = self.rt.settings.worker_linger_ms
-        if (entries and len(entries) < size and linger_ms
-                and time.monotonic() - self._last_batch_at < BUSY_S):
+        if (
+            entries
+            and len(entries) < size
+            and linger_ms
+            and time.monotonic() - self._last_batch_at < BUSY_S
+        ):
             # Busy (a batch handled within BUSY_S): a partial batch waits a moment for more
             # entries, so a burst makes fewer, larger transactions. An idle consumer handles
             # the first entry at once, as Nagle's algorithm sends the first segment.
@@ -117,8 +127,11 @@ class SaleConsumer:
         while True:
             try:
                 reply = await self.rt.redis.xautoclaim(
-                    self.stream, WORKER_GROUP, self.consumer,
-                    min_idle_time=settings.worker_claim_idle_ms, start_id=start,
+                    self.stream,
+                    WORKER_GROUP,
+                    self.consumer,
+                    min_idle_time=settings.worker_claim_idle_ms,
+                    start_id=start,
                     count=settings.worker_batch_size,
                 )
             except ResponseError as exc:
@@ -159,8 +172,9 @@ class SaleConsumer:
         did not, both steps find the work done and change nothing)."""
         requested = {ev.order_id: ev for ev in events if ev.type == REFUND_REQUESTED}
         for ev in requested.values():
-            target = RefundTarget(ev.order_id, ev.channel_id, ev.user_id, ev.quantity,
-                                  from_ms(ev.at_ms))
+            target = RefundTarget(
+                ev.order_id, ev.channel_id, ev.user_id, ev.quantity, from_ms(ev.at_ms)
+            )
             async with self.rt.pool.acquire() as conn:
                 outcome = await settle(conn, target, from_ms(at_ms), actor="worker")
             await self.rt.ledger.finish_refund(ev.order_id, outcome, at_ms)
@@ -201,8 +215,9 @@ class SaleConsumer:
             codes = await self.rt.ledger.mark_delivered(outcome.delivered, at_ms)
             odd = sum(1 for c in codes if c < 0)
             if odd:
-                log.warning("sale %s: %d delivered order(s) not deliverable in Redis",
-                            self.sale_id, odd)
+                log.warning(
+                    "sale %s: %d delivered order(s) not deliverable in Redis", self.sale_id, odd
+                )
         await self._settle_refunds(events, at_ms)
 
         short, by_id = set(outcome.short), dict(entries)
@@ -219,4 +234,3 @@ class SaleConsumer:
         if ack:
             await self.rt.redis.xack(self.stream, WORKER_GROUP, *ack)
         worker_metrics.batch_done(events, outcome, letters, at_ms, started)
-

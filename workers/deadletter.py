@@ -35,11 +35,17 @@ async def dead_letter(redis: Redis, keys: Keys, sale_id: str, letters: list[Dead
         return
     async with redis.pipeline(transaction=True) as pipe:
         for dl in letters:
-            fields: dict[Any, Any] = {**dl.fields, "dl_reason": dl.reason,
-                                      "dl_src": dl.entry_id, "dl_deliveries": dl.deliveries}
+            fields: dict[Any, Any] = {
+                **dl.fields,
+                "dl_reason": dl.reason,
+                "dl_src": dl.entry_id,
+                "dl_deliveries": dl.deliveries,
+            }
             pipe.xadd(
-                keys.dead_letters(sale_id), fields,
-                maxlen=DEAD_LETTER_MAXLEN, approximate=True,
+                keys.dead_letters(sale_id),
+                fields,
+                maxlen=DEAD_LETTER_MAXLEN,
+                approximate=True,
             )
         pipe.xack(keys.events(sale_id), WORKER_GROUP, *[dl.entry_id for dl in letters])
         await pipe.execute()

@@ -16,8 +16,9 @@ from core.ids import parse_order_id
 from core.ledger import from_ms
 
 REFUND_REQUESTED = "refund"
-EVENT_TYPES = frozenset({"reserved", "confirmed", "cancelled", "expired", "refunded",
-                         REFUND_REQUESTED})
+EVENT_TYPES = frozenset(
+    {"reserved", "confirmed", "cancelled", "expired", "refunded", REFUND_REQUESTED}
+)
 MAX_QUANTITY = 1_000_000
 
 # The only moves an order makes; anything else (a replay, a reclaimed older event) is ignored.
@@ -78,8 +79,9 @@ def parse_event(sale_id: str, entry_id: str, fields: dict[str, str]) -> OrderEve
     at_ms = _int_field(fields, "at")
     if at_ms <= 0:
         raise MalformedEvent("event time out of range")
-    return OrderEvent(entry_id, kind, order_id, channel_id, user_id, quantity, at_ms,
-                      fields.get("pay", ""))
+    return OrderEvent(
+        entry_id, kind, order_id, channel_id, user_id, quantity, at_ms, fields.get("pay", "")
+    )
 
 
 @dataclass(slots=True)
@@ -111,8 +113,13 @@ def fold(events: list[OrderEvent]) -> dict[str, OrderRow]:
         row = rows.get(ev.order_id)
         if row is None:
             row = rows[ev.order_id] = OrderRow(
-                ev.order_id, ev.channel_id, ev.user_id, ev.quantity, ev.type,
-                ev.payment_ref or None, at,
+                ev.order_id,
+                ev.channel_id,
+                ev.user_id,
+                ev.quantity,
+                ev.type,
+                ev.payment_ref or None,
+                at,
             )
         else:
             row.reserved_at = min(row.reserved_at, at)

@@ -32,8 +32,9 @@ def after_commit_fault(settings: Settings) -> AfterCommit | None:
         if outcome.delivered:
             batches += 1
             if batches >= settings.fault_after_commit_batch:
-                log.warning("fault hook: exiting after the commit of batch %d (sale %s)",
-                            batches, sale_id)
+                log.warning(
+                    "fault hook: exiting after the commit of batch %d (sale %s)", batches, sale_id
+                )
                 logging.shutdown()
                 os._exit(FAULT_EXIT_CODE)
 

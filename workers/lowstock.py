@@ -28,8 +28,13 @@ def is_low(row: Mapping[str, int], fraction: float) -> bool:
     return total > 0 and row.get("available", 0) < total * fraction
 
 
-async def check(redis: Any, keys: Keys, sales: Mapping[str, Mapping[str, int]],
-                fraction: float, now_ms: int | None = None) -> list[str]:
+async def check(
+    redis: Any,
+    keys: Keys,
+    sales: Mapping[str, Mapping[str, int]],
+    fraction: float,
+    now_ms: int | None = None,
+) -> list[str]:
     """Record the low-stock events of these ledger rows; returns the sales that went low now."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     fired = []
@@ -39,6 +44,10 @@ async def check(redis: Any, keys: Keys, sales: Mapping[str, Mapping[str, int]],
         if await redis.hsetnx(keys.low_stock(sale_id), str(row["total"]), now_ms):
             fired.append(sale_id)
             metrics.LOW_STOCK_EVENTS.inc()
-            log.warning("sale %s is low on stock: %d of %d units left", sale_id,
-                        row["available"], row["total"])
+            log.warning(
+                "sale %s is low on stock: %d of %d units left",
+                sale_id,
+                row["available"],
+                row["total"],
+            )
     return fired

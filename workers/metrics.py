@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 5.0    # how often a live worker refreshes its key (and the stream gauges)
+HEARTBEAT_S = 5.0  # how often a live worker refreshes its key (and the stream gauges)
 HEARTBEAT_TTL_S = 30  # a worker silent this long is dead to `flashgate worker-check`
 
 
@@ -74,8 +74,11 @@ class Liveness:
 
     def stalled(self) -> list[str]:
         now = time.monotonic()
-        return sorted(loop for loop, at in self._seen.items()
-                      if now - at > self.stall_s and loop not in self._waiting)
+        return sorted(
+            loop
+            for loop, at in self._seen.items()
+            if now - at > self.stall_s and loop not in self._waiting
+        )
 
     @property
     def loops(self) -> int:
@@ -93,11 +96,16 @@ def app(worker: Worker) -> Starlette:
         stalled = [] if worker.stopping else worker.liveness.stalled()
         if stalled:
             return JSONResponse({"status": "stalled", "stalled": stalled}, status_code=503)
-        return JSONResponse({"status": "draining" if worker.stopping else "ok",
-                             "loops": worker.liveness.loops})
+        return JSONResponse(
+            {"status": "draining" if worker.stopping else "ok", "loops": worker.liveness.loops}
+        )
 
-    return Starlette(routes=[Route("/metrics", prometheus_metrics, methods=["GET"]),
-                             Route("/healthz", healthz, methods=["GET"])])
+    return Starlette(
+        routes=[
+            Route("/metrics", prometheus_metrics, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ]
+    )
 
 
 async def serve(worker: Worker, port: int, host: str = "0.0.0.0") -> MetricsServer | None:
@@ -107,8 +115,13 @@ async def serve(worker: Worker, port: int, host: str = "0.0.0.0") -> MetricsServ
     return await MetricsServer.start(app(worker), host, port)
 
 
-def batch_done(events: list[OrderEvent], outcome: BatchOutcome, letters: list[DeadLetter],
-               at_ms: int, started: float) -> None:
+def batch_done(
+    events: list[OrderEvent],
+    outcome: BatchOutcome,
+    letters: list[DeadLetter],
+    at_ms: int,
+    started: float,
+) -> None:
     """After a batch is committed, marked and acked (or dead-lettered)."""
     metrics.WORKER_BATCH_DURATION.observe(time.perf_counter() - started)
     metrics.WORKER_BATCH_SIZE.observe(len(events) + len(letters))
@@ -136,8 +149,9 @@ def dead_letter_reason(reason: str) -> str:
 def batch_failed(exc: BaseException) -> None:
     metrics.WORKER_BATCHES.labels("failed").inc()
     backend = type(exc).__module__.split(".")[0]
-    metrics.BACKEND_ERRORS.labels(backend if backend in ("redis", "asyncpg") else "other",
-                                  type(exc).__name__[:40]).inc()
+    metrics.BACKEND_ERRORS.labels(
+        backend if backend in ("redis", "asyncpg") else "other", type(exc).__name__[:40]
+    ).inc()
 
 
 def expired(n: int) -> None:
@@ -176,8 +190,10 @@ AUDIT_EVERY_S = 60.0
 async def audit(pool: Any, sale_ids: list[str]) -> dict[str, int]:
     """Check the invariants of these sales and export them (flashgate_invariant_violations)."""
     async with pool.acquire() as conn:
-        found = {"oversold": int(await conn.fetchval(AUDIT_OVERSOLD, sale_ids)),
-                 "duplicate_keys": int(await conn.fetchval(AUDIT_DUPLICATE_KEYS, sale_ids))}
+        found = {
+            "oversold": int(await conn.fetchval(AUDIT_OVERSOLD, sale_ids)),
+            "duplicate_keys": int(await conn.fetchval(AUDIT_DUPLICATE_KEYS, sale_ids)),
+        }
     for name, n in found.items():
         metrics.INVARIANT_VIOLATIONS.labels(name).set(n)
         if n:
@@ -196,16 +212,24 @@ async def reconcile_current(redis: Any, keys: Any, pool: Any) -> dict[str, dict[
     list_drift = await durable.sync_lists(pool, redis, keys, write=False) if sales else 0
     for sale_id in sales:
         report = await check(redis, keys, pool, sale_id, orders=False)
-        risk = {"risk_list_entries": list_drift,
-                "risk_override": await durable.sync_override(pool, redis, keys, sale_id,
-                                                             write=False)}
+        risk = {
+            "risk_list_entries": list_drift,
+            "risk_override": await durable.sync_override(pool, redis, keys, sale_id, write=False),
+        }
         found[sale_id] = {**report.drift, **risk}
         if report.drift.get("missing_ledger"):
-            log.error("sale %s: PostgreSQL knows it, Redis has no ledger: paused until "
-                      "`flashgate reconcile %s`", sale_id, sale_id)
+            log.error(
+                "sale %s: PostgreSQL knows it, Redis has no ledger: paused until "
+                "`flashgate reconcile %s`",
+                sale_id,
+                sale_id,
+            )
         elif not report.ok or any(risk.values()):
-            log.error("sale %s: reconciliation drift %s", sale_id,
-                      {k: v for k, v in found[sale_id].items() if v})
+            log.error(
+                "sale %s: reconciliation drift %s",
+                sale_id,
+                {k: v for k, v in found[sale_id].items() if v},
+            )
     metrics.RECONCILE_DRIFT.clear()  # sales no longer current leave the gauge
     for sale_id, drift in found.items():
         for kind in metrics.RECONCILE_KINDS:
@@ -245,8 +269,9 @@ async def heartbeat_loop(worker: Worker) -> None:
                 try:
                     await reconcile_current(rt.redis, rt.keys, rt.pool)
                 except Exception as exc:  # noqa: BLE001 - a backend away: the next run retries
-                    log.warning("worker %s: reconciliation failed: %s", worker.name,
-                                type(exc).__name__)
+                    log.warning(
+                        "worker %s: reconciliation failed: %s", worker.name, type(exc).__name__
+                    )
             await worker._sleep(beat, "heartbeat")  # noqa: SLF001 - wakes at once on stop
     finally:
         with contextlib.suppress(Exception):
@@ -259,7 +284,7 @@ async def alive_workers(redis: object, keys: object, prefix: str = "") -> list[s
     head = pattern[:-1]
     names = []
     async for key in redis.scan_iter(match=pattern, count=1000):  # type: ignore[attr-defined]
-        name = key[len(head):]
+        name = key[len(head) :]
         if name.startswith(prefix):
             names.append(name)
     return sorted(names)

@@ -130,7 +130,10 @@ SELECT order_id FROM orders WHERE order_id = ANY($1::text[]) AND status = 'deliv
 
 # -- the transaction ------------------------------------------------------------------------
 async def persist_batch(
-    conn: asyncpg.Connection, sale_id: str, rows: list[OrderRow], now: datetime,
+    conn: asyncpg.Connection,
+    sale_id: str,
+    rows: list[OrderRow],
+    now: datetime,
     actor: str = "worker",
 ) -> BatchOutcome:
     """Write one batch of one sale in one transaction; the caller acks only after this returns."""
@@ -138,14 +141,18 @@ async def persist_batch(
     if not rows:
         return out
     async with conn.transaction():
-        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM sales WHERE sale_id = $1)",
-                                   sale_id):
+        if not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM sales WHERE sale_id = $1)", sale_id
+        ):
             out.rejected = dict.fromkeys((r.order_id for r in rows), UNKNOWN_SALE)
             return out
-        known = {rec[0] for rec in await conn.fetch(
-            "SELECT channel_id FROM channels WHERE channel_id = ANY($1::text[])",
-            list({r.channel_id for r in rows}),
-        )}
+        known = {
+            rec[0]
+            for rec in await conn.fetch(
+                "SELECT channel_id FROM channels WHERE channel_id = ANY($1::text[])",
+                list({r.channel_id for r in rows}),
+            )
+        }
         out.rejected = {r.order_id: UNKNOWN_CHANNEL for r in rows if r.channel_id not in known}
         # Sorted, so that two workers upserting overlapping batches lock rows in one order.
         rows = sorted((r for r in rows if r.channel_id in known), key=lambda r: r.order_id)
@@ -153,41 +160,69 @@ async def persist_batch(
             return out
         order_ids = [r.order_id for r in rows]
         await conn.execute(
-            UPSERT_ORDERS, sale_id, order_ids,
-            [r.channel_id for r in rows], [r.user_id for r in rows], [r.quantity for r in rows],
-            [r.status for r in rows], [r.payment_ref for r in rows],
-            [r.reserved_at for r in rows], [r.confirmed_at for r in rows],
+            UPSERT_ORDERS,
+            sale_id,
+            order_ids,
+            [r.channel_id for r in rows],
+            [r.user_id for r in rows],
+            [r.quantity for r in rows],
+            [r.status for r in rows],
+            [r.payment_ref for r in rows],
+            [r.reserved_at for r in rows],
+            [r.confirmed_at for r in rows],
             [r.ended_at for r in rows],
         )
         refunded = await conn.fetch(SETTLE_RESERVED_REFUNDS, order_ids, now)
-        await enqueue_refunded(conn, [
-            (r["channel_id"], OrderRefundedHook(r["order_id"], sale_id, r["user_id"],
-                                                r["quantity"], r["refunded_at"], 0))
-            for r in refunded])
+        await enqueue_refunded(
+            conn,
+            [
+                (
+                    r["channel_id"],
+                    OrderRefundedHook(
+                        r["order_id"], sale_id, r["user_id"], r["quantity"], r["refunded_at"], 0
+                    ),
+                )
+                for r in refunded
+            ],
+        )
         served, out.short, allocated = await _allocate(conn, sale_id, order_ids, now, actor)
         out.keys_allocated = len(allocated)
         if served:
             done = await conn.fetch(MARK_DELIVERED, served, now)
             marked = {d["order_id"] for d in done}
             pairs = [(k, o) for k, o in allocated if o in marked]
-            await conn.execute(LOG_DELIVERED_KEYS, [k for k, _ in pairs], [o for _, o in pairs],
-                               now, actor)
             await conn.execute(
-                ENQUEUE_WEBHOOKS, DELIVERED_EVENT,
-                [d["order_id"] for d in done], [d["channel_id"] for d in done],
-                [_encode(OrderDelivered(d["order_id"], sale_id, d["user_id"], d["quantity"], now))
-                 for d in done],
+                LOG_DELIVERED_KEYS, [k for k, _ in pairs], [o for _, o in pairs], now, actor
+            )
+            await conn.execute(
+                ENQUEUE_WEBHOOKS,
+                DELIVERED_EVENT,
+                [d["order_id"] for d in done],
+                [d["channel_id"] for d in done],
+                [
+                    _encode(
+                        OrderDelivered(d["order_id"], sale_id, d["user_id"], d["quantity"], now)
+                    )
+                    for d in done
+                ],
             )
         out.delivered = [rec[0] for rec in await conn.fetch(DELIVERED_AMONG, order_ids)]
     if out.short:
         # Ids and counts only: never a key, never a secret.
-        log.warning("sale %s: not enough free card keys for %d confirmed order(s), retrying later",
-                    sale_id, len(out.short))
+        log.warning(
+            "sale %s: not enough free card keys for %d confirmed order(s), retrying later",
+            sale_id,
+            len(out.short),
+        )
     return out
 
 
 async def _allocate(
-    conn: asyncpg.Connection, sale_id: str, order_ids: list[str], now: datetime, actor: str,
+    conn: asyncpg.Connection,
+    sale_id: str,
+    order_ids: list[str],
+    now: datetime,
+    actor: str,
 ) -> tuple[list[str], list[str], list[tuple[int, str]]]:
     """Give every confirmed, key-less order its keys, whole or not at all.
 
@@ -198,8 +233,9 @@ async def _allocate(
     need = await conn.fetch(NEEDING_KEYS, order_ids)
     if not need:
         return [], [], []
-    free: list[int] = [r[0] for r in await conn.fetch(
-        LOCK_FREE_KEYS, sale_id, sum(r["quantity"] for r in need))]
+    free: list[int] = [
+        r[0] for r in await conn.fetch(LOCK_FREE_KEYS, sale_id, sum(r["quantity"] for r in need))
+    ]
     key_ids: list[int] = []
     owners: list[str] = []
     served: list[str] = []
@@ -208,12 +244,13 @@ async def _allocate(
         if len(free) - len(key_ids) < quantity:
             short.append(order_id)
             continue
-        key_ids.extend(free[len(key_ids):len(key_ids) + quantity])
+        key_ids.extend(free[len(key_ids) : len(key_ids) + quantity])
         owners.extend([order_id] * quantity)
         served.append(order_id)
     if key_ids:
         status = await conn.execute(ASSIGN_KEYS, key_ids, owners, now, actor)
         if status != f"INSERT 0 {len(key_ids)}":  # can't happen while we hold the row locks
-            raise RuntimeError(f"sale {sale_id}: key allocation touched {status}, "
-                               f"expected {len(key_ids)}")
+            raise RuntimeError(
+                f"sale {sale_id}: key allocation touched {status}, expected {len(key_ids)}"
+            )
     return served, short, list(zip(key_ids, owners, strict=True))

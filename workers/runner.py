@@ -43,8 +43,12 @@ SALES_REFRESH_S = 1.0  # how soon a newly activated sale gets a consumer
 WEBHOOK_POLL_S = 0.5
 DRAIN_TIMEOUT_S = 30.0  # past this, stop anyway: unacked entries are reclaimed by others
 POSTGRES_DOWN: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-    asyncpg.InterfaceError, asyncpg.exceptions.AdminShutdownError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
 )
 """Failures meaning PostgreSQL is unreachable (not that this batch is bad)."""
 
@@ -54,9 +58,15 @@ def default_consumer_name() -> str:
 
 
 class Worker:
-    def __init__(self, rt: Runtime, *, name: str | None = None,
-                 sale_ids: Iterable[str] | None = None, after_commit: AfterCommit | None = None,
-                 http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        *,
+        name: str | None = None,
+        sale_ids: Iterable[str] | None = None,
+        after_commit: AfterCommit | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
         """`sale_ids` limits the worker to those sales (tests, sharding); default: all active."""
         self.rt = rt
         self.name = name or default_consumer_name()
@@ -76,21 +86,27 @@ class Worker:
 
     async def streams(self) -> list[tuple[str, str]]:
         """(sale, ledger shard) of every stream to consume: one per stock bucket of each sale."""
-        return [(sale_id, shard) for sale_id in await self.sale_ids()
-                for shard in await self.rt.ledger.shards(sale_id)]
+        return [
+            (sale_id, shard)
+            for sale_id in await self.sale_ids()
+            for shard in await self.rt.ledger.shards(sale_id)
+        ]
 
     def consumer_name(self, index: int) -> str:
         """The first consumer keeps the worker's name, so a restart rereads its pending list."""
         return self.name if index == 0 else f"{self.name}/{index + 1}"
 
-    async def consumer(self, sale_id: str, index: int = 0, shard: str | None = None,
-                       ) -> SaleConsumer:
+    async def consumer(
+        self,
+        sale_id: str,
+        index: int = 0,
+        shard: str | None = None,
+    ) -> SaleConsumer:
         """Consumer `index` of the stream of `shard` (default: the sale's own, bucket 0)."""
         shard = shard or sale_id
         c = self.consumers.get((shard, index))
         if c is None:
-            c = SaleConsumer(self.rt, sale_id, self.consumer_name(index), self.after_commit,
-                             shard)
+            c = SaleConsumer(self.rt, sale_id, self.consumer_name(index), self.after_commit, shard)
             await c.ensure_group()
             self.consumers[(shard, index)] = c
         return c
@@ -163,9 +179,11 @@ class Worker:
             http = self._http
             if http is None:
                 http = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
-            tasks = {asyncio.create_task(self._sweep_loop(), name="sweeper"),
-                     asyncio.create_task(self._webhook_loop(http), name="webhooks"),
-                     asyncio.create_task(worker_metrics.heartbeat_loop(self), name="heartbeat")}
+            tasks = {
+                asyncio.create_task(self._sweep_loop(), name="sweeper"),
+                asyncio.create_task(self._webhook_loop(http), name="webhooks"),
+                asyncio.create_task(worker_metrics.heartbeat_loop(self), name="heartbeat"),
+            }
             consuming: dict[tuple[str, int], asyncio.Task[None]] = {}
             try:
                 while not self.stopping:
@@ -190,8 +208,10 @@ class Worker:
 
     async def _sleep(self, seconds: float, loop: str | None = None) -> None:
         """Wait `seconds` (less if stopped); for `loop`, a deliberate wait, not a stall."""
-        with contextlib.suppress(TimeoutError), \
-                self.liveness.waiting(loop) if loop else contextlib.nullcontext():
+        with (
+            contextlib.suppress(TimeoutError),
+            self.liveness.waiting(loop) if loop else contextlib.nullcontext(),
+        ):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _safe_streams(self) -> list[tuple[str, str]]:
@@ -201,8 +221,12 @@ class Worker:
             log.exception("worker %s: listing active sales failed", self.name)
             return []
 
-    async def _consume_loop(self, sale_id: str, index: int = 0, shard: str | None = None,
-                            ) -> None:
+    async def _consume_loop(
+        self,
+        sale_id: str,
+        index: int = 0,
+        shard: str | None = None,
+    ) -> None:
         settings = self.rt.settings
         reclaim_every = settings.worker_claim_idle_ms / 2000
         last_reclaim, failures = 0.0, 0
@@ -225,7 +249,7 @@ class Worker:
                 if c is not None:
                     c.restart_from_pending()
                 with self.liveness.waiting(loop):  # backing off from a backend: not wedged
-                    await self._sleep(min(0.1 * 2 ** failures, 5.0))
+                    await self._sleep(min(0.1 * 2**failures, 5.0))
                     if isinstance(exc, POSTGRES_DOWN):
                         # Each re-read of the batch counts as a delivery, and
                         # worker_max_deliveries of them dead-letter it: while PostgreSQL is
@@ -243,8 +267,12 @@ class Worker:
                     await self.rt.pool.fetchval("SELECT 1")
                 return
             except (*POSTGRES_DOWN, asyncpg.PostgresError) as exc:
-                log.warning("worker %s: PostgreSQL unavailable (%s), retrying in %.1f s",
-                            self.name, type(exc).__name__, delay)
+                log.warning(
+                    "worker %s: PostgreSQL unavailable (%s), retrying in %.1f s",
+                    self.name,
+                    type(exc).__name__,
+                    delay,
+                )
             await self._sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -289,8 +317,9 @@ async def serve(settings: Settings) -> None:
     exporter = None
     try:
         # /metrics and /healthz (liveness) on the worker's own loop: a wedged loop answers none
-        exporter = await worker_metrics.serve(worker, settings.worker_metrics_port,
-                                              settings.metrics_host or "0.0.0.0")
+        exporter = await worker_metrics.serve(
+            worker, settings.worker_metrics_port, settings.metrics_host or "0.0.0.0"
+        )
         await worker.run()
     finally:
         if exporter is not None:

@@ -120,9 +120,17 @@ def backoff_s(attempts: int, base_s: float) -> float:
 
 
 class Dispatcher:
-    def __init__(self, pool: asyncpg.Pool, keyring: Keyring, settings: Settings,
-                 http: httpx.AsyncClient, *, channel_ids: Iterable[str] | None = None,
-                 backoff_base_s: float = 1.0, batch: int = BATCH) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        keyring: Keyring,
+        settings: Settings,
+        http: httpx.AsyncClient,
+        *,
+        channel_ids: Iterable[str] | None = None,
+        backoff_base_s: float = 1.0,
+        batch: int = BATCH,
+    ) -> None:
         self.pool = pool
         self.keyring = keyring
         self.settings = settings
@@ -143,23 +151,34 @@ class Dispatcher:
                     secrets[row["channel_id"]] = await self._secret(conn, row)
         if not rows:
             return 0
-        results = await asyncio.gather(*(self._post(row, secrets[row["channel_id"]])
-                                         for row in rows))
+        results = await asyncio.gather(
+            *(self._post(row, secrets[row["channel_id"]]) for row in rows)
+        )
         async with self.pool.acquire() as conn:
             for result, row in zip(results, rows, strict=True):
-                worker_metrics.webhook(result.ok, row["attempts"] + 1,
-                                       self.settings.webhook_max_attempts)
+                worker_metrics.webhook(
+                    result.ok, row["attempts"] + 1, self.settings.webhook_max_attempts
+                )
                 if result.ok:
                     await conn.execute(RECORD_SUCCESS, result.row_id)
                 else:
                     attempts = row["attempts"] + 1
-                    await conn.execute(RECORD_FAILURE, result.row_id, result.error,
-                                       backoff_s(attempts, self.backoff_base_s),
-                                       self.settings.webhook_max_attempts)
-                    log.warning("webhook %s for order %s to channel %s failed (attempt %d): "
-                                "%s%s", row["event"], row["order_id"], row["channel_id"],
-                                attempts, result.error,
-                                f" ({result.detail})" if result.detail else "")
+                    await conn.execute(
+                        RECORD_FAILURE,
+                        result.row_id,
+                        result.error,
+                        backoff_s(attempts, self.backoff_base_s),
+                        self.settings.webhook_max_attempts,
+                    )
+                    log.warning(
+                        "webhook %s for order %s to channel %s failed (attempt %d): %s%s",
+                        row["event"],
+                        row["order_id"],
+                        row["channel_id"],
+                        attempts,
+                        result.error,
+                        f" ({result.detail})" if result.detail else "",
+                    )
         return len(rows)
 
     async def dispatch_due(self) -> int:
@@ -169,8 +188,9 @@ class Dispatcher:
             total += n
         return total
 
-    async def _secret(self, conn: asyncpg.Connection,
-                      row: asyncpg.Record) -> list[ChannelSecret] | None:
+    async def _secret(
+        self, conn: asyncpg.Connection, row: asyncpg.Record
+    ) -> list[ChannelSecret] | None:
         """The channel's current secret, then the rotated-out one while it still signs."""
         sealed = [(row["webhook_secret"], row["webhook_secret_form"])]
         if row["prev_secret"] is not None:
@@ -178,8 +198,10 @@ class Dispatcher:
         aad = row["channel_id"].encode()
         try:
             dek = await self.keyring.dek(conn, row["webhook_dek_id"])
-            return [ChannelSecret(open_sealed(dek, s[:NONCE_BYTES], s[NONCE_BYTES:], aad), form)
-                    for s, form in sealed]
+            return [
+                ChannelSecret(open_sealed(dek, s[:NONCE_BYTES], s[NONCE_BYTES:], aad), form)
+                for s, form in sealed
+            ]
         except DecryptionError as exc:
             log.error("channel %s: webhook secret does not open: %s", row["channel_id"], exc)
             return None
@@ -207,8 +229,9 @@ class Dispatcher:
             DELIVERY_HEADER: delivery_id,
             STANDARD_ID_HEADER: delivery_id,
             STANDARD_TIMESTAMP_HEADER: str(now),
-            STANDARD_SIGNATURE_HEADER: sign_standard([s.raw for s in secrets], delivery_id,
-                                                     now, body),
+            STANDARD_SIGNATURE_HEADER: sign_standard(
+                [s.raw for s in secrets], delivery_id, now, body
+            ),
         }
         extensions = {}
         if target.sni_hostname:
@@ -219,9 +242,15 @@ class Dispatcher:
         try:
             # No redirects (a 3xx is a failure): the channel registered this exact URL. The
             # response body is never read.
-            async with self.http.stream("POST", target.url, content=body, headers=headers,
-                                        timeout=timeout, follow_redirects=False,
-                                        extensions=extensions) as response:
+            async with self.http.stream(
+                "POST",
+                target.url,
+                content=body,
+                headers=headers,
+                timeout=timeout,
+                follow_redirects=False,
+                extensions=extensions,
+            ) as response:
                 status = response.status_code
         except httpx.TimeoutException as exc:
             return Attempt(row["id"], False, TIMEOUT, type(exc).__name__)

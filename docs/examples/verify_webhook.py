@@ -16,8 +16,7 @@ import time
 TOLERANCE_S = 300  # refuse deliveries signed more than 5 minutes from now (replays)
 
 
-def verify(secret: str, body: bytes, signature_header: str,
-           now: float | None = None) -> bool:
+def verify(secret: str, body: bytes, signature_header: str, now: float | None = None) -> bool:
     """secret: the channel's webhook_secret exactly as Flashgate showed it;
     body: the raw request body (bytes, before any JSON parsing);
     signature_header: the Flashgate-Signature header, `t=<unix s>,v1=<hex>[,v1=<hex>...]`."""

@@ -49,19 +49,27 @@ async def naive_purchase(request: Request) -> Response:
     async with gw.runtime.pool.acquire() as conn, conn.transaction():
         prev = await conn.fetchrow(
             "SELECT order_id, expires_at FROM bench_naive.orders"
-            " WHERE channel_id = $1 AND idempotency_key = $2", channel_id, idem)
+            " WHERE channel_id = $1 AND idempotency_key = $2",
+            channel_id,
+            idem,
+        )
         if prev is not None:
             out = PurchaseOut(prev["order_id"], "reserved", rfc3339_ms(prev["expires_at"]))
             return JSONResponse(out, status_code=201, headers={"Idempotent-Replayed": "true"})
         sale = await conn.fetchrow(
             "UPDATE bench_naive.stock SET available = available - $2"
             " WHERE sale_id = $1 AND available >= $2 RETURNING per_user_limit, ttl_ms",
-            sale_id, body.quantity)
+            sale_id,
+            body.quantity,
+        )
         if sale is None:
             raise errors.SoldOut()
         held = await conn.fetchval(
             "SELECT coalesce(sum(quantity), 0) FROM bench_naive.orders"
-            " WHERE sale_id = $1 AND user_id = $2", sale_id, body.user_id)
+            " WHERE sale_id = $1 AND user_id = $2",
+            sale_id,
+            body.user_id,
+        )
         if held + body.quantity > sale["per_user_limit"]:
             raise errors.PurchaseLimitExceeded()  # rolls the stock update back
         order_id = new_order_id(sale_id, now)
@@ -70,11 +78,17 @@ async def naive_purchase(request: Request) -> Response:
             await conn.execute(
                 "INSERT INTO bench_naive.orders (order_id, sale_id, channel_id, idempotency_key,"
                 " user_id, quantity, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                order_id, sale_id, channel_id, idem, body.user_id, body.quantity, expires_at)
+                order_id,
+                sale_id,
+                channel_id,
+                idem,
+                body.user_id,
+                body.quantity,
+                expires_at,
+            )
         except asyncpg.UniqueViolationError:
             raise errors.IdempotencyMismatch() from None  # a concurrent twin won
-    return JSONResponse(PurchaseOut(order_id, "reserved", rfc3339_ms(expires_at)),
-                        status_code=201)
+    return JSONResponse(PurchaseOut(order_id, "reserved", rfc3339_ms(expires_at)), status_code=201)
 
 
 routes = [

@@ -47,8 +47,10 @@ async def _postgres(rt: Runtime) -> dict[str, str]:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S), rt.pool.acquire() as conn:
             pending = await pending_migrations(conn)
-        return {"postgres": "ok",
-                "migrations": "ok" if not pending else f"pending: {', '.join(pending)}"}
+        return {
+            "postgres": "ok",
+            "migrations": "ok" if not pending else f"pending: {', '.join(pending)}",
+        }
     except Exception as exc:  # noqa: BLE001 - reported, not failing readiness
         return {"postgres": type(exc).__name__}
 
@@ -58,8 +60,10 @@ async def readyz(request: Request) -> Response:
     redis, postgres = await asyncio.gather(_redis(rt), _postgres(rt))
     checks = {**redis, **postgres}
     ready = redis.get("redis") == "ok" and redis.get("scripts") in ("ok", "reloaded")
-    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
 
 
 routes = [

@@ -26,8 +26,7 @@ def metrics_app(runtime: Runtime, refresh_s: float) -> Starlette:
     """The metrics port's whole application: GET /metrics, 404 for anything else."""
 
     async def prometheus_metrics(request: Request) -> Response:
-        await metrics.LEDGER.refresh(runtime.redis, runtime.keys, WORKER_GROUP,
-                                     max_age_s=refresh_s)
+        await metrics.LEDGER.refresh(runtime.redis, runtime.keys, WORKER_GROUP, max_age_s=refresh_s)
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 

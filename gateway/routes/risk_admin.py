@@ -1,11 +1,11 @@
 """Admin API of the risk engine: block/allow lists, per-sale config overrides, decision counts.
 
-    GET    /v1/admin/risk/lists/{action}/{kind}      action: allow|block
-    POST   /v1/admin/risk/lists/{action}/{kind}      kind: user|device|ip|cidr
-    DELETE /v1/admin/risk/lists/{action}/{kind}      body {"entries": [...]}
-    GET    /v1/admin/sales/{sale_id}/risk            {"effective": {...}, "override": {...}}
-    PUT    /v1/admin/sales/{sale_id}/risk            body: the override (partial config)
-    GET    /v1/admin/risk/stats                      decisions by verdict and rule (this process)
+GET    /v1/admin/risk/lists/{action}/{kind}      action: allow|block
+POST   /v1/admin/risk/lists/{action}/{kind}      kind: user|device|ip|cidr
+DELETE /v1/admin/risk/lists/{action}/{kind}      body {"entries": [...]}
+GET    /v1/admin/sales/{sale_id}/risk            {"effective": {...}, "override": {...}}
+PUT    /v1/admin/sales/{sale_id}/risk            body: the override (partial config)
+GET    /v1/admin/risk/stats                      decisions by verdict and rule (this process)
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ async def _engine(request: Request) -> ScoringEngine:
 def _list_path(request: Request) -> tuple[str, str]:
     action, kind = request.path_params["action"], request.path_params["kind"]
     if action not in ACTIONS or kind not in KINDS:
-        raise errors.NotFound(f"no such list (action: {'|'.join(ACTIONS)}, "
-                              f"kind: {'|'.join(KINDS)})")
+        raise errors.NotFound(
+            f"no such list (action: {'|'.join(ACTIONS)}, kind: {'|'.join(KINDS)})"
+        )
     return action, kind
 
 
@@ -71,8 +72,10 @@ def _sale(request: Request) -> str:
 
 
 async def _config_out(engine: ScoringEngine, sale_id: str) -> dict[str, Any]:
-    return {"effective": msgspec.to_builtins(await engine.configs.get(sale_id)),
-            "override": await engine.configs.override(sale_id)}
+    return {
+        "effective": msgspec.to_builtins(await engine.configs.get(sale_id)),
+        "override": await engine.configs.override(sale_id),
+    }
 
 
 _MAX_DEPTH = 8  # a RiskConfig is 3 levels deep

@@ -55,8 +55,9 @@ def idempotency_key(request: Request) -> str:
 
 def request_fingerprint(sale_id: str, body: PurchaseBody) -> str:
     """Identifies 'the same request' for idempotency: the sale and the whole decoded body."""
-    digest = hashlib.blake2b(sale_id.encode() + b"\0" + _fingerprint_encoder.encode(body),
-                             digest_size=16)
+    digest = hashlib.blake2b(
+        sale_id.encode() + b"\0" + _fingerprint_encoder.encode(body), digest_size=16
+    )
     return digest.hexdigest()
 
 
@@ -72,38 +73,55 @@ async def purchase(request: Request) -> Response:
     body = await decode(request, PurchaseBody)
     address = parse_ip(body.client_ip)
     if address is None:  # a client's mistake: never scored as a risk signal
-        raise errors.InvalidRequest("Expected an IPv4 or IPv6 address, with nothing around it"
-                                    " - at `$.client_ip`")
+        raise errors.InvalidRequest(
+            "Expected an IPv4 or IPv6 address, with nothing around it - at `$.client_ip`"
+        )
     req = PurchaseRequest(
-        sale_id=sale_id, channel_id=channel_id, idempotency_key=idem,
-        fingerprint=request_fingerprint(sale_id, body), user_id=body.user_id,
-        quantity=body.quantity, payment_ref=body.payment_ref or "",
+        sale_id=sale_id,
+        channel_id=channel_id,
+        idempotency_key=idem,
+        fingerprint=request_fingerprint(sale_id, body),
+        user_id=body.user_id,
+        quantity=body.quantity,
+        payment_ref=body.payment_ref or "",
     )
     try:
         reservation = await _reserve(gw, request, req, body, address)
     except WrongBuckets:  # the sale has stock buckets this process didn't know of: now it does
         reservation = await _reserve(gw, request, req, body, address)
-    out = PurchaseOut(reservation.order_id, reservation.status,
-                      rfc3339_ms(reservation.expires_at_ms))
+    out = PurchaseOut(
+        reservation.order_id, reservation.status, rfc3339_ms(reservation.expires_at_ms)
+    )
     headers = {"Idempotent-Replayed": "true"} if reservation.replayed else None
     metrics.count_purchase("replayed" if reservation.replayed else reservation.status)
     return JSONResponse(out, status_code=201, headers=headers)
 
 
-async def _reserve(gw: GatewayState, request: Request, req: PurchaseRequest,
-                   body: PurchaseBody, address: IPAddress) -> Reservation:
+async def _reserve(
+    gw: GatewayState, request: Request, req: PurchaseRequest, body: PurchaseBody, address: IPAddress
+) -> Reservation:
     """Risk, then the reservation on the buyer's home bucket (the sale itself, unless the sale
     has several stock buckets)."""
     ledger = gw.runtime.ledger
     route = ledger.route(req.sale_id, req.user_id)
     buckets, home = route
-    plan = await gw.risk.plan(RiskContext(
-        sale_id=req.sale_id, channel_id=req.channel_id, user_id=body.user_id,
-        device_id=body.device_id, client_ip=body.client_ip, user_agent=body.user_agent,
-        quantity=body.quantity, challenge_solution=request.headers.get(SOLUTION_HEADER) or None,
-        idempotency_key=req.idempotency_key, fingerprint=req.fingerprint, address=address,
-        shard=shard_id(req.sale_id, home) if buckets > 1 else "", buckets=buckets,
-    ))
+    plan = await gw.risk.plan(
+        RiskContext(
+            sale_id=req.sale_id,
+            channel_id=req.channel_id,
+            user_id=body.user_id,
+            device_id=body.device_id,
+            client_ip=body.client_ip,
+            user_agent=body.user_agent,
+            quantity=body.quantity,
+            challenge_solution=request.headers.get(SOLUTION_HEADER) or None,
+            idempotency_key=req.idempotency_key,
+            fingerprint=req.fingerprint,
+            address=address,
+            shard=shard_id(req.sale_id, home) if buckets > 1 else "",
+            buckets=buckets,
+        )
+    )
     if isinstance(plan, Decision):  # decided before the ledger: lists, risk off, split mode
         refuse_unless_allowed(plan)
         return await ledger.reserve(req)
@@ -118,8 +136,7 @@ def refuse_unless_allowed(decision: Decision) -> None:
     if decision.verdict is Verdict.DENY:
         raise errors.RiskDenied(reasons=list(decision.reasons))
     if decision.verdict is Verdict.CHALLENGE:
-        raise errors.ChallengeRequired(reasons=list(decision.reasons),
-                                       challenge=decision.challenge)
+        raise errors.ChallengeRequired(reasons=list(decision.reasons), challenge=decision.challenge)
 
 
 async def confirm(request: Request) -> Response:
@@ -147,9 +164,14 @@ async def refund(request: Request) -> Response:
     gw = state(request)
     channel_id = await gw.channels.channel_of(request)
     order_id = _order_id(request)
-    status = await refund_order(gw.runtime, order_id, channel_id,
-                                actor=f"channel:{channel_id}", request_id=REQUEST_ID.get() or None,
-                                client_request_id=CLIENT_REQUEST_ID.get() or None)
+    status = await refund_order(
+        gw.runtime,
+        order_id,
+        channel_id,
+        actor=f"channel:{channel_id}",
+        request_id=REQUEST_ID.get() or None,
+        client_request_id=CLIENT_REQUEST_ID.get() or None,
+    )
     return JSONResponse(OrderStatusOut(order_id, status))
 
 
@@ -169,8 +191,11 @@ async def get_order(request: Request) -> Response:
         if live.get("ch") != channel_id:
             raise errors.NotFound("no such order")
         out = OrderOut(
-            order_id=order_id, sale_id=sale_of_order(order_id), user_id=live["user"],
-            quantity=int(live["qty"]), status=live["status"],
+            order_id=order_id,
+            sale_id=sale_of_order(order_id),
+            user_id=live["user"],
+            quantity=int(live["qty"]),
+            status=live["status"],
             expires_at=rfc3339_ms(int(live["exp"])) if live["status"] == "reserved" else None,
         )
         if live.get("rf"):
@@ -186,16 +211,25 @@ async def get_order(request: Request) -> Response:
         if live is None:
             if row is None or row["channel_id"] != channel_id:
                 raise errors.NotFound("no such order")
-            out = OrderOut(order_id=order_id, sale_id=row["sale_id"], user_id=row["user_id"],
-                           quantity=row["quantity"], status=row["status"])
+            out = OrderOut(
+                order_id=order_id,
+                sale_id=row["sale_id"],
+                user_id=row["user_id"],
+                quantity=row["quantity"],
+                status=row["status"],
+            )
         if row is not None and row["status"] == "refunded":
             out.status = "refunded"
         elif row is not None and row["status"] == "delivered":
             out.status = "delivered"
-            out.card_keys = await reveal(conn, rt.keyring, order_id,
-                                         actor=f"channel:{channel_id}",
-                                         request_id=REQUEST_ID.get() or None,
-                                         client_request_id=CLIENT_REQUEST_ID.get() or None)
+            out.card_keys = await reveal(
+                conn,
+                rt.keyring,
+                order_id,
+                actor=f"channel:{channel_id}",
+                request_id=REQUEST_ID.get() or None,
+                client_request_id=CLIENT_REQUEST_ID.get() or None,
+            )
         elif out.status == "delivered":
             out.status = "confirmed"  # Redis ahead of a rolled-back commit: not delivered yet
     return JSONResponse(out)

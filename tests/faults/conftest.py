@@ -34,19 +34,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def fault_settings(redis_url: str, database_url: str, prefix: str | None = None,
-                   **extra: str) -> Settings:
-    return Settings.from_env({
-        "FLASHGATE_REDIS_URL": redis_url,
-        "FLASHGATE_DATABASE_URL": database_url,
-        "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "FLASHGATE_MASTER_KEY": MASTER_KEY,
-        "FLASHGATE_KEY_PREFIX": prefix or "fgf" + secrets.token_hex(4),
-        "FLASHGATE_WORKER_BLOCK_MS": "50",
-        "FLASHGATE_WORKER_CLAIM_IDLE_MS": "300",
-        "FLASHGATE_REDIS_MIN_CONNECTIONS": "2",
-        **extra,
-    })
+def fault_settings(
+    redis_url: str, database_url: str, prefix: str | None = None, **extra: str
+) -> Settings:
+    return Settings.from_env(
+        {
+            "FLASHGATE_REDIS_URL": redis_url,
+            "FLASHGATE_DATABASE_URL": database_url,
+            "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "FLASHGATE_MASTER_KEY": MASTER_KEY,
+            "FLASHGATE_KEY_PREFIX": prefix or "fgf" + secrets.token_hex(4),
+            "FLASHGATE_WORKER_BLOCK_MS": "50",
+            "FLASHGATE_WORKER_CLAIM_IDLE_MS": "300",
+            "FLASHGATE_REDIS_MIN_CONNECTIONS": "2",
+            **extra,
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -65,14 +68,19 @@ async def frt(service_urls: ServiceURLs, faults_database: str) -> AsyncIterator[
     await rt.close()
 
 
-async def app_client(settings: Settings, rt: Runtime | None = None, *, risk: bool = False,
-                     ) -> tuple[object, httpx.AsyncClient]:
+async def app_client(
+    settings: Settings,
+    rt: Runtime | None = None,
+    *,
+    risk: bool = False,
+) -> tuple[object, httpx.AsyncClient]:
     """An in-process gateway (risk off unless `risk`) and a client of it; the caller enters
     the lifespan."""
     from gateway.app import create_app
     from risk.engine import AllowAll
 
     app = create_app(settings) if risk else create_app(settings, risk=AllowAll())
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                               base_url="http://flashgate.test")
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://flashgate.test"
+    )
     return app, client

@@ -32,27 +32,36 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a `flashgate worker` / gateway child on the test's servers."""
     key = settings.active_master_key
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHGATE_")}
-    env.update({
-        "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-        "FLASHGATE_REDIS_URL": settings.redis_url,
-        "FLASHGATE_DATABASE_URL": settings.database_url.reveal(),
-        "FLASHGATE_ADMIN_TOKEN": settings.admin_token.reveal(),
-        "FLASHGATE_MASTER_KEY": f"{key.key_id}:{base64.b64encode(key.material).decode()}",
-        "FLASHGATE_KEY_PREFIX": settings.key_prefix,
-        "FLASHGATE_WORKER_BLOCK_MS": "50",
-        "FLASHGATE_WORKER_CLAIM_IDLE_MS": str(settings.worker_claim_idle_ms),
-        "FLASHGATE_SWEEP_INTERVAL_S": "0.1",
-        "FLASHGATE_REDIS_MIN_CONNECTIONS": "2",
-        "FLASHGATE_LOG_LEVEL": "WARNING",
-    })
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "FLASHGATE_REDIS_URL": settings.redis_url,
+            "FLASHGATE_DATABASE_URL": settings.database_url.reveal(),
+            "FLASHGATE_ADMIN_TOKEN": settings.admin_token.reveal(),
+            "FLASHGATE_MASTER_KEY": f"{key.key_id}:{base64.b64encode(key.material).decode()}",
+            "FLASHGATE_KEY_PREFIX": settings.key_prefix,
+            "FLASHGATE_WORKER_BLOCK_MS": "50",
+            "FLASHGATE_WORKER_CLAIM_IDLE_MS": str(settings.worker_claim_idle_ms),
+            "FLASHGATE_SWEEP_INTERVAL_S": "0.1",
+            "FLASHGATE_REDIS_MIN_CONNECTIONS": "2",
+            "FLASHGATE_LOG_LEVEL": "WARNING",
+        }
+    )
     env.update(extra)
     return env
 
 
 def imports_this_tree(env: dict[str, str]) -> bool:
     """The children's interpreter, with this env, imports the modules of this tree."""
-    out = subprocess.run([sys.executable, "-c", "import workers.faults as m; print(m.__file__)"],
-                         env=env, capture_output=True, text=True, timeout=30, cwd="/")
+    out = subprocess.run(
+        [sys.executable, "-c", "import workers.faults as m; print(m.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
     return out.stdout.strip().startswith(str(ROOT))
 
 
@@ -60,8 +69,12 @@ def start_worker(env: dict[str, str], log_dir: Path, name: str) -> Child:
     return spawn(name, worker_argv(), env, log_dir)
 
 
-def start_gateway(env: dict[str, str], log_dir: Path, port: int, name: str = "gateway",
-                  ) -> Child:
+def start_gateway(
+    env: dict[str, str],
+    log_dir: Path,
+    port: int,
+    name: str = "gateway",
+) -> Child:
     return spawn(name, gateway_argv("127.0.0.1", port), env, log_dir)
 
 
@@ -163,27 +176,35 @@ class AuditResult:
     report: dict[str, object] = field(default_factory=dict)
 
 
-async def wait_quiescent(rt: Runtime, sale_id: str, confirmed: Iterable[str],
-                         timeout_s: float = 60) -> None:
+async def wait_quiescent(
+    rt: Runtime, sale_id: str, confirmed: Iterable[str], timeout_s: float = 60
+) -> None:
     """Until every given order is delivered in PostgreSQL and the sale's stream is settled."""
     ids = list(confirmed)
     deadline = time.monotonic() + timeout_s
     while True:
         delivered = await rt.pool.fetchval(
-            "SELECT count(*) FROM orders WHERE order_id = ANY($1) AND status = 'delivered'", ids)
+            "SELECT count(*) FROM orders WHERE order_id = ANY($1) AND status = 'delivered'", ids
+        )
         report = await check(rt.redis, rt.keys, rt.pool, sale_id, orders=False)
         if delivered == len(ids) and report.quiescent:
             return
         dead = await rt.redis.xlen(rt.keys.dead_letters(sale_id))
         assert not dead, f"{dead} entries dead-lettered"
         if time.monotonic() > deadline:
-            raise AssertionError(f"{delivered}/{len(ids)} delivered, quiescent "
-                                 f"{report.quiescent} after {timeout_s} s")
+            raise AssertionError(
+                f"{delivered}/{len(ids)} delivered, quiescent "
+                f"{report.quiescent} after {timeout_s} s"
+            )
         await asyncio.sleep(0.1)
 
 
-async def audit(rt: Runtime, sale_id: str, confirmed: dict[str, int], codes: list[str],
-                ) -> AuditResult:
+async def audit(
+    rt: Runtime,
+    sale_id: str,
+    confirmed: dict[str, int],
+    codes: list[str],
+) -> AuditResult:
     """Every confirmed order delivered exactly once (its quantity of keys, distinct, imported),
     no oversell, the ledger adds up, and Redis and PostgreSQL agree (core.reconcile.check)."""
     rows = await order_rows(rt, sale_id)
@@ -198,14 +219,19 @@ async def audit(rt: Runtime, sale_id: str, confirmed: dict[str, int], codes: lis
     revealed = [c for o in allocated for c in await revealed_codes(rt, o)]
     assert len(revealed) == len(set(revealed)) == len(key_ids)
     assert set(revealed) <= set(codes)
-    live = sum(int(str(r["quantity"])) for r in rows.values()
-               if r["status"] in ("reserved", "confirmed", "delivered"))
+    live = sum(
+        int(str(r["quantity"]))
+        for r in rows.values()
+        if r["status"] in ("reserved", "confirmed", "delivered")
+    )
     assert live <= len(codes)
     stock = await rt.ledger.stock(sale_id)
     assert stock is not None
     assert stock["total"] == len(codes) and stock["available"] >= 0
-    assert stock["available"] + stock["reserved"] + stock["confirmed"] + stock["delivered"] \
+    assert (
+        stock["available"] + stock["reserved"] + stock["confirmed"] + stock["delivered"]
         == stock["total"]
+    )
     pending = await rt.redis.xpending(rt.keys.events(sale_id), WORKER_GROUP)
     assert int(pending["pending"]) == 0
     assert await rt.redis.xlen(rt.keys.dead_letters(sale_id)) == 0

@@ -33,6 +33,7 @@ async def _online(primary_url: str) -> None:
     async def up() -> bool:
         replica = (await primary.info("replication")).get("slave0") or {}
         return isinstance(replica, dict) and replica.get("state") == "online"
+
     try:
         await until(up, timeout_s=15)
     finally:
@@ -41,7 +42,8 @@ async def _online(primary_url: str) -> None:
 
 @pytest.mark.timeout(90)
 async def test_reconcile_reports_postgres_ahead_after_a_lossy_failover(
-        faults_database: str) -> None:
+    faults_database: str,
+) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="flashgate-failover-"))
     primary = EmbeddedRedis(run_dir, name="primary")
     primary.start()
@@ -51,8 +53,9 @@ async def test_reconcile_reports_postgres_ahead_after_a_lossy_failover(
     rt = promoted = None
     try:
         await _online(primary.url)
-        rt = await Runtime.open(fault_settings(primary.url, faults_database, prefix,
-                                               FLASHGATE_REDIS_WAIT_REPLICAS="0"))
+        rt = await Runtime.open(
+            fault_settings(primary.url, faults_database, prefix, FLASHGATE_REDIS_WAIT_REPLICAS="0")
+        )
         channel, _ = await make_channel(rt)
         sale, _ = await make_sale(rt, keys=20)
         for _ in range(5):
@@ -76,9 +79,10 @@ async def test_reconcile_reports_postgres_ahead_after_a_lossy_failover(
         admin = Redis.from_url(replica.url, decode_responses=True)
         await admin.execute_command("REPLICAOF", "NO", "ONE")
         await admin.aclose()
-        promoted = await Runtime.open(fault_settings(replica.url, faults_database, prefix,
-                                                     FLASHGATE_REDIS_WAIT_REPLICAS="0"),
-                                      run_migrations=False)
+        promoted = await Runtime.open(
+            fault_settings(replica.url, faults_database, prefix, FLASHGATE_REDIS_WAIT_REPLICAS="0"),
+            run_migrations=False,
+        )
         report = await check(promoted.redis, promoted.keys, promoted.pool, sale)
         assert not report.ok
         assert report.drift["postgres_ahead"] >= 3  # 3 paid units Redis no longer knows

@@ -49,8 +49,12 @@ async def _online(primary_url: str) -> None:
     async def up() -> bool:
         info = await primary.info("replication")
         replica = info.get("slave0") or {}
-        return (isinstance(replica, dict) and replica.get("state") == "online"
-                and int(replica.get("offset", -1)) == int(info["master_repl_offset"]))
+        return (
+            isinstance(replica, dict)
+            and replica.get("state") == "online"
+            and int(replica.get("offset", -1)) == int(info["master_repl_offset"])
+        )
+
     try:
         await until(up, timeout_s=15)
     finally:
@@ -110,12 +114,15 @@ async def staged(faults_database: str, wait: str) -> AsyncIterator[Stage]:
     replica.start()
     proxy = TcpProxy("127.0.0.1", primary.port)
     await proxy.start()
-    settings = fault_settings(f"redis://127.0.0.1:{proxy.port}/0", faults_database,
-                              "fgfm" + secrets.token_hex(4),
-                              FLASHGATE_REDIS_WAIT_REPLICAS=wait,
-                              FLASHGATE_REDIS_WAIT_TIMEOUT_MS="200",
-                              FLASHGATE_REDIS_TIMEOUT_S="1",
-                              FLASHGATE_SWEEP_INTERVAL_S="0.2")
+    settings = fault_settings(
+        f"redis://127.0.0.1:{proxy.port}/0",
+        faults_database,
+        "fgfm" + secrets.token_hex(4),
+        FLASHGATE_REDIS_WAIT_REPLICAS=wait,
+        FLASHGATE_REDIS_WAIT_TIMEOUT_MS="200",
+        FLASHGATE_REDIS_TIMEOUT_S="1",
+        FLASHGATE_SWEEP_INTERVAL_S="0.2",
+    )
     rt = worker_rt = None
     task: asyncio.Task[None] | None = None
     try:
@@ -152,8 +159,9 @@ class Attempt:
     paused_seen: int = 0  # 503 sale_not_ready answers before the final one
 
 
-async def attempt(stage: Stage, channel: dict[str, str], sale: str, user: str,
-                  key: str, timeout_s: float = 25) -> Attempt:
+async def attempt(
+    stage: Stage, channel: dict[str, str], sale: str, user: str, key: str, timeout_s: float = 25
+) -> Attempt:
     """A paid purchase, retried with its Idempotency-Key while the answer is a 5xx (as a
     storefront does: 503 with Retry-After, a lost connection)."""
     out = Attempt(user, key)
@@ -161,8 +169,9 @@ async def attempt(stage: Stage, channel: dict[str, str], sale: str, user: str,
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            r = await stage.client.post(f"/v1/sales/{sale}/purchase", json=body,
-                                        headers=channel_headers(channel, key))
+            r = await stage.client.post(
+                f"/v1/sales/{sale}/purchase", json=body, headers=channel_headers(channel, key)
+            )
             if r.status_code < 500:
                 out.answer = r
                 return out
@@ -172,19 +181,24 @@ async def attempt(stage: Stage, channel: dict[str, str], sale: str, user: str,
     return out
 
 
-async def stampede(stage: Stage, channel: dict[str, str], sale: str,
-                   pairs: list[tuple[str, str]], concurrency: int = 16) -> list[Attempt]:
+async def stampede(
+    stage: Stage,
+    channel: dict[str, str],
+    sale: str,
+    pairs: list[tuple[str, str]],
+    concurrency: int = 16,
+) -> list[Attempt]:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(user: str, key: str) -> Attempt:
         async with gate:
             return await attempt(stage, channel, sale, user, key)
+
     return await asyncio.gather(*(one(u, k) for u, k in pairs))
 
 
 async def persisted(stage: Stage, sale: str) -> int:
-    return int(await stage.rt.pool.fetchval(
-        "SELECT count(*) FROM orders WHERE sale_id = $1", sale))
+    return int(await stage.rt.pool.fetchval("SELECT count(*) FROM orders WHERE sale_id = $1", sale))
 
 
 async def _lossy_failover(stage: Stage, wait: str) -> dict[str, Any]:
@@ -199,7 +213,8 @@ async def _lossy_failover(stage: Stage, wait: str) -> dict[str, Any]:
     # With WAIT they are answered 503 (no replica acks) and retried with their keys until
     # the failover is over; the worker persists them all the same (they ran on the primary).
     gap_task = asyncio.create_task(
-        stampede(stage, channel, sale, [(f"b{i}", f"b{i}") for i in range(20)]))
+        stampede(stage, channel, sale, [(f"b{i}", f"b{i}") for i in range(20)])
+    )
     if wait == "0":
         gap = await gap_task
         assert all(a.answer is not None and a.answer.status_code == 201 for a in gap)
@@ -210,8 +225,7 @@ async def _lossy_failover(stage: Stage, wait: str) -> dict[str, Any]:
 
     # The failover, while more buyers arrive: the gap's buyers again (new keys: their limit
     # must hold), and new ones.
-    later = [(f"b{i}", f"b{i}-again") for i in range(20)] + [(f"c{i}", f"c{i}")
-                                                             for i in range(40)]
+    later = [(f"b{i}", f"b{i}-again") for i in range(20)] + [(f"c{i}", f"c{i}") for i in range(40)]
     if wait == "0":
         # Unprotected, a 201 from the old primary that neither the replica nor the worker got
         # before the kill is lost for good (what WAIT is for): the rush starts at promotion.
@@ -237,7 +251,8 @@ async def _lossy_failover(stage: Stage, wait: str) -> dict[str, Any]:
     confirmed = {a.answer.json()["order_id"]: 1 for a in won if a.answer is not None}
     # every paid order PostgreSQL holds is delivered, whether its buyer heard 201 or 503
     rows = await stage.rt.pool.fetch(
-        "SELECT order_id, channel_id, user_id, status FROM orders WHERE sale_id = $1", sale)
+        "SELECT order_id, channel_id, user_id, status FROM orders WHERE sale_id = $1", sale
+    )
     for r in rows:
         assert r["status"] in ("confirmed", "delivered"), dict(r)
         confirmed[r["order_id"]] = 1
@@ -245,21 +260,31 @@ async def _lossy_failover(stage: Stage, wait: str) -> dict[str, Any]:
     result = await audit(stage.rt, sale, confirmed, codes)  # each 201 delivered, keys distinct
     rows = await stage.rt.pool.fetch(
         "SELECT user_id, count(*) AS n FROM orders WHERE sale_id = $1"
-        " AND status IN ('reserved', 'confirmed', 'delivered') GROUP BY user_id", sale)
+        " AND status IN ('reserved', 'confirmed', 'delivered') GROUP BY user_id",
+        sale,
+    )
     over = {r["user_id"]: r["n"] for r in rows if r["n"] > 1}
     assert not over, over  # per-user limits held
     assert result.keys_delivered <= KEYS
-    answers = Counter(a.answer.json().get("code", "201") if a.answer.status_code != 201
-                      else "201" for a in attempts if a.answer is not None)
+    answers = Counter(
+        a.answer.json().get("code", "201") if a.answer.status_code != 201 else "201"
+        for a in attempts
+        if a.answer is not None
+    )
     gw, wk = stage.gateway_guard, stage.worker_guard
     merged = [g.last_merge for g in (gw, wk) if g.last_merge is not None]
     assert merged, "no merge ran"
     await until(lambda: _resumed(stage), timeout_s=10)
     figures = {
-        "wait": wait, "keys": KEYS, "answers": dict(answers), "orders_201": len(won),
-        "orders_in_postgres": len(confirmed), "keys_delivered": result.keys_delivered,
+        "wait": wait,
+        "keys": KEYS,
+        "answers": dict(answers),
+        "orders_201": len(won),
+        "orders_in_postgres": len(confirmed),
+        "keys_delivered": result.keys_delivered,
         "orders_merged": sum(m.orders for m in merged),
-        "gateway_pause_s": round(gw.last_pause_s, 3), "worker_pause_s": round(wk.last_pause_s, 3),
+        "gateway_pause_s": round(gw.last_pause_s, 3),
+        "worker_pause_s": round(wk.last_pause_s, 3),
         "resumed_after_failover_s": round(resumed_after, 3),
         "paused_answers_seen": sum(a.paused_seen for a in attempts),
     }
@@ -274,14 +299,17 @@ async def _persisted_at_least(stage: Stage, sale: str, n: int) -> bool:
 async def _resumed(stage: Stage) -> bool:
     """Both processes sell on the merged primary (a guard that meets the new primary late,
     on a reconnect, pauses until its next check reads the recorded merge: milliseconds)."""
-    return all(g.merged is not None and g.merged == g.seen and not g.paused
-               for g in (stage.gateway_guard, stage.worker_guard))
+    return all(
+        g.merged is not None and g.merged == g.seen and not g.paused
+        for g in (stage.gateway_guard, stage.worker_guard)
+    )
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("wait", ["0", "auto"])
 async def test_a_lossy_failover_pauses_merges_and_sells_nothing_twice(
-        faults_database: str, wait: str) -> None:
+    faults_database: str, wait: str
+) -> None:
     async with staged(faults_database, wait) as stage:
         figures = await _lossy_failover(stage, wait)
     if wait == "0":  # the replica lacked the gap's orders: the merge brought them back
@@ -312,17 +340,26 @@ async def test_a_clean_failover_pauses_briefly_and_loses_nothing(faults_database
         assert len(won) == 10
         await until(lambda: _resumed(stage), timeout_s=10)
         resumed_after = time.monotonic() - failed_over_at
-        confirmed = {a.answer.json()["order_id"]: 1 for a in [*first, *won]
-                     if a.answer is not None}
+        confirmed = {a.answer.json()["order_id"]: 1 for a in [*first, *won] if a.answer is not None}
         await wait_quiescent(stage.rt, sale, confirmed, timeout_s=30)
         result = await audit(stage.rt, sale, confirmed, codes)
-        merges = [g.last_merge for g in (stage.gateway_guard, stage.worker_guard)
-                  if g.last_merge is not None]
+        merges = [
+            g.last_merge
+            for g in (stage.gateway_guard, stage.worker_guard)
+            if g.last_merge is not None
+        ]
         assert merges and sum(m.orders for m in merges) == 0
-        print("FAILOVER-CLEAN", json.dumps({
-            "orders": len(confirmed), "keys_delivered": result.keys_delivered,
-            "gateway_pause_s": round(stage.gateway_guard.last_pause_s, 3),
-            "resumed_after_failover_s": round(resumed_after, 3)}))
+        print(
+            "FAILOVER-CLEAN",
+            json.dumps(
+                {
+                    "orders": len(confirmed),
+                    "keys_delivered": result.keys_delivered,
+                    "gateway_pause_s": round(stage.gateway_guard.last_pause_s, 3),
+                    "resumed_after_failover_s": round(resumed_after, 3),
+                }
+            ),
+        )
 
 
 @pytest.mark.timeout(90)
@@ -340,8 +377,9 @@ async def test_reconcile_write_mode_merges_what_postgres_leads(faults_database: 
     rt = promoted = None
     try:
         await _online(primary.url)
-        rt = await Runtime.open(fault_settings(primary.url, faults_database, prefix,
-                                               FLASHGATE_REDIS_WAIT_REPLICAS="0"))
+        rt = await Runtime.open(
+            fault_settings(primary.url, faults_database, prefix, FLASHGATE_REDIS_WAIT_REPLICAS="0")
+        )
         channel, _ = await make_channel(rt)
         sale, _ = await make_sale(rt, keys=10, per_user_limit=1)
         for i in range(3):
@@ -362,9 +400,10 @@ async def test_reconcile_write_mode_merges_what_postgres_leads(faults_database: 
         admin = Redis.from_url(replica.url, decode_responses=True)
         await admin.execute_command("REPLICAOF", "NO", "ONE")
         await admin.aclose()
-        promoted = await Runtime.open(fault_settings(replica.url, faults_database, prefix,
-                                                     FLASHGATE_REDIS_WAIT_REPLICAS="0"),
-                                      run_migrations=False)
+        promoted = await Runtime.open(
+            fault_settings(replica.url, faults_database, prefix, FLASHGATE_REDIS_WAIT_REPLICAS="0"),
+            run_migrations=False,
+        )
         found = await check(promoted.redis, promoted.keys, promoted.pool, sale)
         assert found.drift["postgres_ahead_orders"] == 3, found.as_dict()
         report = await reconcile(promoted.ledger, promoted.pool, sale, write=True)

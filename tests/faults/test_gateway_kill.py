@@ -22,8 +22,7 @@ STOCK, CLIENTS = 150, 400
 
 
 @pytest.mark.timeout(120)
-async def test_gateway_killed_mid_burst_with_retrying_clients(frt: Runtime,
-                                                              tmp_path: Path) -> None:
+async def test_gateway_killed_mid_burst_with_retrying_clients(frt: Runtime, tmp_path: Path) -> None:
     env = child_env(frt.settings, FLASHGATE_RISK_ENABLED="0")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -45,8 +44,7 @@ async def test_gateway_killed_mid_burst_with_retrying_clients(frt: Runtime,
             headers = {"Authorization": f"Bearer {api_key}", "Idempotency-Key": key}
             for _ in range(200):
                 try:
-                    r = await http.post(f"/v1/sales/{sale}/purchase", json=body,
-                                        headers=headers)
+                    r = await http.post(f"/v1/sales/{sale}/purchase", json=body, headers=headers)
                 except httpx.HTTPError:
                     stats["connection_errors"] += 1
                     await asyncio.sleep(0.05)
@@ -87,8 +85,17 @@ async def test_gateway_killed_mid_burst_with_retrying_clients(frt: Runtime,
         assert len(by_user) == len(orders) == STOCK  # sold out exactly, nothing oversold
         stock = await frt.ledger.stock(sale)
         assert stock is not None and stock["available"] == 0 and stock["confirmed"] == STOCK
-        print("FAULT2", json.dumps({**stats, "clients": CLIENTS, "stock": STOCK,
-                                    "orders": len(orders),
-                                    "answers": sum(len(s) for s in answers.values())}))
+        print(
+            "FAULT2",
+            json.dumps(
+                {
+                    **stats,
+                    "clients": CLIENTS,
+                    "stock": STOCK,
+                    "orders": len(orders),
+                    "answers": sum(len(s) for s in answers.values()),
+                }
+            ),
+        )
     finally:
         stop_all(gateways)

@@ -44,9 +44,11 @@ async def test_postgres_stopped_mid_sale_loses_nothing(service_urls: ServiceURLs
             sale, codes = await create_sale(client, keys=200)
 
             async def buy(i: int) -> str:
-                r = await client.post(f"/v1/sales/{sale}/purchase",
-                                      json=purchase_body(f"u{i}", payment_ref="pay"),
-                                      headers=channel_headers(channel, f"k{i}"))
+                r = await client.post(
+                    f"/v1/sales/{sale}/purchase",
+                    json=purchase_body(f"u{i}", payment_ref="pay"),
+                    headers=channel_headers(channel, f"k{i}"),
+                )
                 assert r.status_code == 201, r.text
                 return str(r.json()["order_id"])
 
@@ -74,10 +76,19 @@ async def test_postgres_stopped_mid_sale_loses_nothing(service_urls: ServiceURLs
             failed = _failed_batches() - failed_before
             assert failed >= 1  # the workers noticed, backed off and retried
             result = await audit(rt, sale, confirmed, codes)
-            print("FAULT3", json.dumps({"outage_s": round(outage_s, 1), "sold_during": 90,
-                                        "delivered_during": int(delivered_during or 0),
-                                        "failed_batches": failed, "waiting_in_stream": waiting,
-                                        "delivered": result.keys_delivered}))
+            print(
+                "FAULT3",
+                json.dumps(
+                    {
+                        "outage_s": round(outage_s, 1),
+                        "sold_during": 90,
+                        "delivered_during": int(delivered_during or 0),
+                        "failed_batches": failed,
+                        "waiting_in_stream": waiting,
+                        "delivered": result.keys_delivered,
+                    }
+                ),
+            )
     finally:
         worker.request_stop()
         if running is not None:

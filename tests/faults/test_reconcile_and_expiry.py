@@ -43,8 +43,14 @@ async def test_reconcile_reports_drift_as_command_and_gauge(frt: Runtime) -> Non
     await reconcile_current(frt.redis, frt.keys, frt.pool)
     assert _drift_gauge(sale, "stock_total") == 1 and _drift_gauge(sale, "ledger_balance") == 1
     out = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "cli.main", "reconcile", sale, "--check"],
-        env=child_env(frt.settings), capture_output=True, text=True, timeout=60, cwd=ROOT)
+        subprocess.run,
+        [sys.executable, "-m", "cli.main", "reconcile", sale, "--check"],
+        env=child_env(frt.settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert out.returncode == 1, out.stderr
     doc = json.loads(out.stdout)
     assert not doc["ok"] and doc["drift"]["stock_total"] == 1 and not doc["rebuilt"]
@@ -53,8 +59,9 @@ async def test_reconcile_reports_drift_as_command_and_gauge(frt: Runtime) -> Non
     # The periodic job: a worker's heartbeat loop runs it every reconcile_interval_s.
     import dataclasses
 
-    rt = dataclasses.replace(frt, settings=dataclasses.replace(frt.settings,
-                                                               reconcile_interval_s=0.2))
+    rt = dataclasses.replace(
+        frt, settings=dataclasses.replace(frt.settings, reconcile_interval_s=0.2)
+    )
     before = metrics.RECONCILE_LAST_RUN._value.get()  # noqa: SLF001
     worker = Worker(rt, sale_ids=[sale])
     running = asyncio.create_task(worker.run())
@@ -104,7 +111,8 @@ async def test_sale_end_with_open_reservations_returns_stock_once(frt: Runtime) 
     events = await frt.redis.xrange(frt.keys.events(sale))
     assert sum(1 for _, f in events if f["t"] == "expired") == 30
     await Worker(frt, sale_ids=[sale]).run_burst()
-    rows = await frt.pool.fetch("SELECT status, count(*) FROM orders WHERE order_id = ANY($1)"
-                                " GROUP BY status", held)
+    rows = await frt.pool.fetch(
+        "SELECT status, count(*) FROM orders WHERE order_id = ANY($1) GROUP BY status", held
+    )
     assert {r[0]: r[1] for r in rows} == {"expired": 30}
     await audit(frt, sale, paid, codes)

@@ -47,8 +47,12 @@ async def test_bucketed_sale_lost_in_redis_is_rebuilt_once(frt: Runtime) -> None
     assert not again.rebuilt and again.ok
     stock = await frt.ledger.stock(sale)
     assert stock is not None
-    assert (stock["total"], stock["delivered"], stock["reserved"], stock["available"]) == \
-        (12, 5, 1, 6), stock
+    assert (stock["total"], stock["delivered"], stock["reserved"], stock["available"]) == (
+        12,
+        5,
+        1,
+        6,
+    ), stock
 
     # Selling goes on: the earlier buyers' limits held, then exactly the 6 free units.
     with pytest.raises(errors.PurchaseLimitExceeded):

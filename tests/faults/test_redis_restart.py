@@ -38,9 +38,16 @@ from tests.faults.support import ROOT, audit, child_env
 from workers.runner import Worker
 
 
-async def buy(client: httpx.AsyncClient, channel: dict[str, str], sale: str, user: str,
-              key: str, pay: str | None = "pay", timeout_s: float = 20,
-              through_pause: bool = False) -> httpx.Response:
+async def buy(
+    client: httpx.AsyncClient,
+    channel: dict[str, str],
+    sale: str,
+    user: str,
+    key: str,
+    pay: str | None = "pay",
+    timeout_s: float = 20,
+    through_pause: bool = False,
+) -> httpx.Response:
     """One purchase, retried with its Idempotency-Key while the answer is 5xx or no answer
     (`through_pause`: a 503 `sale_not_ready` too: the short pause after a restart, while the
     gateway merges PostgreSQL into the restarted Redis, core/failover.py)."""
@@ -48,10 +55,12 @@ async def buy(client: httpx.AsyncClient, channel: dict[str, str], sale: str, use
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         try:
-            r = await client.post(f"/v1/sales/{sale}/purchase", json=body,
-                                  headers=channel_headers(channel, key))
-            if r.status_code < 500 or (r.json().get("code") == "sale_not_ready"
-                                       and not through_pause):
+            r = await client.post(
+                f"/v1/sales/{sale}/purchase", json=body, headers=channel_headers(channel, key)
+            )
+            if r.status_code < 500 or (
+                r.json().get("code") == "sale_not_ready" and not through_pause
+            ):
                 return r  # a paused sale is an answer: the test looks at it
         except httpx.HTTPError:
             pass
@@ -64,10 +73,21 @@ class Stage:
     """A private Redis (restartable), the faults database, an in-process gateway and a
     runtime for the workers and the audit."""
 
-    def __init__(self, redis: EmbeddedRedis, settings: Settings, app: Any,
-                 client: httpx.AsyncClient, rt: Runtime) -> None:
+    def __init__(
+        self,
+        redis: EmbeddedRedis,
+        settings: Settings,
+        app: Any,
+        client: httpx.AsyncClient,
+        rt: Runtime,
+    ) -> None:
         self.redis, self.settings, self.app, self.client, self.rt = (
-            redis, settings, app, client, rt)
+            redis,
+            settings,
+            app,
+            client,
+            rt,
+        )
 
     def crash_redis(self) -> None:
         assert self.redis.proc is not None
@@ -80,9 +100,11 @@ class Stage:
         self.redis.start()
         await self.rt.redis.connection_pool.disconnect()  # the test's own reads: reconnect
 
+
 @pytest.fixture
-async def stage(request: pytest.FixtureRequest, tmp_path: Path,
-                faults_database: str) -> AsyncIterator[Stage]:
+async def stage(
+    request: pytest.FixtureRequest, tmp_path: Path, faults_database: str
+) -> AsyncIterator[Stage]:
     aof = bool(getattr(request, "param", False))
     redis = EmbeddedRedis(tmp_path, appendonly=aof, appendfsync="everysec")
     redis.start()
@@ -122,31 +144,45 @@ async def test_redis_killed_with_aof_sells_nothing_twice(stage: Stage) -> None:
     stage.crash_redis()  # SIGKILL: no shutdown fsync; AOF everysec already wrote each reply
     await stage.restart_redis()
 
-    again = {u: await buy(c, channel, sale, u, f"k{u[1:]}", through_pause=True)
-             for u in first}
+    again = {u: await buy(c, channel, sale, u, f"k{u[1:]}", through_pause=True) for u in first}
     for u, r in again.items():  # the same answer, replayed: nothing reserved twice
         assert r.status_code == 201 and r.headers.get("idempotent-replayed") == "true", r.text
         assert r.json()["order_id"] == first[u].json()["order_id"]
     late = await asyncio.gather(*(buy(c, channel, sale, f"n{i}", f"n{i}") for i in range(40)))
     won = [r for r in late if r.status_code == 201]
     assert len(won) == 10 and {r.json()["code"] for r in late if r.status_code != 201} == {
-        "sold_out"}
+        "sold_out"
+    }
     await deliver_all(stage.rt)
     confirmed = {r.json()["order_id"]: 1 for r in [*first.values(), *won]}
     result = await audit(stage.rt, sale, confirmed, codes)
     guard = stage.app.state.gateway.runtime.failover  # type: ignore[attr-defined]
     assert not guard.paused and guard.last_merge is not None
     assert guard.last_merge.orders == 0  # same data: nothing to merge, the pause is short
-    print("FAULT4-AOF", json.dumps({"orders_before_crash": 40, "replayed_after": 40,
-                                    "pause_s": round(guard.last_pause_s, 3),
-                                    "sold_after": len(won), "keys": 50,
-                                    "delivered": result.keys_delivered}))
+    print(
+        "FAULT4-AOF",
+        json.dumps(
+            {
+                "orders_before_crash": 40,
+                "replayed_after": 40,
+                "pause_s": round(guard.last_pause_s, 3),
+                "sold_after": len(won),
+                "keys": 50,
+                "delivered": result.keys_delivered,
+            }
+        ),
+    )
 
 
 def reconcile_cli(settings: Settings, sale: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", "reconcile", sale, *args],
-                          env=child_env(settings), capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "reconcile", sale, *args],
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.timeout(120)
@@ -165,18 +201,22 @@ async def test_redis_lost_pauses_the_sale_until_reconciled(stage: Stage) -> None
     async with contextlib.AsyncExitStack() as on_exit:
         await on_exit.enter_async_context(risk_app.router.lifespan_context(risk_app))  # type: ignore[attr-defined]
         on_exit.push_async_callback(rc.aclose)
-        await _redis_lost_and_reconciled(stage, rc, channel, sale, codes, paid, held,
-                                         unpersisted)
+        await _redis_lost_and_reconciled(stage, rc, channel, sale, codes, paid, held, unpersisted)
 
 
 async def _redis_lost_and_reconciled(
-        stage: Stage, rc: httpx.AsyncClient, channel: dict[str, str], sale: str,
-        codes: list[str], paid: dict[str, httpx.Response], held: dict[str, httpx.Response],
-        unpersisted: httpx.Response) -> None:
+    stage: Stage,
+    rc: httpx.AsyncClient,
+    channel: dict[str, str],
+    sale: str,
+    codes: list[str],
+    paid: dict[str, httpx.Response],
+    held: dict[str, httpx.Response],
+    unpersisted: httpx.Response,
+) -> None:
     c, rt = stage.client, stage.rt
     banned = f"banned-{sale}"
-    r = await rc.post("/v1/admin/risk/lists/block/user", json={"entries": [banned]},
-                      headers=ADMIN)
+    r = await rc.post("/v1/admin/risk/lists/block/user", json={"entries": [banned]}, headers=ADMIN)
     assert r.status_code == 200 and r.json()["changed"] == 1
     override = {"thresholds": {"challenge": 45}}
     r = await rc.put(f"/v1/admin/sales/{sale}/risk", json=override, headers=ADMIN)
@@ -190,8 +230,11 @@ async def _redis_lost_and_reconciled(
     assert r.status_code == 503 and r.json()["code"] == "sale_not_ready", r.text
     assert r.headers["retry-after"] == "5"
     held_order = held["h0"].json()["order_id"]
-    r = await c.post(f"/v1/orders/{held_order}/confirm", json={"payment_ref": "late"},
-                     headers=channel_headers(channel))
+    r = await c.post(
+        f"/v1/orders/{held_order}/confirm",
+        json={"payment_ref": "late"},
+        headers=channel_headers(channel),
+    )
     assert r.status_code == 503 and r.json()["code"] == "sale_not_ready"
     r = await c.post(f"/v1/admin/sales/{sale}/keys", headers=ADMIN, json={"keys": ["MORE-1"]})
     assert r.status_code == 503 and r.json()["code"] == "sale_not_ready"
@@ -219,17 +262,22 @@ async def _redis_lost_and_reconciled(
 
     async def resumed() -> bool:
         return not guard.paused
+
     await until(resumed, timeout_s=10)
     r = await buy(c, channel, sale, "p0", "p0-retry")  # the buyer's count came back
     assert r.status_code == 409 and r.json()["code"] == "purchase_limit_exceeded"
-    r = await c.post(f"/v1/orders/{held_order}/confirm", json={"payment_ref": "late"},
-                     headers=channel_headers(channel))
+    r = await c.post(
+        f"/v1/orders/{held_order}/confirm",
+        json={"payment_ref": "late"},
+        headers=channel_headers(channel),
+    )
     assert r.status_code == 202, r.text
     late = await asyncio.gather(*(buy(c, channel, sale, f"n{i}", f"n{i}") for i in range(40)))
     won = [r for r in late if r.status_code == 201]
     assert len(won) == 35, [r.text for r in late if r.status_code != 201][:3]
-    lost = await c.get(f"/v1/orders/{unpersisted.json()['order_id']}",
-                       headers=channel_headers(channel))
+    lost = await c.get(
+        f"/v1/orders/{unpersisted.json()['order_id']}", headers=channel_headers(channel)
+    )
     assert lost.status_code == 404  # never reached PostgreSQL: why production runs AOF
     # The block list and the override came back with the reconcile (the gateway reloads its
     # copy of the lists within cache_ttl_s).
@@ -238,6 +286,7 @@ async def _redis_lost_and_reconciled(
     async def read_back() -> bool:  # its first call may meet a connection of the old Redis
         answers.append(await rc.get(f"/v1/admin/sales/{sale}/risk", headers=ADMIN))
         return answers[-1].status_code == 200
+
     await until(read_back, timeout_s=10)
     assert answers[-1].json()["override"] == override
     blocked: list[httpx.Response] = []
@@ -245,12 +294,22 @@ async def _redis_lost_and_reconciled(
     async def banned_refused() -> bool:
         blocked.append(await buy(rc, channel, sale, banned, f"{banned}-{len(blocked)}"))
         return blocked[-1].status_code == 403
+
     await until(banned_refused, timeout_s=10)
     assert blocked[-1].json()["reasons"] == ["block_list_user"]
     await deliver_all(rt)
     confirmed = {r.json()["order_id"]: 1 for r in [*paid.values(), *won]}
     confirmed[held_order] = 1
     result = await audit(rt, sale, confirmed, codes)
-    print("FAULT4-LOST", json.dumps({"persisted_before": 25, "lost_unpersisted": 1,
-                                     "sold_after_reconcile": len(won),
-                                     "delivered": result.keys_delivered, "keys": 60}))
+    print(
+        "FAULT4-LOST",
+        json.dumps(
+            {
+                "persisted_before": 25,
+                "lost_unpersisted": 1,
+                "sold_after_reconcile": len(won),
+                "delivered": result.keys_delivered,
+                "keys": 60,
+            }
+        ),
+    )

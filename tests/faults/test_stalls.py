@@ -42,21 +42,30 @@ async def redis_proxy(service_urls: ServiceURLs) -> AsyncIterator[TcpProxy]:
     await proxy.close()
 
 
-async def _timed_purchase(client: httpx.AsyncClient, channel: dict[str, str], sale: str,
-                          i: int) -> tuple[httpx.Response, float]:
+async def _timed_purchase(
+    client: httpx.AsyncClient, channel: dict[str, str], sale: str, i: int
+) -> tuple[httpx.Response, float]:
     started = time.monotonic()
-    r = await client.post(f"/v1/sales/{sale}/purchase", json=purchase_body(f"u{i}"),
-                          headers=channel_headers(channel, f"k{i}"))
+    r = await client.post(
+        f"/v1/sales/{sale}/purchase",
+        json=purchase_body(f"u{i}"),
+        headers=channel_headers(channel, f"k{i}"),
+    )
     return r, time.monotonic() - started
 
 
 @pytest.mark.timeout(60)
 async def test_gateway_redis_stall_answers_503_within_the_timeout(
-        redis_proxy: TcpProxy, service_urls: ServiceURLs, faults_database: str) -> None:
-    settings = fault_settings(via(service_urls.redis_url, redis_proxy.port), faults_database,
-                              FLASHGATE_REDIS_TIMEOUT_S=str(REDIS_TIMEOUT_S))
-    direct = await Runtime.open(fault_settings(service_urls.redis_url, faults_database,
-                                               prefix=settings.key_prefix))
+    redis_proxy: TcpProxy, service_urls: ServiceURLs, faults_database: str
+) -> None:
+    settings = fault_settings(
+        via(service_urls.redis_url, redis_proxy.port),
+        faults_database,
+        FLASHGATE_REDIS_TIMEOUT_S=str(REDIS_TIMEOUT_S),
+    )
+    direct = await Runtime.open(
+        fault_settings(service_urls.redis_url, faults_database, prefix=settings.key_prefix)
+    )
     app, client = await app_client(settings)
     try:
         async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
@@ -66,8 +75,9 @@ async def test_gateway_redis_stall_answers_503_within_the_timeout(
             assert all(r.status_code == 201 for r, _ in before)
 
             redis_proxy.pause()
-            stalled = await asyncio.gather(*(_timed_purchase(client, channel, sale, i)
-                                             for i in range(5, 25)))
+            stalled = await asyncio.gather(
+                *(_timed_purchase(client, channel, sale, i) for i in range(5, 25))
+            )
             started = time.monotonic()
             ready = await client.get("/readyz")
             ready_s = time.monotonic() - started
@@ -86,16 +96,24 @@ async def test_gateway_redis_stall_answers_503_within_the_timeout(
             # Every client retries with its Idempotency-Key: one order per key, at most.
             after = [await _timed_purchase(client, channel, sale, i) for i in range(5, 40)]
             assert all(r.status_code in (201, 409) for r, _ in after), [
-                r.text for r, _ in after if r.status_code not in (201, 409)]
+                r.text for r, _ in after if r.status_code not in (201, 409)
+            ]
             orders = {r.json()["order_id"] for r, _ in [*before, *after] if r.status_code == 201}
             await Worker(direct).run_burst()
             stock = await direct.ledger.stock(sale)
-            assert stock is not None and stock["reserved"] == len(orders) == 40 - stock[
-                "available"]
-            print("FAULT5-REDIS", json.dumps({
-                "stalled_requests": len(stalled),
-                "max_s": round(max(t for _, t in stalled), 3), "timeout_s": REDIS_TIMEOUT_S,
-                "readyz_s": round(ready_s, 3), "orders_after_retries": len(orders)}))
+            assert stock is not None and stock["reserved"] == len(orders) == 40 - stock["available"]
+            print(
+                "FAULT5-REDIS",
+                json.dumps(
+                    {
+                        "stalled_requests": len(stalled),
+                        "max_s": round(max(t for _, t in stalled), 3),
+                        "timeout_s": REDIS_TIMEOUT_S,
+                        "readyz_s": round(ready_s, 3),
+                        "orders_after_retries": len(orders),
+                    }
+                ),
+            )
             _ = codes
     finally:
         await client.aclose()
@@ -104,13 +122,17 @@ async def test_gateway_redis_stall_answers_503_within_the_timeout(
 
 @pytest.mark.timeout(60)
 async def test_worker_postgres_stall_times_out_and_catches_up(
-        frt: Runtime, service_urls: ServiceURLs, faults_database: str) -> None:
+    frt: Runtime, service_urls: ServiceURLs, faults_database: str
+) -> None:
     target = urlsplit(faults_database)
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
     await proxy.start()
-    settings = fault_settings(service_urls.redis_url, via(faults_database, proxy.port),
-                              prefix=frt.settings.key_prefix,
-                              FLASHGATE_DB_TIMEOUT_S=str(DB_TIMEOUT_S))
+    settings = fault_settings(
+        service_urls.redis_url,
+        via(faults_database, proxy.port),
+        prefix=frt.settings.key_prefix,
+        FLASHGATE_DB_TIMEOUT_S=str(DB_TIMEOUT_S),
+    )
     wrt = await Runtime.open(settings)
     worker = Worker(wrt)
     running = asyncio.create_task(worker.run())
@@ -133,10 +155,17 @@ async def test_worker_postgres_stall_times_out_and_catches_up(
         proxy.resume()
         await wait_quiescent(frt, sale, confirmed, timeout_s=30)
         result = await audit(frt, sale, confirmed, codes)
-        print("FAULT5-PG", json.dumps({
-            "first_failure_s": round(first_failure_s, 2), "timeout_s": DB_TIMEOUT_S,
-            "failed_batches": failed._value.get() - failed_before,  # noqa: SLF001
-            "delivered": result.keys_delivered}))
+        print(
+            "FAULT5-PG",
+            json.dumps(
+                {
+                    "first_failure_s": round(first_failure_s, 2),
+                    "timeout_s": DB_TIMEOUT_S,
+                    "failed_batches": failed._value.get() - failed_before,  # noqa: SLF001
+                    "delivered": result.keys_delivered,
+                }
+            ),
+        )
     finally:
         proxy.resume()
         worker.request_stop()

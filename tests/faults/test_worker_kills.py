@@ -32,14 +32,17 @@ from workers.faults import FAULT_EXIT_CODE
 
 
 async def _pg_vs_redis_delivered(rt: Runtime, sale: str) -> tuple[int, int]:
-    pg = await rt.pool.fetchval("SELECT coalesce(sum(quantity), 0) FROM orders"
-                                " WHERE sale_id = $1 AND status = 'delivered'", sale)
+    pg = await rt.pool.fetchval(
+        "SELECT coalesce(sum(quantity), 0) FROM orders WHERE sale_id = $1 AND status = 'delivered'",
+        sale,
+    )
     stock = await rt.ledger.stock(sale) or {}
     return int(pg), int(stock.get("delivered", 0))
 
 
-async def run_worker_kills(rt: Runtime, log_dir: Path, *, seconds: float, keys: int,
-                           seed: int) -> Counter[str]:
+async def run_worker_kills(
+    rt: Runtime, log_dir: Path, *, seconds: float, keys: int, seed: int
+) -> Counter[str]:
     rng = random.Random(seed)
     channel, _ = await make_channel(rt)
     sale, codes = await make_sale(rt, keys=keys, per_user_limit=3)
@@ -114,14 +117,19 @@ async def run_worker_kills(rt: Runtime, log_dir: Path, *, seconds: float, keys: 
     finally:
         stop_all(everyone)
     result = await audit(rt, sale, confirmed, codes)
-    stats.update(processes=spawned, confirmed_orders=result.confirmed_orders,
-                 units_delivered=result.units, keys=keys)
+    stats.update(
+        processes=spawned,
+        confirmed_orders=result.confirmed_orders,
+        units_delivered=result.units,
+        keys=keys,
+    )
     return stats
 
 
 @pytest.mark.timeout(120)
 async def test_workers_killed_mid_sale_deliver_every_order_exactly_once(
-        frt: Runtime, tmp_path: Path) -> None:
+    frt: Runtime, tmp_path: Path
+) -> None:
     stats = await run_worker_kills(frt, tmp_path, seconds=7.0, keys=400, seed=6)
     print("FAULT1", json.dumps(stats))
     assert stats["sigkills"] >= 4, stats
@@ -134,7 +142,12 @@ async def test_workers_killed_mid_sale_deliver_every_order_exactly_once(
 @pytest.mark.timeout(900)
 async def test_chaos_workers_killed_for_a_minute(frt: Runtime, tmp_path: Path) -> None:
     seconds = float(os.environ.get("FLASHGATE_CHAOS_S", "60"))
-    stats = await run_worker_kills(frt, tmp_path, seconds=seconds, keys=int(seconds * 80),
-                                   seed=int(os.environ.get("FLASHGATE_CHAOS_SEED", "7")))
+    stats = await run_worker_kills(
+        frt,
+        tmp_path,
+        seconds=seconds,
+        keys=int(seconds * 80),
+        seed=int(os.environ.get("FLASHGATE_CHAOS_SEED", "7")),
+    )
     print("CHAOS1", json.dumps(stats))
     assert stats["sigkills"] >= seconds / 2 and stats["hook_exits"] >= 3, stats
