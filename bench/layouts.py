@@ -10,7 +10,6 @@ joined with CLUSTER MEET, both through redis-py.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +20,8 @@ import redis as redis_sync
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from core.embedded import (
-    CHILD_SETUP,
     EmbeddedRedis,
     EmbeddedRedisCluster,
-    _wait_for_port,
-    free_port,
 )
 
 
@@ -33,47 +29,8 @@ class SmallCluster(EmbeddedRedisCluster):
     """A cluster of 1 or 2 masters (EmbeddedRedisCluster's `--cluster create` needs 3)."""
 
     def start(self, timeout_s: float = 30) -> str:
-        bus_ports: list[int] = []
         try:
-            for i in range(self.masters):
-                node_dir = self.dir / f"node-{i}"
-                node_dir.mkdir(parents=True, exist_ok=True)
-                port, bus_port = free_port(), free_port()
-                log = node_dir / "server.log"
-                proc = subprocess.Popen(
-                    [
-                        EmbeddedRedis.binary(),
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--dir",
-                        str(node_dir),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-port",
-                        str(bus_port),
-                        "--cluster-node-timeout",
-                        "5000",
-                        "--logfile",
-                        str(log),
-                        "--protected-mode",
-                        "yes",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    preexec_fn=CHILD_SETUP,
-                )
-                self.ports.append(port)
-                bus_ports.append(bus_port)
-                self.procs.append(proc)
-                _wait_for_port(port, proc, f"Redis cluster node {i} (valkey)", log)
+            bus_ports = self._start_nodes()
             self._assign(bus_ports[0], timeout_s)
         except BaseException:
             self.stop()

@@ -185,51 +185,59 @@ class EmbeddedRedisCluster:
     def url(self) -> str:
         return f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
 
+    def _start_nodes(self) -> list[int]:
+        """Start the `masters` cluster-enabled nodes (no slots yet); returns their bus ports."""
+        server = EmbeddedRedis.binary()
+        bus_ports: list[int] = []
+        for i in range(self.masters):
+            node_dir = self.dir / f"node-{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            # The cluster bus gets a free port of its own (its default, port + 10000,
+            # is out of range for ports above 55535).
+            port, bus_port = free_port(), free_port()
+            while bus_port == port:
+                bus_port = free_port()
+            log = node_dir / "server.log"
+            proc = subprocess.Popen(
+                [
+                    server,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(node_dir),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    str(bus_port),
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--logfile",
+                    str(log),
+                    "--protected-mode",
+                    "yes",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=CHILD_SETUP,
+            )
+            self.ports.append(port)
+            bus_ports.append(bus_port)
+            self.procs.append(proc)
+            _wait_for_port(port, proc, f"Redis cluster node {i} (valkey)", log)
+        return bus_ports
+
     def start(self, timeout_s: float = 30) -> str:
-        cli, server = self.cli(), EmbeddedRedis.binary()
+        cli = self.cli()
         try:
-            for i in range(self.masters):
-                node_dir = self.dir / f"node-{i}"
-                node_dir.mkdir(parents=True, exist_ok=True)
-                # The cluster bus gets a free port of its own (its default, port + 10000,
-                # is out of range for ports above 55535).
-                port, bus_port = free_port(), free_port()
-                while bus_port == port:
-                    bus_port = free_port()
-                log = node_dir / "server.log"
-                proc = subprocess.Popen(
-                    [
-                        server,
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--dir",
-                        str(node_dir),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-port",
-                        str(bus_port),
-                        "--cluster-node-timeout",
-                        "5000",
-                        "--logfile",
-                        str(log),
-                        "--protected-mode",
-                        "yes",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    preexec_fn=CHILD_SETUP,
-                )
-                self.ports.append(port)
-                self.procs.append(proc)
-                _wait_for_port(port, proc, f"Redis cluster node {i} (valkey)", log)
+            self._start_nodes()
             created = subprocess.run(
                 [
                     cli,
