@@ -17,7 +17,8 @@ from redis.asyncio import Redis
 
 from core.autopipeline import AutoPipeline, NotReplicated
 from core.embedded import EmbeddedRedis, ServiceURLs
-from tests.conftest import scratch_database, until
+from tests.conftest import scratch_database
+from tests.replication import replica_online, send
 
 
 @dataclass
@@ -26,12 +27,10 @@ class Pair:
     replica: EmbeddedRedis
 
     def stall(self) -> None:
-        assert self.replica.proc is not None
-        os.kill(self.replica.proc.pid, signal.SIGSTOP)
+        send(self.replica, signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.replica.proc is not None
-        os.kill(self.replica.proc.pid, signal.SIGCONT)
+        send(self.replica, signal.SIGCONT)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +53,8 @@ def pair() -> Iterator[Pair]:
 @pytest.fixture
 async def linked(pair: Pair) -> AsyncIterator[Pair]:
     """The pair, its replication link up."""
-    primary = Redis.from_url(pair.primary.url, decode_responses=True)
-
-    async def link_up() -> bool:
-        info = await primary.info("replication")
-        replica = info.get("slave0") or {}
-        return isinstance(replica, dict) and replica.get("state") == "online"
-
-    try:
-        await until(link_up, timeout_s=15)
-        yield pair
-    finally:
-        await primary.aclose()
+    await replica_online(pair.primary.url)
+    yield pair
 
 
 async def test_auto_waits_for_the_replica_before_answering(linked: Pair) -> None:

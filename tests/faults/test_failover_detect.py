@@ -16,28 +16,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
 
 from core.embedded import EmbeddedRedis
 from core.reconcile import check
 from core.runtime import Runtime
-from tests.conftest import until
 from tests.faults.conftest import fault_settings
+from tests.replication import fail_over, replica_online, stall_and_cut_link
 from tests.workers_fixtures import buy, make_channel, make_sale
 from workers.runner import Worker
-
-
-async def _online(primary_url: str) -> None:
-    primary = Redis.from_url(primary_url, decode_responses=True)
-
-    async def up() -> bool:
-        replica = (await primary.info("replication")).get("slave0") or {}
-        return isinstance(replica, dict) and replica.get("state") == "online"
-
-    try:
-        await until(up, timeout_s=15)
-    finally:
-        await primary.aclose()
 
 
 @pytest.mark.timeout(90)
@@ -52,7 +38,7 @@ async def test_reconcile_reports_postgres_ahead_after_a_lossy_failover(
     prefix = "fgfo" + os.urandom(4).hex()
     rt = promoted = None
     try:
-        await _online(primary.url)
+        await replica_online(primary.url)
         rt = await Runtime.open(
             fault_settings(primary.url, faults_database, prefix, FLASHGATE_REDIS_WAIT_REPLICAS="0")
         )
@@ -62,23 +48,14 @@ async def test_reconcile_reports_postgres_ahead_after_a_lossy_failover(
             await buy(rt, sale, channel, pay="pay")
         await Worker(rt, sale_ids=[sale]).run_burst()
         assert (await check(rt.redis, rt.keys, rt.pool, sale)).ok
-        await until(lambda: _replica_has(replica.url, rt.keys.sale(sale)), timeout_s=10)
+        await replica_online(primary.url)  # the replica has all of it so far
 
-        assert replica.proc is not None
-        os.kill(replica.proc.pid, signal.SIGSTOP)  # the replica stalls, then its link is cut:
-        await rt.redis.execute_command("CLIENT", "KILL", "TYPE", "replica")  # what follows is lost
+        await stall_and_cut_link(primary, replica)  # what follows is lost to the replica
         lost = [await buy(rt, sale, channel, pay="pay") for _ in range(3)]
         await Worker(rt, sale_ids=[sale]).run_burst()  # ... but PostgreSQL has them
-        assert primary.proc is not None
-        os.kill(primary.proc.pid, signal.SIGKILL)
-        primary.proc.wait()
-        os.kill(replica.proc.pid, signal.SIGCONT)
         await rt.close()
         rt = None
-
-        admin = Redis.from_url(replica.url, decode_responses=True)
-        await admin.execute_command("REPLICAOF", "NO", "ONE")
-        await admin.aclose()
+        await fail_over(primary, replica)
         promoted = await Runtime.open(
             fault_settings(replica.url, faults_database, prefix, FLASHGATE_REDIS_WAIT_REPLICAS="0"),
             run_migrations=False,
@@ -99,11 +76,3 @@ async def test_reconcile_reports_postgres_ahead_after_a_lossy_failover(
         replica.stop()
         primary.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-async def _replica_has(url: str, key: str) -> bool:
-    r = Redis.from_url(url, decode_responses=True)
-    try:
-        return bool(await r.exists(key))
-    finally:
-        await r.aclose()

@@ -28,7 +28,6 @@ from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from core.embedded import EmbeddedRedis
 from core.failover import FailoverGuard
@@ -38,27 +37,10 @@ from core.settings import Settings
 from tests.conftest import channel_headers, create_channel, create_sale, purchase_body, until
 from tests.faults.conftest import app_client, fault_settings
 from tests.faults.support import TcpProxy, audit, wait_quiescent
+from tests.replication import fail_over, replica_online, stall_and_cut_link
 from workers.runner import Worker, worker_settings
 
 KEYS = 60
-
-
-async def _online(primary_url: str) -> None:
-    primary = Redis.from_url(primary_url, decode_responses=True)
-
-    async def up() -> bool:
-        info = await primary.info("replication")
-        replica = info.get("slave0") or {}
-        return (
-            isinstance(replica, dict)
-            and replica.get("state") == "online"
-            and int(replica.get("offset", -1)) == int(info["master_repl_offset"])
-        )
-
-    try:
-        await until(up, timeout_s=15)
-    finally:
-        await primary.aclose()
 
 
 @dataclass
@@ -84,21 +66,11 @@ class Stage:
         return self.worker.rt.failover
 
     async def stall_and_cut_link(self) -> None:
-        assert self.replica.proc is not None
-        os.kill(self.replica.proc.pid, signal.SIGSTOP)
-        primary = Redis.from_url(self.primary.url, decode_responses=True)
-        await primary.execute_command("CLIENT", "KILL", "TYPE", "replica")
-        await primary.aclose()
+        await stall_and_cut_link(self.primary, self.replica)
 
     async def fail_over(self) -> float:
         """Kill the primary, promote the replica, point the proxy at it; returns when."""
-        assert self.primary.proc is not None and self.replica.proc is not None
-        os.kill(self.primary.proc.pid, signal.SIGKILL)
-        self.primary.proc.wait()
-        os.kill(self.replica.proc.pid, signal.SIGCONT)
-        admin = Redis.from_url(self.replica.url, decode_responses=True)
-        await admin.execute_command("REPLICAOF", "NO", "ONE")
-        await admin.aclose()
+        await fail_over(self.primary, self.replica)
         self.proxy.target = ("127.0.0.1", self.replica.port)
         self.proxy.cut()  # whatever still hangs on the old primary
         await self.rt.redis.connection_pool.disconnect()  # the test's own reads: reconnect
@@ -126,7 +98,7 @@ async def staged(faults_database: str, wait: str) -> AsyncIterator[Stage]:
     rt = worker_rt = None
     task: asyncio.Task[None] | None = None
     try:
-        await _online(primary.url)
+        await replica_online(primary.url)
         app, client = await app_client(settings)
         rt = await Runtime.open(settings)
         worker_rt = await Runtime.open(worker_settings(settings), run_migrations=False)
@@ -328,7 +300,7 @@ async def test_a_clean_failover_pauses_briefly_and_loses_nothing(faults_database
         first = await stampede(stage, channel, sale, [(f"a{i}", f"a{i}") for i in range(20)])
         assert all(a.answer is not None and a.answer.status_code == 201 for a in first)
         await until(lambda: _persisted_at_least(stage, sale, 20), timeout_s=20)
-        await _online(stage.primary.url)
+        await replica_online(stage.primary.url)
         failed_over_at = await stage.fail_over()
         again = await stampede(stage, channel, sale, [(f"a{i}", f"a{i}") for i in range(20)])
         for old, new in zip(first, again, strict=True):  # replayed: the same orders
@@ -376,7 +348,7 @@ async def test_reconcile_write_mode_merges_what_postgres_leads(faults_database: 
     prefix = "fgfr" + secrets.token_hex(4)
     rt = promoted = None
     try:
-        await _online(primary.url)
+        await replica_online(primary.url)
         rt = await Runtime.open(
             fault_settings(primary.url, faults_database, prefix, FLASHGATE_REDIS_WAIT_REPLICAS="0")
         )
@@ -385,21 +357,14 @@ async def test_reconcile_write_mode_merges_what_postgres_leads(faults_database: 
         for i in range(3):
             await buy(rt, sale, channel, pay="pay", user=f"u{i}")
         await Worker(rt, sale_ids=[sale]).run_burst()
-        await _online(primary.url)
-        assert replica.proc is not None and primary.proc is not None
-        os.kill(replica.proc.pid, signal.SIGSTOP)
-        await rt.redis.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        await replica_online(primary.url)
+        await stall_and_cut_link(primary, replica)
         for i in range(3, 6):
             await buy(rt, sale, channel, pay="pay", user=f"u{i}")
         await Worker(rt, sale_ids=[sale]).run_burst()
-        os.kill(primary.proc.pid, signal.SIGKILL)
-        primary.proc.wait()
-        os.kill(replica.proc.pid, signal.SIGCONT)
         await rt.close()
         rt = None
-        admin = Redis.from_url(replica.url, decode_responses=True)
-        await admin.execute_command("REPLICAOF", "NO", "ONE")
-        await admin.aclose()
+        await fail_over(primary, replica)
         promoted = await Runtime.open(
             fault_settings(replica.url, faults_database, prefix, FLASHGATE_REDIS_WAIT_REPLICAS="0"),
             run_migrations=False,
