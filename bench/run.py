@@ -42,12 +42,10 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 from redis.asyncio import Redis
 
 from bench import durable, granian, naive, replica
@@ -60,6 +58,7 @@ from bench.parse import (
     parse_wrk,
 )
 from bench.report import STOCK, render
+from bench.sale import open_sale
 from cli.stack import (
     GATEWAY_STOP_GRACE_S,
     Child,
@@ -257,31 +256,9 @@ async def _setup(url: str, token: str, settings: Settings) -> tuple[str, str]:
     Ledger.add_stock under a made-up import id: the purchase path never reads card keys);
     the same sale's row in the naive design's own tables."""
     sale_id = "bench-" + uuid.uuid4().hex[:8]
-    now = datetime.now(UTC)
-    async with httpx.AsyncClient(
-        base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}
-    ) as admin:
-        r = await admin.post("/v1/admin/channels", json={"name": "bench"})
-        r.raise_for_status()
-        api_key = r.json()["api_key"]
-        r = await admin.post(
-            "/v1/admin/sales",
-            json={
-                "sale_id": sale_id,
-                "sku": "BENCH",
-                "name": "Benchmark",
-                "starts_at": (now - timedelta(seconds=5)).isoformat(),
-                "ends_at": (now + timedelta(hours=2)).isoformat(),
-                "per_user_limit": 100,
-                "reservation_ttl_s": 3600,
-            },
-        )
-        r.raise_for_status()
-    rt = await Runtime.open(settings, run_migrations=False)
-    try:
-        await rt.ledger.add_stock(sale_id, 1, STOCK)
-    finally:
-        await rt.close()
+    api_key = await open_sale(
+        url, token, settings, sale_id, STOCK, channel="bench", sku="BENCH", name="Benchmark"
+    )
     await naive.create_sale(settings.database_url.reveal(), sale_id, STOCK, 100, 3_600_000)
     return sale_id, api_key
 

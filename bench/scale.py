@@ -37,16 +37,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from bench.cpu import tree_cpu_s
 from bench.layouts import Layout, MasterStats, delta, read_stats, redis_layout
 from bench.parse import Run, idle_fraction, median, parse_wrk
 from bench.report import _machine
+from bench.sale import open_sale
 from cli.stack import (
     GATEWAY_STOP_GRACE_S,
     Child,
@@ -60,7 +59,6 @@ from cli.stack import (
 from core.embedded import EmbeddedPostgres, ServiceURLs, free_port
 from core.ids import shard_id
 from core.keys import Keys
-from core.runtime import Runtime
 from core.settings import Settings
 
 HOST = "127.0.0.1"
@@ -221,31 +219,17 @@ async def _setup(url: str, env: dict[str, str], layout: Layout) -> tuple[str, st
         owners = {layout.owner(keys.sale(shard_id(sale_id, b))) for b in range(layout.masters)}
         if len(owners) == layout.masters:
             break
-    now = datetime.now(UTC)
-    headers = {"Authorization": f"Bearer {env['FLASHGATE_ADMIN_TOKEN']}"}
-    async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as admin:
-        r = await admin.post("/v1/admin/channels", json={"name": "scale-" + sale_id})
-        r.raise_for_status()
-        api_key = str(r.json()["api_key"])
-        r = await admin.post(
-            "/v1/admin/sales",
-            json={
-                "sale_id": sale_id,
-                "sku": "SCALE",
-                "name": "bench-scale",
-                "starts_at": (now - timedelta(seconds=5)).isoformat(),
-                "ends_at": (now + timedelta(hours=2)).isoformat(),
-                "per_user_limit": 100,
-                "reservation_ttl_s": 3600,
-                "stock_buckets": layout.masters,
-            },
-        )
-        r.raise_for_status()
-    rt = await Runtime.open(Settings.from_env(env), run_migrations=False)
-    try:
-        await rt.ledger.add_stock(sale_id, 1, STOCK)
-    finally:
-        await rt.close()
+    api_key = await open_sale(
+        url,
+        env["FLASHGATE_ADMIN_TOKEN"],
+        Settings.from_env(env),
+        sale_id,
+        STOCK,
+        channel="scale-" + sale_id,
+        sku="SCALE",
+        name="bench-scale",
+        buckets=layout.masters,
+    )
     return sale_id, api_key
 
 
